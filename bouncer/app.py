@@ -1,0 +1,56 @@
+"""What a cycle needs to run: settings, the database, Redis and the Bouncer client, built once
+per process from the environment (or handed in by a test)."""
+import logging
+from functools import cached_property
+
+from redis import Redis
+
+from .client import BouncerClient
+from .config import load_settings
+from .db import open_database
+
+log = logging.getLogger(__name__)
+
+
+class App:
+    def __init__(self, settings, redis=None, client=None):
+        self.settings = settings
+        if redis is not None:
+            self.redis = redis
+        if client is not None:
+            self.client = client
+
+    @cached_property
+    def redis(self):
+        return Redis.from_url(self.settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+
+    @cached_property
+    def client(self):
+        s = self.settings
+        return BouncerClient(s.api_url, s.api_key, timeout=s.bouncer_timeout,
+                             catchall_path=s.catchall_path)
+
+    def callback_url(self, check_type):
+        """Where Bouncer should say a batch is done, when the web process is reachable."""
+        s = self.settings
+        if not (s.public_url and s.callback_secret):
+            return None
+        return "%s/bouncer/callback/%s/%s" % (s.public_url, s.callback_secret, check_type)
+
+
+_current = None
+
+
+def current_app():
+    """The process's App, created (and its database opened) on first use."""
+    global _current
+    if _current is None:
+        settings = load_settings()
+        open_database(settings.database_url)
+        _current = App(settings)
+    return _current
+
+
+def set_current_app(app):
+    global _current
+    _current = app

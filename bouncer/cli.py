@@ -1,0 +1,270 @@
+"""`python -m bouncer <command>`: a thin layer over the library; every command has an example."""
+import csv
+import json
+import os
+import sys
+import tempfile
+
+import click
+from peewee import OperationalError, ProgrammingError
+from redis.exceptions import RedisError
+
+from .config import CHECK_TYPES, ConfigError
+from .db import DatabaseUnavailable
+from .errors import InputError, NotFound
+
+EXPECTED_ERRORS = (InputError, NotFound, ConfigError, DatabaseUnavailable)
+
+
+class BouncerGroup(click.Group):
+    """Turns expected failures into one clean line and exit code 1, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EXPECTED_ERRORS as exc:
+            raise click.ClickException(str(exc)) from None
+        except (OperationalError, ProgrammingError) as exc:
+            raise click.ClickException(describe_database_error(exc)) from None
+        except RedisError as exc:
+            raise click.ClickException("Redis is not reachable (REDIS_URL): %s" % exc) from None
+
+
+def describe_database_error(exc):
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "no such table" in text or "does not exist" in text and "relation" in text:
+        return "the database has no schema yet: run `python -m bouncer init-db` (%s)" % text
+    return "database error: %s" % text
+
+
+def app_from_env():
+    from .app import current_app
+    from .logs import setup_logging
+    app = current_app()
+    setup_logging(app.settings)
+    return app
+
+
+check_type_option = click.option(
+    "--check-type", "check_types", type=click.Choice(CHECK_TYPES), multiple=True,
+    help="Check type (repeatable); all of them when omitted.")
+
+
+@click.group(cls=BouncerGroup)
+def cli():
+    """Bouncer verification queue: greedy batches out, verdicts back.
+
+    Settings come from the environment (see README); `.env` is read by honcho.
+    """
+
+
+@cli.command("init-db")
+def init_db():
+    """Create or migrate the schema; safe to run any number of times.
+
+    Example: python -m bouncer init-db
+    """
+    from .db import create_schema
+    app_from_env()
+    create_schema()
+    click.echo("schema ready")
+
+
+@cli.command()
+@click.argument("file")
+@click.option("--user", required=True, help="Who the batch belongs to.")
+@click.option("--check-type", required=True, type=click.Choice(CHECK_TYPES))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object only.")
+def submit(file, user, check_type, as_json):
+    """Create one user batch from FILE: one address a line, or a CSV with an `email` column.
+    `-` reads stdin.
+
+    Example: python -m bouncer submit leads.csv --user alice --check-type deliverable
+    """
+    from .reader import read_addresses
+    from .submit import create_user_batch
+    app_from_env()
+    rows = read_addresses(file)
+    with submit_progress(file) as advance:
+        summary = create_user_batch(user, check_type, rows, on_progress=advance)
+    if as_json:
+        click.echo(json.dumps(summary.as_json()))
+    else:
+        click.echo("batch %s" % summary.batch_id)
+        click.echo("accepted %s" % summary.accepted)
+        click.echo("invalid %s" % summary.invalid)
+        click.echo("duplicates %s" % summary.duplicates)
+    for line, text, problem in summary.invalid_examples:
+        click.echo("invalid: %s: line %s: %r: %s" % (file, line, text, problem), err=True)
+    if summary.invalid > len(summary.invalid_examples):
+        click.echo("invalid: ... and %d more" % (summary.invalid - len(summary.invalid_examples)), err=True)
+
+
+class submit_progress:
+    """A progress bar on stderr when it is a terminal and the input a regular file."""
+
+    def __init__(self, file):
+        self.bar = None
+        if file != "-" and sys.stderr.isatty() and os.path.isfile(file):
+            self.bar = click.progressbar(length=count_lines(file), label="submitting", file=sys.stderr)
+
+    def __enter__(self):
+        if self.bar is None:
+            return None
+        bar = self.bar.__enter__()
+        return bar.update
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
+
+
+def count_lines(path):
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b"")) or 1
+
+
+@cli.command("create-batches")
+@check_type_option
+def create_batches(check_types):
+    """Run one creation cycle now (the very code the scheduled job runs).
+
+    Example: python -m bouncer create-batches --check-type deliverable
+    """
+    from .creator import run_creation_cycle
+    app = app_from_env()
+    for check_type in check_types or CHECK_TYPES:
+        click.echo(run_creation_cycle(app, check_type).summary())
+
+
+@cli.command("check-batches")
+@check_type_option
+def check_batches(check_types):
+    """Run one status cycle now: check outstanding Bouncer batches, ingest completed ones.
+
+    Example: python -m bouncer check-batches --check-type deliverable
+    """
+    from .checker import run_status_cycle
+    app = app_from_env()
+    for check_type in check_types or CHECK_TYPES:
+        click.echo(run_status_cycle(app, check_type).summary())
+
+
+@cli.command()
+@click.argument("batch_id", type=int, required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+def status(batch_id, as_json):
+    """Progress of user batches, outstanding Bouncer batches, queued emails, rate-limit use.
+
+    Example: python -m bouncer status 42 --json
+    """
+    from .db import connection
+    from .reports import batch_status, queue_overview, recent_batches
+    app = app_from_env()
+    with connection():
+        if batch_id is not None:
+            answer = batch_status(batch_id)
+            click.echo(json.dumps(answer) if as_json else format_batch(answer))
+            return
+        overview = queue_overview(app.settings)
+        overview["user_batches"] = recent_batches()
+    click.echo(json.dumps(overview, indent=2) if as_json else format_overview(overview))
+
+
+def format_batch(b):
+    counts = ", ".join("%s %d" % (k, v) for k, v in b["counts"].items() if v)
+    text = "batch %s (%s, %s): %s, %d/%d done: %s" % (
+        b["batch_id"], b["user"], b["check_type"], b["status"], b["done"], b["total"], counts)
+    if b["failure_reason"]:
+        text += "\nfailure: %s" % b["failure_reason"]
+    return text
+
+
+def format_overview(o):
+    lines = ["%-12s %8s %14s" % ("check type", "queued", "outstanding")]
+    for check_type, c in o["check_types"].items():
+        lines.append("%-12s %8d %10d/%-3d" % (check_type, c["queued_emails"],
+                                               c["in_flight_batches"], c["max_outstanding"]))
+    r = o["rate_limit"]
+    lines.append("requests in the last 60 s: %d (buffer %d, Bouncer's limit %d)" % (
+        r["requests_last_60s"], r["buffer"], r["bouncer_limit"]))
+    if o["possible_orphans"]:
+        lines.append("possible orphan batches at Bouncer: %d" % o["possible_orphans"])
+    lines.append("")
+    lines.append("%6s  %-16s %-11s %-10s %s" % ("batch", "user", "check type", "status", "done/total"))
+    for b in o["user_batches"]:
+        lines.append("%6d  %-16s %-11s %-10s %d/%d" % (
+            b["batch_id"], b["user"][:16], b["check_type"], b["status"], b["done"], b["total"]))
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("batch_id", type=int)
+@click.option("--format", "fmt", type=click.Choice(("csv", "json")), default="csv", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
+              help="Write to this file (complete or not at all) instead of stdout.")
+def results(batch_id, fmt, output):
+    """One row per submitted row, in submission order, with its verdict.
+
+    Example: python -m bouncer results 42 --format csv -o results.csv
+    """
+    from .db import connection
+    from .reports import get_user_batch, iter_results
+    app_from_env()
+    with connection():
+        get_user_batch(batch_id)  # a wrong id fails before any output is started
+        if output:
+            write_atomically(output, lambda stream: write_results(stream, iter_results(batch_id), fmt))
+        else:
+            write_results(sys.stdout, iter_results(batch_id), fmt)
+
+
+def write_results(stream, rows, fmt):
+    from .reports import RESULT_COLUMNS, spreadsheet_safe
+    if fmt == "json":
+        stream.write("[")
+        for i, row in enumerate(rows):
+            stream.write(("," if i else "") + "\n" + json.dumps(row, ensure_ascii=False))
+        stream.write("\n]\n")
+        return
+    writer = csv.DictWriter(stream, fieldnames=RESULT_COLUMNS, lineterminator="\r\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: spreadsheet_safe(v) for k, v in row.items()})
+
+
+def write_atomically(path, write):
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=".results-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as stream:
+            write(stream)
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+@cli.command()
+@click.option("--port", default=8025, show_default=True, help="Port to listen on (127.0.0.1).")
+@click.option("--processing-time", default=5.0, show_default=True,
+              help="Seconds a batch takes to complete.")
+@click.option("--fail-rate", default=0.0, help="Share of requests answered 500/503.")
+@click.option("--rate-limit-rate", default=0.0, help="Share of requests answered 429.")
+@click.option("--request-log", type=click.Path(dir_okay=False), help="Append each request as JSON here.")
+def sandbox(port, processing_time, fail_rate, rate_limit_rate, request_log):
+    """A local Bouncer speaking the documented batch API, for running with no account.
+
+    Example: python -m bouncer sandbox --port 8025 --processing-time 5
+    """
+    from .logs import setup_logging
+    from .sandbox import Sandbox
+    setup_logging()
+    server = Sandbox(port=port, processing_time=processing_time, fail_rate=fail_rate,
+                     rate_limit_rate=rate_limit_rate, request_log=request_log)
+    server.serve_forever()
+
+
+def main():
+    cli(prog_name="python -m bouncer")

@@ -1,0 +1,354 @@
+"""Client for Bouncer's batch verification API: create a batch, check its status, download its results.
+
+Every failed call, whatever the cause, leaves this module as one BouncerError with a one-line
+message that says what went wrong and never carries the API key.
+"""
+import http
+import http.client
+import json
+import logging
+import re
+import time
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import requests
+import urllib3
+
+log = logging.getLogger("bouncer.client")
+
+CHECK_TYPES = ("deliverable", "catchall")
+DEFAULT_BATCH_PATH = "/v1.1/email/verify/batch"
+USER_AGENT = "bouncer-queue/1.0"
+# Bouncer's documented ceiling for one batch.
+MAX_BATCH_EMAILS = 100_000
+# How much of an unexpected answer goes into a message: enough to recognise it, not a page of HTML.
+SNIPPET_CHARS = 200
+# Only the start of a large body is looked at when building a snippet.
+SNIPPET_SOURCE_BYTES = 8192
+
+HINTS = {
+    401: "check BOUNCER_API_KEY",
+    402: "out of Bouncer credits: buy more credits",
+    429: "rate limited by Bouncer",
+}
+SCRUBBED = "***"
+
+
+class BouncerError(Exception):
+    """One exception type for every failed Bouncer call: transport, timeout, HTTP error, bad body."""
+
+    def __init__(self, message: str, status: int | None = None, operation: str = "",
+                 timed_out: bool = False):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.operation = operation
+        # Sent but unanswered: Bouncer may have acted on the request anyway.
+        self.timed_out = timed_out
+
+    def __str__(self):
+        return self.message
+
+    def __reduce__(self):
+        # Keep status and operation when the error crosses a process boundary.
+        return (type(self), (self.message, self.status, self.operation, self.timed_out))
+
+    @property
+    def is_rate_limited(self):
+        return self.status == 429
+
+    @property
+    def is_out_of_credits(self):
+        return self.status == 402
+
+    @property
+    def is_unauthorized(self):
+        return self.status == 401
+
+    @property
+    def is_not_found(self):
+        return self.status == 404
+
+    @property
+    def is_not_ready(self):
+        # Bouncer answers 405 to a download asked for before the batch completed.
+        return self.status == 405
+
+    @property
+    def is_transient(self):
+        return self.status is None or self.status >= 500
+
+    @property
+    def ends_cycle(self):
+        # Another call this cycle would hit the same wall: limit, empty account or bad key.
+        return self.status in (429, 402, 401)
+
+
+class BouncerClient:
+    """Calls Bouncer's batch endpoints for both check types through one requests.Session."""
+
+    def __init__(self, base_url: str, api_key: str | None, timeout: float = 30,
+                 catchall_path: str = DEFAULT_BATCH_PATH, session: requests.Session | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.catchall_path = normalize_path(catchall_path)
+        self.session = session if session is not None else requests.Session()
+        self._api_key = api_key
+
+    def __repr__(self):
+        # The key must never reach a log line through a repr.
+        return "BouncerClient(base_url=%r, api_key=%s, timeout=%r, catchall_path=%r)" % (
+            self.base_url, "set" if self._api_key else "unset", self.timeout, self.catchall_path)
+
+    def batch_path(self, check_type: str) -> str:
+        if check_type == "deliverable":
+            return DEFAULT_BATCH_PATH
+        if check_type == "catchall":
+            return self.catchall_path
+        raise ValueError("unknown check type %r; expected one of %s" % (check_type, ", ".join(CHECK_TYPES)))
+
+    def create_batch(self, check_type: str, emails: list[str], callback_url: str | None = None) -> dict:
+        path = self.batch_path(check_type)
+        emails = list(emails)
+        check_emails(emails)
+        # A JSON encoder, never concatenation: a stray backslash or quote would break the body.
+        body = json.dumps([{"email": email} for email in emails]).encode("utf-8")
+        params = {"callback": callback_url} if callback_url else None
+        status, answer, response = self._call("create", "POST", path, params=params, data=body)
+        batch_id = answer.get("batchId") if isinstance(answer, dict) else None
+        if not isinstance(batch_id, str) or not batch_id.strip():
+            raise self._error("create", status, "Bouncer create failed: HTTP %d answer had no batchId: %s"
+                              % (status, self._snippet(response.content) or "(empty)"))
+        log.info("Bouncer created %s batch %s with %d emails", check_type, batch_id, len(emails))
+        return answer
+
+    def get_batch(self, check_type: str, batch_id: str) -> dict:
+        path = "%s/%s" % (self.batch_path(check_type), quote_batch_id(batch_id))
+        status, answer, response = self._call("status", "GET", path, params={"with-stats": "true"})
+        if not isinstance(answer, dict) or not isinstance(answer.get("status"), str):
+            raise self._error("status", status, "Bouncer status failed: HTTP %d answer had no batch status: %s"
+                              % (status, self._snippet(response.content) or "(empty)"))
+        return answer
+
+    def download_batch(self, check_type: str, batch_id: str) -> list[dict]:
+        path = "%s/%s/download" % (self.batch_path(check_type), quote_batch_id(batch_id))
+        status, answer, response = self._call("download", "GET", path, params={"download": "all"})
+        if not isinstance(answer, list):
+            raise self._error("download", status, "Bouncer download failed: HTTP %d answer is not a list of "
+                              "records: %s" % (status, self._snippet(response.content) or "(empty)"))
+        records = [item for item in answer if isinstance(item, dict)]
+        if len(records) < len(answer):
+            # Interpreting odd items is not the client's job; dropping them keeps the rest usable.
+            log.warning("Bouncer download of %s batch %s: left out %d items that are not JSON objects",
+                        check_type, batch_id, len(answer) - len(records))
+        return records
+
+    def _call(self, operation, method, path, params=None, data=None):
+        """(HTTP status, parsed JSON body, response) of a 2xx answer; BouncerError for anything else."""
+        # The query is left out of the log: a callback URL may carry a secret.
+        log.debug("Bouncer %s: %s %s", operation, method, path)
+        started = time.monotonic()
+        try:
+            response = self.session.request(
+                method, self.base_url + path, params=params, data=data,
+                headers=self._headers(has_body=data is not None), timeout=self.timeout,
+                # A redirect would forward the key header to wherever it points, even another host.
+                allow_redirects=False)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
+                OSError, ValueError) as exc:
+            # `from None`: the original exception's text could hold what this message scrubs.
+            raise self._transport_error(operation, exc) from None
+        log.debug("Bouncer %s answered HTTP %d in %.2fs", operation, response.status_code,
+                  time.monotonic() - started)
+        if not 200 <= response.status_code < 300:
+            raise self._http_error(operation, response)
+        try:
+            answer = json.loads(response.content)
+        except (ValueError, UnicodeDecodeError):
+            snippet = self._snippet(response.content)
+            raise self._error(operation, response.status_code,
+                              "Bouncer %s failed: HTTP %d answered with a body that is not JSON%s"
+                              % (operation, response.status_code, ": " + snippet if snippet else " (empty)")
+                              ) from None
+        embedded = embedded_error_status(answer)
+        if embedded is not None:
+            # Bouncer documents error bodies inside 200 answers; trusting them beats a bogus result.
+            raise self._error(operation, embedded, "Bouncer %s failed: HTTP %d %s (carried in an HTTP %d answer)"
+                              % (operation, embedded, self._error_detail(answer, standard_phrase(embedded)),
+                                 response.status_code) + hint_for(embedded))
+        return response.status_code, answer, response
+
+    def _headers(self, has_body):
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+        if has_body:
+            headers["Content-Type"] = "application/json"
+        if self._api_key:
+            headers["x-api-key"] = self._api_key
+        return headers
+
+    def _transport_error(self, operation, exc):
+        if is_timeout(exc):
+            error = self._error(operation, None, "Bouncer %s call timed out after %s"
+                                % (operation, format_seconds(self.timeout)))
+            error.timed_out = True
+            return error
+        if isinstance(exc, requests.ConnectionError):
+            return self._error(operation, None, "Bouncer %s failed: cannot connect to %s: %s"
+                               % (operation, self.base_url, self._short_reason(exc)))
+        return self._error(operation, None, "Bouncer %s failed: %s: %s"
+                           % (operation, type(exc).__name__, self._short_reason(exc)))
+
+    def _http_error(self, operation, response):
+        code = response.status_code
+        reason = response.reason or standard_phrase(code)
+        if 300 <= code < 400:
+            detail = "%s: redirected to %s; redirects are not followed (check BOUNCER_API_URL)" % (
+                reason, without_query(response.headers.get("Location", "")) or "(no location)")
+        else:
+            try:
+                body = json.loads(response.content)
+            except (ValueError, UnicodeDecodeError):
+                body = None
+            if isinstance(body, dict):
+                detail = self._error_detail(body, reason)
+            else:
+                snippet = self._snippet(response.content)
+                detail = "%s: %s" % (reason, snippet) if snippet else reason
+        return self._error(operation, code, ("Bouncer %s failed: HTTP %d %s" % (operation, code, detail)).rstrip()
+                           + hint_for(code))
+
+    def _error_detail(self, body, fallback_error):
+        """'<error>: <message>' from Bouncer's error body, each part lenient about type and presence."""
+        error = self._clip(body.get("error")) or fallback_error
+        message = self._clip(body.get("message"))
+        if not message and set(body) - {"status", "error"}:
+            # Not Bouncer's usual shape: show the body itself rather than nothing.
+            message = self._clip(json.dumps(body, ensure_ascii=False))
+        return "%s: %s" % (error, message) if message else error
+
+    def _short_reason(self, exc):
+        return self._clip(without_query_strings(root_reason(exc))) or type(exc).__name__
+
+    def _snippet(self, content):
+        """The start of a body as one readable line: tags dropped, key scrubbed before cutting."""
+        text = (content or b"")[:SNIPPET_SOURCE_BYTES].decode("utf-8", errors="replace")
+        text = self._scrub(text)
+        if "<" in text and ">" in text:
+            text = re.sub(r"<[^>]*>", " ", text)
+        return self._clip(text)
+
+    def _clip(self, value):
+        if value is None:
+            return ""
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        # Scrub before cutting, or a key cut in half would slip through.
+        text = one_line(self._scrub(text))
+        return text if len(text) <= SNIPPET_CHARS else text[:SNIPPET_CHARS] + "..."
+
+    def _scrub(self, text):
+        if not self._api_key:
+            return text
+        # Also the forms an echo may take: URL-quoted, or escaped inside a repr or JSON string.
+        forms = {self._api_key, quote(self._api_key, safe=""), repr(self._api_key)[1:-1],
+                 json.dumps(self._api_key)[1:-1]}
+        for form in sorted(forms, key=len, reverse=True):
+            text = text.replace(form, SCRUBBED)
+        return text
+
+    def _error(self, operation, status, text):
+        message = self._scrub(one_line(text))
+        log.debug("%s", message)
+        return BouncerError(message, status=status, operation=operation)
+
+
+def normalize_path(path):
+    return "/" + path.strip().strip("/")
+
+
+def quote_batch_id(batch_id):
+    if not isinstance(batch_id, str) or not batch_id.strip():
+        raise ValueError("batch id must be a non-empty string, got %r" % (batch_id,))
+    # safe="": a slash in an id must not turn into another path segment.
+    return quote(batch_id, safe="")
+
+
+def check_emails(emails):
+    if not emails:
+        raise ValueError("a Bouncer batch needs at least one email")
+    if len(emails) > MAX_BATCH_EMAILS:
+        raise ValueError("a Bouncer batch holds at most %d emails, got %d" % (MAX_BATCH_EMAILS, len(emails)))
+    not_strings = sum(1 for email in emails if not isinstance(email, str))
+    if not_strings:
+        raise ValueError("%d of the emails are not strings" % not_strings)
+
+
+def parse_status(value):
+    """Bouncer's body status as an int: it is sometimes a number, sometimes a string."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
+def embedded_error_status(answer):
+    """The error status of a 2xx body shaped like Bouncer's error body, else None."""
+    if not isinstance(answer, dict) or "error" not in answer:
+        return None
+    status = parse_status(answer.get("status"))
+    return status if status is not None and status >= 400 else None
+
+
+def hint_for(code):
+    hint = HINTS.get(code)
+    return " (%s)" % hint if hint else ""
+
+
+def standard_phrase(code):
+    try:
+        return http.HTTPStatus(code).phrase
+    except ValueError:
+        return "Error"
+
+
+def is_timeout(exc):
+    if isinstance(exc, requests.Timeout):
+        return True
+    # requests reports a read timeout while reading the body as a ConnectionError around urllib3's.
+    return any(isinstance(arg, urllib3.exceptions.TimeoutError) for arg in getattr(exc, "args", ()))
+
+
+def root_reason(exc):
+    """The innermost cause worth showing, without urllib3's connection-object prefix."""
+    reason = exc
+    for _ in range(5):
+        inner = getattr(reason, "reason", None)
+        if inner is None and reason.args and isinstance(reason.args[0], BaseException):
+            inner = reason.args[0]
+        if not isinstance(inner, BaseException):
+            break
+        reason = inner
+    text = str(reason)
+    return re.sub(r"^(<[^>]*>|\w+\(host=[^)]*\)):\s*", "", text)
+
+
+def without_query_strings(text):
+    # Transport errors quote the request URL, whose query may hold a callback URL with a secret.
+    return re.sub(r"\?[^\s'\"()]+", "", text)
+
+
+def without_query(url):
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def one_line(text):
+    return " ".join(str(text).split())
+
+
+def format_seconds(seconds):
+    if isinstance(seconds, (int, float)):
+        return "%gs" % seconds
+    return "%ss" % (seconds,)

@@ -1,0 +1,221 @@
+"""The results side of the ledger: following outstanding Bouncer batches to their end.
+
+A completed batch is ingested in one transaction: verdicts upserted into the check type's results
+table, the emails of every address completed, addresses Bouncer left out failed with that reason,
+and each user batch with nothing pending marked completed. A batch Bouncer lost (404) or that
+never completes (BATCH_TIMEOUT) fails with its emails and user batches, the reason stored.
+"""
+import json
+import logging
+from dataclasses import dataclass
+
+from peewee import fn
+
+from .addresses import strip_email_modifiers
+from .db import MAX_PARAMS, chunked, lock_rows_for_update, utcnow, write_transaction
+from .models import (
+    COMPLETED, DONE, FAILED, OUTSTANDING, SENT, VERDICTS,
+    BouncerBatch, BouncerBatchEmail, EmailGlobal, UserBatchEmail, result_model,
+)
+from .progress import batches_of_bouncer_batch, complete_finished_batches, fail_batches
+from .queue import end_flight
+
+log = logging.getLogger(__name__)
+
+RESULT_FIELDS = ("status", "reason", "score", "accept_all", "disposable", "free", "role",
+                 "disabled", "full_mailbox", "provider", "raw", "checked_at", "bouncer_batch_id")
+
+
+@dataclass
+class IngestReport:
+    ledger_id: int
+    verified: int = 0     # emails completed with a verdict
+    missing: int = 0      # emails failed: their address was not in the download
+    extra: int = 0        # records for addresses this batch never sent (ignored)
+    malformed: int = 0    # records without a usable email or verdict (ignored)
+
+
+def batches_to_check(check_type):
+    """Outstanding Bouncer batches, least recently checked first."""
+    return list(BouncerBatch.select()
+                .where((BouncerBatch.check_type == check_type)
+                       & (BouncerBatch.status == OUTSTANDING))
+                .order_by(BouncerBatch.last_checked_at.asc(nulls="first"), BouncerBatch.id))
+
+
+def note_checked(ledger_id, bouncer_status, now=None):
+    (BouncerBatch.update(last_checked_at=now or utcnow(), bouncer_status=str(bouncer_status)[:64])
+     .where(BouncerBatch.id == ledger_id).execute())
+
+
+def ingest_results(ledger_id, records, now=None):
+    """Process the download of a completed Bouncer batch. Returns an IngestReport, or None when
+    the batch is no longer outstanding (already ingested or failed)."""
+    now = now or utcnow()
+    with write_transaction():
+        ledger = claim_outstanding(ledger_id)
+        if ledger is None:
+            return None
+        report = IngestReport(ledger_id)
+        verdicts = match_records(ledger_id, records, report, now)
+        upsert_results(ledger.check_type, verdicts)
+        report.verified = complete_verified_emails(ledger, now)
+        report.missing = fail_pending_emails(
+            ledger_id, "not in Bouncer's results for batch %s" % ledger.bouncer_id, now)
+        end_flight(ledger_id)
+        (BouncerBatch.update(status=COMPLETED, finished_at=now, bouncer_status="completed")
+         .where(BouncerBatch.id == ledger_id).execute())
+        complete_finished_batches(batches_of_bouncer_batch(ledger_id), now)
+    log.info("Bouncer batch %s (%s) ingested: %s emails verified, %s missing, %s extra and %s "
+             "malformed records ignored", ledger.bouncer_id, ledger_id, report.verified,
+             report.missing, report.extra, report.malformed)
+    return report
+
+
+def claim_outstanding(ledger_id):
+    """The ledger row, locked, if it is still outstanding: who finishes a batch is decided here."""
+    query = BouncerBatch.select().where(
+        (BouncerBatch.id == ledger_id) & (BouncerBatch.status == OUTSTANDING))
+    return lock_rows_for_update(query).first()
+
+
+def match_records(ledger_id, records, report, now):
+    """{email_global id: result row} for each record of an address this batch sent."""
+    by_sent, by_stripped = sent_addresses(ledger_id)
+    verdicts = {}
+    for record in records:
+        parsed = parse_record(record)
+        if parsed is None:
+            report.malformed += 1
+            continue
+        email = record["email"]
+        global_id = by_sent.get(email) or by_stripped.get(strip_email_modifiers(email))
+        if global_id is None:
+            report.extra += 1
+            continue
+        parsed.update(email_global=global_id, checked_at=now, bouncer_batch_id=ledger_id)
+        verdicts[global_id] = parsed
+    if report.malformed or report.extra:
+        log.warning("Bouncer batch %s: %s malformed and %s unexpected records in the download",
+                    ledger_id, report.malformed, report.extra)
+    return list(verdicts.values())
+
+
+def sent_addresses(ledger_id):
+    """Two maps to each sent address's global id: by the spelling sent (Bouncer answers with
+    it), and by stripped address (in case Bouncer normalised the spelling)."""
+    by_sent, by_stripped = {}, {}
+    query = (BouncerBatchEmail
+             .select(BouncerBatchEmail.email_sent, EmailGlobal.email, BouncerBatchEmail.email_global)
+             .join(EmailGlobal)
+             .where(BouncerBatchEmail.bouncer_batch == ledger_id))
+    for sent, stripped, global_id in query.tuples():
+        by_sent[sent] = global_id
+        by_stripped[stripped] = global_id
+    return by_sent, by_stripped
+
+
+def parse_record(record):
+    """The stored columns of one download record, or None when it has no email or verdict.
+    Lenient: extra or missing fields are fine, the raw record is kept whole."""
+    if not isinstance(record, dict):
+        return None
+    email, status = record.get("email"), record.get("status")
+    if not isinstance(email, str) or not email or status not in VERDICTS:
+        return None
+    domain, account = as_dict(record.get("domain")), as_dict(record.get("account"))
+    return {
+        "status": status,
+        "reason": as_text(record.get("reason")),
+        "score": as_score(record.get("score")),
+        "accept_all": as_flag(domain.get("acceptAll")),
+        "disposable": as_flag(domain.get("disposable")),
+        "free": as_flag(domain.get("free")),
+        "role": as_flag(account.get("role")),
+        "disabled": as_flag(account.get("disabled")),
+        "full_mailbox": as_flag(account.get("fullMailbox")),
+        "provider": as_text(record.get("provider")),
+        "raw": json.dumps(record, ensure_ascii=False, sort_keys=True),
+    }
+
+
+def as_dict(value):
+    return value if isinstance(value, dict) else {}
+
+
+def as_text(value):
+    return value[:255] if isinstance(value, str) else None
+
+
+def as_score(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return int(value)
+
+
+def as_flag(value):
+    """Bouncer's flags are the strings yes/no/unknown; a YAML-minded encoder may send booleans."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return value.lower()[:16] if isinstance(value, str) else None
+
+
+def upsert_results(check_type, rows):
+    """Insert or update the verdicts, a few thousand per statement."""
+    if not rows:
+        return
+    Result = result_model(check_type)
+    per_statement = MAX_PARAMS // (len(RESULT_FIELDS) + 1)
+    preserve = [getattr(Result, name) for name in RESULT_FIELDS]
+    for part in chunked(rows, per_statement):
+        (Result.insert_many(part)
+         .on_conflict(conflict_target=[Result.email_global], preserve=preserve)
+         .execute())
+
+
+def complete_verified_emails(ledger, now):
+    Result = result_model(ledger.check_type)
+    verified = Result.select(Result.email_global).where(Result.bouncer_batch_id == ledger.id)
+    return (UserBatchEmail.update(status=DONE, completed_at=now)
+            .where((UserBatchEmail.bouncer_batch == ledger.id) & (UserBatchEmail.status == SENT)
+                   & UserBatchEmail.email_global.in_(verified))
+            .execute())
+
+
+def fail_pending_emails(ledger_id, reason, now):
+    return (UserBatchEmail.update(status=FAILED, failure_reason=reason, completed_at=now)
+            .where((UserBatchEmail.bouncer_batch == ledger_id) & (UserBatchEmail.status == SENT))
+            .execute())
+
+
+def fail_bouncer_batch(ledger_id, reason, now=None):
+    """Bouncer lost the batch or it never finished: its emails and every user batch with an
+    email in it fail, with `reason`. Returns the number of emails failed (None if the batch was
+    no longer outstanding)."""
+    now = now or utcnow()
+    with write_transaction():
+        ledger = claim_outstanding(ledger_id)
+        if ledger is None:
+            return None
+        user_batches = [b for (b,) in batches_of_bouncer_batch(ledger_id).tuples()]
+        failed = fail_pending_emails(ledger_id, reason, now)
+        end_flight(ledger_id)
+        (BouncerBatch.update(status=FAILED, failure_reason=reason, finished_at=now)
+         .where(BouncerBatch.id == ledger_id).execute())
+        for part in chunked(user_batches):
+            fail_batches(part, reason, now)
+    log.error("Bouncer batch %s (%s) failed: %s; %s emails and %s user batches marked failed",
+              ledger.bouncer_id, ledger_id, reason, failed, len(user_batches))
+    return failed
+
+
+def overdue_batches(check_type, sent_before):
+    return [ledger_id for (ledger_id,) in BouncerBatch.select(BouncerBatch.id).where(
+        (BouncerBatch.check_type == check_type) & (BouncerBatch.status == OUTSTANDING)
+        & (BouncerBatch.sent_at < sent_before)).tuples()]
+
+
+def count_outstanding(check_type):
+    return (BouncerBatch.select(fn.COUNT(BouncerBatch.id))
+            .where((BouncerBatch.check_type == check_type) & (BouncerBatch.status == OUTSTANDING))
+            .scalar())

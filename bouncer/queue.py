@@ -1,0 +1,231 @@
+"""The queue side of the ledger: which pending emails go into the next Bouncer batch.
+
+A Bouncer batch is *reserved* (ledger row, its addresses, its emails attached) in one transaction
+before Bouncer is called, then *confirmed* with Bouncer's id, or *rejected* when the call fails.
+Whatever a dead cycle leaves behind is recoverable from these rows alone:
+- a reservation never confirmed is abandoned after RESERVATION_TIMEOUT, its emails queued again;
+- the emails of a rejected attempt are queued again by the next cycle (or the end of this one).
+"""
+import datetime
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from peewee import JOIN, Tuple, Value
+
+from .db import (
+    bulk_insert, chunked, lock_rows_for_share, utcnow, write_transaction,
+)
+from .models import (
+    ABANDONED, DONE, IN_FLIGHT_STATES, OUTSTANDING, QUEUED, REJECTED, RESERVED, SENT,
+    BouncerBatch, BouncerBatchEmail, UserBatchEmail, result_model,
+)
+from .progress import complete_finished_batches, mark_batches_processing
+
+log = logging.getLogger(__name__)
+
+MIN_PAGE = 1000
+
+
+@dataclass
+class Plan:
+    """What the next Bouncer batch will be, read in FIFO order."""
+    send: dict = field(default_factory=dict)          # email_global id -> spelling to send
+    attach: dict = field(default_factory=lambda: defaultdict(list))  # in-flight ledger id -> row ids
+    cached: list = field(default_factory=list)        # row ids a fresh verdict completes
+    touched_batches: set = field(default_factory=set)  # user batches of attached/cached rows
+
+
+@dataclass
+class Reservation:
+    ledger_id: int | None
+    emails: list          # the addresses to send, oldest first
+    cached: int = 0       # rows completed from a fresh verdict, no credit spent
+    attached: int = 0     # rows joined to a batch already in flight
+
+
+def count_in_flight_batches(check_type):
+    """Reserved and outstanding Bouncer batches: what counts against BOUNCER_MAX_OUTSTANDING."""
+    return (BouncerBatch.select()
+            .where((BouncerBatch.check_type == check_type)
+                   & BouncerBatch.status.in_(IN_FLIGHT_STATES))
+            .count())
+
+
+def has_queued_emails(check_type):
+    return (UserBatchEmail.select(UserBatchEmail.id)
+            .where((UserBatchEmail.check_type == check_type) & (UserBatchEmail.status == QUEUED))
+            .limit(1).exists())
+
+
+def reserve_next_batch(check_type, batch_size, cache_days, now=None):
+    """Reserve the next Bouncer batch: up to `batch_size` distinct stripped addresses, oldest
+    pending first. Repeats of an address ride along; an address already in flight joins that
+    batch; an address with a verdict younger than `cache_days` is completed from it.
+
+    Returns a Reservation (ledger_id None when nothing needs sending), or None if the queue is
+    empty."""
+    now = now or utcnow()
+    cutoff = now - datetime.timedelta(days=cache_days) if cache_days else None
+    with write_transaction():
+        plan = plan_next_batch(check_type, batch_size, cutoff)
+        if not (plan.send or plan.attach or plan.cached):
+            return None
+        attached = attach_to_in_flight(plan.attach)
+        complete_from_cache(plan.cached, now)
+        ledger_id = write_reservation(check_type, plan.send, now) if plan.send else None
+        mark_batches_processing(plan.touched_batches, ledger_id)
+        complete_finished_batches(plan.touched_batches, now)
+    return Reservation(ledger_id, list(plan.send.values()), len(plan.cached), attached)
+
+
+def plan_next_batch(check_type, batch_size, cutoff):
+    plan = Plan()
+    after = None
+    page_size = max(batch_size, MIN_PAGE)
+    while True:
+        page = list(queued_page(check_type, cutoff, after, page_size))
+        for row_id, user_batch, position, email, global_id, cached, flying in page:
+            if cached:
+                plan.cached.append(row_id)
+            elif flying:
+                plan.attach[flying].append(row_id)
+            elif global_id in plan.send:
+                continue  # a repeat: attached with its first spelling when the batch is written
+            elif len(plan.send) < batch_size:
+                plan.send[global_id] = email
+                continue
+            else:
+                return plan  # full: this row opens the next batch
+            plan.touched_batches.add(user_batch)
+        if len(page) < page_size:
+            return plan
+        after = (page[-1][1], page[-1][2])
+
+
+def queued_page(check_type, cutoff, after, limit):
+    """Queued rows in FIFO order (oldest user batch, then line), each with whether a fresh
+    verdict exists and which in-flight batch already holds its address. Walks the FIFO index."""
+    Row, Sent = UserBatchEmail, BouncerBatchEmail
+    Result = result_model(check_type)
+    cached = Result.checked_at if cutoff else Value(None)
+    query = (Row.select(Row.id, Row.batch, Row.position, Row.email, Row.email_global,
+                        cached, Sent.bouncer_batch)
+             .join(Sent, JOIN.LEFT_OUTER, on=(
+                 (Sent.check_type == check_type) & (Sent.email_global == Row.email_global)
+                 & (Sent.in_flight == True))))  # noqa: E712 (SQL, not Python)
+    if cutoff:
+        query = query.switch(Row).join(Result, JOIN.LEFT_OUTER, on=(
+            (Result.email_global == Row.email_global) & (Result.checked_at > cutoff)))
+    query = query.where((Row.check_type == check_type) & (Row.status == QUEUED))
+    if after:
+        query = query.where(Tuple(Row.batch, Row.position) > Tuple(*after))
+    return query.order_by(Row.batch, Row.position).limit(limit).tuples()
+
+
+def attach_to_in_flight(attach):
+    """Join rows to the in-flight batch that already holds their address. The ledger rows are
+    locked first (FOR SHARE), so a concurrent ingest either finished before (the batch is no
+    longer in flight: the rows stay queued) or waits until these rows are attached."""
+    if not attach:
+        return 0
+    live = {batch_id for (batch_id,) in lock_rows_for_share(
+        BouncerBatch.select(BouncerBatch.id).where(
+            BouncerBatch.id.in_(list(attach)) & BouncerBatch.status.in_(IN_FLIGHT_STATES))).tuples()}
+    attached = 0
+    for ledger_id, row_ids in attach.items():
+        if ledger_id not in live:
+            continue
+        for part in chunked(row_ids):
+            attached += (UserBatchEmail.update(status=SENT, bouncer_batch=ledger_id)
+                         .where(UserBatchEmail.id.in_(part) & (UserBatchEmail.status == QUEUED))
+                         .execute())
+    return attached
+
+
+def complete_from_cache(row_ids, now):
+    for part in chunked(row_ids):
+        (UserBatchEmail.update(status=DONE, completed_at=now)
+         .where(UserBatchEmail.id.in_(part) & (UserBatchEmail.status == QUEUED)).execute())
+
+
+def write_reservation(check_type, send, now):
+    """Ledger row, its addresses (the unique in-flight index refuses an address already in
+    flight), and every queued row of those addresses attached to it."""
+    ledger = BouncerBatch.create(check_type=check_type, status=RESERVED, quantity=len(send),
+                                 reserved_at=now)
+    bulk_insert(BouncerBatchEmail, [
+        {"bouncer_batch": ledger.id, "email_global": global_id, "check_type": check_type,
+         "email_sent": email, "in_flight": True}
+        for global_id, email in send.items()])
+    Row = UserBatchEmail
+    addresses = BouncerBatchEmail.select(BouncerBatchEmail.email_global).where(
+        BouncerBatchEmail.bouncer_batch == ledger.id)
+    (Row.update(status=SENT, bouncer_batch=ledger.id)
+     .where((Row.check_type == check_type) & (Row.status == QUEUED)
+            & Row.email_global.in_(addresses))
+     .execute())
+    return ledger.id
+
+
+def confirm_sent(ledger_id, bouncer_id, now=None):
+    """Store Bouncer's id: from here on the batch is followed to the end. False when the
+    reservation was abandoned meanwhile (this cycle outlived RESERVATION_TIMEOUT)."""
+    updated = (BouncerBatch.update(status=OUTSTANDING, bouncer_id=bouncer_id, sent_at=now or utcnow())
+               .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == RESERVED))
+               .execute())
+    return updated == 1
+
+
+def reject_reservation(ledger_id, reason, now=None):
+    """Bouncer refused or failed the call: the batch never existed there. Its addresses leave
+    flight now; its emails stay parked until `requeue_rejected_emails`, so this cycle does not
+    send them again (they wait for the next one, keeping FIFO for everything else)."""
+    with write_transaction():
+        (BouncerBatch.update(status=REJECTED, failure_reason=reason, finished_at=now or utcnow())
+         .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == RESERVED)).execute())
+        end_flight(ledger_id)
+
+
+def end_flight(ledger_id):
+    (BouncerBatchEmail.update(in_flight=None)
+     .where(BouncerBatchEmail.bouncer_batch == ledger_id).execute())
+
+
+def requeue_rejected_emails(check_type):
+    """Queue again the emails of rejected or abandoned attempts. Returns how many."""
+    dead = BouncerBatch.select(BouncerBatch.id).where(
+        (BouncerBatch.check_type == check_type) & BouncerBatch.status.in_((REJECTED, ABANDONED)))
+    Row = UserBatchEmail
+    with write_transaction():
+        return (Row.update(status=QUEUED, bouncer_batch=None)
+                .where((Row.status == SENT) & Row.bouncer_batch.in_(dead))
+                .execute())
+
+
+def release_stale_reservations(check_type, older_than):
+    """Abandon reservations that never got a Bouncer id by `older_than`: their cycle died.
+    Bouncer may still have accepted the batch (the process died between its answer and the
+    commit): each one is logged as a possible orphan. Returns [(ledger id, addresses)]."""
+    with write_transaction():
+        stale = list(BouncerBatch.select(BouncerBatch.id, BouncerBatch.quantity).where(
+            (BouncerBatch.check_type == check_type) & (BouncerBatch.status == RESERVED)
+            & (BouncerBatch.reserved_at < older_than)).tuples())
+        for ledger_id, quantity in stale:
+            (BouncerBatch.update(status=ABANDONED, finished_at=utcnow(),
+                                 failure_reason="reservation abandoned: its cycle died before "
+                                                "storing a Bouncer batch id")
+             .where(BouncerBatch.id == ledger_id).execute())
+            end_flight(ledger_id)
+            log.warning("Reservation %s (%s, %s addresses) abandoned: possible orphan batch at "
+                        "Bouncer; its emails are queued again", ledger_id, check_type, quantity)
+    if stale:
+        requeue_rejected_emails(check_type)
+    return stale
+
+
+def count_possible_orphans(check_type=None):
+    query = BouncerBatch.select().where(BouncerBatch.status == ABANDONED)
+    if check_type:
+        query = query.where(BouncerBatch.check_type == check_type)
+    return query.count()

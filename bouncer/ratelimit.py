@@ -1,0 +1,48 @@
+"""The request budget: every Bouncer call takes a slot here first, all processes together.
+
+A slot is granted only while fewer than RATE_LIMIT_BUFFER requests were recorded in the last
+60 s (and, for batch creation, fewer than Bouncer's own 60 creates a minute). Check and record
+happen in one serialized transaction, so two processes can never both take the last slot.
+"""
+import datetime
+import logging
+
+from .db import serialize_on, utcnow, write_transaction
+from .models import RateLimitTracker
+
+log = logging.getLogger(__name__)
+
+WINDOW = datetime.timedelta(seconds=60)
+CREATES_PER_MINUTE = 60     # Bouncer's own limit on batch creation
+KEEP_HISTORY = datetime.timedelta(hours=1)
+
+
+def take_request_slot(kind, buffer, check_type=None, now=None):
+    """Record one Bouncer request of `kind` ('create', 'status', 'download') if the budget allows.
+
+    Returns True when the caller may make the request, False when it must wait."""
+    with write_transaction():
+        serialize_on("rate_limit_tracker")
+        # The clock is read after the lock, so recorded times only ever grow.
+        now = now or utcnow()
+        if requests_in_window(now) >= buffer:
+            return False
+        if kind == "create" and requests_in_window(now, kind="create") >= CREATES_PER_MINUTE:
+            return False
+        RateLimitTracker.create(requested_at=now, kind=kind, check_type=check_type)
+        return True
+
+
+def requests_in_window(now=None, kind=None):
+    """Requests recorded in the 60 s before `now`."""
+    now = now or utcnow()
+    query = RateLimitTracker.select().where(RateLimitTracker.requested_at > now - WINDOW)
+    if kind:
+        query = query.where(RateLimitTracker.kind == kind)
+    return query.count()
+
+
+def forget_old_requests(now=None):
+    """Drop history nobody needs, so the window count stays an index range scan."""
+    cutoff = (now or utcnow()) - KEEP_HISTORY
+    return RateLimitTracker.delete().where(RateLimitTracker.requested_at < cutoff).execute()
