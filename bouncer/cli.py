@@ -266,5 +266,37 @@ def sandbox(port, processing_time, fail_rate, rate_limit_rate, request_log):
     server.serve_forever()
 
 
+@cli.command()
+def worker():
+    """Run an RQ worker on `bouncer-queue` (clean shutdown on SIGTERM, as Heroku and Render send).
+
+    Example: python -m bouncer worker
+    """
+    from .worker import run_worker
+    run_worker(app_from_env())
+
+
+@cli.command()
+def scheduler():
+    """Register the four repeating jobs (idempotently), then run the scheduler loop.
+
+    Example: python -m bouncer scheduler
+    """
+    from .schedule import run_scheduler
+    run_scheduler(app_from_env())
+
+
+@cli.command()
+@click.option("--port", type=int, help="Port to serve on; default $PORT or 8000.")
+def web(port):
+    """Serve /health and the Bouncer completion callback.
+
+    Example: PORT=8000 python -m bouncer web
+    """
+    from .web import serve
+    app = app_from_env()
+    serve(app, port or app.settings.port)
+
+
 def main():
     cli(prog_name="python -m bouncer")

@@ -89,6 +89,9 @@ class Settings:
             raise ConfigError("BOUNCER_CATCHALL_PATH=%r must start with '/'" % self.catchall_path)
         if self.public_url:
             check_url("PUBLIC_URL", self.public_url, ("http", "https"))
+            if not self.callback_secret:
+                raise ConfigError("PUBLIC_URL is set but CALLBACK_SECRET is not; set CALLBACK_SECRET "
+                                  "to a long random string (it is part of the callback URL)")
         return self
 
 

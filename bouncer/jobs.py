@@ -1,0 +1,62 @@
+"""The four repeating jobs. Top-level functions taking a check type, so RQ can import them by
+name; each runs the very cycle the CLI runs, logs what it did, and records its last success for
+/health. A job is never retried: a failed cycle is simply the next cycle's work."""
+import logging
+import time
+
+from rq import get_current_job
+
+from .app import current_app
+from .checker import run_status_cycle
+from .config import CHECK_TYPES
+from .creator import run_creation_cycle
+from .db import utcnow
+
+log = logging.getLogger(__name__)
+
+QUEUE_NAME = "bouncer-queue"
+LAST_SUCCESS_KEY = "bouncer:jobs:last_success"
+
+
+def create_batches_job(check_type):
+    return run_job("batch_creator_%s" % check_type, run_creation_cycle, check_type)
+
+
+def check_batches_job(check_type):
+    return run_job("status_checker_%s" % check_type, run_status_cycle, check_type)
+
+
+def job_definitions(settings):
+    """{job id: (function, check type, interval in seconds)} of the four repeating jobs."""
+    jobs = {}
+    for check_type in CHECK_TYPES:
+        jobs["batch_creator_%s" % check_type] = (
+            create_batches_job, check_type, settings.batch_create_interval)
+        jobs["status_checker_%s" % check_type] = (
+            check_batches_job, check_type, settings.status_check_interval)
+    return jobs
+
+
+def run_job(job_id, cycle, check_type):
+    app = current_app()
+    job = get_current_job()
+    started = time.monotonic()
+    try:
+        report = cycle(app, check_type)
+    except Exception:
+        log.exception("Job %s (%s, rq job %s) failed after %.1fs; the next run takes over",
+                      job_id, check_type, job.id if job else "-", time.monotonic() - started)
+        raise
+    if not report.skipped:
+        record_success(app.redis, job_id)
+    log.info("Job %s done in %.2fs: %s", job_id, time.monotonic() - started, report.summary())
+    return report.summary()
+
+
+def record_success(redis, job_id, now=None):
+    redis.hset(LAST_SUCCESS_KEY, job_id, (now or utcnow()).isoformat())
+
+
+def last_successes(redis):
+    """{job id: ISO time of its last successful run}."""
+    return {k.decode(): v.decode() for k, v in redis.hgetall(LAST_SUCCESS_KEY).items()}
