@@ -23,37 +23,41 @@ from bouncer.db import create_schema, open_database
 from bouncer.models import ALL_MODELS, UserBatchEmail, database
 from bouncer.submit import create_user_batch
 
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6390/0")
-POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5433/bouncer_test")
+# Each pytest session gets its own Redis database number and PostgreSQL database, so that
+# several test runs on one machine never flush or truncate each other's data.
+SESSION = os.getpid()
+REDIS_URL = "%s/%d" % (os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6390/0").rsplit("/", 1)[0],
+                       1 + SESSION % 15)
+POSTGRES_URL = "%s_%d" % (os.environ.get("TEST_POSTGRES_URL",
+                                         "postgresql://postgres@127.0.0.1:5433/bouncer_test"), SESSION)
 API_KEY = "sk-test-9f8e7d6c5b4a"
 BOUNCER_URL = "https://bouncer.test"
 
 
-def ensure_postgres_database(url):
+def postgres_admin(url, statement):
     parts = urlsplit(url)
-    name = parts.path.lstrip("/")
     admin = psycopg2.connect(host=parts.hostname, port=parts.port or 5432,
                              user=parts.username or "postgres", dbname="postgres")
     admin.autocommit = True
     with admin.cursor() as cur:
-        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-        if not cur.fetchone():
-            cur.execute('CREATE DATABASE "%s"' % name)
+        cur.execute(statement % {"name": parts.path.lstrip("/")})
     admin.close()
 
 
 @pytest.fixture(scope="session")
 def postgres_url():
     try:
-        ensure_postgres_database(POSTGRES_URL)
+        postgres_admin(POSTGRES_URL, 'DROP DATABASE IF EXISTS "%(name)s"')
+        postgres_admin(POSTGRES_URL, 'CREATE DATABASE "%(name)s"')
     except psycopg2.OperationalError as exc:
         pytest.fail("PostgreSQL is not reachable at %s (run the tests with `bash scripts/test`): %s"
                     % (POSTGRES_URL, exc))
     open_database(POSTGRES_URL)
-    with database.connection_context():
-        database.drop_tables(ALL_MODELS, safe=True, cascade=True)
     create_schema()
-    return POSTGRES_URL
+    yield POSTGRES_URL
+    if not database.is_closed():
+        database.close()
+    postgres_admin(POSTGRES_URL, 'DROP DATABASE IF EXISTS "%(name)s" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -117,6 +121,24 @@ def app(settings, redis_conn, bouncer, db):
     client = BouncerClient(settings.api_url, settings.api_key, timeout=settings.bouncer_timeout,
                            catchall_path=settings.catchall_path)
     application = App(settings, redis=redis_conn, client=client)
+    set_current_app(application)
+    yield application
+    set_current_app(None)
+
+
+@pytest.fixture
+def sandbox():
+    """The local Bouncer over real HTTP; batches complete only when a test says so."""
+    from bouncer.sandbox import Sandbox
+    server = Sandbox(port=0, processing_time=3600).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sandbox_app(database_url, redis_conn, sandbox, db):
+    """An App talking to the sandbox over real HTTP (no `responses` in the way)."""
+    application = App(make_settings(database_url, api_url=sandbox.url), redis=redis_conn)
     set_current_app(application)
     yield application
     set_current_app(None)
