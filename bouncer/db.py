@@ -101,13 +101,38 @@ def chunked(iterable, size=CHUNK):
         yield chunk
 
 
-def bulk_insert(model, rows):
-    """Insert dict rows in as few multi-row statements as the parameter limits allow."""
+def bulk_insert(model, rows, upsert_on=None, ignore_existing=False):
+    """Insert dict rows (all with the same keys, plain values) in as few multi-row statements as
+    the parameter limits allow; fields left out take their model default. With `upsert_on` (a
+    field), a row whose key exists updates it; with `ignore_existing`, it is skipped.
+
+    The SQL is written here, not by the query builder: building it value by value costs more
+    than the database spends storing the rows (measured: 7 us a value, 15 s per 150k results).
+    """
     if not rows:
         return
-    per_statement = max(1, MAX_PARAMS // len(rows[0]))
+    names = list(rows[0])
+    defaults = {name: field.default for name, field in model._meta.fields.items()
+                if name not in names and field.default is not None and not callable(field.default)}
+    columns = [model._meta.fields[name].column_name for name in names]
+    per_statement = max(1, MAX_PARAMS // (len(names) + len(defaults)))
+    tail = " ON CONFLICT DO NOTHING" if ignore_existing else ""
+    if upsert_on is not None:
+        key = upsert_on.column_name
+        tail = " ON CONFLICT (%s) DO UPDATE SET %s" % (quote(key), ", ".join(
+            "%s = excluded.%s" % (quote(c), quote(c)) for c in columns if c != key))
+    columns += [model._meta.fields[name].column_name for name in defaults]
+    head = "INSERT INTO %s (%s) VALUES " % (quote(model._meta.table_name),
+                                           ", ".join(quote(c) for c in columns))
+    row_marks = "(%s)" % ", ".join([database.param] * len(columns))
+    fixed = list(defaults.values())
     for part in chunked(rows, per_statement):
-        model.insert_many(part).execute()
+        params = [value for row in part for value in [row[name] for name in names] + fixed]
+        database.execute_sql(head + ", ".join([row_marks] * len(part)) + tail, params)
+
+
+def quote(identifier):
+    return '"%s"' % identifier
 
 
 @contextlib.contextmanager

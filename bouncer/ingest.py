@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from peewee import fn
 
 from .addresses import strip_email_modifiers
-from .db import MAX_PARAMS, chunked, lock_rows_for_update, utcnow, write_transaction
+from .db import bulk_insert, chunked, lock_rows_for_update, utcnow, write_transaction
 from .models import (
     COMPLETED, DONE, FAILED, OUTSTANDING, SENT, VERDICTS,
     BouncerBatch, BouncerBatchEmail, EmailGlobal, UserBatchEmail, result_model,
@@ -21,9 +21,6 @@ from .progress import batches_of_bouncer_batch, complete_finished_batches, fail_
 from .queue import end_flight
 
 log = logging.getLogger(__name__)
-
-RESULT_FIELDS = ("status", "reason", "score", "accept_all", "disposable", "free", "role",
-                 "disabled", "full_mailbox", "provider", "raw", "checked_at", "bouncer_batch_id")
 
 
 @dataclass
@@ -57,11 +54,13 @@ def ingest_results(ledger_id, records, now=None):
         if ledger is None:
             return None
         report = IngestReport(ledger_id)
-        verdicts = match_records(ledger_id, records, report, now)
+        sent = sent_addresses(ledger_id)
+        verdicts = match_records(sent, records, report, now)
         upsert_results(ledger.check_type, verdicts)
-        report.verified = complete_verified_emails(ledger, now)
+        missing = set(sent[0].values()) - {v["email_global"] for v in verdicts}
         report.missing = fail_pending_emails(
-            ledger_id, "not in Bouncer's results for batch %s" % ledger.bouncer_id, now)
+            ledger_id, "not in Bouncer's results for batch %s" % ledger.bouncer_id, now, missing)
+        report.verified = complete_pending_emails(ledger_id, now)
         end_flight(ledger_id)
         (BouncerBatch.update(status=COMPLETED, finished_at=now, bouncer_status="completed")
          .where(BouncerBatch.id == ledger_id).execute())
@@ -79,9 +78,9 @@ def claim_outstanding(ledger_id):
     return lock_rows_for_update(query).first()
 
 
-def match_records(ledger_id, records, report, now):
-    """{email_global id: result row} for each record of an address this batch sent."""
-    by_sent, by_stripped = sent_addresses(ledger_id)
+def match_records(sent, records, report, now):
+    """[result row] for each record of an address this batch sent."""
+    by_sent, by_stripped = sent
     verdicts = {}
     for record in records:
         parsed = parse_record(record)
@@ -93,11 +92,11 @@ def match_records(ledger_id, records, report, now):
         if global_id is None:
             report.extra += 1
             continue
-        parsed.update(email_global=global_id, checked_at=now, bouncer_batch_id=ledger_id)
+        parsed.update(email_global=global_id, checked_at=now, bouncer_batch_id=report.ledger_id)
         verdicts[global_id] = parsed
     if report.malformed or report.extra:
         log.warning("Bouncer batch %s: %s malformed and %s unexpected records in the download",
-                    ledger_id, report.malformed, report.extra)
+                    report.ledger_id, report.malformed, report.extra)
     return list(verdicts.values())
 
 
@@ -135,7 +134,7 @@ def parse_record(record):
         "disabled": as_flag(account.get("disabled")),
         "full_mailbox": as_flag(account.get("fullMailbox")),
         "provider": as_text(record.get("provider")),
-        "raw": json.dumps(record, ensure_ascii=False, sort_keys=True),
+        "raw": json.dumps(record, ensure_ascii=False),
     }
 
 
@@ -162,30 +161,28 @@ def as_flag(value):
 
 def upsert_results(check_type, rows):
     """Insert or update the verdicts, a few thousand per statement."""
-    if not rows:
-        return
     Result = result_model(check_type)
-    per_statement = MAX_PARAMS // (len(RESULT_FIELDS) + 1)
-    preserve = [getattr(Result, name) for name in RESULT_FIELDS]
-    for part in chunked(rows, per_statement):
-        (Result.insert_many(part)
-         .on_conflict(conflict_target=[Result.email_global], preserve=preserve)
-         .execute())
+    bulk_insert(Result, rows, upsert_on=Result.email_global)
 
 
-def complete_verified_emails(ledger, now):
-    Result = result_model(ledger.check_type)
-    verified = Result.select(Result.email_global).where(Result.bouncer_batch_id == ledger.id)
+def complete_pending_emails(ledger_id, now):
+    """Every email still pending in this batch has its verdict now (the missing ones failed)."""
     return (UserBatchEmail.update(status=DONE, completed_at=now)
-            .where((UserBatchEmail.bouncer_batch == ledger.id) & (UserBatchEmail.status == SENT)
-                   & UserBatchEmail.email_global.in_(verified))
-            .execute())
-
-
-def fail_pending_emails(ledger_id, reason, now):
-    return (UserBatchEmail.update(status=FAILED, failure_reason=reason, completed_at=now)
             .where((UserBatchEmail.bouncer_batch == ledger_id) & (UserBatchEmail.status == SENT))
             .execute())
+
+
+def fail_pending_emails(ledger_id, reason, now, only_addresses=None):
+    """Fail the batch's pending emails (of `only_addresses`, when given) with `reason`."""
+    pending = (UserBatchEmail.bouncer_batch == ledger_id) & (UserBatchEmail.status == SENT)
+    if only_addresses is None:
+        return (UserBatchEmail.update(status=FAILED, failure_reason=reason, completed_at=now)
+                .where(pending).execute())
+    failed = 0
+    for part in chunked(sorted(only_addresses)):
+        failed += (UserBatchEmail.update(status=FAILED, failure_reason=reason, completed_at=now)
+                   .where(pending & UserBatchEmail.email_global.in_(part)).execute())
+    return failed
 
 
 def fail_bouncer_batch(ledger_id, reason, now=None):

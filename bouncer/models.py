@@ -116,8 +116,9 @@ class UserBatchEmail(BaseModel):
             (("batch", "position"), True),            # export in submission order
             (("check_type", "status", "batch", "position"), False),  # the FIFO claim
             (("batch", "status"), False),              # is this user batch finished?
-            (("bouncer_batch", "status"), False),      # ingest one Bouncer batch
-            (("email_global", "status"), False),       # attach repeats of a sent address
+            # Without `status`: a status change then leaves these two indexes alone.
+            (("bouncer_batch",), False),               # ingest one Bouncer batch
+            (("email_global",), False),                # attach repeats of a sent address
         )
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from peewee import JOIN, Tuple, Value
 
 from .db import (
-    bulk_insert, chunked, lock_rows_for_share, utcnow, write_transaction,
+    bulk_insert, chunked, database, lock_rows_for_share, utcnow, write_transaction,
 )
 from .models import (
     ABANDONED, DONE, IN_FLIGHT_STATES, OUTSTANDING, QUEUED, REJECTED, RESERVED, SENT,
@@ -83,8 +83,8 @@ def plan_next_batch(check_type, batch_size, cutoff):
     plan = Plan()
     after = None
     page_size = max(batch_size, MIN_PAGE)
-    while True:
-        page = list(queued_page(check_type, cutoff, after, page_size))
+    while len(plan.send) < batch_size:
+        page = queued_page(check_type, cutoff, after, page_size)
         for row_id, user_batch, position, email, global_id, cached, flying in page:
             if cached:
                 plan.cached.append(row_id)
@@ -101,6 +101,7 @@ def plan_next_batch(check_type, batch_size, cutoff):
         if len(page) < page_size:
             return plan
         after = (page[-1][1], page[-1][2])
+    return plan
 
 
 def queued_page(check_type, cutoff, after, limit):
@@ -120,7 +121,10 @@ def queued_page(check_type, cutoff, after, limit):
     query = query.where((Row.check_type == check_type) & (Row.status == QUEUED))
     if after:
         query = query.where(Tuple(Row.batch, Row.position) > Tuple(*after))
-    return query.order_by(Row.batch, Row.position).limit(limit).tuples()
+    query = query.order_by(Row.batch, Row.position).limit(limit)
+    # Plain rows straight from the cursor: only truthiness of the last two columns matters,
+    # and per-row type conversion would cost more than the query.
+    return database.execute_sql(*query.sql()).fetchall()
 
 
 def attach_to_in_flight(attach):

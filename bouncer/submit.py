@@ -112,8 +112,7 @@ def register_global_emails(addresses, now):
     unique = sorted(set(addresses))  # sorted: concurrent submits take row locks in one order
     ids = {}
     for part in chunked(unique):
-        EmailGlobal.insert_many([{"email": a, "created_at": now} for a in part]) \
-            .on_conflict_ignore().execute()
+        bulk_insert(EmailGlobal, [{"email": a, "created_at": now} for a in part], ignore_existing=True)
         query = EmailGlobal.select(EmailGlobal.id, EmailGlobal.email).where(EmailGlobal.email.in_(part))
         ids.update((email, gid) for gid, email in query.tuples())
     return ids

@@ -200,7 +200,7 @@ def test_check_a_crash_mid_ingest_rolls_back_and_the_next_cycle_redoes_it(app, b
 
     def die(*args, **kwargs):
         raise RuntimeError("killed mid-ingest")
-    monkeypatch.setattr(ingest, "complete_verified_emails", die)
+    monkeypatch.setattr(ingest, "complete_pending_emails", die)
     with pytest.raises(RuntimeError):
         run_status_cycle(app, "deliverable")
     assert statuses(batch) == {SENT: 5} and DeliverableResult.select().count() == 0

@@ -21,6 +21,7 @@ from bouncer.app import App
 from bouncer.db import open_database, utcnow
 from bouncer.jobs import QUEUE_NAME, job_definitions, record_success
 from bouncer.models import database
+from bouncer.schedule import JOB_TIMEOUT
 from bouncer import web as web_module
 from bouncer.web import job_health, make_app
 from conftest import API_KEY, REDIS_URL, addresses, submit, with_settings
@@ -96,6 +97,8 @@ def test_health_headers(web):
     response = call(web, "GET", "/health")
     assert response.headers["Content-Type"] == "application/json"
     assert response.headers["Cache-Control"] == "no-store"
+    head = call(web, "HEAD", "/health")
+    assert head.status == 200 and head.raw == ""
 
 
 def test_health_fresh_deploy_without_successes_is_ok(web):
@@ -199,6 +202,7 @@ def test_callback_queues_one_status_check(web, redis_conn):
     assert queued_job_ids(redis_conn) == ["status_checker_deliverable_now"]
     job = Queue(QUEUE_NAME, connection=redis_conn).fetch_job("status_checker_deliverable_now")
     assert job.func_name == "bouncer.jobs.check_batches_job" and job.args == ("deliverable",)
+    assert job.timeout == JOB_TIMEOUT
 
 
 def test_callback_while_queued_does_not_queue_again(web, redis_conn):

@@ -1,0 +1,62 @@
+"""The worker process: one RQ worker on `bouncer-queue`, each job run in a forked horse."""
+import logging
+import signal
+
+from rq import Queue
+from rq.worker import HerokuWorker
+
+from .jobs import QUEUE_NAME
+from .models import database
+
+log = logging.getLogger(__name__)
+
+# How often this worker cleans the queue's registries: a job left "started" by a worker killed
+# with -9 is failed (AbandonedJobError) at the first pass after its heartbeat lapses, 90 s after
+# the last one (rq's default pass interval is 600 s). Nothing is re-run: the next cycle is.
+MAINTENANCE_INTERVAL = 60
+
+# Heroku and Render send SIGTERM, then SIGKILL 30 s later. The horse ignores SIGTERM and gets this
+# long to finish its cycle before ShutDownImminentException stops it (rq's default is 6 s, short
+# for a cycle waiting on Bouncer); the rest of the 30 s is the worker's own bookkeeping.
+SHUTDOWN_GRACE = 20
+
+
+class BouncerWorker(HerokuWorker):
+    imminent_shutdown_delay = SHUTDOWN_GRACE
+    # rq would log "result will never expire, clean up result key manually" after every run:
+    # with stable ids and result_ttl -1 that is by design (see bouncer.schedule.RESULT_TTL).
+    log_result_lifespan = False
+    stop_signal = None
+
+    def request_stop(self, signum, frame):
+        # Remembered so a stop nobody asked for (rq quits its loop on a Redis timeout or an
+        # unexpected error, returning normally) can exit non-zero.
+        if self.stop_signal is None:
+            self.stop_signal = signum
+        super().request_stop(signum, frame)
+
+    def fork_work_horse(self, job, queue):
+        close_database()
+        super().fork_work_horse(job, queue)
+
+
+def close_database():
+    """A connection must never be shared by the worker and its horse across fork (two processes
+    on one socket, or one SQLite handle). Peewee opens lazily and the worker itself never queries,
+    so this is normally a no-op; the horse opens its own connection."""
+    if database.obj is not None and not database.is_closed():
+        log.warning("Worker: closing a database connection opened before fork")
+        database.close()
+
+
+def run_worker(app):
+    close_database()
+    worker = BouncerWorker([Queue(QUEUE_NAME, connection=app.redis)], connection=app.redis,
+                           maintenance_interval=MAINTENANCE_INTERVAL)
+    # No logging_level: rq then leaves logging to the handlers bouncer.logs installed.
+    worker.work(with_scheduler=False)
+    if worker.stop_signal is None:
+        log.error("Worker %s: stopped without a stop request (see above); exiting with code 1",
+                  worker.name)
+        raise SystemExit(1)
+    log.info("Worker %s: stopped on %s", worker.name, signal.Signals(worker.stop_signal).name)

@@ -1,0 +1,238 @@
+"""Benchmark of the service's own database work, measured side by side in one run.
+
+    python scripts/bench.py [--database-url URL] [--queued 150000,1000000] [--skip-naive]
+
+Prints one table: the creation cycle that fills 15 x 10k (time, SQL statements) with each
+backlog size; ingesting 15 completed batches (150k results) against the floor of one raw bulk
+insert of the same rows; the naive per-row designs beside them; peak RSS. Bouncer is replaced
+by an in-process stub, so only our own work is timed.
+"""
+import argparse
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+import uuid
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from peewee import fn  # noqa: E402
+
+from bouncer.app import App  # noqa: E402
+from bouncer.config import Settings  # noqa: E402
+from bouncer.creator import create_batches, CreationReport  # noqa: E402
+from bouncer.db import bulk_insert, create_schema, open_database, utcnow  # noqa: E402
+from bouncer.ingest import batches_to_check, ingest_results  # noqa: E402
+from bouncer.models import (  # noqa: E402
+    ALL_MODELS, OUTSTANDING, QUEUED, SENT, BouncerBatch, BouncerBatchEmail, DeliverableResult,
+    EmailGlobal, UserBatch, UserBatchEmail, database,
+)
+
+BATCH, SLOTS = 10000, 15
+
+
+class StubBouncer:
+    """Answers instantly, so the cycle's time is the service's own."""
+
+    def __init__(self):
+        self.batches = {}
+
+    def create_batch(self, check_type, emails, callback_url=None):
+        batch_id = uuid.uuid4().hex
+        self.batches[batch_id] = emails
+        return {"batchId": batch_id}
+
+    def records(self, batch_id):
+        verdicts = ("deliverable", "risky", "undeliverable", "unknown")
+        return [{"email": e, "status": verdicts[i % 4], "reason": "accepted_email", "score": 90,
+                 "domain": {"name": "example.com", "acceptAll": "no", "disposable": "no", "free": "no"},
+                 "account": {"role": "no", "disabled": "no", "fullMailbox": "no"},
+                 "provider": "example.com"} for i, e in enumerate(self.batches[batch_id])]
+
+
+class StatementCounter:
+    """Counts SQL statements sent to the database."""
+
+    def __init__(self, db):
+        self.db, self.count = db, 0
+        self.real = db.execute_sql
+
+    def __enter__(self):
+        def counted(*args, **kwargs):
+            self.count += 1
+            return self.real(*args, **kwargs)
+        self.db.execute_sql = counted
+        return self
+
+    def __exit__(self, *exc):
+        self.db.execute_sql = self.real
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_database(url):
+    db = open_database(url)
+    db.connect(reuse_if_open=True)
+    db.drop_tables(ALL_MODELS, safe=True, **({"cascade": True} if "postgres" in url else {}))
+    create_schema()
+    db.connect(reuse_if_open=True)
+    return db
+
+
+def seed_queue(total, user_batches):
+    """`total` queued distinct addresses in `user_batches` user batches, in bulk (seeding is not
+    what is measured; `submit` has its own benchmark)."""
+    now = utcnow()
+    per_batch = total // user_batches
+    with database.atomic():
+        bulk_insert(EmailGlobal, [{"email": "u%d@example.com" % i, "created_at": now}
+                                  for i in range(total)])
+        bulk_insert(UserBatch, [{"user": "user%d" % b, "check_type": "deliverable",
+                                 "created_at": now, "total": per_batch} for b in range(user_batches)])
+        first_global = EmailGlobal.select(fn.MIN(EmailGlobal.id)).scalar()
+        first_batch = UserBatch.select(fn.MIN(UserBatch.id)).scalar()
+        rows = ({"batch": first_batch + i // per_batch, "position": i % per_batch,
+                 "email": "u%d@example.com" % i, "email_global": first_global + i,
+                 "check_type": "deliverable", "status": QUEUED} for i in range(total))
+        chunk = []
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) == 50000:
+                bulk_insert(UserBatchEmail, chunk)
+                chunk = []
+        bulk_insert(UserBatchEmail, chunk)
+    analyze()
+
+
+def analyze():
+    database.execute_sql("ANALYZE")
+
+
+def measure_creation(url, queued, settings):
+    reset_database(url)
+    seed_queue(queued, max(1, queued // 100))
+    stub = StubBouncer()
+    app = App(settings, redis=None, client=stub)
+    report = CreationReport("deliverable")
+    with StatementCounter(database.obj) as counter:
+        started = time.perf_counter()
+        create_batches(app, "deliverable", report)
+        seconds = time.perf_counter() - started
+    assert sum(n for _, _, n in report.created) == SLOTS * BATCH, report.summary()
+    return seconds, counter.count, stub
+
+
+def measure_ingest(stub):
+    downloads = {ledger.id: stub.records(ledger.bouncer_id) for ledger in batches_to_check("deliverable")}
+    with StatementCounter(database.obj) as counter:
+        started = time.perf_counter()
+        verified = 0
+        for ledger_id, records in downloads.items():
+            verified += ingest_results(ledger_id, records).verified
+        seconds = time.perf_counter() - started
+    assert verified == SLOTS * BATCH
+    return seconds, counter.count
+
+
+def measure_raw_insert_floor(rows):
+    """One raw multi-row INSERT of `rows` result-shaped rows into a scratch table, in one
+    transaction: what the database needs at least to take this much data."""
+    database.execute_sql("DROP TABLE IF EXISTS bench_floor")
+    database.execute_sql(
+        "CREATE TABLE bench_floor (email_global_id INTEGER PRIMARY KEY, status TEXT, reason TEXT,"
+        " score INTEGER, accept_all TEXT, disposable TEXT, free TEXT, role TEXT, disabled TEXT,"
+        " full_mailbox TEXT, provider TEXT, raw TEXT, checked_at TIMESTAMP, bouncer_batch_id INTEGER)")
+    now = utcnow()
+    values = [(i, "deliverable", "accepted_email", 90, "no", "no", "no", "no", "no", "no",
+               "example.com", '{"email": "u%d@example.com"}' % i, now, 1) for i in range(rows)]
+    marks = "(%s)" % ",".join([database.param] * 14)
+    started = time.perf_counter()
+    with database.atomic():
+        for start in range(0, rows, 2000):
+            part = values[start:start + 2000]
+            database.execute_sql("INSERT INTO bench_floor VALUES " + ",".join([marks] * len(part)),
+                                 [v for row in part for v in row])
+    return time.perf_counter() - started
+
+
+def measure_naive_claim(url, queued):
+    """One batch of 10k claimed the naive way: per row, find the oldest queued row, mark it."""
+    reset_database(url)
+    seed_queue(queued, max(1, queued // 100))
+    with StatementCounter(database.obj) as counter:
+        started = time.perf_counter()
+        with database.atomic():
+            ledger = BouncerBatch.create(check_type="deliverable", quantity=BATCH, reserved_at=utcnow())
+            for _ in range(BATCH):
+                row = (UserBatchEmail.select().where(
+                    (UserBatchEmail.check_type == "deliverable") & (UserBatchEmail.status == QUEUED))
+                    .order_by(UserBatchEmail.batch, UserBatchEmail.position).first())
+                row.status, row.bouncer_batch = SENT, ledger.id
+                row.save()
+        seconds = time.perf_counter() - started
+    return seconds, counter.count
+
+
+def measure_naive_upsert(rows):
+    """The same results written one upsert per row."""
+    now = utcnow()
+    ids = [gid for (gid,) in EmailGlobal.select(EmailGlobal.id).limit(rows).tuples()]
+    with StatementCounter(database.obj) as counter:
+        started = time.perf_counter()
+        with database.atomic():
+            for gid in ids:
+                (DeliverableResult.insert(email_global=gid, status="deliverable", raw="{}", checked_at=now)
+                 .on_conflict(conflict_target=[DeliverableResult.email_global],
+                              preserve=[DeliverableResult.status, DeliverableResult.checked_at])
+                 .execute())
+        seconds = time.perf_counter() - started
+    return seconds, counter.count
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--database-url", default=None,
+                        help="default: a SQLite file in a temporary directory")
+    parser.add_argument("--queued", default="150000,1000000",
+                        help="backlog sizes for the creation cycle, comma-separated")
+    parser.add_argument("--skip-naive", action="store_true")
+    args = parser.parse_args()
+    url = args.database_url or "sqlite:///%s" % os.path.join(tempfile.mkdtemp(), "bench.db")
+    backend = "PostgreSQL" if "postgres" in url else "SQLite"
+    settings = Settings(database_url=url, batch_size=BATCH, max_outstanding=SLOTS,
+                        rate_limit_buffer=180, result_cache_days=30)
+    random.seed(1)
+    rows = []
+    creation = {}
+    for queued in [int(q) for q in args.queued.split(",")]:
+        seconds, statements, stub = measure_creation(url, queued, settings)
+        creation[queued] = seconds
+        rows.append(("creation cycle, 15 x 10k, %s queued" % format(queued, ","), seconds, statements, ""))
+    ingest_seconds, ingest_statements = measure_ingest(stub)
+    floor = measure_raw_insert_floor(SLOTS * BATCH)
+    rows.append(("ingest 15 batches (150k results)", ingest_seconds, ingest_statements,
+                 "%.2fx the floor" % (ingest_seconds / floor)))
+    rows.append(("floor: raw bulk insert of 150k rows", floor, 75, ""))
+    sizes = sorted(creation)
+    if len(sizes) > 1:
+        rows[1] = rows[1][:3] + ("%.2fx the %s case" % (creation[sizes[-1]] / creation[sizes[0]],
+                                                          format(sizes[0], ",")),)
+    if not args.skip_naive:
+        naive_upsert, naive_upsert_statements = measure_naive_upsert(BATCH)
+        rows.append(("naive: per-row upserts, 10k results", naive_upsert, naive_upsert_statements,
+                     "x15 = %.1f s for 150k" % (naive_upsert * SLOTS)))
+        naive_claim, naive_claim_statements = measure_naive_claim(url, sizes[0])
+        rows.append(("naive: per-row claims, 1 batch of 10k", naive_claim, naive_claim_statements,
+                     "x15 = %.1f s for a full cycle" % (naive_claim * SLOTS)))
+    print("\n%s, %d cores; peak RSS %.0f MB" % (backend, os.cpu_count(), peak_rss_mb()))
+    print("%-44s %9s %11s  %s" % ("measure", "seconds", "statements", "ratio"))
+    for name, seconds, statements, note in rows:
+        print("%-44s %9.2f %11d  %s" % (name, seconds, statements, note))
+
+
+if __name__ == "__main__":
+    main()

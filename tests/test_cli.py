@@ -1,0 +1,304 @@
+"""`python -m bouncer`: status and results as other code and people read them, clean failures,
+and an example in every command's help."""
+import csv
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from bouncer.app import set_current_app
+from bouncer.checker import run_status_cycle
+from bouncer.cli import cli
+from bouncer.creator import run_creation_cycle
+from bouncer.models import database
+from bouncer.submit import create_user_batch
+
+from conftest import addresses, record_for, submit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COUNT_KEYS = {"deliverable", "risky", "undeliverable", "unknown", "invalid", "failed", "pending"}
+CONTRACT_COLUMNS = ["email", "status", "reason", "score", "accept_all", "disposable", "free", "role"]
+
+ROWS = ["a1@example.com", "bad address", "a2@example.com", "A1@Example.com", "=cmd@example.com",
+        "+plus@example.com", "-dash@example.com", "no-at-sign", "a3@example.com"]
+INVALID_ROWS = {"bad address", "no-at-sign"}
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """The CLI points the root logger at the runner's stderr; put the test's handlers back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def run(database_url, *args):
+    return CliRunner().invoke(cli, [str(a) for a in args], env={"DATABASE_URL": database_url})
+
+
+def ok(result):
+    assert result.exit_code == 0, result.output
+    assert result.exception is None
+    return result.stdout
+
+
+def status_json(database_url, batch_id):
+    return json.loads(ok(run(database_url, "status", batch_id, "--json")))
+
+
+def results_csv(database_url, batch_id, *extra):
+    return list(csv.DictReader(io.StringIO(ok(run(database_url, "results", batch_id, *extra)))))
+
+
+def assert_clean_failure(result, *fragments):
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def complete_everything(app, bouncer, check_type="deliverable"):
+    run_creation_cycle(app, check_type)
+    bouncer.complete()
+    run_status_cycle(app, check_type)
+
+
+# -- status --
+
+def test_status_json_shape_queued_processing_completed(app, database_url, bouncer):
+    batch_id = create_user_batch("alice", "deliverable", ROWS).batch_id
+    seen = []
+    for step in ("queued", "processing", "completed"):
+        if step == "processing":
+            run_creation_cycle(app, "deliverable")
+        elif step == "completed":
+            bouncer.complete()
+            run_status_cycle(app, "deliverable")
+        answer = status_json(database_url, batch_id)
+        assert {"batch_id", "user", "check_type", "status", "total", "done", "counts"} <= set(answer)
+        assert COUNT_KEYS <= set(answer["counts"])
+        assert (answer["batch_id"], answer["user"], answer["check_type"], answer["total"]) == (
+            batch_id, "alice", "deliverable", len(ROWS))
+        assert answer["status"] == step
+        assert answer["counts"]["invalid"] == 2
+        assert answer["done"] == len(ROWS) - answer["counts"]["pending"]
+        seen.append((answer["done"], answer["counts"]["pending"]))
+    assert seen == [(2, 7), (2, 7), (9, 0)]
+    verdicts = sum(answer["counts"][k] for k in ("deliverable", "risky", "undeliverable", "unknown"))
+    assert verdicts == 7
+
+
+def test_status_json_stdout_is_one_object(app, database_url):
+    batch_id = submit("alice", ["a@example.com"])
+    out = ok(run(database_url, "status", batch_id, "--json"))
+    assert out.count("\n") == 1 and isinstance(json.loads(out), dict)
+
+
+def test_status_with_id_plain_text(app, database_url):
+    batch_id = submit("alice", ["a@example.com", "bad"])
+    out = ok(run(database_url, "status", batch_id))
+    assert "batch %s" % batch_id in out and "alice" in out and "queued" in out and "1/2" in out
+
+
+def test_status_overview_without_id(app, database_url, bouncer):
+    submit("alice", addresses("a", 35))
+    submit("bob", ["b@example.com"], check_type="catchall")
+    run_creation_cycle(app, "deliverable")
+    out = ok(run(database_url, "status"))
+    assert "queued" in out and "outstanding" in out
+    assert "requests in the last 60 s: 3" in out
+    assert "deliverable" in out and "catchall" in out
+    assert "alice" in out and "bob" in out
+
+
+def test_status_overview_empty_database(app, database_url):
+    out = ok(run(database_url, "status"))
+    assert "requests in the last 60 s: 0" in out
+
+
+def test_status_overview_json(app, database_url, bouncer):
+    submit("alice", addresses("a", 35))
+    run_creation_cycle(app, "deliverable")
+    overview = json.loads(ok(run(database_url, "status", "--json")))
+    assert overview["check_types"]["deliverable"]["queued_emails"] == 5
+    assert overview["check_types"]["deliverable"]["outstanding_batches"] == 3
+    assert overview["rate_limit"]["requests_last_60s"] == 3
+    assert len(overview["user_batches"]) == 1
+
+
+@pytest.mark.parametrize("args", [["status", "999"], ["status", "999", "--json"],
+                                  ["results", "999"], ["results", "999", "--format", "json"]])
+def test_unknown_batch_id_exit_1_one_line(app, database_url, args):
+    submit("alice", ["a@example.com"])
+    result = run(database_url, *args)
+    assert_clean_failure(result, "999")
+    assert result.stdout == ""
+
+
+def test_results_unknown_batch_id_writes_no_file(app, database_url, tmp_path):
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "r.csv"
+    assert_clean_failure(run(database_url, "results", 999, "-o", out), "999")
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_commands_on_database_without_schema_say_run_init_db(tmp_path):
+    # No fixture database: the command opens DATABASE_URL itself, as in production.
+    set_current_app(None)
+    env = {"DATABASE_URL": "sqlite:///%s" % (tmp_path / "fresh.db")}
+    try:
+        for args in (["status"], ["status", "1", "--json"], ["results", "1"]):
+            result = CliRunner().invoke(cli, args, env=env)
+            assert_clean_failure(result, "init-db")
+        result = CliRunner().invoke(cli, ["init-db"], env=env)
+        assert ok(result) == "schema ready\n"
+        assert "requests in the last 60 s: 0" in ok(CliRunner().invoke(cli, ["status"], env=env))
+    finally:
+        set_current_app(None)
+        database.close()
+
+
+# -- results --
+
+def test_results_csv_pending_and_invalid_in_submission_order(app, database_url):
+    batch_id = create_user_batch("alice", "deliverable", ROWS).batch_id
+    out = ok(run(database_url, "results", batch_id))
+    header = out.splitlines()[0].split(",")
+    assert header[:len(CONTRACT_COLUMNS)] == CONTRACT_COLUMNS
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["email"].lstrip("'") for r in rows] == ROWS
+    assert [r["status"] for r in rows] == [
+        "invalid" if r in INVALID_ROWS else "pending" for r in ROWS]
+    assert all(r["reason"] for r in rows if r["status"] == "invalid")
+    assert all(r["score"] == "" for r in rows)
+
+
+def test_results_csv_verdicts_after_completion(app, database_url, bouncer):
+    batch_id = create_user_batch("alice", "deliverable", ROWS).batch_id
+    complete_everything(app, bouncer)
+    rows = results_csv(database_url, batch_id, "--format", "csv")
+    assert len(rows) == len(ROWS)
+    for submitted, row in zip(ROWS, rows):
+        assert row["email"].lstrip("'") == submitted
+        if submitted in INVALID_ROWS:
+            assert row["status"] == "invalid"
+            continue
+        record = record_for(submitted.lower())
+        assert (row["status"], row["reason"], row["score"], row["accept_all"], row["disposable"],
+                row["free"], row["role"]) == (record["status"], record["reason"],
+                                              str(record["score"]), record["domain"]["acceptAll"],
+                                              "no", "no", "no")
+
+
+@pytest.mark.parametrize("address", ["=cmd@example.com", "+plus@example.com", "-dash@example.com"])
+def test_results_csv_formula_like_address_gets_leading_quote(app, database_url, address):
+    batch_id = create_user_batch("alice", "deliverable", ["a@example.com", address]).batch_id
+    rows = results_csv(database_url, batch_id)
+    assert rows[1]["email"] == "'" + address
+    assert rows[1]["status"] == "pending"      # valid syntax: queued, not invalid
+    assert rows[0]["email"] == "a@example.com"
+
+
+def test_results_csv_at_sign_first_gets_leading_quote(app, database_url):
+    # No address with valid syntax starts with `@`; the invalid row is still exported safely.
+    batch_id = create_user_batch("alice", "deliverable", ["a@example.com", "@cmd"]).batch_id
+    rows = results_csv(database_url, batch_id)
+    assert (rows[1]["email"], rows[1]["status"]) == ("'@cmd", "invalid")
+
+
+def test_results_json_list_of_objects(app, database_url, bouncer):
+    batch_id = create_user_batch("alice", "deliverable", ROWS + addresses("z", 30)).batch_id
+    # 10 x 3 distinct addresses go out; the rest stay pending.
+    complete_everything(app, bouncer)
+    out = ok(run(database_url, "results", batch_id, "--format", "json"))
+    rows = json.loads(out)
+    assert isinstance(rows, list) and len(rows) == len(ROWS) + 30
+    assert [r["email"] for r in rows] == ROWS + addresses("z", 30)     # JSON is not quoted
+    assert list(rows[0])[:len(CONTRACT_COLUMNS)] == CONTRACT_COLUMNS
+    statuses = [r["status"] for r in rows]
+    assert statuses.count("invalid") == 2
+    assert statuses.count("pending") == 6     # 6 distinct valid + 30 = 36, 30 sent (A1 joins a1)
+    done = [r for r in rows if r["status"] not in ("invalid", "pending")]
+    for row in done:
+        record = record_for(row["email"].lower())
+        assert (row["status"], row["score"]) == (record["status"], record["score"])
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_results_output_file(app, database_url, tmp_path, fmt):
+    batch_id = create_user_batch("alice", "deliverable", ROWS).batch_id
+    (tmp_path / "out").mkdir()
+    path = tmp_path / "out" / ("results." + fmt)
+    result = run(database_url, "results", batch_id, "--format", fmt, "-o", path)
+    assert ok(result) == ""
+    text = path.read_text(encoding="utf-8")
+    if fmt == "json":
+        assert [r["email"] for r in json.loads(text)] == ROWS
+    else:
+        assert [r["email"].lstrip("'") for r in csv.DictReader(io.StringIO(text))] == ROWS
+    assert os.listdir(path.parent) == [path.name]    # no temporary file left behind
+
+
+def test_results_output_file_replaces_existing(app, database_url, tmp_path):
+    batch_id = submit("alice", ["a@example.com"])
+    path = tmp_path / "out.csv"
+    path.write_text("old contents\n" * 100)
+    ok(run(database_url, "results", batch_id, "-o", path))
+    rows = list(csv.DictReader(io.StringIO(path.read_text())))
+    assert [r["email"] for r in rows] == ["a@example.com"]
+
+
+@pytest.mark.xfail(strict=True, reason="cli.write_atomically: tempfile.mkstemp in a missing "
+                   "directory raises FileNotFoundError, uncaught: traceback, not one Error: line")
+def test_results_output_in_missing_directory_one_line(app, database_url, tmp_path):
+    batch_id = submit("alice", ["a@example.com"])
+    result = run(database_url, "results", batch_id, "-o", tmp_path / "missing" / "r.csv")
+    assert_clean_failure(result, "missing")
+
+
+def test_results_bad_format_is_usage_error(app, database_url):
+    batch_id = submit("alice", ["a@example.com"])
+    result = run(database_url, "results", batch_id, "--format", "xml")
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+
+
+# -- help --
+
+def test_every_command_help_has_an_example():
+    assert {"init-db", "submit", "create-batches", "check-batches", "status", "results",
+            "worker", "scheduler", "web", "sandbox"} <= set(cli.commands)
+    for name, command in cli.commands.items():
+        assert "Example:" in (command.help or ""), name
+        result = CliRunner().invoke(cli, [name, "--help"])
+        assert result.exit_code == 0, name
+        assert "Example:" in result.output, name
+        assert "python -m bouncer %s" % name in " ".join(result.output.split()), name
+
+
+def test_help_lists_every_command():
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for name in cli.commands:
+        assert name in result.output
+
+
+def test_python_m_bouncer_help_subprocess():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    completed = subprocess.run([sys.executable, "-m", "bouncer", "--help"], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    assert "Usage: python -m bouncer" in completed.stdout
+    for name in ("init-db", "submit", "status", "results", "create-batches", "check-batches"):
+        assert name in completed.stdout
+    assert completed.stderr == ""

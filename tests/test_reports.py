@@ -1,0 +1,179 @@
+"""Reports: the status object of a user batch through its life, its results in submission order,
+the queue overview, and spreadsheet-safe cells."""
+import pytest
+
+from bouncer.checker import run_status_cycle
+from bouncer.creator import run_creation_cycle
+from bouncer.errors import NotFound
+from bouncer.reports import (
+    RESULT_COLUMNS, batch_status, iter_results, queue_overview, recent_batches, spreadsheet_safe,
+)
+from bouncer.submit import create_user_batch
+
+from conftest import addresses, record_for, submit, verdict_for
+
+STATUS_KEYS = {"batch_id", "user", "check_type", "status", "total", "done", "counts"}
+COUNT_KEYS = {"deliverable", "risky", "undeliverable", "unknown", "invalid", "failed", "pending"}
+CONTRACT_COLUMNS = ("email", "status", "reason", "score", "accept_all", "disposable", "free", "role")
+
+# Twelve rows: 9 valid (one a repeat of another by case), 3 invalid, sent in one Bouncer batch.
+ROWS = ["a1@example.com", "bad address", "a2@example.com", "A1@Example.com", "a3@example.com",
+        "no-at-sign", "a4@example.com", "a5@example.com", "a6@example.com", "x@nodot",
+        "a7@example.com", "=cmd@example.com"]
+VALID = [r for r in ROWS if "@" in r and " " not in r and r != "x@nodot"]
+INVALID_ROWS = ["bad address", "no-at-sign", "x@nodot"]
+
+
+def expected_verdicts(rows):
+    counts = dict.fromkeys(COUNT_KEYS, 0)
+    for row in rows:
+        counts[verdict_for(row)] += 1
+    return counts
+
+
+def assert_status_shape(answer):
+    assert STATUS_KEYS <= set(answer)
+    assert set(answer["counts"]) >= COUNT_KEYS
+    assert all(isinstance(answer["counts"][k], int) for k in COUNT_KEYS)
+    assert answer["total"] == sum(answer["counts"][k] for k in COUNT_KEYS)
+    assert answer["done"] == answer["total"] - answer["counts"]["pending"]
+
+
+def test_batch_status_queued_processing_completed(app, bouncer):
+    batch_id = create_user_batch("alice", "deliverable", ROWS).batch_id
+    queued = batch_status(batch_id)
+    assert_status_shape(queued)
+    assert (queued["batch_id"], queued["user"], queued["check_type"], queued["status"],
+            queued["total"], queued["done"]) == (batch_id, "alice", "deliverable", "queued", 12, 3)
+    assert queued["counts"] == dict(dict.fromkeys(COUNT_KEYS, 0), invalid=3, pending=9)
+
+    run_creation_cycle(app, "deliverable")
+    processing = batch_status(batch_id)
+    assert_status_shape(processing)
+    assert (processing["status"], processing["done"]) == ("processing", 3)
+    assert processing["counts"]["pending"] == 9
+
+    bouncer.complete()
+    run_status_cycle(app, "deliverable")
+    completed = batch_status(batch_id)
+    assert_status_shape(completed)
+    assert (completed["status"], completed["total"], completed["done"]) == ("completed", 12, 12)
+    assert completed["counts"] == dict(expected_verdicts(VALID), invalid=3, pending=0, failed=0)
+
+
+def test_batch_status_partly_sent_stays_processing(app, bouncer):
+    # batch_size 10 x max_outstanding 3: 30 of 35 addresses go out in the first cycle.
+    batch_id = submit("alice", addresses("p", 35))
+    run_creation_cycle(app, "deliverable")
+    bouncer.complete()
+    run_status_cycle(app, "deliverable")
+    answer = batch_status(batch_id)
+    assert (answer["status"], answer["total"], answer["done"]) == ("processing", 35, 30)
+    assert answer["counts"]["pending"] == 5
+    assert answer["counts"] == dict(expected_verdicts(addresses("p", 30)), invalid=0, failed=0,
+                                    pending=5)
+
+
+def test_batch_status_failed_when_bouncer_loses_the_batch(app, bouncer):
+    batch_id = submit("alice", ["a@example.com", "b@example.com", "not valid"])
+    run_creation_cycle(app, "deliverable")
+    for bid in list(bouncer.batches):
+        bouncer.forget(bid)
+    run_status_cycle(app, "deliverable")
+    answer = batch_status(batch_id)
+    assert_status_shape(answer)
+    assert (answer["status"], answer["done"]) == ("failed", 3)
+    assert (answer["counts"]["failed"], answer["counts"]["invalid"]) == (2, 1)
+    assert "404" in answer["failure_reason"]
+
+
+def test_batch_status_unknown_id_raises_not_found(db):
+    with pytest.raises(NotFound, match="123"):
+        batch_status(123)
+
+
+def test_iter_results_pending_and_invalid_rows_in_submission_order(app):
+    batch_id = create_user_batch("alice", "deliverable", ROWS).batch_id
+    rows = list(iter_results(batch_id))
+    assert [r["email"] for r in rows] == ROWS
+    assert [r["status"] for r in rows] == [
+        "invalid" if r in INVALID_ROWS else "pending" for r in ROWS]
+    for row in rows:
+        assert tuple(row)[:len(CONTRACT_COLUMNS)] == CONTRACT_COLUMNS
+        assert tuple(row) == RESULT_COLUMNS
+        if row["status"] == "invalid":
+            assert row["reason"]          # why the syntax check failed
+        assert row["score"] is None
+
+
+def test_iter_results_verdict_columns_after_completion(app, bouncer):
+    batch_id = create_user_batch("alice", "deliverable", ROWS).batch_id
+    run_creation_cycle(app, "deliverable")
+    bouncer.complete()
+    run_status_cycle(app, "deliverable")
+    rows = list(iter_results(batch_id))
+    assert [r["email"] for r in rows] == ROWS
+    for row in rows:
+        if row["email"] in INVALID_ROWS:
+            assert row["status"] == "invalid"
+            continue
+        record = record_for(row["email"].lower())
+        assert (row["status"], row["reason"], row["score"]) == (
+            record["status"], record["reason"], record["score"])
+        assert (row["accept_all"], row["disposable"], row["free"], row["role"]) == (
+            record["domain"]["acceptAll"], "no", "no", "no")
+        assert row["provider"] == "example.com"
+
+
+def test_iter_results_spans_export_pages(app, monkeypatch):
+    monkeypatch.setattr("bouncer.reports.EXPORT_PAGE", 7)
+    rows = addresses("r", 20) + ["bad"] + addresses("s", 4)
+    batch_id = create_user_batch("alice", "catchall", rows).batch_id
+    assert [r["email"] for r in iter_results(batch_id)] == rows
+
+
+def test_iter_results_only_this_batch(app):
+    submit("bob", ["other@example.com"])
+    batch_id = submit("alice", ["mine@example.com", "other@example.com"])
+    assert [r["email"] for r in iter_results(batch_id)] == ["mine@example.com", "other@example.com"]
+
+
+def test_queue_overview_counts_queued_and_outstanding(app, bouncer):
+    submit("alice", addresses("q", 35))
+    submit("bob", addresses("c", 4), check_type="catchall")
+    overview = queue_overview(app.settings)
+    assert overview["check_types"]["deliverable"]["queued_emails"] == 35
+    assert overview["check_types"]["catchall"]["queued_emails"] == 4
+    run_creation_cycle(app, "deliverable")
+    overview = queue_overview(app.settings)
+    deliverable = overview["check_types"]["deliverable"]
+    assert (deliverable["queued_emails"], deliverable["outstanding_batches"],
+            deliverable["max_outstanding"]) == (5, 3, 3)
+    assert len(overview["outstanding"]) == 3
+    rate = overview["rate_limit"]
+    assert rate["requests_last_60s"] == 3
+    assert (rate["buffer"], rate["bouncer_limit"]) == (180, 200)
+
+
+def test_recent_batches_newest_first_with_progress(app):
+    first = submit("alice", ["a@example.com", "bad"])
+    second = submit("bob", ["b@example.com"])
+    listed = recent_batches()
+    assert [b["batch_id"] for b in listed] == [second, first]
+    assert (listed[1]["total"], listed[1]["done"]) == (2, 1)
+
+
+@pytest.mark.parametrize("value, safe", [
+    ("=cmd@example.com", "'=cmd@example.com"),
+    ("+tag@example.com", "'+tag@example.com"),
+    ("-x@example.com", "'-x@example.com"),
+    ("@x", "'@x"),
+    ("\t=1", "'\t=1"),
+    ("plain@example.com", "plain@example.com"),
+    ("a=b@example.com", "a=b@example.com"),
+    (90, 90),
+    (None, None),
+    ("", ""),
+])
+def test_spreadsheet_safe(value, safe):
+    assert spreadsheet_safe(value) == safe

@@ -1,0 +1,338 @@
+"""The scheduler's registration of the four repeating jobs, the worker's fork hygiene, and the
+real processes end to end (scheduler, worker, sandbox)."""
+import dataclasses
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+from rq import Queue, SimpleWorker
+from rq.job import Job
+from rq_scheduler import Scheduler
+
+from bouncer import jobs
+from bouncer.app import App, set_current_app
+from bouncer.jobs import QUEUE_NAME
+from bouncer.models import database
+from bouncer.sandbox import Sandbox
+from bouncer.schedule import (
+    JOB_TIMEOUT, BouncerScheduler, missing_job_ids, register_jobs,
+)
+from bouncer.worker import BouncerWorker
+
+from conftest import API_KEY, REDIS_URL
+
+ROOT = Path(__file__).resolve().parent.parent
+JOB_IDS = ["batch_creator_catchall", "batch_creator_deliverable",
+           "status_checker_catchall", "status_checker_deliverable"]
+
+
+def new_scheduler(redis_conn):
+    return Scheduler(queue=Queue(QUEUE_NAME, connection=redis_conn), connection=redis_conn)
+
+
+def next_runs(redis_conn):
+    """{job id: next run (epoch seconds)} of everything rq-scheduler has scheduled."""
+    return {k.decode(): v for k, v in redis_conn.zrange(Scheduler.scheduled_jobs_key, 0, -1,
+                                                         withscores=True)}
+
+
+def changed(settings, **overrides):
+    return dataclasses.replace(settings, **overrides)
+
+
+# -- registration --
+
+def test_register_jobs_twice_keeps_exactly_four(redis_conn, settings):
+    scheduler = new_scheduler(redis_conn)
+    first = register_jobs(scheduler, settings)
+    assert first == {"kept": [], "added": JOB_IDS, "replaced": [], "removed": []}
+    before = next_runs(redis_conn)
+
+    second = register_jobs(new_scheduler(redis_conn), settings)
+
+    assert second == {"kept": JOB_IDS, "added": [], "replaced": [], "removed": []}
+    assert next_runs(redis_conn) == before
+    assert sorted(before) == JOB_IDS
+
+
+def test_register_jobs_definitions(redis_conn, settings):
+    register_jobs(new_scheduler(redis_conn), settings)
+    for job_id in JOB_IDS:
+        job = Job.fetch(job_id, connection=redis_conn)
+        kind, check_type = job_id.rsplit("_", 1)
+        expected = {"batch_creator": (jobs.create_batches_job, settings.batch_create_interval),
+                    "status_checker": (jobs.check_batches_job, settings.status_check_interval)}[kind]
+        assert job.func_name == "bouncer.jobs.%s" % expected[0].__name__
+        assert tuple(job.args) == (check_type,)
+        assert job.meta["interval"] == expected[1]
+        assert job.origin == QUEUE_NAME
+        assert job.timeout == JOB_TIMEOUT
+        assert job.result_ttl == -1
+        assert job.retries_left is None and not job.retry_intervals
+
+
+def test_register_jobs_concurrently_leaves_four(redis_conn, settings):
+    start = threading.Barrier(8)
+    results, errors = [], []
+
+    def register():
+        conn = redis_lib.Redis.from_url(REDIS_URL)
+        try:
+            start.wait()
+            results.append(register_jobs(new_scheduler(conn), settings))
+        except Exception as exc:  # surfaced by the assertion below
+            errors.append(exc)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=register) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert errors == []
+    assert sorted(next_runs(redis_conn)) == JOB_IDS
+    # The lock makes registration one-at-a-time: each id was added exactly once.
+    assert sorted(i for r in results for i in r["added"]) == JOB_IDS
+    assert all(r["replaced"] == [] and r["removed"] == [] for r in results)
+
+
+def test_register_jobs_replaces_only_changed_interval(redis_conn, settings):
+    register_jobs(new_scheduler(redis_conn), settings)
+    before = next_runs(redis_conn)
+
+    done = register_jobs(new_scheduler(redis_conn), changed(settings, status_check_interval=7))
+
+    assert done["replaced"] == ["status_checker_catchall", "status_checker_deliverable"]
+    assert done["kept"] == ["batch_creator_catchall", "batch_creator_deliverable"]
+    assert done["added"] == [] and done["removed"] == []
+    after = next_runs(redis_conn)
+    assert sorted(after) == JOB_IDS
+    assert after["batch_creator_deliverable"] == before["batch_creator_deliverable"]
+    assert Job.fetch("status_checker_catchall", connection=redis_conn).meta["interval"] == 7
+    assert Job.fetch("batch_creator_catchall", connection=redis_conn).meta["interval"] == \
+        settings.batch_create_interval
+
+
+def test_register_jobs_removes_unwanted_ids_only(redis_conn, settings):
+    scheduler = new_scheduler(redis_conn)
+    register_jobs(scheduler, settings)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    old = scheduler.schedule(now, jobs.create_batches_job, args=("legacy",), interval=5,
+                             id="batch_creator_legacy", queue_name=QUEUE_NAME)
+    scheduler.schedule(now, jobs.create_batches_job, args=("x",), interval=5,
+                       id="someone_elses_job", queue_name=QUEUE_NAME)
+
+    done = register_jobs(new_scheduler(redis_conn), settings)
+
+    assert done["removed"] == ["batch_creator_legacy"]
+    assert done["kept"] == JOB_IDS
+    assert sorted(next_runs(redis_conn)) == sorted(JOB_IDS + ["someone_elses_job"])
+    assert not Job.exists(old.id, connection=redis_conn)
+
+
+def test_register_jobs_after_flushdb(redis_conn, settings):
+    register_jobs(new_scheduler(redis_conn), settings)
+    redis_conn.flushdb()
+
+    done = register_jobs(new_scheduler(redis_conn), settings)
+
+    assert done["added"] == JOB_IDS
+    assert sorted(next_runs(redis_conn)) == JOB_IDS
+
+
+def test_register_jobs_puts_back_an_entry_without_rewriting_its_job(redis_conn, settings):
+    """The scheduler moving a job to the queue removes its entry, then adds the next run: a
+    registration in between must not rewrite the queued job."""
+    scheduler = new_scheduler(redis_conn)
+    register_jobs(scheduler, settings)
+    job = Job.fetch("batch_creator_deliverable", connection=redis_conn)
+    Queue(QUEUE_NAME, connection=redis_conn).enqueue_job(job)
+    scheduler.cancel(job)
+
+    done = register_jobs(scheduler, settings)
+
+    assert done["added"] == ["batch_creator_deliverable"]
+    assert sorted(next_runs(redis_conn)) == JOB_IDS
+    assert job.get_status(refresh=True) == "queued"
+
+
+def test_scheduler_round_restores_jobs_after_flushdb(redis_conn, settings):
+    scheduler = BouncerScheduler(settings, queue=Queue(QUEUE_NAME, connection=redis_conn),
+                                 connection=redis_conn, interval=1)
+    register_jobs(scheduler, settings)
+    redis_conn.flushdb()
+    assert missing_job_ids(scheduler, settings) == JOB_IDS
+
+    list(scheduler.enqueue_jobs())
+
+    assert missing_job_ids(scheduler, settings) == []
+    assert sorted(next_runs(redis_conn)) == JOB_IDS
+
+
+def test_failed_runs_keep_repeating_and_leave_one_failed_entry(redis_conn, settings, monkeypatch):
+    def broken_cycle(app, check_type):
+        raise RuntimeError("database down")
+
+    monkeypatch.setattr(jobs, "run_creation_cycle", broken_cycle)
+    set_current_app(App(settings, redis=redis_conn))
+    scheduler = new_scheduler(redis_conn)
+    register_jobs(scheduler, settings)
+    queue = Queue(QUEUE_NAME, connection=redis_conn)
+    key = Job.key_for("batch_creator_deliverable")
+    try:
+        for _ in range(3):
+            run_scheduled_job_now(scheduler, queue, "batch_creator_deliverable")
+        assert queue.failed_job_registry.get_job_ids() == ["batch_creator_deliverable"]
+        assert sorted(next_runs(redis_conn)) == JOB_IDS
+        # A failure sets the job hash to expire after failure_ttl (rq's default, one year) ...
+        assert redis_conn.ttl(key) > 3600
+
+        monkeypatch.undo()
+        run_scheduled_job_now(scheduler, queue, "batch_creator_deliverable")
+    finally:
+        set_current_app(None)
+    # ... and the next run persists it again.
+    assert redis_conn.ttl(key) == -1
+    assert sorted(next_runs(redis_conn)) == JOB_IDS
+
+
+def run_scheduled_job_now(scheduler, queue, job_id):
+    """What one scheduler round and one worker do with a due job, in this process."""
+    scheduler.enqueue_job(Job.fetch(job_id, connection=queue.connection))
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        SimpleWorker([queue], connection=queue.connection).work(burst=True)
+    finally:
+        # The worker installs its own handlers; pytest's must come back.
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+
+
+# -- the worker --
+
+def test_worker_closes_database_before_fork(redis_conn, db, monkeypatch):
+    database.execute_sql("SELECT 1")
+    assert not database.is_closed()
+    monkeypatch.setattr(os, "fork", lambda: 4242)  # the parent's side of a fork
+    monkeypatch.setenv("RQ_WORKER_ID", "-")
+    monkeypatch.setenv("RQ_JOB_ID", "-")
+    worker = BouncerWorker([Queue(QUEUE_NAME, connection=redis_conn)], connection=redis_conn)
+    job = Queue(QUEUE_NAME, connection=redis_conn).enqueue(jobs.create_batches_job, "deliverable")
+
+    worker.fork_work_horse(job, worker.queues[0])
+
+    assert database.is_closed()
+
+
+# -- real processes --
+
+class Processes:
+    """Background `python -m bouncer ...` processes, their output in files, all killed at the end."""
+
+    def __init__(self, env, directory):
+        self.env = env
+        self.directory = directory
+        self.running = []
+
+    def start(self, name, *args):
+        out = open(self.directory / ("%s.log" % name), "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "bouncer", *args], cwd=ROOT, env=self.env,
+                                stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+        proc.name = name
+        self.running.append(proc)
+        return proc
+
+    def run(self, *args, stdin=None):
+        done = subprocess.run([sys.executable, "-m", "bouncer", *args], cwd=ROOT, env=self.env,
+                              input=stdin, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, "%s failed: %s" % (args, done.stderr)
+        return done.stdout
+
+    def output(self, proc):
+        return (self.directory / ("%s.log" % proc.name)).read_text(errors="replace")
+
+    def kill_all(self):
+        for proc in self.running:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def stop(proc, timeout=10):
+    """SIGTERM, then (exit code, seconds it took)."""
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=timeout)
+    return code, time.monotonic() - started
+
+
+def wait_until_completed(processes, batch_ids, limit=60):
+    deadline = time.monotonic() + limit
+    states = {}
+    while time.monotonic() < deadline:
+        states = {b: json.loads(processes.run("status", str(b), "--json"))["status"] for b in batch_ids}
+        if all(s == "completed" for s in states.values()):
+            return states
+        time.sleep(0.5)
+    return states
+
+
+@pytest.fixture
+def sandbox():
+    server = Sandbox(port=0, processing_time=0.5).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def processes(tmp_path, redis_conn, sandbox):
+    env = dict(os.environ)
+    env.update({
+        "DATABASE_URL": "sqlite:///%s" % (tmp_path / "bouncer.db"),
+        "REDIS_URL": REDIS_URL,
+        "BOUNCER_API_URL": sandbox.url,
+        "BOUNCER_API_KEY": API_KEY,
+        "BATCH_CREATE_INTERVAL": "1",
+        "STATUS_CHECK_INTERVAL": "1",
+        "LOG_LEVEL": "INFO",
+    })
+    procs = Processes(env, tmp_path)
+    yield procs
+    procs.kill_all()
+
+
+@pytest.mark.slow
+def test_processes_end_to_end(processes, redis_conn):
+    processes.run("init-db")
+    schedulers = [processes.start("scheduler-%d" % i, "scheduler") for i in (1, 2)]
+    worker = processes.start("worker", "worker")
+    try:
+        batch_ids = [
+            json.loads(processes.run("submit", "-", "--user", "u", "--check-type", check_type,
+                                     "--json", stdin="a@example.com\nb@example.org\nc@example.net\n"))
+            ["batch_id"]
+            for check_type in ("deliverable", "catchall")]
+
+        states = wait_until_completed(processes, batch_ids)
+
+        assert all(s == "completed" for s in states.values()), states
+        assert sorted(next_runs(redis_conn)) == JOB_IDS
+        for proc in [worker] + schedulers:
+            code, seconds = stop(proc)
+            assert code == 0, processes.output(proc)
+            assert seconds < 5, processes.output(proc)
+    except BaseException:
+        for proc in [worker] + schedulers:
+            print("---- %s ----\n%s" % (proc.name, processes.output(proc)[-4000:]))
+        raise
