@@ -236,7 +236,10 @@ def write_results(stream, rows, fmt):
 
 def write_atomically(path, write):
     directory = os.path.dirname(os.path.abspath(path))
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=".results-")
+    try:
+        fd, temp = tempfile.mkstemp(dir=directory, prefix=".results-")
+    except OSError as exc:
+        raise InputError("%s: cannot write here: %s" % (path, exc.strerror or exc)) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as stream:
             write(stream)

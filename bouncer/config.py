@@ -32,10 +32,13 @@ def env_str(env, name, default):
 
 
 def check_url(name, value, schemes):
-    scheme = urlparse(value).scheme.split("+")[0]
+    parsed = urlparse(value)
+    scheme = parsed.scheme.split("+")[0]
     if scheme not in schemes:
         raise ConfigError("%s=%r must start with one of %s" % (
             name, redact_url(value), ", ".join("%s://" % s for s in schemes)))
+    if scheme in ("http", "https", "redis", "rediss", "postgres", "postgresql") and not parsed.hostname:
+        raise ConfigError("%s=%r has no host name" % (name, redact_url(value)))
 
 
 def redact_url(url):
@@ -85,6 +88,9 @@ class Settings:
             raise ConfigError(
                 "RESERVATION_TIMEOUT=%s must exceed BOUNCER_TIMEOUT=%s, or a slow but live Bouncer "
                 "call would have its emails queued again" % (self.reservation_timeout, self.bouncer_timeout))
+        for name, secret in (("BOUNCER_API_KEY", self.api_key), ("CALLBACK_SECRET", self.callback_secret)):
+            if secret and len(secret) < 8:
+                raise ConfigError("%s is too short to be real (fewer than 8 characters); check it" % name)
         if not self.catchall_path.startswith("/"):
             raise ConfigError("BOUNCER_CATCHALL_PATH=%r must start with '/'" % self.catchall_path)
         if self.public_url:

@@ -4,6 +4,7 @@ import os
 import sys
 
 MASK = "***"
+MIN_SECRET_LENGTH = 8
 
 
 class SecretMaskingFormatter(logging.Formatter):
@@ -12,7 +13,8 @@ class SecretMaskingFormatter(logging.Formatter):
 
     def __init__(self, fmt, secrets):
         super().__init__(fmt)
-        self.secrets = [s for s in secrets if s]
+        # A secret shorter than this would mask pieces of ordinary words; config refuses them.
+        self.secrets = [s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH]
 
     def format(self, record):
         text = super().format(record)

@@ -3,9 +3,8 @@
 Streams: a million-line file is never held in memory. Yields `(line_number, text)`, with
 `line_number` the 1-based physical line in the file, for messages that point at the problem.
 """
+import codecs
 import csv
-import io
-import itertools
 import sys
 
 from .errors import InputError
@@ -14,11 +13,12 @@ EMAIL_COLUMN = "email"
 
 
 def open_source(path):
-    """A text stream for `path` ('-' for stdin): UTF-8 with or without BOM, any line ending."""
+    """A binary stream for `path` ('-' for stdin); lines are decoded one by one, so that an
+    encoding error can name its line."""
     if path == "-":
-        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", newline="")
+        return sys.stdin.buffer
     try:
-        return open(path, encoding="utf-8-sig", newline="")
+        return open(path, "rb")
     except FileNotFoundError:
         raise InputError("%s: no such file" % path) from None
     except IsADirectoryError:
@@ -31,7 +31,7 @@ def read_addresses(path):
     """Yield (line_number, address_text) for every non-blank row of `path`."""
     name = "<stdin>" if path == "-" else path
     stream = open_source(path)
-    lines = enumerate(stream, start=1)
+    lines = decoded_lines(name, stream)
     try:
         for number, line in lines:
             if not line.strip():
@@ -43,11 +43,21 @@ def read_addresses(path):
                 yield number, line.strip()
                 yield from read_text_lines(lines)
             return
-    except UnicodeDecodeError:
-        raise InputError("%s: is not UTF-8 text (save it as UTF-8 and submit again)" % name) from None
     finally:
         if path != "-":
             stream.close()
+
+
+def decoded_lines(name, stream):
+    """(line number, text) of each line: UTF-8 with or without BOM, LF or CRLF."""
+    for number, raw in enumerate(stream, start=1):
+        if number == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]
+        try:
+            yield number, raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError("%s: line %d: is not UTF-8 text (save the file as UTF-8 and submit "
+                             "again)" % (name, number)) from None
 
 
 def is_header(cells):

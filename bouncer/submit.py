@@ -81,7 +81,8 @@ def store_chunk(batch, chunk, position, summary, now):
     """Classify, register the stripped addresses, and insert the rows of one chunk."""
     rows, stripped = [], []
     for line, text in chunk:
-        text = (text or "").strip()
+        # A NUL cannot be stored in a Postgres text column; it makes the row invalid anyway.
+        text = (text or "").strip().replace("\x00", "\\x00")
         problem = syntax_error(text) if text else "the address is empty"
         if problem:
             summary.invalid += 1

@@ -26,8 +26,30 @@ from bouncer.submit import create_user_batch
 # Each pytest session gets its own Redis database number and PostgreSQL database, so that
 # several test runs on one machine never flush or truncate each other's data.
 SESSION = os.getpid()
-REDIS_URL = "%s/%d" % (os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6390/0").rsplit("/", 1)[0],
-                       1 + SESSION % 15)
+REDIS_SERVER = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6390/0").rsplit("/", 1)[0]
+
+
+def claim_redis_database():
+    """A Redis database number no other live test session uses (claimed in database 0)."""
+    try:
+        registry = redis_lib.Redis.from_url(REDIS_SERVER + "/0", socket_connect_timeout=2)
+        for number in range(1, 16):
+            if registry.set("bouncer-tests:db:%d" % number, SESSION, nx=True, ex=3600):
+                return number
+    except redis_lib.ConnectionError:
+        pass  # reported by the redis_conn fixture, with how to start the server
+    return 1 + SESSION % 15
+
+
+REDIS_DB = claim_redis_database()
+REDIS_URL = "%s/%d" % (REDIS_SERVER, REDIS_DB)
+
+
+def pytest_unconfigure(config):
+    try:
+        redis_lib.Redis.from_url(REDIS_SERVER + "/0").delete("bouncer-tests:db:%d" % REDIS_DB)
+    except redis_lib.ConnectionError:
+        pass
 POSTGRES_URL = "%s_%d" % (os.environ.get("TEST_POSTGRES_URL",
                                          "postgresql://postgres@127.0.0.1:5433/bouncer_test"), SESSION)
 API_KEY = "sk-test-9f8e7d6c5b4a"

@@ -259,8 +259,6 @@ def test_results_output_file_replaces_existing(app, database_url, tmp_path):
     assert [r["email"] for r in rows] == ["a@example.com"]
 
 
-@pytest.mark.xfail(strict=True, reason="cli.write_atomically: tempfile.mkstemp in a missing "
-                   "directory raises FileNotFoundError, uncaught: traceback, not one Error: line")
 def test_results_output_in_missing_directory_one_line(app, database_url, tmp_path):
     batch_id = submit("alice", ["a@example.com"])
     result = run(database_url, "results", batch_id, "-o", tmp_path / "missing" / "r.csv")

@@ -378,11 +378,7 @@ def test_submit_mid_file_csv_error_names_line_writes_nothing(app, db, database_u
 
 @pytest.mark.parametrize("content", [b"ok@example.com\na\x00b@example.com\n",
                                      b"email,name\nok@example.com,1\na\x00b@example.com,2\n"])
-def test_submit_nul_byte_row_kept_as_invalid(app, database_url, tmp_path, request, content):
-    if database_url.startswith("postgres"):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "submit.store_chunk inserts the invalid row's text with its NUL byte: psycopg2 raises "
-            "ValueError, which the CLI does not catch (traceback instead of one line)")))
+def test_submit_nul_byte_row_kept_as_invalid(app, database_url, tmp_path, content):
     result = submit_file(database_url, write_bytes(tmp_path, content), "--json")
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     answer = submitted_json(result)
@@ -391,8 +387,6 @@ def test_submit_nul_byte_row_kept_as_invalid(app, database_url, tmp_path, reques
     assert UserBatchEmail.select().where(UserBatchEmail.status == INVALID).count() == 1
 
 
-@pytest.mark.xfail(strict=True, reason="reader.read_addresses: the not-UTF-8 message names the "
-                   "file but not the line (invariant 8: a clear message naming the line)")
 def test_submit_mid_file_bad_encoding_names_line(app, database_url, tmp_path):
     path = write_bytes(tmp_path, many_lines(6000, 5900, b"caf\xe9@example.com"))
     assert_clean_failure(submit_file(database_url, path), "line 5900")
