@@ -15,6 +15,11 @@ from .db import utcnow
 log = logging.getLogger(__name__)
 
 QUEUE_NAME = "bouncer-queue"
+# A cycle holds its lock with a 60 s expiry renewed every 20 s by a thread of the horse. A cycle
+# that hangs is stopped by this timeout (rq raises JobTimeoutException in the horse, and the worker
+# kills a horse still alive at timeout + 60 s), so a hung cycle holds its lock for at most this
+# long; a horse that dies stops renewing, and its lock frees itself within 60 s.
+JOB_TIMEOUT = 300
 LAST_SUCCESS_KEY = "bouncer:jobs:last_success"
 
 

@@ -11,17 +11,12 @@ from rq.job import Job
 from rq_scheduler import Scheduler
 from redis.exceptions import LockError
 
-from .jobs import QUEUE_NAME, job_definitions
+from .jobs import JOB_TIMEOUT, QUEUE_NAME, job_definitions
 
 log = logging.getLogger(__name__)
 
 JOB_PREFIXES = ("batch_creator_", "status_checker_")
 
-# A cycle holds its lock with a 60 s expiry renewed every 20 s by a thread of the horse. A cycle
-# that hangs is stopped by this timeout (rq raises JobTimeoutException in the horse, and the worker
-# kills a horse still alive at timeout + 60 s), so a hung cycle holds its lock for at most this
-# long; a horse that dies stops renewing, and its lock frees itself within 60 s.
-JOB_TIMEOUT = 300
 
 # Results are kept forever (-1), never shorter than the interval: a job whose hash expires
 # between two runs silently stops repeating. The ids are stable, so this is bounded: one job hash

@@ -21,10 +21,9 @@ from waitress.server import create_server
 
 from .config import CHECK_TYPES, redact_url
 from .db import connection, utcnow
-from .jobs import QUEUE_NAME, check_batches_job, job_definitions, last_successes
+from .jobs import JOB_TIMEOUT, QUEUE_NAME, check_batches_job, job_definitions, last_successes
 from .logs import MASK
 from .reports import queue_overview
-from .schedule import JOB_TIMEOUT
 
 log = logging.getLogger(__name__)
 
