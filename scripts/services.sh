@@ -85,3 +85,18 @@ ensure_postgres() {
         -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=200" \
         start >/dev/null || { say "PostgreSQL did not start; see $dir/server.log"; return 1; }
 }
+
+# wait_for_port PORT NAME LOG PID -- until something answers on 127.0.0.1:PORT, or PID dies.
+wait_for_port() {
+    local port=$1 name=$2 log=$3 pid=$4
+    for _ in $(seq 150); do
+        if "$PY" -c "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 1).close()" "$port" 2>/dev/null; then
+            return 0
+        fi
+        if ! kill -0 "$pid" 2>/dev/null; then
+            say "$name did not start (is port $port taken?); see $log"; tail -n 3 "$log" >&2; exit 1
+        fi
+        sleep 0.2
+    done
+    say "$name did not answer on port $port within 30 s; see $log"; exit 1
+}
