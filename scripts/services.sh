@@ -66,15 +66,14 @@ ensure_postgres() {
     if "$PY" -c "import psycopg2,sys; psycopg2.connect(host='127.0.0.1', port=sys.argv[1], user='postgres', dbname='postgres', connect_timeout=2).close()" "$port" 2>/dev/null; then
         return 0
     fi
-    bin=$(pg_bin); dir="$STATE_DIR/postgres-$port"
+    # Under /tmp, not the checkout: the `postgres` user must be able to reach it.
+    bin=$(pg_bin); dir="${TMPDIR:-/tmp}/bouncer-postgres-$port"
     run=()
     if [ "$(id -u)" = 0 ]; then
         id postgres >/dev/null 2>&1 || useradd --system --no-create-home postgres
         run=(runuser -u postgres --)
     fi
-    mkdir -p "$dir"; [ "$(id -u)" = 0 ] && chown postgres "$dir"
-    # Every directory above the cluster must be traversable by its owner.
-    [ "$(id -u)" = 0 ] && chmod o+x "$STATE_DIR"
+    mkdir -p "$dir"; if [ "$(id -u)" = 0 ]; then chown postgres "$dir"; fi
     if [ ! -f "$dir/data/PG_VERSION" ]; then
         say "creating a PostgreSQL cluster in $dir"
         "${run[@]}" "$bin/initdb" -D "$dir/data" -A trust -U postgres >"$dir/initdb.log" 2>&1 \
