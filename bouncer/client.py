@@ -132,7 +132,8 @@ class BouncerClient:
 
     def download_batch(self, check_type: str, batch_id: str) -> list[dict]:
         path = "%s/%s/download" % (self.batch_path(check_type), quote_batch_id(batch_id))
-        status, answer, response = self._call("download", "GET", path, params={"download": "all"})
+        status, answer, response = self._call("download", "GET", path, params={"download": "all"},
+                                              parse=parse_records)
         if not isinstance(answer, list):
             raise self._error("download", status, "Bouncer download failed: HTTP %d answer is not a list of "
                               "records: %s" % (status, self._snippet(response.content) or "(empty)"))
@@ -143,7 +144,7 @@ class BouncerClient:
                         check_type, batch_id, len(answer) - len(records))
         return records
 
-    def _call(self, operation, method, path, params=None, data=None):
+    def _call(self, operation, method, path, params=None, data=None, parse=json.loads):
         """(HTTP status, parsed JSON body, response) of a 2xx answer; BouncerError for anything else."""
         # The query is left out of the log: a callback URL may carry a secret.
         log.debug("Bouncer %s: %s %s", operation, method, path)
@@ -163,7 +164,7 @@ class BouncerClient:
         if not 200 <= response.status_code < 300:
             raise self._http_error(operation, response)
         try:
-            answer = json.loads(response.content)
+            answer = parse(response.content)
         except (ValueError, UnicodeDecodeError):
             snippet = self._snippet(response.content)
             raise self._error(operation, response.status_code,
@@ -259,6 +260,45 @@ class BouncerClient:
         message = self._scrub(one_line(text))
         log.debug("%s", message)
         return BouncerError(message, status=status, operation=operation)
+
+
+class Record(dict):
+    """A download record, with `raw`: its JSON text exactly as Bouncer sent it."""
+    __slots__ = ("raw",)
+
+
+def parse_records(content):
+    """A download body: a JSON array whose objects come back as Records carrying their own text,
+    so that storing the raw record costs a slice, not a second encoding. Anything but an array
+    is parsed plainly (the caller reports it)."""
+    text = content.decode("utf-8") if isinstance(content, bytes) else content
+    decoder, records = json.JSONDecoder(), []
+    position = skip_space(text, 0)
+    if not text.startswith("[", position):
+        return json.loads(text)
+    position = skip_space(text, position + 1)
+    while not text.startswith("]", position):
+        item, end = decoder.raw_decode(text, position)
+        if isinstance(item, dict):
+            item = Record(item)
+            item.raw = text[position:end]
+        records.append(item)
+        position = skip_space(text, end)
+        if text.startswith(",", position):
+            position = skip_space(text, position + 1)
+            if text.startswith("]", position):
+                raise ValueError("a value must follow ',' at character %d" % position)
+        elif not text.startswith("]", position):
+            raise ValueError("expected ',' or ']' at character %d" % position)
+    if skip_space(text, position + 1) != len(text):
+        raise ValueError("extra data after the array")
+    return records
+
+
+def skip_space(text, position):
+    while position < len(text) and text[position] in " \t\r\n":
+        position += 1
+    return position
 
 
 def normalize_path(path):

@@ -19,7 +19,7 @@ SQLITE_PRAGMAS = {
     "journal_mode": "wal",        # readers never block the one writer
     "synchronous": "normal",
     "foreign_keys": 1,
-    "cache_size": -64 * 1024,     # 64 MiB
+    "cache_size": -16 * 1024,     # 16 MiB
 }
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from peewee import fn
 
 from .addresses import strip_email_modifiers
-from .db import bulk_insert, chunked, lock_rows_for_update, utcnow, write_transaction
+from .db import bulk_insert, chunked, database, lock_rows_for_update, utcnow, write_transaction
 from .models import (
     COMPLETED, DONE, FAILED, OUTSTANDING, SENT, VERDICTS,
     BouncerBatch, BouncerBatchEmail, EmailGlobal, UserBatchEmail, result_model,
@@ -21,6 +21,10 @@ from .progress import batches_of_bouncer_batch, complete_finished_batches, fail_
 from .queue import end_flight
 
 log = logging.getLogger(__name__)
+
+FLAGS = {"yes": "yes", "no": "no", "unknown": "unknown", True: "yes", False: "no"}
+# One encoder for every raw record (json.dumps builds a new one per call when given options).
+RAW_ENCODER = json.JSONEncoder(ensure_ascii=False, check_circular=False)
 
 
 @dataclass
@@ -108,7 +112,7 @@ def sent_addresses(ledger_id):
              .select(BouncerBatchEmail.email_sent, EmailGlobal.email, BouncerBatchEmail.email_global)
              .join(EmailGlobal)
              .where(BouncerBatchEmail.bouncer_batch == ledger_id))
-    for sent, stripped, global_id in query.tuples():
+    for sent, stripped, global_id in database.execute_sql(*query.sql()):
         by_sent[sent] = global_id
         by_stripped[stripped] = global_id
     return by_sent, by_stripped
@@ -134,7 +138,7 @@ def parse_record(record):
         "disabled": as_flag(account.get("disabled")),
         "full_mailbox": as_flag(account.get("fullMailbox")),
         "provider": as_text(record.get("provider")),
-        "raw": json.dumps(record, ensure_ascii=False),
+        "raw": getattr(record, "raw", None) or RAW_ENCODER.encode(record),
     }
 
 
@@ -154,9 +158,9 @@ def as_score(value):
 
 def as_flag(value):
     """Bouncer's flags are the strings yes/no/unknown; a YAML-minded encoder may send booleans."""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return value.lower()[:16] if isinstance(value, str) else None
+    if value.__class__ is str:
+        return FLAGS.get(value) or value.lower()[:16]
+    return FLAGS.get(value) if value.__class__ is bool else None
 
 
 def upsert_results(check_type, rows):

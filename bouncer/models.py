@@ -85,22 +85,21 @@ class BouncerBatchEmail(BaseModel):
     second in-flight batch holding the same address (NULLs never collide), on SQLite and Postgres.
     """
     bouncer_batch = ForeignKeyField(BouncerBatch, backref="emails", on_delete="CASCADE")
-    email_global = ForeignKeyField(EmailGlobal)
+    # index=False: looked up only with its check type, through the unique index below.
+    email_global = ForeignKeyField(EmailGlobal, index=False)
     check_type = TextField()
     email_sent = TextField()
     in_flight = BooleanField(null=True, default=True)
 
     class Meta:
         table_name = "bouncer_batch_emails"
-        indexes = (
-            (("check_type", "email_global", "in_flight"), True),
-            (("bouncer_batch",), False),
-        )
+        indexes = ((("check_type", "email_global", "in_flight"), True),)
 
 
 class UserBatchEmail(BaseModel):
     """One submitted row, in submission order (`position`)."""
-    batch = ForeignKeyField(UserBatch, backref="emails", on_delete="CASCADE")
+    # index=False: the unique (batch, position) index serves lookups by batch.
+    batch = ForeignKeyField(UserBatch, backref="emails", on_delete="CASCADE", index=False)
     position = IntegerField()
     email = TextField()
     email_global = ForeignKeyField(EmailGlobal, null=True)
@@ -112,14 +111,20 @@ class UserBatchEmail(BaseModel):
 
     class Meta:
         table_name = "user_batch_emails"
-        indexes = (
-            (("batch", "position"), True),            # export in submission order
-            (("check_type", "status", "batch", "position"), False),  # the FIFO claim
-            (("batch", "status"), False),              # is this user batch finished?
-            # Without `status`: a status change then leaves these two indexes alone.
-            (("bouncer_batch",), False),               # ingest one Bouncer batch
-            (("email_global",), False),                # attach repeats of a sent address
-        )
+        # Foreign keys are indexed too: bouncer_batch (ingest one Bouncer batch), email_global
+        # (attach repeats of an address being sent).
+        indexes = ((("batch", "position"), True),)    # export in submission order
+
+
+# Partial indexes: a row is in them only while it waits, so completing a sent email (150k rows
+# per status cycle at full load) rewrites neither, and the FIFO walk never sees finished rows.
+UserBatchEmail.add_index(   # the FIFO claim: oldest user batch, then line
+    UserBatchEmail.index(UserBatchEmail.check_type, UserBatchEmail.batch, UserBatchEmail.position,
+                         name="user_batch_emails_fifo")
+    .where(UserBatchEmail.status == QUEUED))
+UserBatchEmail.add_index(   # is this user batch finished?
+    UserBatchEmail.index(UserBatchEmail.batch, name="user_batch_emails_pending")
+    .where(UserBatchEmail.status.in_(PENDING_STATES)))
 
 
 class ResultBase(BaseModel):
