@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from peewee import fn
 
 from .addresses import strip_email_modifiers
-from .db import bulk_insert, chunked, database, lock_rows_for_update, utcnow, write_transaction
+from .db import among, database, insert_tuples, lock_rows_for_update, utcnow, write_transaction
 from .models import (
     COMPLETED, DONE, FAILED, OUTSTANDING, SENT, VERDICTS,
     BouncerBatch, BouncerBatchEmail, EmailGlobal, UserBatchEmail, result_model,
@@ -22,6 +22,9 @@ from .queue import end_flight
 
 log = logging.getLogger(__name__)
 
+RESULT_COLUMNS = ("email_global", "status", "reason", "score", "accept_all", "disposable", "free",
+                  "role", "disabled", "full_mailbox", "provider", "raw", "checked_at",
+                  "bouncer_batch_id")
 FLAGS = {"yes": "yes", "no": "no", "unknown": "unknown", True: "yes", False: "no"}
 # One encoder for every raw record (json.dumps builds a new one per call when given options).
 RAW_ENCODER = json.JSONEncoder(ensure_ascii=False, check_circular=False)
@@ -60,8 +63,8 @@ def ingest_results(ledger_id, records, now=None):
         report = IngestReport(ledger_id)
         sent = sent_addresses(ledger_id)
         verdicts = match_records(sent, records, report, now)
-        upsert_results(ledger.check_type, verdicts)
-        missing = set(sent[0].values()) - {v["email_global"] for v in verdicts}
+        upsert_results(ledger.check_type, list(verdicts.values()))
+        missing = set(sent[0].values()) - verdicts.keys()
         report.missing = fail_pending_emails(
             ledger_id, "not in Bouncer's results for batch %s" % ledger.bouncer_id, now, missing)
         report.verified = complete_pending_emails(ledger_id, now)
@@ -83,7 +86,8 @@ def claim_outstanding(ledger_id):
 
 
 def match_records(sent, records, report, now):
-    """[result row] for each record of an address this batch sent."""
+    """{email_global id: result row} for each record of an address this batch sent; a row is a
+    tuple in RESULT_COLUMNS order."""
     by_sent, by_stripped = sent
     verdicts = {}
     for record in records:
@@ -96,12 +100,11 @@ def match_records(sent, records, report, now):
         if global_id is None:
             report.extra += 1
             continue
-        parsed.update(email_global=global_id, checked_at=now, bouncer_batch_id=report.ledger_id)
-        verdicts[global_id] = parsed
+        verdicts[global_id] = (global_id,) + parsed + (now, report.ledger_id)
     if report.malformed or report.extra:
         log.warning("Bouncer batch %s: %s malformed and %s unexpected records in the download",
                     report.ledger_id, report.malformed, report.extra)
-    return list(verdicts.values())
+    return verdicts
 
 
 def sent_addresses(ledger_id):
@@ -119,27 +122,28 @@ def sent_addresses(ledger_id):
 
 
 def parse_record(record):
-    """The stored columns of one download record, or None when it has no email or verdict.
-    Lenient: extra or missing fields are fine, the raw record is kept whole."""
+    """The stored columns of one download record (RESULT_COLUMNS between the address and the
+    time), or None when it has no email or verdict. Lenient: extra or missing fields are fine,
+    the raw record is kept whole."""
     if not isinstance(record, dict):
         return None
     email, status = record.get("email"), record.get("status")
     if not isinstance(email, str) or not email or status not in VERDICTS:
         return None
     domain, account = as_dict(record.get("domain")), as_dict(record.get("account"))
-    return {
-        "status": status,
-        "reason": as_text(record.get("reason")),
-        "score": as_score(record.get("score")),
-        "accept_all": as_flag(domain.get("acceptAll")),
-        "disposable": as_flag(domain.get("disposable")),
-        "free": as_flag(domain.get("free")),
-        "role": as_flag(account.get("role")),
-        "disabled": as_flag(account.get("disabled")),
-        "full_mailbox": as_flag(account.get("fullMailbox")),
-        "provider": as_text(record.get("provider")),
-        "raw": getattr(record, "raw", None) or RAW_ENCODER.encode(record),
-    }
+    return (
+        status,
+        as_text(record.get("reason")),
+        as_score(record.get("score")),
+        as_flag(domain.get("acceptAll")),
+        as_flag(domain.get("disposable")),
+        as_flag(domain.get("free")),
+        as_flag(account.get("role")),
+        as_flag(account.get("disabled")),
+        as_flag(account.get("fullMailbox")),
+        as_text(record.get("provider")),
+        getattr(record, "raw", None) or RAW_ENCODER.encode(record),
+    )
 
 
 def as_dict(value):
@@ -147,7 +151,8 @@ def as_dict(value):
 
 
 def as_text(value):
-    return value[:255] if isinstance(value, str) else None
+    # Postgres text cannot hold NUL, which a JSON string may carry as \u0000.
+    return value[:255].replace("\x00", "") if isinstance(value, str) else None
 
 
 def as_score(value):
@@ -166,7 +171,7 @@ def as_flag(value):
 def upsert_results(check_type, rows):
     """Insert or update the verdicts, a few thousand per statement."""
     Result = result_model(check_type)
-    bulk_insert(Result, rows, upsert_on=Result.email_global)
+    insert_tuples(Result, RESULT_COLUMNS, rows, replace_on=Result.email_global)
 
 
 def complete_pending_emails(ledger_id, now):
@@ -182,11 +187,10 @@ def fail_pending_emails(ledger_id, reason, now, only_addresses=None):
     if only_addresses is None:
         return (UserBatchEmail.update(status=FAILED, failure_reason=reason, completed_at=now)
                 .where(pending).execute())
-    failed = 0
-    for part in chunked(sorted(only_addresses)):
-        failed += (UserBatchEmail.update(status=FAILED, failure_reason=reason, completed_at=now)
-                   .where(pending & UserBatchEmail.email_global.in_(part)).execute())
-    return failed
+    if not only_addresses:
+        return 0
+    return (UserBatchEmail.update(status=FAILED, failure_reason=reason, completed_at=now)
+            .where(pending & among(UserBatchEmail.email_global, only_addresses)).execute())
 
 
 def fail_bouncer_batch(ledger_id, reason, now=None):
@@ -203,8 +207,7 @@ def fail_bouncer_batch(ledger_id, reason, now=None):
         end_flight(ledger_id)
         (BouncerBatch.update(status=FAILED, failure_reason=reason, finished_at=now)
          .where(BouncerBatch.id == ledger_id).execute())
-        for part in chunked(user_batches):
-            fail_batches(part, reason, now)
+        fail_batches(user_batches, reason, now)
     log.error("Bouncer batch %s (%s) failed: %s; %s emails and %s user batches marked failed",
               ledger.bouncer_id, ledger_id, reason, failed, len(user_batches))
     return failed

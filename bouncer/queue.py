@@ -11,10 +11,10 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from peewee import JOIN, Tuple, Value
+from peewee import Tuple
 
 from .db import (
-    bulk_insert, chunked, database, lock_rows_for_share, utcnow, write_transaction,
+    among, database, insert_tuples, lock_rows_for_share, utcnow, write_transaction,
 )
 from .models import (
     ABANDONED, DONE, IN_FLIGHT_STATES, OUTSTANDING, QUEUED, REJECTED, RESERVED, SENT,
@@ -31,6 +31,7 @@ MIN_PAGE = 1000
 class Plan:
     """What the next Bouncer batch will be, read in FIFO order."""
     send: dict = field(default_factory=dict)          # email_global id -> spelling to send
+    send_rows: list = field(default_factory=list)     # row ids riding on those addresses
     attach: dict = field(default_factory=lambda: defaultdict(list))  # in-flight ledger id -> row ids
     cached: list = field(default_factory=list)        # row ids a fresh verdict completes
     touched_batches: set = field(default_factory=set)  # user batches of attached/cached rows
@@ -73,7 +74,7 @@ def reserve_next_batch(check_type, batch_size, cache_days, now=None):
             return None
         attached = attach_to_in_flight(plan.attach)
         complete_from_cache(plan.cached, now)
-        ledger_id = write_reservation(check_type, plan.send, now) if plan.send else None
+        ledger_id = write_reservation(check_type, plan, now) if plan.send else None
         mark_batches_processing(plan.touched_batches, ledger_id)
         complete_finished_batches(plan.touched_batches, now)
     return Reservation(ledger_id, list(plan.send.values()), len(plan.cached), attached)
@@ -84,16 +85,18 @@ def plan_next_batch(check_type, batch_size, cutoff):
     after = None
     page_size = max(batch_size, MIN_PAGE)
     while len(plan.send) < batch_size:
-        page = queued_page(check_type, cutoff, after, page_size)
-        for row_id, user_batch, position, email, global_id, cached, flying in page:
-            if cached:
+        page = queued_page(check_type, after, page_size)
+        global_ids = {row[4] for row in page}
+        flying = in_flight_batches_of(check_type, global_ids)
+        cached = fresh_verdicts_of(check_type, global_ids - flying.keys(), cutoff)
+        for row_id, user_batch, position, email, global_id in page:
+            if global_id in cached:
                 plan.cached.append(row_id)
-            elif flying:
-                plan.attach[flying].append(row_id)
-            elif global_id in plan.send:
-                continue  # a repeat: attached with its first spelling when the batch is written
-            elif len(plan.send) < batch_size:
-                plan.send[global_id] = email
+            elif global_id in flying:
+                plan.attach[flying[global_id]].append(row_id)
+            elif global_id in plan.send or len(plan.send) < batch_size:
+                plan.send.setdefault(global_id, email)   # the oldest row's spelling is sent
+                plan.send_rows.append(row_id)
                 continue
             else:
                 return plan  # full: this row opens the next batch
@@ -104,27 +107,38 @@ def plan_next_batch(check_type, batch_size, cutoff):
     return plan
 
 
-def queued_page(check_type, cutoff, after, limit):
-    """Queued rows in FIFO order (oldest user batch, then line), each with whether a fresh
-    verdict exists and which in-flight batch already holds its address. Walks the FIFO index."""
-    Row, Sent = UserBatchEmail, BouncerBatchEmail
-    Result = result_model(check_type)
-    cached = Result.checked_at if cutoff else Value(None)
-    query = (Row.select(Row.id, Row.batch, Row.position, Row.email, Row.email_global,
-                        cached, Sent.bouncer_batch)
-             .join(Sent, JOIN.LEFT_OUTER, on=(
-                 (Sent.check_type == check_type) & (Sent.email_global == Row.email_global)
-                 & (Sent.in_flight == True))))  # noqa: E712 (SQL, not Python)
-    if cutoff:
-        query = query.switch(Row).join(Result, JOIN.LEFT_OUTER, on=(
-            (Result.email_global == Row.email_global) & (Result.checked_at > cutoff)))
-    query = query.where((Row.check_type == check_type) & (Row.status == QUEUED))
+def queued_page(check_type, after, limit):
+    """Queued rows in FIFO order (oldest user batch, then line): a walk of the FIFO index."""
+    Row = UserBatchEmail
+    query = (Row.select(Row.id, Row.batch, Row.position, Row.email, Row.email_global)
+             .where((Row.check_type == check_type) & (Row.status == QUEUED)))
     if after:
         query = query.where(Tuple(Row.batch, Row.position) > Tuple(*after))
     query = query.order_by(Row.batch, Row.position).limit(limit)
-    # Plain rows straight from the cursor: only truthiness of the last two columns matters,
-    # and per-row type conversion would cost more than the query.
+    # Plain rows straight from the cursor: per-row type conversion would cost more than the query.
     return database.execute_sql(*query.sql()).fetchall()
+
+
+def in_flight_batches_of(check_type, global_ids):
+    """{email_global id: ledger id of the in-flight batch holding it} for `global_ids`.
+    Looked up apart from the FIFO walk, so a planner with stale statistics can at worst scan
+    once, never once per row."""
+    Sent = BouncerBatchEmail
+    if not global_ids:
+        return {}
+    query = Sent.select(Sent.email_global, Sent.bouncer_batch).where(
+        (Sent.check_type == check_type) & among(Sent.email_global, global_ids))
+    return dict(database.execute_sql(*query.sql()).fetchall())
+
+
+def fresh_verdicts_of(check_type, global_ids, cutoff):
+    """The subset of `global_ids` with a verdict checked after `cutoff` (none if no cutoff)."""
+    if cutoff is None or not global_ids:
+        return set()
+    Result = result_model(check_type)
+    query = Result.select(Result.email_global).where(
+        among(Result.email_global, global_ids) & (Result.checked_at > cutoff))
+    return {gid for (gid,) in database.execute_sql(*query.sql()).fetchall()}
 
 
 def attach_to_in_flight(attach):
@@ -138,37 +152,28 @@ def attach_to_in_flight(attach):
             BouncerBatch.id.in_(list(attach)) & BouncerBatch.status.in_(IN_FLIGHT_STATES))).tuples()}
     attached = 0
     for ledger_id, row_ids in attach.items():
-        if ledger_id not in live:
-            continue
-        for part in chunked(row_ids):
+        if ledger_id in live:
             attached += (UserBatchEmail.update(status=SENT, bouncer_batch=ledger_id)
-                         .where(UserBatchEmail.id.in_(part) & (UserBatchEmail.status == QUEUED))
+                         .where(among(UserBatchEmail.id, row_ids) & (UserBatchEmail.status == QUEUED))
                          .execute())
     return attached
 
 
 def complete_from_cache(row_ids, now):
-    for part in chunked(row_ids):
+    if row_ids:
         (UserBatchEmail.update(status=DONE, completed_at=now)
-         .where(UserBatchEmail.id.in_(part) & (UserBatchEmail.status == QUEUED)).execute())
+         .where(among(UserBatchEmail.id, row_ids) & (UserBatchEmail.status == QUEUED)).execute())
 
 
-def write_reservation(check_type, send, now):
-    """Ledger row, its addresses (the unique in-flight index refuses an address already in
-    flight), and every queued row of those addresses attached to it."""
-    ledger = BouncerBatch.create(check_type=check_type, status=RESERVED, quantity=len(send),
+def write_reservation(check_type, plan, now):
+    """Ledger row, its addresses (the unique index refuses an address already in flight), and
+    the rows of those addresses that the plan walked past, attached to it."""
+    ledger = BouncerBatch.create(check_type=check_type, status=RESERVED, quantity=len(plan.send),
                                  reserved_at=now)
-    bulk_insert(BouncerBatchEmail, [
-        {"bouncer_batch": ledger.id, "email_global": global_id, "check_type": check_type,
-         "email_sent": email, "in_flight": True}
-        for global_id, email in send.items()])
-    Row = UserBatchEmail
-    addresses = BouncerBatchEmail.select(BouncerBatchEmail.email_global).where(
-        BouncerBatchEmail.bouncer_batch == ledger.id)
-    (Row.update(status=SENT, bouncer_batch=ledger.id)
-     .where((Row.check_type == check_type) & (Row.status == QUEUED)
-            & Row.email_global.in_(addresses))
-     .execute())
+    insert_tuples(BouncerBatchEmail, ("bouncer_batch", "email_global", "check_type", "email_sent"),
+                  [(ledger.id, global_id, check_type, email) for global_id, email in plan.send.items()])
+    (UserBatchEmail.update(status=SENT, bouncer_batch=ledger.id)
+     .where(among(UserBatchEmail.id, plan.send_rows) & (UserBatchEmail.status == QUEUED)).execute())
     return ledger.id
 
 
@@ -192,8 +197,8 @@ def reject_reservation(ledger_id, reason, now=None):
 
 
 def end_flight(ledger_id):
-    (BouncerBatchEmail.update(in_flight=None)
-     .where(BouncerBatchEmail.bouncer_batch == ledger_id).execute())
+    """The batch is no longer in flight: its addresses may be sent again."""
+    BouncerBatchEmail.delete().where(BouncerBatchEmail.bouncer_batch == ledger_id).execute()
 
 
 def requeue_rejected_emails(check_type):
@@ -202,7 +207,8 @@ def requeue_rejected_emails(check_type):
         (BouncerBatch.check_type == check_type) & BouncerBatch.status.in_((REJECTED, ABANDONED)))
     Row = UserBatchEmail
     with write_transaction():
-        return (Row.update(status=QUEUED, bouncer_batch=None)
+        # bouncer_batch is kept: it names the last attempt that carried the email.
+        return (Row.update(status=QUEUED)
                 .where((Row.status == SENT) & Row.bouncer_batch.in_(dead))
                 .execute())
 

@@ -26,7 +26,9 @@ from bouncer.app import App  # noqa: E402
 from bouncer.client import parse_records  # noqa: E402
 from bouncer.config import Settings  # noqa: E402
 from bouncer.creator import create_batches, CreationReport  # noqa: E402
-from bouncer.db import bulk_insert, create_schema, open_database, utcnow  # noqa: E402
+from bouncer.db import (  # noqa: E402
+    bulk_insert, copy_rows, create_schema, is_postgres, open_database, utcnow,
+)
 from bouncer.ingest import batches_to_check, ingest_results  # noqa: E402
 from bouncer.models import (  # noqa: E402
     ALL_MODELS, OUTSTANDING, QUEUED, SENT, BouncerBatch, BouncerBatchEmail, DeliverableResult,
@@ -181,11 +183,19 @@ def measure_raw_insert_floor(rows):
     marks = "(%s)" % ",".join([database.param] * 14)
     started = time.perf_counter()
     with database.atomic():
-        for start in range(0, rows, 2000):
-            part = values[start:start + 2000]
-            database.execute_sql("INSERT INTO bench_floor VALUES " + ",".join([marks] * len(part)),
-                                 [v for row in part for v in row])
+        if is_postgres():   # the fastest raw path there is COPY
+            copy_rows("bench_floor", [c for c in FLOOR_COLUMNS], values)
+        else:
+            for start in range(0, rows, 2000):
+                part = values[start:start + 2000]
+                database.execute_sql("INSERT INTO bench_floor VALUES " + ",".join([marks] * len(part)),
+                                     [v for row in part for v in row])
     return time.perf_counter() - started
+
+
+FLOOR_COLUMNS = ("email_global_id", "status", "reason", "score", "accept_all", "disposable", "free",
+                 "role", "disabled", "full_mailbox", "provider", "raw", "checked_at",
+                 "bouncer_batch_id")
 
 
 def measure_naive_claim(url, queued):

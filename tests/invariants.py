@@ -1,8 +1,10 @@
 """Checks of design.md's invariants against the database, shared by tests and the soak run.
 
-Each function returns a list of violations (empty when the invariant holds), so a caller can
-assert on it or report it.
+Each check returns a list of violations (empty when the invariant holds), so a caller can
+assert on it or report it; the `max_*` functions measure what a report shows beside a limit.
 """
+import datetime
+
 from peewee import JOIN, fn
 
 from bouncer.models import (
@@ -70,7 +72,7 @@ def sent_out_of_fifo_order(before_ledger_id, check_type):
     if not sent:
         return []
     rejected_now = [b.id for b in cycle if b.status == REJECTED]
-    Row, Item = UserBatchEmail, BouncerBatchEmail
+    Row = UserBatchEmail
     # The oldest row of each sent address is what put the address in the batch; later rows of
     # the same address only ride along.
     oldest = {}
@@ -79,9 +81,175 @@ def sent_out_of_fifo_order(before_ledger_id, check_type):
         oldest[gid] = min(oldest.get(gid, (batch, position)), (batch, position))
     newest_sent = max(oldest.values())
     queued = Row.select().where((Row.check_type == check_type) & (Row.status == QUEUED))
-    excused = set()
-    if rejected_now:
-        excused = {gid for (gid,) in Item.select(Item.email_global)
-                   .where(Item.bouncer_batch.in_(rejected_now)).tuples()}
+    # A requeued email keeps the id of the attempt that carried it: excused if that attempt
+    # failed in this very cycle.
     return ["queued email %s (%s) is older than sent %s" % (r.id, fifo_key(r), newest_sent)
-            for r in queued if fifo_key(r) < newest_sent and r.email_global_id not in excused]
+            for r in queued if fifo_key(r) < newest_sent and r.bouncer_batch_id not in rejected_now]
+
+
+# -- checks over a whole run, for the soak (scripts/soak.py) ----------------------------------
+
+FAILED_ATTEMPTS = (REJECTED, "abandoned")
+
+
+def max_in_flight_from_ledger(check_type):
+    """Invariant 3 over the run's whole history: the most Bouncer batches of `check_type` that
+    were ever in flight together, from the ledger's times (in flight from `reserved_at` until
+    `finished_at`; still in flight when it has none).
+
+    Sound with the code's own clocks: a cycle counts the batches in flight before it reserves,
+    and a batch that left flight committed its `finished_at` before that count, so a new
+    reservation's `reserved_at` (read after the count) is never earlier than the end it
+    replaces. Ends recorded early (a status cycle's start time) can only lower the result."""
+    events = []
+    for reserved, finished in (BouncerBatch.select(BouncerBatch.reserved_at, BouncerBatch.finished_at)
+                               .where(BouncerBatch.check_type == check_type).tuples()):
+        events.append((reserved, 1))
+        if finished is not None:
+            events.append((finished, -1))
+    # At equal times an end sorts first (-1 < 1): it freed the slot the start took.
+    events.sort()
+    highest = current = 0
+    for _, change in events:
+        current += change
+        highest = max(highest, current)
+    return highest
+
+
+def requests_over_budget(times, buffer, window=60.0):
+    """Invariant 4 for a list of request times (epoch seconds, any order): the times of the
+    requests made when `buffer` or more had already been made in the `window` seconds before."""
+    ordered = sorted(times)
+    over, first = [], 0
+    for index, moment in enumerate(ordered):
+        while ordered[first] <= moment - window:
+            first += 1
+        if index - first >= buffer:
+            over.append(moment)
+    return over
+
+
+def max_requests_in_window(times, window=60.0):
+    """The most requests in any rolling `window` seconds, and when that window starts."""
+    ordered = sorted(times)
+    best, start, last = 0, None, 0
+    for first, moment in enumerate(ordered):
+        while last < len(ordered) and ordered[last] < moment + window:
+            last += 1
+        if last - first > best:
+            best, start = last - first, moment
+    return best, start
+
+
+def fifo_violations_of_sent_batch(ledger_id, visible_at, same_cycle=datetime.timedelta(seconds=60)):
+    """Invariant 5 for one Bouncer batch Bouncer accepted, judged at any time after its id was
+    stored: rows older (FIFO) than the youngest address it sent, visible when it was reserved,
+    that still waited for a later reservation.
+
+    `visible_at` maps a user batch id to a time (naive UTC) by which its transaction had
+    committed; rows of other user batches are not judged. A reservation reads `reserved_at`
+    before it plans, so such a row was in its FIFO walk, which takes every older row first
+    (sends it, attaches it to the batch in flight with its address, or completes it from a
+    cached verdict). The design's exceptions are excused:
+    - a row whose address another attempt held at that moment, or gave back at most
+      `same_cycle` before it (rejected or abandoned earlier in the same cycle; or completed by
+      an ingest racing the walk), as the rows and in-flight addresses of the ledger still show;
+    - since a row sent again no longer names the failed attempt that parked it, the remaining
+      late addresses are reported only when they outnumber the addresses of the calls that
+      failed in that window.
+    `same_cycle` must exceed the longest creation cycle; a larger one can only hide a violation,
+    never invent one."""
+    ledger = BouncerBatch.get_by_id(ledger_id)
+    newest_sent = youngest_sent_key(ledger_id)
+    if newest_sent is None:
+        return []
+    moment, check_type = ledger.reserved_at, ledger.check_type
+    late = [(row_id, key, global_id) for row_id, key, global_id
+            in rows_waiting_at(check_type, moment, newest_sent)
+            if key < newest_sent and key[0] in visible_at and visible_at[key[0]] < moment]
+    if not late:
+        return []
+    held = addresses_held_around(check_type, {g for _, _, g in late}, moment, same_cycle, ledger_id)
+    late = [item for item in late if item[2] not in held]
+    unexplained = {global_id for _, _, global_id in late}
+    failed = failed_addresses_around(check_type, moment, same_cycle)
+    if len(unexplained) <= failed:
+        return []
+    return ["row %s (user batch %s, position %s) waited while Bouncer batch %s (ledger %s, "
+            "reserved %s) sent a younger address (user batch %s, position %s); %d such "
+            "addresses, %d in calls that failed within %ss before"
+            % (row_id, key[0], key[1], ledger.bouncer_id, ledger_id, moment, *newest_sent,
+               len(unexplained), failed, same_cycle.total_seconds())
+            for row_id, key, global_id in late]
+
+
+def youngest_sent_key(ledger_id):
+    """The FIFO key (user batch, position) of the row that put the batch's youngest address in
+    it: the oldest row of each address is what put it there; later rows only ride along."""
+    Row = UserBatchEmail
+    oldest = {}
+    for global_id, batch, position in (Row.select(Row.email_global, Row.batch, Row.position)
+                                       .where(Row.bouncer_batch == ledger_id).tuples()):
+        key = (batch, position)
+        if global_id not in oldest or key < oldest[global_id]:
+            oldest[global_id] = key
+    return max(oldest.values()) if oldest else None
+
+
+def rows_waiting_at(check_type, moment, before_key):
+    """(row id, FIFO key, address id) of the valid rows of user batches up to `before_key`'s
+    that were still waiting at `moment`: queued or parked now, taken by a batch reserved after
+    it, or completed after it by a cached verdict."""
+    Row, Taken = UserBatchEmail, BouncerBatch.alias()
+    query = (Row.select(Row.id, Row.batch, Row.position, Row.email_global, Row.status,
+                        Row.completed_at, Taken.status, Taken.reserved_at)
+             .join(Taken, JOIN.LEFT_OUTER, on=(Row.bouncer_batch == Taken.id))
+             .where((Row.check_type == check_type) & (Row.status != INVALID)
+                    & (Row.batch <= before_key[0])
+                    & ((Row.status == QUEUED) | (Taken.reserved_at > moment)
+                       | (Row.completed_at > moment) | Taken.status.in_(FAILED_ATTEMPTS))))
+    waiting = []
+    for row_id, batch, position, global_id, status, completed, taken_status, taken_at in query.tuples():
+        if status == QUEUED or (taken_status in FAILED_ATTEMPTS and status not in (DONE, FAILED)):
+            still = True
+        elif taken_status is not None and taken_status not in FAILED_ATTEMPTS:
+            still = taken_at > moment
+        else:
+            still = completed is not None and completed > moment
+        if still:
+            waiting.append((row_id, (batch, position), global_id))
+    return waiting
+
+
+def addresses_held_around(check_type, global_ids, moment, same_cycle, other_than):
+    """The addresses among `global_ids` that another attempt held at `moment` or gave back at
+    most `same_cycle` before it, as the rows attached to attempts and the ledger's in-flight
+    addresses show."""
+    Row, Item = UserBatchEmail, BouncerBatchEmail
+    around = ((BouncerBatch.id != other_than) & (BouncerBatch.check_type == check_type)
+              & (BouncerBatch.reserved_at <= moment)
+              & (BouncerBatch.finished_at.is_null() | (BouncerBatch.finished_at >= moment - same_cycle)))
+    held = set()
+    for part in chunks(sorted(global_ids), 500):
+        for model in (Row, Item):
+            query = (model.select(model.email_global)
+                     .join(BouncerBatch, on=(model.bouncer_batch == BouncerBatch.id))
+                     .where((model.check_type == check_type) & model.email_global.in_(part) & around))
+            held.update(global_id for (global_id,) in query.tuples())
+    return held
+
+
+def failed_addresses_around(check_type, moment, same_cycle):
+    """Addresses carried by attempts of `check_type` reserved by `moment` that failed (rejected
+    or abandoned) at most `same_cycle` before it."""
+    return (BouncerBatch.select(fn.COALESCE(fn.SUM(BouncerBatch.quantity), 0))
+            .where((BouncerBatch.check_type == check_type)
+                   & BouncerBatch.status.in_(FAILED_ATTEMPTS)
+                   & (BouncerBatch.reserved_at <= moment)
+                   & (BouncerBatch.finished_at >= moment - same_cycle))
+            .scalar())
+
+
+def chunks(items, size):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

@@ -198,4 +198,4 @@ def test_create_database_refuses_an_address_in_two_in_flight_batches(app, bounce
     gid = EmailGlobal.get().id
     with pytest.raises(IntegrityError), database.atomic():
         BouncerBatchEmail.create(bouncer_batch=ledger, email_global=gid, check_type="deliverable",
-                                 email_sent="one@example.com", in_flight=True)
+                                 email_sent="one@example.com")

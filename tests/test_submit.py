@@ -7,6 +7,8 @@ import logging
 import pytest
 from click.testing import CliRunner
 
+import bouncer.db
+
 from bouncer.cli import cli
 from bouncer.creator import run_creation_cycle
 from bouncer.errors import InputError
@@ -403,6 +405,14 @@ def count_statements(monkeypatch, db):
         return real(sql, params, *args, **kwargs)
 
     monkeypatch.setattr(db.obj, "execute_sql", counting)
+    # On Postgres, bulk rows go in by COPY, which does not pass through execute_sql.
+    real_copy = bouncer.db.copy_rows
+
+    def counting_copy(table, columns, rows, tail=""):
+        statements.append('INSERT INTO "%s" (by COPY)' % table)
+        return real_copy(table, columns, rows, tail)
+
+    monkeypatch.setattr(bouncer.db, "copy_rows", counting_copy)
     return statements
 
 
