@@ -4,7 +4,8 @@ name; each runs the very cycle the CLI runs, logs what it did, and records its l
 import logging
 import time
 
-from rq import get_current_job
+from rq import Queue, get_current_job
+from rq.job import JobStatus
 
 from .app import current_app
 from .checker import run_status_cycle
@@ -21,6 +22,10 @@ QUEUE_NAME = "bouncer-queue"
 # long; a horse that dies stops renewing, and its lock frees itself within 60 s.
 JOB_TIMEOUT = 300
 LAST_SUCCESS_KEY = "bouncer:jobs:last_success"
+# A job in these states has not run yet or is running: queueing it again would add nothing, and
+# reusing the id of a running job would overwrite the record its worker is still updating.
+WAITING_STATES = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
+NOW_FAILURE_TTL = 86400
 
 
 def create_batches_job(check_type):
@@ -42,6 +47,25 @@ def job_definitions(settings):
     return jobs
 
 
+def run_now(redis, kind, check_type):
+    """Queue one run of a cycle now (`kind`: batch_creator or status_checker), unless one queued
+    this way has not finished: a burst of triggers costs one cycle. Returns whether it queued.
+    Two triggers at the very same moment may both queue it; the second run then finds the
+    cycle's lock taken or nothing to do."""
+    job_id = "%s_%s_now" % (kind, check_type)
+    function = {"batch_creator": create_batches_job, "status_checker": check_batches_job}[kind]
+    queue = Queue(QUEUE_NAME, connection=redis)
+    waiting = queue.fetch_job(job_id)
+    if waiting is not None and waiting.get_status(refresh=False) in WAITING_STATES:
+        log.info("Job %s already waiting", job_id)
+        return False
+    # The scheduled runs' timeout: the cycle's lock is sized to it.
+    queue.enqueue(function, check_type, job_id=job_id, job_timeout=JOB_TIMEOUT,
+                  failure_ttl=NOW_FAILURE_TTL)
+    log.info("Job %s queued", job_id)
+    return True
+
+
 def run_job(job_id, cycle, check_type):
     app = current_app()
     job = get_current_job()
@@ -55,7 +79,15 @@ def run_job(job_id, cycle, check_type):
     if not report.skipped:
         record_success(app.redis, job_id)
     log.info("Job %s done in %.2fs: %s", job_id, time.monotonic() - started, report.summary())
+    if frees_slots(report):
+        # Refill the freed slots now rather than at the next creation tick: a slot idle for
+        # half a creation interval after every batch is throughput lost.
+        run_now(app.redis, "batch_creator", check_type)
     return report.summary()
+
+
+def frees_slots(report):
+    return bool(getattr(report, "ingested", None) or getattr(report, "failed", None))
 
 
 def record_success(redis, job_id, now=None):

@@ -15,13 +15,11 @@ from collections import namedtuple
 from urllib.parse import urlparse
 
 from redis.exceptions import RedisError
-from rq import Queue
-from rq.job import JobStatus
 from waitress.server import create_server
 
 from .config import CHECK_TYPES, redact_url
 from .db import connection, utcnow
-from .jobs import JOB_TIMEOUT, QUEUE_NAME, check_batches_job, job_definitions, last_successes
+from .jobs import job_definitions, last_successes, run_now
 from .logs import MASK
 from .reports import queue_overview
 
@@ -32,10 +30,6 @@ OVERDUE_INTERVALS = 5      # a job this many intervals late (plus the grace) is 
 GRACE_SECONDS = 30         # room for a slow cycle or a scheduler restart
 CHECK_TIMEOUT = 5          # seconds /health waits for the database and Redis, together
 MAX_CALLBACK_BODY = 64 * 1024
-NOW_JOB_ID = "status_checker_%s_now"
-# A job in these states has not run yet or is running: queueing it again would add nothing, and
-# reusing the id of a running job would overwrite the record its worker is still updating.
-WAITING_STATES = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
 
 Reply = namedtuple("Reply", "status body headers", defaults=((),))
 NOT_FOUND = Reply(404, {"error": "not found"})
@@ -250,10 +244,9 @@ def callback(app, environ, secret, rest):
     if environ["REQUEST_METHOD"] not in ("POST", "GET"):
         return method_not_allowed("POST, GET")
     discard_body(environ)
-    queue = Queue(QUEUE_NAME, connection=app.redis)
     try:
         for check_type in check_types:
-            enqueue_status_check(queue, check_type)
+            run_now(app.redis, "status_checker", check_type)
     except RedisError as exc:
         log.warning("Callback: cannot queue a status check (%s); polling will pick the batch up",
                     describe_error(exc, app.settings))
@@ -285,16 +278,3 @@ def discard_body(environ):
         environ["wsgi.input"].read(min(length, MAX_CALLBACK_BODY))
 
 
-def enqueue_status_check(queue, check_type):
-    """Queue one status cycle for `check_type` now, unless the one an earlier callback queued
-    has not finished: a burst of callbacks costs one cycle. Two callbacks at the very same
-    moment may both queue it; the second run then finds the cycle's lock or nothing to do."""
-    job_id = NOW_JOB_ID % check_type
-    waiting = queue.fetch_job(job_id)
-    if waiting is not None and waiting.get_status(refresh=False) in WAITING_STATES:
-        log.info("Callback: status check %s already waiting (rq job %s)", check_type, job_id)
-        return False
-    # The scheduled runs' timeout: the cycle's lock is sized to it.
-    queue.enqueue(check_batches_job, check_type, job_id=job_id, job_timeout=JOB_TIMEOUT)
-    log.info("Callback: status check %s queued (rq job %s)", check_type, job_id)
-    return True

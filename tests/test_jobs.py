@@ -1,0 +1,58 @@
+"""The job layer: what a run records and logs, and the refill a freed slot triggers."""
+import logging
+
+from rq import Queue, SimpleWorker
+
+from bouncer.creator import run_creation_cycle
+from bouncer.jobs import QUEUE_NAME, check_batches_job, create_batches_job, last_successes
+from bouncer.models import BouncerBatch
+
+from conftest import addresses, submit
+
+
+def work(app):
+    """Run every queued job in-process, including jobs queued by those jobs."""
+    queue = Queue(QUEUE_NAME, connection=app.redis)
+    SimpleWorker([queue], connection=app.redis).work(burst=True)
+    return queue
+
+
+def test_job_status_cycle_that_frees_slots_refills_them_now(app, bouncer):
+    submit("alice", addresses("a", 40))            # 4 batches of 10, capacity 3
+    run_creation_cycle(app, "deliverable")
+    bouncer.complete()
+    Queue(QUEUE_NAME, connection=app.redis).enqueue(check_batches_job, "deliverable")
+    queue = work(app)
+    assert queue.fetch_job("batch_creator_deliverable_now").get_status() == "finished"
+    # The fourth batch went out right after the first three came back, with no creation tick.
+    assert BouncerBatch.select().count() == 4 and bouncer.count("create") == 4
+
+
+def test_job_status_cycle_with_nothing_finished_triggers_nothing(app, bouncer):
+    submit("alice", addresses("a", 5))
+    run_creation_cycle(app, "deliverable")
+    Queue(QUEUE_NAME, connection=app.redis).enqueue(check_batches_job, "deliverable")
+    queue = work(app)
+    assert queue.fetch_job("batch_creator_deliverable_now") is None
+
+
+def test_job_records_success_and_logs_what_the_cycle_did(app, bouncer, caplog):
+    caplog.set_level(logging.INFO)
+    submit("alice", addresses("a", 5))
+    Queue(QUEUE_NAME, connection=app.redis).enqueue(create_batches_job, "deliverable")
+    work(app)
+    assert "batch_creator_deliverable" in last_successes(app.redis)
+    assert "Job batch_creator_deliverable done" in caplog.text and "1 Bouncer batch(es) created" in caplog.text
+
+
+def test_job_failure_is_logged_not_retried_and_not_recorded(app, bouncer, caplog, monkeypatch):
+    import bouncer.jobs as jobs
+
+    def broken(app, check_type):
+        raise RuntimeError("database went away")
+    monkeypatch.setattr(jobs, "run_status_cycle", broken)
+    job = Queue(QUEUE_NAME, connection=app.redis).enqueue(check_batches_job, "deliverable")
+    work(app)
+    assert job.get_status() == "failed" and job.retries_left is None
+    assert "status_checker_deliverable" not in last_successes(app.redis)
+    assert "Job status_checker_deliverable" in caplog.text and "database went away" in caplog.text
