@@ -6,7 +6,7 @@ import sys
 import tempfile
 
 import click
-from peewee import OperationalError, ProgrammingError
+from peewee import InterfaceError, OperationalError, ProgrammingError
 from redis.exceptions import RedisError
 
 from .config import CHECK_TYPES, ConfigError
@@ -24,7 +24,7 @@ class BouncerGroup(click.Group):
             return super().invoke(ctx)
         except EXPECTED_ERRORS as exc:
             raise click.ClickException(str(exc)) from None
-        except (OperationalError, ProgrammingError) as exc:
+        except (OperationalError, ProgrammingError, InterfaceError) as exc:
             raise click.ClickException(describe_database_error(exc)) from None
         except RedisError as exc:
             raise click.ClickException("Redis is not reachable (REDIS_URL): %s" % exc) from None

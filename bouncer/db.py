@@ -5,8 +5,9 @@ import hashlib
 import io
 import json
 from itertools import islice
+from urllib.parse import parse_qs, urlsplit
 
-from peewee import SQL, PostgresqlDatabase, SqliteDatabase, Value, fn
+from peewee import SQL, PeeweeException, PostgresqlDatabase, SqliteDatabase, Value, fn
 from playhouse.db_url import connect
 
 from .config import redact_url
@@ -36,8 +37,6 @@ def utcnow():
 
 def open_database(url):
     """Bind the models to the database at `url` and return it."""
-    from urllib.parse import parse_qs, urlsplit
-
     options = {}
     if url.startswith("sqlite"):
         # A writer waits this long for another process's transaction before giving up.
@@ -232,8 +231,6 @@ def connection():
     """A fresh connection for the duration of a cycle or a command, closed after, errors
     included, so a restarted database server costs one failed cycle, not a dead worker. Inside a
     transaction it is the caller's connection, used as it is."""
-    from peewee import PeeweeException
-
     if database.in_transaction():
         yield database
         return

@@ -1,15 +1,17 @@
 """The scheduler process: registers the four repeating jobs with rq-scheduler, idempotently, then
 runs its loop. Every line that knows about rq-scheduler lives here, so moving to `rq cron` later
 touches this one module."""
+import contextlib
 import datetime
 import logging
 import signal
+import time
 
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq_scheduler import Scheduler
-from redis.exceptions import LockError
+from redis.exceptions import LockError, RedisError
 
 from .jobs import JOB_TIMEOUT, QUEUE_NAME, job_definitions
 
@@ -35,6 +37,7 @@ REGISTRATION_LOCK_TIMEOUT = 10   # expiry: a registrant killed mid-way frees it
 REGISTRATION_WAIT = 5            # how long a second registrant waits for the first
 
 POLL_INTERVAL = 1  # seconds between scheduler rounds; the shortest job interval is 1 s
+REDIS_RETRY_INTERVAL = 2  # seconds between attempts to reach Redis again after losing it
 
 
 def register_jobs(scheduler, settings, now=None):
@@ -160,6 +163,18 @@ class BouncerScheduler(Scheduler):
         self.restore_missing_jobs()
         return super().enqueue_jobs()
 
+    # rq-scheduler's loop ends by removing its round lock and recording its death. With Redis
+    # gone both raise, which would turn a stop (SIGTERM) into a crash; both keys expire anyway.
+    def remove_lock(self):
+        try:
+            super().remove_lock()
+        except RedisError:
+            self._lock_acquired = False
+
+    def register_death(self):
+        with contextlib.suppress(RedisError):
+            super().register_death()
+
     def restore_missing_jobs(self):
         missing = missing_job_ids(self, self.settings)
         if not missing:
@@ -177,17 +192,27 @@ def stop_on_signal(signum, frame):
 
 
 def run_scheduler(app):
-    # rq-scheduler installs its own SIGTERM/SIGINT handlers (they record its death, free its lock
-    # and raise SystemExit) only once its loop starts; these cover registration before that.
-    signal.signal(signal.SIGTERM, stop_on_signal)
-    signal.signal(signal.SIGINT, stop_on_signal)
-    scheduler = BouncerScheduler(app.settings, queue=Queue(QUEUE_NAME, connection=app.redis),
-                                 connection=app.redis, interval=POLL_INTERVAL)
-    try:
-        log_registration(register_jobs(scheduler, app.settings))
-        log.info("Scheduler %s: running, polling every %ss", scheduler.name, POLL_INTERVAL)
-        scheduler.run()
-    except SystemExit as stop:
-        if stop.code not in (None, 0):
-            raise
+    while True:
+        # rq-scheduler installs its own SIGTERM/SIGINT handlers (they record its death, free its
+        # lock and raise SystemExit) only once its loop starts; these cover registration and the
+        # wait for Redis before that.
+        signal.signal(signal.SIGTERM, stop_on_signal)
+        signal.signal(signal.SIGINT, stop_on_signal)
+        scheduler = BouncerScheduler(app.settings, queue=Queue(QUEUE_NAME, connection=app.redis),
+                                     connection=app.redis, interval=POLL_INTERVAL)
+        try:
+            log_registration(register_jobs(scheduler, app.settings))
+            log.info("Scheduler %s: running, polling every %ss", scheduler.name, POLL_INTERVAL)
+            scheduler.run()
+        except SystemExit as stop:
+            if stop.code not in (None, 0):
+                raise
+        except RedisError as exc:
+            # Redis restarted or failed over: the schedule lives there, so wait and start over;
+            # registration puts the four jobs back if it came back empty.
+            log.error("Scheduler %s: Redis unavailable (%s); trying again in %ss",
+                      scheduler.name, exc, REDIS_RETRY_INTERVAL)
+            time.sleep(REDIS_RETRY_INTERVAL)
+            continue
+        break
     log.info("Scheduler %s: stopped", scheduler.name)

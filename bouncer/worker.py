@@ -1,7 +1,10 @@
 """The worker process: one RQ worker on `bouncer-queue`, each job run in a forked horse."""
 import logging
+import os
 import signal
+import time
 
+from redis.exceptions import RedisError
 from rq import Queue
 from rq.worker import HerokuWorker
 
@@ -19,6 +22,9 @@ MAINTENANCE_INTERVAL = 60
 # long to finish its cycle before ShutDownImminentException stops it (rq's default is 6 s, short
 # for a cycle waiting on Bouncer); the rest of the 30 s is the worker's own bookkeeping.
 SHUTDOWN_GRACE = 20
+
+# Seconds between attempts to reach Redis again after losing it in the middle of a job.
+REDIS_RETRY_INTERVAL = 2
 
 
 class BouncerWorker(HerokuWorker):
@@ -51,12 +57,58 @@ def close_database():
 
 def run_worker(app):
     close_database()
-    worker = BouncerWorker([Queue(QUEUE_NAME, connection=app.redis)], connection=app.redis,
-                           maintenance_interval=MAINTENANCE_INTERVAL)
-    # No logging_level: rq then leaves logging to the handlers bouncer.logs installed.
-    worker.work(with_scheduler=False)
+    while True:
+        worker = BouncerWorker([Queue(QUEUE_NAME, connection=app.redis)], connection=app.redis,
+                               maintenance_interval=MAINTENANCE_INTERVAL)
+        try:
+            # No logging_level: rq then leaves logging to the handlers bouncer.logs installed.
+            worker.work(with_scheduler=False)
+            break
+        except RedisError as exc:
+            # rq reconnects by itself only while it waits for a job: Redis lost during a job ends
+            # its loop, and its last bookkeeping raises here. The interrupted cycle is the next
+            # cycle's work; this process carries on with a fresh rq worker once Redis answers.
+            if worker.stop_signal is not None:
+                break
+            log.error("Worker %s: lost Redis (%s); starting again once it answers", worker.name, exc)
+            stop_listening(worker)
+            let_horse_finish(worker)
+            wait_for_redis(app.redis, worker)
+            if worker.stop_signal is not None:
+                break
     if worker.stop_signal is None:
         log.error("Worker %s: stopped without a stop request (see above); exiting with code 1",
                   worker.name)
         raise SystemExit(1)
     log.info("Worker %s: stopped on %s", worker.name, signal.Signals(worker.stop_signal).name)
+
+
+def stop_listening(worker):
+    """rq's teardown stopped before the thread listening for commands (`rq` CLI); it would retry
+    forever beside the next worker's. It stops at its next round."""
+    if worker.pubsub_thread is not None:
+        worker.pubsub_thread.stop()
+
+
+def let_horse_finish(worker):
+    """The horse of the lost job may still be storing its work; with the cycle lock gone along
+    with Redis, a new cycle must not start beside it."""
+    if worker.horse_pid:
+        try:
+            os.waitpid(worker.horse_pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def wait_for_redis(redis, worker):
+    """Until Redis answers, or a stop is requested (the worker then exits as on any stop)."""
+    def note_stop(signum, frame):
+        worker.stop_signal = signum
+    signal.signal(signal.SIGTERM, note_stop)
+    signal.signal(signal.SIGINT, note_stop)
+    while worker.stop_signal is None:
+        try:
+            redis.ping()
+            return
+        except RedisError:
+            time.sleep(REDIS_RETRY_INTERVAL)

@@ -1,6 +1,7 @@
 """Benchmark of the service's own database work, measured side by side in one run.
 
     python scripts/bench.py [--database-url URL] [--queued 150000,1000000] [--skip-naive]
+                            [--submit 1000000]
 
 Prints one table: the creation cycle that fills 15 x 10k (time, SQL statements) with each
 backlog size; ingesting 15 completed batches (150k results) against the floor of one raw bulk
@@ -13,6 +14,7 @@ import multiprocessing
 import os
 import random
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -198,6 +200,35 @@ FLOOR_COLUMNS = ("email_global_id", "status", "reason", "score", "accept_all", "
                  "bouncer_batch_id")
 
 
+def measure_submit(url, lines):
+    """`python -m bouncer submit` of a `lines`-line file, as a user runs it: (seconds, peak RSS
+    in MB of that process). The file has repeats and Gmail spellings, and a few invalid lines."""
+    reset_database(url)
+    database.close()
+    path = os.path.join(tempfile.mkdtemp(), "addresses.txt")
+    with open(path, "w") as f:
+        for i in range(lines):
+            if i % 1000 == 999:
+                f.write("not an address %d\n" % i)
+            elif i % 10 == 0:
+                f.write("First.Last%d+tag@gmail.com\n" % (i // 2))
+            else:
+                f.write("user%d@example.com\n" % i)
+    env = dict(os.environ, DATABASE_URL=url, LOG_LEVEL="WARNING")
+    started = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", "bouncer", "submit", path, "--user", "bench",
+                              "--check-type", "deliverable", "--json"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - started
+    answer = json.loads(child.stdout.read())
+    assert status == 0 and answer["accepted"] + answer["invalid"] == lines, answer
+    os.unlink(path)
+    database.connect(reuse_if_open=True)
+    return seconds, usage.ru_maxrss / 1024
+
+
 def measure_naive_claim(url, queued):
     """One batch of 10k claimed the naive way: per row, find the oldest queued row, mark it."""
     reset_database(url)
@@ -239,6 +270,8 @@ def main():
     parser.add_argument("--queued", default="150000,1000000",
                         help="backlog sizes for the creation cycle, comma-separated")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--submit", type=int, default=1000000,
+                        help="lines for the submit measure (0 skips it)")
     args = parser.parse_args()
     url = args.database_url or "sqlite:///%s" % os.path.join(tempfile.mkdtemp(), "bench.db")
     backend = "PostgreSQL" if "postgres" in url else "SQLite"
@@ -270,11 +303,15 @@ def main():
         rows.append(("naive: per-row claims, 1 batch of 10k", naive_claim, naive_claim_statements,
                      None, "x15 = %.1f s for a cycle (%.0fx ours)" % (
                          naive_claim * SLOTS, naive_claim * SLOTS / creation[sizes[0]])))
+    if args.submit:
+        submit_seconds, submit_rss = measure_submit(url, args.submit)
+        rows.append(("submit %s lines (`python -m bouncer submit`)" % format(args.submit, ","),
+                     submit_seconds, 0, submit_rss, "%.0f lines/s" % (args.submit / submit_seconds)))
     print("\n%s, %d cores" % (backend, os.cpu_count()))
     print("| measure | seconds | SQL statements | peak RSS (MB) | ratio |")
     print("|---|---:|---:|---:|---|")
     for name, seconds, statements, rss, note in rows:
-        print("| %s | %.2f | %d | %s | %s |" % (name, seconds, statements,
+        print("| %s | %.2f | %s | %s | %s |" % (name, seconds, statements or "",
                                                "%.0f" % rss if rss else "", note))
 
 

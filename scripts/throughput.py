@@ -1,0 +1,174 @@
+"""Throughput against the physical limit, and credits per mailbox, with the real processes.
+
+    python scripts/throughput.py [--processing-time 20] [--duration 90] [--skip-slots] [--skip-credits]
+
+Slot use: the sandbox completes every batch in exactly T seconds; a worker and a scheduler run
+with compressed intervals (the status interval is T/20, as 30 s is to a 10-minute Bouncer
+batch); emails verified per second in steady state are compared with the limit
+BOUNCER_MAX_OUTSTANDING x BOUNCER_BATCH_SIZE / T, first polling only, then with the callback.
+
+Credits: user batches with cross-user repeats, Gmail spellings and case variants go through the
+cycles against the sandbox; credits spent (Bouncer's count: distinct addresses per batch) are
+divided by the distinct stripped addresses. Then a batch of already-verified addresses: 0.
+"""
+import argparse
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+from peewee import fn  # noqa: E402
+
+from bouncer.app import App  # noqa: E402
+from bouncer.checker import run_status_cycle  # noqa: E402
+from bouncer.config import Settings  # noqa: E402
+from bouncer.creator import run_creation_cycle  # noqa: E402
+from bouncer.db import create_schema, open_database  # noqa: E402
+from bouncer.models import DONE, EmailGlobal, UserBatchEmail  # noqa: E402
+from bouncer.sandbox import Sandbox  # noqa: E402
+from bouncer.submit import create_user_batch  # noqa: E402
+
+SLOTS, BATCH = 15, 1000
+API_KEY = "sk-throughput-" + secrets.token_hex(8)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args, env, log_path):
+    log = open(log_path, "w")
+    return subprocess.Popen([sys.executable, "-m", "bouncer"] + args, cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop(processes):
+    for p in processes:
+        p.terminate()
+    for p in processes:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def measure_slot_use(processing_time, duration, callback, redis_url, workdir):
+    """Emails verified per second in steady state, and the limit."""
+    url = "sqlite:///%s" % os.path.join(workdir, "slots-%s.db" % ("callback" if callback else "polling"))
+    sandbox_port, web_port = free_port(), free_port()
+    status_interval = max(1, round(processing_time / 20))
+    env = dict(os.environ, DATABASE_URL=url, REDIS_URL=redis_url, BOUNCER_API_KEY=API_KEY,
+               BOUNCER_API_URL="http://127.0.0.1:%d" % sandbox_port, BATCH_CREATE_INTERVAL="1",
+               STATUS_CHECK_INTERVAL=str(status_interval), BOUNCER_BATCH_SIZE=str(BATCH),
+               BOUNCER_MAX_OUTSTANDING=str(SLOTS), PORT=str(web_port), LOG_LEVEL="WARNING")
+    if callback:
+        env.update(PUBLIC_URL="http://127.0.0.1:%d" % web_port, CALLBACK_SECRET=secrets.token_hex(16))
+    open_database(url)
+    create_schema()
+    expected = int(SLOTS * BATCH * (duration + 2 * processing_time + 30) / processing_time)
+    for start_at in range(0, expected, 50000):
+        create_user_batch("bench", "deliverable", ("s%d@example.com" % i for i in
+                                                  range(start_at, min(expected, start_at + 50000))))
+    import redis
+    redis.Redis.from_url(redis_url).flushdb()
+    logs = os.path.join(workdir, "slots")
+    os.makedirs(logs, exist_ok=True)
+    processes = [start(["sandbox", "--port", str(sandbox_port), "--processing-time", str(processing_time)],
+                       env, os.path.join(logs, "sandbox.log"))]
+    time.sleep(1)
+    processes += [start([name], env, os.path.join(logs, "%s.log" % name))
+                  for name in (("worker", "scheduler", "web") if callback else ("worker", "scheduler"))]
+    try:
+        warm_up = processing_time + 10      # every slot has turned over once
+        time.sleep(warm_up)
+        before = count_done()
+        started = time.monotonic()
+        time.sleep(duration)
+        achieved = (count_done() - before) / (time.monotonic() - started)
+    finally:
+        stop(processes)
+    return achieved, SLOTS * BATCH / processing_time, status_interval
+
+
+def count_done():
+    return UserBatchEmail.select(fn.COUNT(UserBatchEmail.id)).where(UserBatchEmail.status == DONE).scalar()
+
+
+def measure_credits(redis_url, workdir):
+    """(credits spent, distinct stripped addresses, credits for an already-verified batch)."""
+    import redis
+    url = "sqlite:///%s" % os.path.join(workdir, "credits.db")
+    open_database(url)
+    create_schema()
+    sandbox = Sandbox(port=0, processing_time=0).start()
+    settings = Settings(database_url=url, redis_url=redis_url, api_key=API_KEY, api_url=sandbox.url,
+                        batch_size=1000, max_outstanding=15)
+    app = App(settings, redis=redis.Redis.from_url(redis_url))
+    base = ["person%d@example.com" % i for i in range(3000)]
+    gmail = ["first.last%d@gmail.com" % i for i in range(500)]
+    try:
+        create_user_batch("alice", "deliverable", base + gmail)
+        create_user_batch("bob", "deliverable", [a.upper() for a in base[:1500]]
+                          + ["firstlast%d+promo@googlemail.com" % i for i in range(500)]
+                          + ["new%d@example.com" % i for i in range(1500)] + base[:100])
+        create_user_batch("carol", "deliverable", base[1000:2000] + base[1000:1200])
+        drain(app)
+        spent = credits(sandbox)
+        distinct = EmailGlobal.select().count()
+        create_user_batch("dave", "deliverable", base[:2000] + ["FirstLast%d@gmail.com" % i for i in range(500)])
+        drain(app)
+        cached = credits(sandbox) - spent
+    finally:
+        sandbox.stop()
+    return spent, distinct, cached
+
+
+def drain(app):
+    for _ in range(100):
+        run_creation_cycle(app, "deliverable")
+        run_status_cycle(app, "deliverable")
+        if not UserBatchEmail.select().where(UserBatchEmail.status.in_(("queued", "sent"))).exists():
+            return
+    raise RuntimeError("did not drain")
+
+
+def credits(sandbox):
+    """Bouncer's count: each batch costs its distinct addresses."""
+    return sum(len(batch["distinct"]) for batch in sandbox.batches.values())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--processing-time", type=float, default=20)
+    parser.add_argument("--duration", type=float, default=90)
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6390/13")
+    parser.add_argument("--skip-slots", action="store_true")
+    parser.add_argument("--skip-credits", action="store_true")
+    args = parser.parse_args()
+    workdir = tempfile.mkdtemp(prefix="bouncer-throughput-")
+    print("| measure | value | target |")
+    print("|---|---|---|")
+    if not args.skip_credits:
+        spent, distinct, cached = measure_credits(args.redis_url, workdir)
+        print("| credits per distinct stripped address | %.2f (%d / %d) | 1.00 |" % (spent / distinct, spent, distinct))
+        print("| credits for 2,500 already-verified addresses | %d | 0 |" % cached)
+    if not args.skip_slots:
+        for callback in (False, True):
+            achieved, limit, interval = measure_slot_use(args.processing_time, args.duration, callback,
+                                                         args.redis_url, workdir)
+            print("| slot use, %s (T=%gs, status every %ds) | %.0f of %.0f emails/s = %.1f%% | %s |" % (
+                "with callbacks" if callback else "polling", args.processing_time, interval,
+                achieved, limit, 100 * achieved / limit, ">= 99%" if callback else ">= 95%"))
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,635 @@
+"""Infrastructure faults against real servers: Redis flushed and restarted under a running worker
+and scheduler, PostgreSQL restarted in the middle of a cycle or stopped under the CLI, and an
+SQLite database that is read-only or on a full disk.
+
+Each test starts its own throwaway server on a free port (never the shared test Redis or
+PostgreSQL, which other tests use at the same time) and takes it down again in `finally`.
+"""
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psycopg2
+import pytest
+import redis as redis_lib
+from peewee import OperationalError
+from rq_scheduler import Scheduler
+
+from bouncer import ingest
+from bouncer.app import App, set_current_app
+from bouncer.checker import run_status_cycle
+from bouncer.creator import run_creation_cycle
+from bouncer.db import connection, create_schema, open_database
+from bouncer.models import (
+    COMPLETED, OUTSTANDING, SENT, BouncerBatch, DeliverableResult, UserBatch, database,
+)
+from bouncer.sandbox import Sandbox
+
+from conftest import API_KEY, REDIS_URL, addresses, make_settings, statuses, submit
+
+ROOT = Path(__file__).resolve().parent.parent
+JOB_IDS = ["batch_creator_catchall", "batch_creator_deliverable",
+           "status_checker_catchall", "status_checker_deliverable"]
+WAIT = 60                 # seconds: the longest any single wait in this file may take
+REDIS_OUTAGE = 4          # seconds Redis stays down: several scheduler rounds and worker polls
+SLOW_CALL = 2             # seconds a Bouncer call takes: the job it is part of ends while Redis
+                          # is down, so the worker meets the outage with a job on its hands
+DB_PASSWORD = "pw-7f3c9e1d-never-shown"
+IS_ROOT = os.geteuid() == 0
+
+
+# -- small tools --
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, what, timeout=WAIT, interval=0.2):
+    """Poll `predicate` until it returns something true; fail naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("%s: not within %ss" % (what, timeout))
+        time.sleep(interval)
+
+
+def require_program(name):
+    found = shutil.which(name)
+    if not found:
+        pytest.skip("%s is not installed (scripts/test installs it)" % name)
+    return found
+
+
+def bouncer_command(*args):
+    return [sys.executable, "-m", "bouncer", *[str(a) for a in args]]
+
+
+def run_cli(env, *args, as_unprivileged=False, stdin=None):
+    command = bouncer_command(*args)
+    if as_unprivileged:
+        command = obeying_file_modes(command)
+    return subprocess.run(command, cwd=ROOT, env=env, input=stdin, capture_output=True,
+                          text=True, timeout=WAIT)
+
+
+def one_line_failure(result):
+    """The stderr of a command that must fail the way the CLI promises: exit 1, one line, no
+    traceback. Returns that line."""
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    return lines[0]
+
+
+def cli_env(database_url, redis_url=REDIS_URL, api_url="http://127.0.0.1:9"):
+    env = dict(os.environ)
+    env.update({
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "BOUNCER_API_URL": api_url,
+        "BOUNCER_API_KEY": API_KEY,
+        "BATCH_CREATE_INTERVAL": "1",
+        "STATUS_CHECK_INTERVAL": "1",
+        "LOG_LEVEL": "INFO",
+    })
+    return env
+
+
+@pytest.fixture
+def bound_database():
+    """Tests here bind the models to databases of their own; the next test gets back whatever
+    was bound before."""
+    original = database.obj
+    yield
+    with contextlib.suppress(Exception):
+        if not database.is_closed():
+            database.close()
+    set_current_app(None)
+    database.initialize(original)
+
+
+# == 1. Redis flushed, then restarted empty, under a running worker and scheduler =============
+
+class RedisServer:
+    """redis-server in the foreground on a free port, no persistence: a restart comes back empty."""
+
+    def __init__(self, directory):
+        self.port = free_port()
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.proc = None
+        self.url = "redis://127.0.0.1:%d/0" % self.port
+        self.client = redis_lib.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2)
+
+    def start(self):
+        log = open(self.directory / "redis.log", "ab")
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--daemonize", "no", "--dir", str(self.directory)],
+            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_for(self.answers, "redis-server on port %d to answer" % self.port, timeout=15)
+        return self
+
+    def answers(self):
+        try:
+            return self.client.ping()
+        except redis_lib.RedisError:
+            return False
+
+    def crash(self):
+        """SIGKILL: what a crashed or replaced Redis instance looks like to its clients."""
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.crash()
+        self.client.close()
+
+    def scheduled_ids(self):
+        """Every id rq-scheduler has scheduled, sorted (None while Redis does not answer)."""
+        try:
+            ids = self.client.zrange(Scheduler.scheduled_jobs_key, 0, -1)
+        except redis_lib.RedisError:
+            return None
+        return sorted(k.decode() for k in ids)
+
+
+class Service:
+    """The Procfile's worker and scheduler for real, on an SQLite file, its own Redis and the
+    sandbox; output in files, printed when a test fails, every process killed at the end."""
+
+    def __init__(self, directory, redis_server, api_url):
+        self.directory = Path(directory)
+        self.db_path = self.directory / "bouncer.db"
+        self.redis = redis_server
+        self.env = cli_env("sqlite:///%s" % self.db_path, redis_server.url, api_url)
+        self.started = []
+
+    def start(self, name, *args):
+        out = open(self.directory / ("%s.log" % name), "ab")
+        proc = subprocess.Popen(bouncer_command(*args), cwd=ROOT, env=self.env,
+                                stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+        proc.name = name
+        self.started.append(proc)
+        return proc
+
+    def run(self, *args, stdin=None):
+        done = run_cli(self.env, *args, stdin=stdin)
+        assert done.returncode == 0, "%s failed: %s" % (args, done.stderr)
+        return done.stdout
+
+    def submit(self, name):
+        emails = "%s-one@example.com\n%s-two@example.com\n" % (name, name)
+        answer = self.run("submit", "-", "--user", name, "--check-type", "deliverable", "--json",
+                          stdin=emails)
+        return json.loads(answer)["batch_id"]
+
+    def batch_status(self, batch_id):
+        with contextlib.closing(sqlite3.connect(self.db_path, timeout=10)) as conn:
+            row = conn.execute("SELECT status FROM user_batches WHERE id = ?",
+                               (batch_id,)).fetchone()
+        return row[0] if row else None
+
+    def wait_until_completed(self, batch_id, what):
+        wait_for(lambda: self.batch_status(batch_id) == "completed",
+                 "user batch %s (%s) to complete" % (batch_id, what))
+
+    def wait_until_jobs_registered(self, what):
+        wait_for(lambda: self.redis.scheduled_ids() == JOB_IDS or self.any_exited(),
+                 "the scheduler to register the four jobs %s" % what)
+        self.assert_all_running()
+        assert self.redis.scheduled_ids() == JOB_IDS
+
+    def any_exited(self):
+        return any(proc.poll() is not None for proc in self.started)
+
+    def assert_all_running(self):
+        for proc in self.started:
+            assert proc.poll() is None, "%s exited with code %s:\n%s" % (
+                proc.name, proc.returncode, self.log(proc)[-3000:])
+
+    def log(self, proc):
+        return (self.directory / ("%s.log" % proc.name)).read_text(errors="replace")
+
+    def print_logs(self):
+        for proc in self.started:
+            print("---- %s (exit %s) ----\n%s" % (proc.name, proc.poll(), self.log(proc)[-6000:]))
+
+    def kill_all(self):
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def running_service(tmp_path, sandbox):
+    """A worker and a scheduler on a Redis of their own and `sandbox`, one batch already
+    completed. Everything started is stopped at the end, the processes first."""
+    require_program("redis-server")
+    redis_server = RedisServer(tmp_path / "redis")
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(redis_server.stop)
+        redis_server.start()
+        cleanup.callback(sandbox.stop)
+        sandbox.start()
+        service = Service(tmp_path, redis_server, sandbox.url)
+        cleanup.callback(service.kill_all)
+        try:
+            service.run("init-db")
+            service.start("worker", "worker")
+            service.start("scheduler", "scheduler")
+            service.wait_until_completed(service.submit("before"), "before any fault")
+            assert redis_server.scheduled_ids() == JOB_IDS
+            yield service
+        except BaseException:
+            service.print_logs()
+            raise
+
+
+def stop(proc, timeout=15):
+    """SIGTERM, as Heroku and Render send; the exit code."""
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=timeout)
+
+
+def signal_on_request(sandbox, method):
+    """An Event set as soon as the sandbox starts answering a `method` request (before any slow
+    fault makes it wait): the moment a job is known to be in the middle of a Bouncer call. The
+    sandbox records a request only once answered, hence the hook on its answering step."""
+    started = threading.Event()
+    answer = sandbox._answer
+
+    def answer_and_signal(request_method, *args):
+        if request_method == method:
+            started.set()
+        return answer(request_method, *args)
+
+    sandbox._answer = answer_and_signal
+    return started
+
+
+@pytest.mark.slow
+def test_scheduler_registers_the_jobs_again_after_redis_is_flushed(tmp_path):
+    with running_service(tmp_path, Sandbox(port=0, processing_time=0.5)) as service:
+        service.redis.client.flushall()
+
+        service.wait_until_jobs_registered("again after FLUSHALL")
+        service.wait_until_completed(service.submit("after-flush"), "after FLUSHALL")
+        # Exactly the four stable ids: registering again never adds a second copy.
+        assert service.redis.scheduled_ids() == JOB_IDS
+        service.assert_all_running()
+
+
+@pytest.mark.slow
+def test_worker_and_scheduler_ride_out_a_redis_restart(tmp_path):
+    """Redis holds the schedule and the locks, never the work: losing it for a few seconds must
+    cost a few cycles, not the processes.
+
+    Decided: both processes stay up and carry on once Redis answers again (empty), the scheduler
+    registers the four jobs again, and a SIGTERM still stops them cleanly while Redis is away.
+    Exiting non-zero for the platform to restart would also recover, but Heroku restarts a dyno
+    that crashes again only after a cool-off of up to 20 minutes, with nothing scheduled
+    meanwhile. rq's worker reconnects by itself (backoff 1 s doubling to 60 s) only while it
+    waits for a job; here Redis goes away while a job runs (a Bouncer call made slow on purpose)
+    and comes back after it ended, the case where rq quits its loop."""
+    sandbox = Sandbox(port=0, processing_time=0.5, slow_seconds=SLOW_CALL)
+    with running_service(tmp_path, sandbox) as service:
+        creating = signal_on_request(sandbox, "POST")
+        sandbox.slow_rate = 1.0
+        in_flight = service.submit("in-flight")
+        assert creating.wait(WAIT), "no creation cycle called Bouncer"
+
+        service.redis.crash()
+        time.sleep(REDIS_OUTAGE)
+        sandbox.slow_rate = 0.0
+        service.redis.start()
+
+        service.wait_until_jobs_registered("again after a Redis restart")
+        service.assert_all_running()
+        # The batch whose creation was under way is followed to the end, and new work flows.
+        service.wait_until_completed(in_flight, "created while Redis went away")
+        service.wait_until_completed(service.submit("after-restart"), "after a Redis restart")
+        assert service.redis.scheduled_ids() == JOB_IDS
+        service.assert_all_running()
+
+        # A process that waits for Redis must still stop when the platform asks it to.
+        service.redis.crash()
+        time.sleep(1)
+        for proc in service.started:
+            assert stop(proc) == 0, service.log(proc)[-3000:]
+
+
+# == 2. PostgreSQL restarted mid-cycle, or stopped under the CLI ==============================
+
+def postgres_programs():
+    """The directory holding initdb and pg_ctl: on PATH, or Debian's newest versioned one."""
+    if shutil.which("pg_ctl") and shutil.which("initdb"):
+        return Path(shutil.which("pg_ctl")).parent
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin"),
+                   key=lambda d: int(Path(d).parent.name) if Path(d).parent.name.isdigit() else 0)
+    if not found:
+        pytest.skip("PostgreSQL's server programs are not installed (scripts/test installs them)")
+    return Path(found[-1])
+
+
+class PostgresCluster:
+    """A throwaway cluster on a free port with trust authentication (a password in the URL is
+    accepted and ignored, which is enough to check that none is ever shown). PostgreSQL refuses
+    to run as root, so as root it runs as the `postgres` user from a directory under /tmp."""
+
+    def __init__(self):
+        self.bin = postgres_programs()
+        self.port = free_port()
+        self.directory = Path(tempfile.mkdtemp(prefix="bouncer-faults-pg-", dir="/tmp"))
+        self.data = self.directory / "data"
+        if IS_ROOT:
+            try:
+                owner = pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.skip("no `postgres` user to run PostgreSQL as (scripts/test creates it)")
+            os.chown(self.directory, owner.pw_uid, owner.pw_gid)
+
+    def as_owner(self, program, *args):
+        command = [str(self.bin / program), *[str(a) for a in args]]
+        return ["runuser", "-u", "postgres", "--", *command] if IS_ROOT else command
+
+    def pg_ctl(self, *args):
+        subprocess.run(self.as_owner("pg_ctl", "-D", self.data, "-w", "-t", 30, *args),
+                       check=True, capture_output=True, timeout=WAIT)
+
+    @property
+    def server_options(self):
+        return ("-p %d -k %s -c listen_addresses=127.0.0.1 -c fsync=off"
+                % (self.port, self.directory))
+
+    def start(self):
+        subprocess.run(self.as_owner("initdb", "-D", self.data, "-A", "trust", "-U", "postgres"),
+                       check=True, capture_output=True, timeout=WAIT)
+        self.pg_ctl("-l", self.directory / "server.log", "-o", self.server_options, "start")
+        return self
+
+    def restart(self):
+        """Fast mode: every backend is terminated, open transactions with it."""
+        self.pg_ctl("-l", self.directory / "server.log", "-m", "fast", "-o", self.server_options,
+                    "restart")
+
+    def stop(self):
+        self.pg_ctl("-m", "fast", "stop")
+
+    def destroy(self):
+        subprocess.run(self.as_owner("pg_ctl", "-D", self.data, "-m", "immediate", "stop"),
+                       capture_output=True, timeout=WAIT)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def create_database(self, name):
+        """The new database's URL, with a password in it."""
+        admin = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres",
+                                 dbname="postgres", connect_timeout=10)
+        try:
+            admin.autocommit = True
+            with admin.cursor() as cur:
+                cur.execute('CREATE DATABASE "%s"' % name)
+        finally:
+            admin.close()
+        return "postgresql://postgres:%s@127.0.0.1:%d/%s" % (DB_PASSWORD, self.port, name)
+
+
+@contextlib.contextmanager
+def postgres_cluster():
+    cluster = PostgresCluster()
+    try:
+        yield cluster.start()
+    finally:
+        cluster.destroy()
+
+
+def after_restarting(cluster, step):
+    """`step`, run once the server has restarted under the caller's open transaction."""
+    def restart_then_step(*args, **kwargs):
+        cluster.restart()
+        return step(*args, **kwargs)
+    return restart_then_step
+
+
+def ledger_state(batch_id):
+    """What a half-written ingest would show: the ledger row, stored verdicts, row states."""
+    return {
+        "ledger": [b.status for b in BouncerBatch.select()],
+        "verdicts": DeliverableResult.select().count(),
+        "rows": statuses(batch_id),
+        "user_batch": UserBatch.get_by_id(batch_id).status,
+    }
+
+
+@pytest.mark.slow
+def test_postgres_restart_fails_one_cycle_cleanly_and_the_next_recovers(
+        bound_database, redis_conn, sandbox, monkeypatch):
+    with postgres_cluster() as cluster:
+        url = cluster.create_database("bouncer_faults")
+        open_database(url)
+        create_schema()
+        app = App(make_settings(url, api_url=sandbox.url), redis=redis_conn)
+        set_current_app(app)
+        with connection():
+            batch_id = submit("alice", addresses("alice", 5))
+        assert len(run_creation_cycle(app, "deliverable").created) == 1
+
+        # A connection opened before a restart is dead; a cycle must not pick it up.
+        database.connect(reuse_if_open=True)
+        database.execute_sql("SELECT 1")
+        cluster.restart()
+        assert run_status_cycle(app, "deliverable").waiting == 1
+
+        # The server restarts inside the ingest transaction, after the verdicts were written.
+        sandbox.complete_now()
+        monkeypatch.setattr(ingest, "complete_pending_emails",
+                            after_restarting(cluster, ingest.complete_pending_emails))
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="terminat|closed the connection"):
+            run_status_cycle(app, "deliverable")
+        assert time.monotonic() - started < 30
+        monkeypatch.undo()
+
+        with connection():
+            assert ledger_state(batch_id) == {"ledger": [OUTSTANDING], "verdicts": 0,
+                                              "rows": {SENT: 5}, "user_batch": "processing"}
+        # Same process, next cycle: a fresh connection, and the batch is ingested whole.
+        report = run_status_cycle(app, "deliverable")
+        assert [r.verified for r in report.ingested] == [5]
+        with connection():
+            assert ledger_state(batch_id) == {"ledger": [COMPLETED], "verdicts": 5,
+                                              "rows": {"done": 5}, "user_batch": "completed"}
+
+
+@pytest.mark.slow
+def test_cli_against_a_stopped_postgres_fails_in_one_line_without_the_password():
+    with postgres_cluster() as cluster:
+        env = cli_env(cluster.create_database("bouncer_cli"))
+        assert run_cli(env, "init-db").returncode == 0
+        assert run_cli(env, "status").returncode == 0
+        cluster.stop()
+
+        result = run_cli(env, "status")
+
+    line = one_line_failure(result)
+    assert "port %d" % cluster.port in line and "refused" in line, line
+    assert DB_PASSWORD not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_postgres_that_never_answers_fails_after_connect_timeout(bound_database):
+    # Accepts TCP connections (the kernel does it) and never says a word, like a hung host.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        base = "postgresql://postgres:%s@127.0.0.1:%d/bouncer" % (DB_PASSWORD, port)
+
+        started = time.monotonic()
+        result = run_cli(cli_env(base + "?connect_timeout=2"), "status")
+        elapsed = time.monotonic() - started
+
+    line = one_line_failure(result)
+    assert "timeout" in line, line
+    assert elapsed < 20
+    assert DB_PASSWORD not in result.stdout + result.stderr
+    # Without one in the URL, a bounded default; one given in the URL is kept.
+    assert open_database(base).connect_params["connect_timeout"] == 10
+    assert open_database(base + "?connect_timeout=2").connect_params["connect_timeout"] == 2
+
+
+# == 3. SQLite read-only, or on a full disk ===================================================
+
+def obeying_file_modes(command):
+    """Root ignores file modes. Without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH it obeys them
+    like anyone, while its own files (the interpreter under /root) stay readable."""
+    if not IS_ROOT:
+        return command
+    require_program("setpriv")
+    dropped = "-dac_override,-dac_read_search"
+    return ["setpriv", "--bounding-set=" + dropped, "--inh-caps=" + dropped, "--", *command]
+
+
+@pytest.fixture
+def scratch_dir():
+    """A directory outside pytest's private tmp tree, removed whatever modes a test left."""
+    path = Path(tempfile.mkdtemp(prefix="bouncer-faults-", dir="/tmp"))
+    yield path
+    subprocess.run(["chmod", "-R", "u+rwX", str(path)], capture_output=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def table_counts(db_path):
+    tables = ("user_batches", "user_batch_emails", "emails_global", "bouncer_batches",
+              "rate_limit_tracker")
+    with contextlib.closing(sqlite3.connect(db_path, timeout=10)) as conn:
+        return {t: conn.execute('SELECT count(*) FROM "%s"' % t).fetchone()[0] for t in tables}
+
+
+def integrity(db_path):
+    with contextlib.closing(sqlite3.connect(db_path, timeout=10)) as conn:
+        return conn.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+def write_addresses(path, count, prefix="person"):
+    path.write_text("".join("%s%d@example-%d.com\n" % (prefix, i, i % 97) for i in range(count)))
+    return path
+
+
+def submit_args(path, user="alice"):
+    return ("submit", path, "--user", user, "--check-type", "deliverable")
+
+
+def file_digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def make_read_only(db_path, directory_too):
+    for path in glob.glob("%s*" % db_path):      # the database, and any -wal and -shm
+        os.chmod(path, 0o444)
+    if directory_too:
+        os.chmod(db_path.parent, 0o555)          # no -wal or -shm can be created either
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("directory_too", [False, True], ids=["file", "file-and-directory"])
+def test_read_only_sqlite_database_fails_cleanly_and_writes_nothing(
+        scratch_dir, directory_too, redis_conn, sandbox):
+    db_path = scratch_dir / "bouncer.db"
+    env = cli_env("sqlite:///%s" % db_path, REDIS_URL, sandbox.url)
+    addresses_file = write_addresses(scratch_dir / "leads.txt", 3)
+    assert run_cli(env, "init-db").returncode == 0
+    assert run_cli(env, *submit_args(addresses_file)).returncode == 0
+    before = table_counts(db_path)
+    make_read_only(db_path, directory_too)
+    digest = file_digest(db_path)
+
+    submitted = run_cli(env, *submit_args(addresses_file, "bob"), as_unprivileged=True)
+    created = run_cli(env, "create-batches", "--check-type", "deliverable", as_unprivileged=True)
+
+    for result in (submitted, created):
+        assert "readonly database" in one_line_failure(result)
+    assert file_digest(db_path) == digest
+    assert table_counts(db_path) == before
+    # Nothing reached Bouncer either: a batch it accepted could not have been recorded.
+    assert sandbox.stats()["requests"] == 0
+
+
+@pytest.fixture
+def tiny_disk(scratch_dir):
+    """A 1 MiB tmpfs, unmounted at the end."""
+    disk = scratch_dir / "disk"
+    disk.mkdir()
+    if not IS_ROOT:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: %s" % mounted.stderr.strip())
+    try:
+        yield disk
+    finally:
+        if subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_full_disk_rejects_the_whole_batch_in_one_line(scratch_dir, tiny_disk):
+    db_path = tiny_disk / "bouncer.db"
+    env = cli_env("sqlite:///%s" % db_path)
+    assert run_cli(env, "init-db").returncode == 0
+    assert run_cli(env, *submit_args(write_addresses(scratch_dir / "small.txt", 2))).returncode == 0
+    before = table_counts(db_path)
+    too_big = write_addresses(scratch_dir / "big.txt", 30000)   # ~1 MB of text, more in rows
+
+    result = run_cli(env, *submit_args(too_big, "bob"))
+
+    assert "database or disk is full" in one_line_failure(result)
+    assert table_counts(db_path) == before
+    assert integrity(db_path) == "ok"
+    # Once the failed transaction is gone, the database takes the next batch.
+    next_batch = write_addresses(scratch_dir / "next.txt", 2)
+    assert run_cli(env, *submit_args(next_batch, "carol")).returncode == 0
