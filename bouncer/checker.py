@@ -11,15 +11,14 @@ Steps, each recoverable if the process dies right after it:
 """
 import datetime
 import logging
-import time
 from dataclasses import dataclass, field
 
 from .client import BouncerError
-from .db import connection, utcnow
+from .db import utcnow
 from .ingest import (
     batches_to_check, fail_bouncer_batch, ingest_results, note_checked, overdue_batches,
 )
-from .locks import CycleLock
+from .locks import run_exclusively
 from .ratelimit import take_request_slot
 
 log = logging.getLogger(__name__)
@@ -56,17 +55,7 @@ class StatusReport:
 
 def run_status_cycle(app, check_type, now=None):
     """One status cycle for `check_type`, unless one is already running anywhere."""
-    started = time.monotonic()
-    report = StatusReport(check_type)
-    with connection(), CycleLock(app.redis, "checker", check_type) as held:
-        if not held:
-            report.skipped = True
-            log.info("Status cycle %s skipped: another one holds the lock", check_type)
-            return report
-        check_batches(app, check_type, report, now)
-    report.seconds = time.monotonic() - started
-    log.info("Status cycle %s", report.summary())
-    return report
+    return run_exclusively(app, "checker", "Status", StatusReport(check_type), check_batches, now)
 
 
 def check_batches(app, check_type, report, now=None):

@@ -11,12 +11,11 @@ Steps, each recoverable if the process dies right after it:
 """
 import datetime
 import logging
-import time
 from dataclasses import dataclass, field
 
 from .client import BouncerError
-from .db import connection, utcnow
-from .locks import CycleLock
+from .db import utcnow
+from .locks import run_exclusively
 from .queue import (
     confirm_sent, count_in_flight_batches, has_queued_emails, reject_reservation,
     release_stale_reservations, requeue_rejected_emails, reserve_next_batch,
@@ -61,17 +60,7 @@ class CreationReport:
 
 def run_creation_cycle(app, check_type, now=None):
     """One creation cycle for `check_type`, unless one is already running anywhere."""
-    started = time.monotonic()
-    report = CreationReport(check_type)
-    with connection(), CycleLock(app.redis, "creator", check_type) as held:
-        if not held:
-            report.skipped = True
-            log.info("Creation cycle %s skipped: another one holds the lock", check_type)
-            return report
-        create_batches(app, check_type, report, now)
-    report.seconds = time.monotonic() - started
-    log.info("Creation cycle %s", report.summary())
-    return report
+    return run_exclusively(app, "creator", "Creation", CreationReport(check_type), create_batches, now)
 
 
 def create_batches(app, check_type, report, now=None):

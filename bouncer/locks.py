@@ -3,8 +3,11 @@ number of workers. A Redis lock with a short expiry, renewed by a thread while i
 so a holder killed with -9 frees it within LOCK_TIMEOUT seconds."""
 import logging
 import threading
+import time
 
 from redis.exceptions import LockError, RedisError
+
+from .db import connection
 
 log = logging.getLogger(__name__)
 
@@ -57,3 +60,19 @@ class CycleLock:
             # Expired or Redis gone: the lock frees itself anyway.
             log.warning("Lock %s was not released cleanly: %s", self.name, exc)
         return False
+
+
+def run_exclusively(app, kind, label, report, work, now=None):
+    """Run one cycle: `work(app, check_type, report, now)` with a fresh database connection,
+    holding the (kind, check type) lock. When another process holds it, this run is a logged
+    no-op (`report.skipped`). Returns the report."""
+    started = time.monotonic()
+    with connection(), CycleLock(app.redis, kind, report.check_type) as held:
+        if not held:
+            report.skipped = True
+            log.info("%s cycle %s skipped: another one holds the lock", label, report.check_type)
+            return report
+        work(app, report.check_type, report, now)
+    report.seconds = time.monotonic() - started
+    log.info("%s cycle %s", label, report.summary())
+    return report
