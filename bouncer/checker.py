@@ -37,6 +37,11 @@ class StatusReport:
     errors: int = 0
     stopped: str | None = None
     seconds: float = 0.0
+    on_slot_freed: object = field(default=None, repr=False)   # called when a batch ends
+
+    def slot_freed(self):
+        if self.on_slot_freed is not None:
+            self.on_slot_freed()
 
     def summary(self):
         if self.skipped:
@@ -53,9 +58,11 @@ class StatusReport:
         return "; ".join(parts)
 
 
-def run_status_cycle(app, check_type, now=None):
-    """One status cycle for `check_type`, unless one is already running anywhere."""
-    return run_exclusively(app, "checker", "Status", StatusReport(check_type), check_batches, now)
+def run_status_cycle(app, check_type, now=None, on_slot_freed=None):
+    """One status cycle for `check_type`, unless one is already running anywhere.
+    `on_slot_freed()` is called each time a batch ends (the jobs refill the slot at once)."""
+    report = StatusReport(check_type, on_slot_freed=on_slot_freed)
+    return run_exclusively(app, "checker", "Status", report, check_batches, now)
 
 
 def check_batches(app, check_type, report, now=None):
@@ -76,6 +83,7 @@ def fail_overdue(check_type, batch_timeout, report, now):
         reason = "Bouncer batch did not complete within BATCH_TIMEOUT (%d s)" % batch_timeout
         if fail_bouncer_batch(ledger_id, reason, now) is not None:
             report.failed.append((ledger_id, reason))
+            report.slot_freed()
 
 
 def follow_batch(app, ledger, report):
@@ -111,6 +119,7 @@ def download_and_ingest(app, ledger, report):
     result = ingest_results(ledger.id, records)
     if result is not None:
         report.ingested.append(result)
+        report.slot_freed()
     return True
 
 
@@ -119,6 +128,7 @@ def handle_call_error(ledger, exc, report):
         reason = "Bouncer no longer knows batch %s (404)" % ledger.bouncer_id
         if fail_bouncer_batch(ledger.id, reason) is not None:
             report.failed.append((ledger.id, reason))
+            report.slot_freed()
         return True
     report.errors += 1
     if exc.ends_cycle:

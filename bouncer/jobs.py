@@ -33,7 +33,15 @@ def create_batches_job(check_type):
 
 
 def check_batches_job(check_type):
-    return run_job("status_checker_%s" % check_type, run_status_cycle, check_type)
+    return run_job("status_checker_%s" % check_type, run_status_cycle_refilling, check_type)
+
+
+def run_status_cycle_refilling(app, check_type):
+    """The status cycle, queueing a creation cycle as soon as a batch ends: a slot that waits
+    for the next creation tick (or for the rest of this cycle's ingests) is throughput lost.
+    Another worker then fills it while this one ingests the next batch."""
+    return run_status_cycle(app, check_type,
+                            on_slot_freed=lambda: run_now(app.redis, "batch_creator", check_type))
 
 
 def job_definitions(settings):
@@ -79,15 +87,7 @@ def run_job(job_id, cycle, check_type):
     if not report.skipped:
         record_success(app.redis, job_id)
     log.info("Job %s done in %.2fs: %s", job_id, time.monotonic() - started, report.summary())
-    if frees_slots(report):
-        # Refill the freed slots now rather than at the next creation tick: a slot idle for
-        # half a creation interval after every batch is throughput lost.
-        run_now(app.redis, "batch_creator", check_type)
     return report.summary()
-
-
-def frees_slots(report):
-    return bool(getattr(report, "ingested", None) or getattr(report, "failed", None))
 
 
 def record_success(redis, job_id, now=None):

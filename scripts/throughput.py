@@ -36,6 +36,7 @@ from bouncer.submit import create_user_batch  # noqa: E402
 
 SLOTS, BATCH = 15, 1000
 REAL_BATCH_SECONDS = 600   # what T stands for in real time
+WORKERS = 2
 API_KEY = "sk-throughput-" + secrets.token_hex(8)
 
 
@@ -89,8 +90,9 @@ def measure_slot_use(processing_time, duration, callback, redis_url, workdir):
     processes = [start(["sandbox", "--port", str(sandbox_port), "--processing-time", str(processing_time)],
                        env, os.path.join(logs, "sandbox.log"))]
     time.sleep(1)
-    processes += [start([name], env, os.path.join(logs, "%s.log" % name))
-                  for name in (("worker", "scheduler", "web") if callback else ("worker", "scheduler"))]
+    names = ["worker"] * WORKERS + ["scheduler"] + (["web"] if callback else [])
+    processes += [start([name], env, os.path.join(logs, "%s-%d.log" % (name, i)))
+                  for i, name in enumerate(names)]
     try:
         time.sleep(processing_time + 10 + duration)
     finally:
@@ -174,8 +176,8 @@ def main():
         for callback in (False, True):
             achieved, limit, interval = measure_slot_use(args.processing_time, args.duration, callback,
                                                          args.redis_url, workdir)
-            print("| slot use, %s (T=%gs, status every %ds) | %.0f of %.0f emails/s = %.1f%% | %s |" % (
-                "with callbacks" if callback else "polling", args.processing_time, interval,
+            print("| slot use, %s (T=%gs, status every %ds, %d workers) | %.0f of %.0f emails/s = %.1f%% | %s |" % (
+                "with callbacks" if callback else "polling", args.processing_time, interval, WORKERS,
                 achieved, limit, 100 * achieved / limit, ">= 99%" if callback else ">= 95%"))
             sys.stdout.flush()
 

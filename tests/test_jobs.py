@@ -50,7 +50,7 @@ def test_job_failure_is_logged_not_retried_and_not_recorded(app, bouncer, caplog
 
     def broken(app, check_type):
         raise RuntimeError("database went away")
-    monkeypatch.setattr(jobs, "run_status_cycle", broken)
+    monkeypatch.setattr(jobs, "run_status_cycle_refilling", broken)
     job = Queue(QUEUE_NAME, connection=app.redis).enqueue(check_batches_job, "deliverable")
     work(app)
     assert job.get_status() == "failed" and job.retries_left is None
