@@ -56,3 +56,36 @@ def test_job_failure_is_logged_not_retried_and_not_recorded(app, bouncer, caplog
     assert job.get_status() == "failed" and job.retries_left is None
     assert "status_checker_deliverable" not in last_successes(app.redis)
     assert "Job status_checker_deliverable" in caplog.text and "database went away" in caplog.text
+
+
+def test_run_now_while_a_cycle_runs_asks_it_to_run_again(app, bouncer):
+    from bouncer.jobs import AGAIN_KEY, run_now
+    from bouncer.locks import CycleLock
+    with CycleLock(app.redis, "checker", "deliverable") as held:
+        assert held
+        assert run_now(app.redis, "status_checker", "deliverable") is False
+    assert Queue(QUEUE_NAME, connection=app.redis).fetch_job("status_checker_deliverable_now") is None
+    assert app.redis.exists(AGAIN_KEY % ("status_checker", "deliverable"))
+
+
+def test_run_now_queues_once_for_a_burst_of_triggers(app, bouncer):
+    from bouncer.jobs import run_now
+    assert run_now(app.redis, "status_checker", "deliverable") is True
+    assert run_now(app.redis, "status_checker", "deliverable") is False
+    assert Queue(QUEUE_NAME, connection=app.redis).count == 1
+
+
+def test_job_runs_its_cycle_again_when_triggered_while_running(app, bouncer, monkeypatch):
+    import bouncer.jobs as jobs
+    runs = []
+    real = jobs.run_status_cycle_refilling
+
+    def cycle_with_a_late_trigger(app, check_type):
+        runs.append(check_type)
+        if len(runs) == 1:   # a callback arrives while this first run holds the lock
+            app.redis.set(jobs.AGAIN_KEY % ("status_checker", check_type), 1)
+        return real(app, check_type)
+    monkeypatch.setattr(jobs, "run_status_cycle_refilling", cycle_with_a_late_trigger)
+    Queue(QUEUE_NAME, connection=app.redis).enqueue(check_batches_job, "deliverable")
+    work(app)
+    assert runs == ["deliverable", "deliverable"]
