@@ -4,8 +4,9 @@ Steps, each recoverable if the process dies right after it:
 1. recover: queue again the emails of rejected attempts; abandon reservations older than
    RESERVATION_TIMEOUT (their cycle died; possible orphans at Bouncer, logged and counted);
 2. capacity = BOUNCER_MAX_OUTSTANDING - batches in flight;
-3. per free slot: take a request slot of the rate limit, reserve the next batch (ledger row and
-   emails attached, committed), call Bouncer, store its batch id;
+3. per free slot: reserve the next batch (ledger row and emails attached, committed), take a
+   request slot of the rate limit (none left: the reservation is cancelled, the cycle ends),
+   call Bouncer, store its batch id;
 4. a failed call rejects its reservation; its emails wait for the next cycle. 429, 402 and 401
    end the cycle.
 """
@@ -17,7 +18,7 @@ from .client import BouncerError
 from .db import utcnow
 from .locks import run_exclusively
 from .queue import (
-    confirm_sent, count_in_flight_batches, has_queued_emails, reject_reservation,
+    cancel_reservation, confirm_sent, count_in_flight_batches, has_queued_emails, reject_reservation,
     release_stale_reservations, requeue_rejected_emails, reserve_next_batch,
 )
 from .ratelimit import forget_old_requests, take_request_slot
@@ -80,21 +81,22 @@ def create_batches(app, check_type, report, now=None):
 
 def fill_free_slots(app, check_type, report):
     settings = app.settings
-    attempts, slot_taken = 0, False
+    attempts = 0
     while attempts < report.free_slots and has_queued_emails(check_type):
-        if not slot_taken:
-            if not take_request_slot("create", settings.rate_limit_buffer, check_type):
-                report.stopped = "request budget used up (%d in 60 s)" % settings.rate_limit_buffer
-                return
-            slot_taken = True
         reservation = reserve_next_batch(check_type, settings.batch_size, settings.result_cache_days)
         if reservation is None:
             return
         report.cached += reservation.cached
         report.attached += reservation.attached
         if reservation.ledger_id is None:
-            continue  # only cached verdicts and repeats this round: the request slot is kept
-        attempts, slot_taken = attempts + 1, False
+            continue  # only cached verdicts and repeats this round: nothing to send
+        # The request slot is taken last, right before the call, so that the time recorded is
+        # the time Bouncer sees (within the limiter's transit margin).
+        if not take_request_slot("create", settings.rate_limit_buffer, check_type):
+            cancel_reservation(reservation.ledger_id)
+            report.stopped = "request budget used up (%d in 60 s)" % settings.rate_limit_buffer
+            return
+        attempts += 1
         if not send_reservation(app, check_type, reservation, report):
             return
 

@@ -196,6 +196,18 @@ def reject_reservation(ledger_id, reason, now=None):
         end_flight(ledger_id)
 
 
+def cancel_reservation(ledger_id):
+    """Undo a reservation that was never sent (no request budget left): its emails are queued
+    again where they were, and the ledger keeps no trace of it."""
+    with write_transaction():
+        (UserBatchEmail.update(status=QUEUED, bouncer_batch=None)
+         .where((UserBatchEmail.bouncer_batch == ledger_id) & (UserBatchEmail.status == SENT))
+         .execute())
+        end_flight(ledger_id)
+        BouncerBatch.delete().where((BouncerBatch.id == ledger_id)
+                                    & (BouncerBatch.status == RESERVED)).execute()
+
+
 def end_flight(ledger_id):
     """The batch is no longer in flight: its addresses may be sent again."""
     BouncerBatchEmail.delete().where(BouncerBatchEmail.bouncer_batch == ledger_id).execute()

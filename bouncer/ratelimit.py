@@ -1,7 +1,8 @@
 """The request budget: every Bouncer call takes a slot here first, all processes together.
 
 A slot is granted only while fewer than RATE_LIMIT_BUFFER requests were recorded in the last
-60 s (and, for batch creation, fewer than Bouncer's own 60 creates a minute). Check and record
+60 s plus a transit margin (and, for batch creation, fewer than Bouncer's own 60 creates a
+minute). Check and record
 happen in one serialized transaction, so two processes can never both take the last slot.
 """
 import datetime
@@ -12,7 +13,11 @@ from .models import RateLimitTracker
 
 log = logging.getLogger(__name__)
 
-WINDOW = datetime.timedelta(seconds=60)
+# A request is recorded just before it is sent and reaches Bouncer a little later. Counting a
+# window longer than Bouncer's by more than that transit keeps every 60 s window at Bouncer's
+# end inside a counted one, so the buffer holds where it matters.
+TRANSIT_MARGIN = datetime.timedelta(seconds=2)
+WINDOW = datetime.timedelta(seconds=60) + TRANSIT_MARGIN
 CREATES_PER_MINUTE = 60     # Bouncer's own limit on batch creation
 KEEP_HISTORY = datetime.timedelta(hours=1)
 
@@ -34,7 +39,7 @@ def take_request_slot(kind, buffer, check_type=None, now=None):
 
 
 def requests_in_window(now=None, kind=None):
-    """Requests recorded in the 60 s before `now`."""
+    """Requests recorded in the window (60 s and the transit margin) before `now`."""
     now = now or utcnow()
     query = RateLimitTracker.select().where(RateLimitTracker.requested_at > now - WINDOW)
     if kind:

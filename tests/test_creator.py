@@ -140,7 +140,10 @@ def test_create_stops_when_the_request_budget_is_used_up(app, bouncer):
     report = run_creation_cycle(app, "deliverable")
     assert report.created == [] and "budget" in report.stopped
     assert bouncer.count("create") == 0
+    # The reservation made before the budget said no is undone without a trace.
     assert statuses(UserBatch.get().id) == {QUEUED: 5}
+    assert BouncerBatch.select().count() == 0 and BouncerBatchEmail.select().count() == 0
+    assert UserBatchEmail.select().where(UserBatchEmail.bouncer_batch.is_null(False)).count() == 0
 
 
 def test_create_skips_when_another_cycle_holds_the_lock(app, bouncer):
