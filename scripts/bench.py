@@ -66,6 +66,12 @@ class StatementCounter:
 
 
 def peak_rss_mb():
+    """This program's peak RSS: VmHWM belongs to the address space exec made, whereas
+    ru_maxrss carries the parent's high-water mark across fork and exec."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -109,8 +115,15 @@ def analyze():
 
 def measure_creation(url, queued, settings):
     reset_database(url)
-    seed_queue(queued, max(1, queued // 100))
+    # Seeding runs in a child too: this process stays small, and so do the children it forks.
+    in_child_process(seed_in_child, url, queued)
     return in_child_process(run_one_creation_cycle, url, settings)
+
+
+def seed_in_child(url, queued):
+    open_database(url)
+    database.connect(reuse_if_open=True)
+    seed_queue(queued, max(1, queued // 100))
 
 
 def run_one_creation_cycle(url, settings):
@@ -202,7 +215,8 @@ FLOOR_COLUMNS = ("email_global_id", "status", "reason", "score", "accept_all", "
 
 def measure_submit(url, lines):
     """`python -m bouncer submit` of a `lines`-line file, as a user runs it: (seconds, peak RSS
-    in MB of that process). The file has repeats and Gmail spellings, and a few invalid lines."""
+    in MB of that process, an upper bound: ru_maxrss starts from this small parent's). The file
+    has repeats and Gmail spellings, and a few invalid lines."""
     reset_database(url)
     database.close()
     path = os.path.join(tempfile.mkdtemp(), "addresses.txt")
@@ -232,7 +246,7 @@ def measure_submit(url, lines):
 def measure_naive_claim(url, queued):
     """One batch of 10k claimed the naive way: per row, find the oldest queued row, mark it."""
     reset_database(url)
-    seed_queue(queued, max(1, queued // 100))
+    in_child_process(seed_in_child, url, queued)
     with StatementCounter(database.obj) as counter:
         started = time.perf_counter()
         with database.atomic():
