@@ -1,0 +1,220 @@
+"""The soak run (scripts/soak.py) and the whole-run checks it relies on.
+
+The fast tests show each check catches what it is for, on both backends; the slow ones run
+`scripts/soak.py --duration 60` once per backend as CI does, and want every invariant held.
+
+Each soak gets its own throwaway redis-server on a free loopback port, so it can flush its
+database without touching any test session's. On PostgreSQL, the soak creates a fresh
+database named after the one given (`bouncer_soak_<pid>_<random>`) and drops it at the end;
+the test checks that nothing is left behind.
+"""
+import datetime
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2
+import pytest
+import redis as redis_lib
+
+import invariants
+from bouncer.creator import run_creation_cycle
+from bouncer.db import utcnow
+from bouncer.models import QUEUED, BouncerBatch, UserBatchEmail
+
+from conftest import addresses, submit, with_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+SOAK_SECONDS = 60
+# 60 s of run, at most 180 s of drain, starting and stopping the processes: well inside.
+SOAK_TIMEOUT = 400
+INVARIANT_LINE = re.compile(r"^invariant (\d) \(.*\)\s+(held|VIOLATED \(\d+\))$", re.M)
+
+
+# -- the checks, on purpose-built histories --
+
+def stored_batches():
+    return [b.id for b in BouncerBatch.select().where(BouncerBatch.bouncer_id.is_null(False))
+            .order_by(BouncerBatch.id)]
+
+
+def all_visible_now(*batch_ids):
+    now = utcnow()
+    return {batch_id: now for batch_id in batch_ids}
+
+
+def fifo_violations(visible_at):
+    return [message for ledger_id in stored_batches()
+            for message in invariants.fifo_violations_of_sent_batch(ledger_id, visible_at)]
+
+
+def test_fifo_check_flags_a_batch_that_passed_over_an_older_email(app, bouncer):
+    alice, bob = submit("alice", addresses("a", 3)), submit("bob", addresses("b", 3))
+    visible_at = all_visible_now(alice, bob)
+    # A planner that skips alice's rows: hidden from the walk, then queued again.
+    hide = UserBatchEmail.update(status="hidden").where(UserBatchEmail.batch == alice)
+    hide.execute()
+    run_creation_cycle(app, "deliverable")
+    UserBatchEmail.update(status=QUEUED).where(UserBatchEmail.batch == alice).execute()
+
+    problems = fifo_violations(visible_at)
+
+    assert len(problems) == 3 and all("user batch %s" % alice in p for p in problems)
+
+
+def test_fifo_check_excuses_emails_whose_call_failed_in_the_same_cycle(app, bouncer):
+    batch = submit("alice", addresses("a", 30))
+    visible_at = all_visible_now(batch)
+    bouncer.fail_next(500, kind="create")
+    run_creation_cycle(app, "deliverable")   # the 10 oldest wait; the next 20 are sent
+    first = stored_batches()[0]
+    assert invariants.fifo_violations_of_sent_batch(first, visible_at) == []
+    # The same history, with no room for the failed call of the cycle: the 10 are flagged.
+    assert len(invariants.fifo_violations_of_sent_batch(
+        first, visible_at, same_cycle=datetime.timedelta(0))) == 10
+    bouncer.complete()
+    from bouncer.checker import run_status_cycle
+    run_status_cycle(app, "deliverable")
+    run_creation_cycle(app, "deliverable")   # now the 10 go first
+
+    assert len(stored_batches()) == 3
+    assert fifo_violations(visible_at) == []
+
+
+def test_fifo_check_ignores_emails_not_yet_visible_when_the_batch_was_planned(app, bouncer):
+    alice, bob = submit("alice", addresses("a", 3)), submit("bob", addresses("b", 3))
+    UserBatchEmail.update(status="hidden").where(UserBatchEmail.batch == alice).execute()
+    run_creation_cycle(app, "deliverable")
+    UserBatchEmail.update(status=QUEUED).where(UserBatchEmail.batch == alice).execute()
+    # As if alice's transaction had committed only after the batch was planned.
+    later = utcnow() + datetime.timedelta(seconds=5)
+
+    assert fifo_violations({alice: later, bob: later - datetime.timedelta(seconds=60)}) == []
+
+
+def test_ledger_history_gives_the_most_batches_ever_in_flight(app, bouncer):
+    submit("alice", addresses("a", 50))
+    run_creation_cycle(app, "deliverable")        # three batches of ten (max_outstanding 3)
+    bouncer.complete()
+    from bouncer.checker import run_status_cycle
+    run_status_cycle(app, "deliverable")
+    run_creation_cycle(with_settings(app, max_outstanding=2), "deliverable")
+
+    assert invariants.max_in_flight_from_ledger("deliverable") == 3
+    assert invariants.max_in_flight_from_ledger("catchall") == 0
+
+
+def test_request_budget_counts_every_rolling_window():
+    times = [100.0, 101.0, 102.0, 159.5, 161.0, 300.0]
+    assert invariants.requests_over_budget(times, 3) == [159.5]
+    assert invariants.requests_over_budget(times, 3, window=59.0) == []
+    assert invariants.max_requests_in_window(times) == (4, 100.0)
+
+
+# -- the soak itself, as CI runs it --
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    """A redis-server of the soak's own (scripts/test installs redis-server when needed)."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail("redis-server is not installed (bash scripts/test installs it)")
+    port = free_port()
+    process = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = "redis://127.0.0.1:%d/0" % port
+    try:
+        wait_for_redis(url, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def wait_for_redis(url, process):
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            redis_lib.Redis.from_url(url, socket_connect_timeout=1).ping()
+            return
+        except redis_lib.ConnectionError:
+            time.sleep(0.1)
+    pytest.fail("the soak's redis-server did not start at %s" % url)
+
+
+def run_soak(tmp_path, *options):
+    """scripts/soak.py as a subprocess; on timeout it gets SIGTERM first, so its finally block
+    stops the processes it started. Each run draws its own seed (printed first), so CI covers
+    more histories over time and a failure can be replayed with --seed."""
+    command = [sys.executable, str(ROOT / "scripts" / "soak.py"), "--duration", str(SOAK_SECONDS),
+               "--run-dir", str(tmp_path / "run"), *options]
+    soak = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        output, _ = soak.communicate(timeout=SOAK_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        soak.send_signal(signal.SIGTERM)
+        output, _ = soak.communicate(timeout=60)
+        pytest.fail("the soak did not finish in %d s:\n%s" % (SOAK_TIMEOUT, output[-6000:]))
+    return soak.returncode, output
+
+
+def assert_soak_passed(code, output):
+    verdicts = dict(INVARIANT_LINE.findall(output))
+    assert sorted(verdicts) == ["1", "2", "3", "4", "5"], output[-6000:]
+    assert set(verdicts.values()) == {"held"}, output[-6000:]
+    assert re.search(r"^secrets in logs and /health\s+none$", output, re.M), output[-6000:]
+    assert code == 0, output[-6000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SOAK_TIMEOUT + 90)
+def test_soak_on_sqlite(tmp_path, private_redis):
+    code, output = run_soak(tmp_path, "--redis-url", private_redis)
+    assert_soak_passed(code, output)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SOAK_TIMEOUT + 90)
+def test_soak_on_postgres(tmp_path, private_redis):
+    base = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5433/bouncer_test")
+    prefix = "bouncer_soak_%d" % os.getpid()
+    url = urlunsplit(urlsplit(base)._replace(path="/" + prefix))
+    try:
+        assert soak_databases(url, prefix) == []
+    except psycopg2.OperationalError as exc:
+        pytest.fail("PostgreSQL is not reachable at %s (run the tests with `bash scripts/test`): %s"
+                    % (url, exc))
+
+    code, output = run_soak(tmp_path, "--redis-url", private_redis, "--database-url", url)
+
+    assert_soak_passed(code, output)
+    assert soak_databases(url, prefix) == [], "the soak left its database behind"
+
+
+def soak_databases(url, prefix):
+    parts = urlsplit(url)
+    admin = psycopg2.connect(host=parts.hostname, port=parts.port or 5432,
+                             user=parts.username or "postgres", dbname="postgres", connect_timeout=5)
+    try:
+        with admin.cursor() as cursor:
+            # `_` is a LIKE wildcard: escaped, only this test's databases match.
+            pattern = prefix.replace("_", "\\_") + "\\_%"
+            cursor.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (pattern,))
+            return [name for (name,) in cursor.fetchall()]
+    finally:
+        admin.close()
