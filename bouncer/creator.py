@@ -108,7 +108,7 @@ def send_reservation(app, check_type, reservation, report):
         answer = app.client.create_batch(check_type, reservation.emails,
                                          callback_url=app.callback_url(check_type))
     except BouncerError as exc:
-        reject_reservation(ledger_id, str(exc))
+        reject_reservation(ledger_id, str(exc), possible_orphan=exc.timed_out)
         report.failed_calls.append((ledger_id, str(exc)))
         if exc.timed_out:
             log.warning("Reservation %s: Bouncer did not answer in time; it may have created the "

@@ -186,12 +186,15 @@ def confirm_sent(ledger_id, bouncer_id, now=None):
     return updated == 1
 
 
-def reject_reservation(ledger_id, reason, now=None):
-    """Bouncer refused or failed the call: the batch never existed there. Its addresses leave
-    flight now; its emails stay parked until `requeue_rejected_emails`, so this cycle does not
-    send them again (they wait for the next one, keeping FIFO for everything else)."""
+def reject_reservation(ledger_id, reason, possible_orphan=False, now=None):
+    """The call failed. Its addresses leave flight now; its emails stay parked until
+    `requeue_rejected_emails`, so this cycle does not send them again (they wait for the next
+    one, keeping FIFO for everything else). Bouncer refused it: `rejected`. It went unanswered
+    (a timeout), so Bouncer may have created it anyway: `abandoned`, counted as a possible
+    orphan."""
+    status = ABANDONED if possible_orphan else REJECTED
     with write_transaction():
-        (BouncerBatch.update(status=REJECTED, failure_reason=reason, finished_at=now or utcnow())
+        (BouncerBatch.update(status=status, failure_reason=reason, finished_at=now or utcnow())
          .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == RESERVED)).execute())
         end_flight(ledger_id)
 

@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 THREADS = 4
 OVERDUE_INTERVALS = 5      # a job this many intervals late (plus the grace) is overdue
-GRACE_SECONDS = 30         # room for a slow cycle or a scheduler restart
+# Room for a slow cycle or a scheduler restart, and for the lock of a killed cycle to expire
+# (LOCK_TIMEOUT, 60 s): until then every run of that job is skipped, which is not a fault.
+GRACE_SECONDS = 90
 CHECK_TIMEOUT = 5          # seconds /health waits for the database and Redis, together
 MAX_CALLBACK_BODY = 64 * 1024
 

@@ -6,6 +6,7 @@ exports TEST_REDIS_URL and TEST_POSTGRES_URL.
 """
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import uuid
@@ -30,22 +31,39 @@ REDIS_SERVER = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6390/0").rspl
 
 
 def claim_redis_database():
-    """A Redis database number no other live test session uses (claimed in database 0)."""
+    """A Redis database number no other live test session uses (claimed in database 0; a claim
+    whose session died is taken over)."""
     try:
         registry = redis_lib.Redis.from_url(REDIS_SERVER + "/0", socket_connect_timeout=2)
         for number in range(1, 16):
-            if registry.set("bouncer-tests:db:%d" % number, SESSION, nx=True, ex=3600):
+            key = "bouncer-tests:db:%d" % number
+            if registry.set(key, SESSION, nx=True, ex=3600) or not session_alive(registry.get(key)):
+                registry.set(key, SESSION, ex=3600)
                 return number
     except redis_lib.ConnectionError:
         pass  # reported by the redis_conn fixture, with how to start the server
     return 1 + SESSION % 15
 
 
-REDIS_DB = claim_redis_database()
+def session_alive(owner):
+    try:
+        os.kill(int(owner), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# Processes a test spawns import this module too: only the pytest session claims a database.
+IN_TEST_SESSION = multiprocessing.parent_process() is None
+REDIS_DB = claim_redis_database() if IN_TEST_SESSION else 1 + SESSION % 15
 REDIS_URL = "%s/%d" % (REDIS_SERVER, REDIS_DB)
 
 
 def pytest_unconfigure(config):
+    if not IN_TEST_SESSION:
+        return
     try:
         redis_lib.Redis.from_url(REDIS_SERVER + "/0").delete("bouncer-tests:db:%d" % REDIS_DB)
     except redis_lib.ConnectionError:

@@ -8,7 +8,7 @@ import datetime
 from peewee import JOIN, fn
 
 from bouncer.models import (
-    DONE, FAILED, IN_FLIGHT_STATES, INVALID, QUEUED, REJECTED, BouncerBatch, BouncerBatchEmail,
+    ABANDONED,     DONE, FAILED, IN_FLIGHT_STATES, INVALID, QUEUED, REJECTED, BouncerBatch, BouncerBatchEmail,
     UserBatchEmail, result_model,
 )
 
@@ -68,10 +68,11 @@ def sent_out_of_fifo_order(before_ledger_id, check_type):
     failed in this very cycle."""
     cycle = BouncerBatch.select().where((BouncerBatch.id > before_ledger_id)
                                         & (BouncerBatch.check_type == check_type))
-    sent = [b.id for b in cycle if b.status != REJECTED]
+    failed_calls = (REJECTED, ABANDONED)   # abandoned in a cycle: its create call timed out
+    sent = [b.id for b in cycle if b.status not in failed_calls]
     if not sent:
         return []
-    rejected_now = [b.id for b in cycle if b.status == REJECTED]
+    rejected_now = [b.id for b in cycle if b.status in failed_calls]
     Row = UserBatchEmail
     # The oldest row of each sent address is what put the address in the batch; later rows of
     # the same address only ride along.

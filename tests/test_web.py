@@ -23,8 +23,10 @@ from bouncer.jobs import QUEUE_NAME, job_definitions, record_success
 from bouncer.models import database
 from bouncer.schedule import JOB_TIMEOUT
 from bouncer import web as web_module
-from bouncer.web import job_health, make_app
+from bouncer.web import GRACE_SECONDS, OVERDUE_INTERVALS, job_health, make_app
 from conftest import API_KEY, REDIS_URL, addresses, submit, with_settings
+
+WINDOW_30S = OVERDUE_INTERVALS * 30 + GRACE_SECONDS   # the overdue window of a 30 s job
 
 SECRET = "cb-secret-5e4d3c2b1a"
 PUBLIC_URL = "https://bouncer.example.com"
@@ -110,8 +112,9 @@ def test_health_fresh_deploy_without_successes_is_ok(web):
 def test_health_503_when_a_job_is_overdue(app, redis_conn, web):
     now = utcnow()
     record_all_successes(app, now)
-    # 5 intervals of 30 s plus 30 s of grace is 180 s; this one is 200 s old.
-    record_success(redis_conn, "status_checker_catchall", now=now - datetime.timedelta(seconds=200))
+    # OVERDUE_INTERVALS intervals of 30 s plus the grace; this one is 20 s older than that.
+    record_success(redis_conn, "status_checker_catchall",
+                   now=now - datetime.timedelta(seconds=WINDOW_30S + 20))
     response = call(web, "GET", "/health")
     assert response.status == 503
     assert response.json["status"] == "degraded"
@@ -127,11 +130,11 @@ def test_health_503_when_a_job_never_succeeded_long_after_start(callback_app):
 
 
 @pytest.mark.parametrize("last_success, up_for, overdue", [
-    (None, 10, False),      # fresh deploy: the jobs have not had their chance yet
-    (None, 181, True),      # up longer than the window and still nothing
-    (100, 10_000, False),   # recent enough
-    (180, 10_000, False),   # exactly at the window's edge
-    (181, 10, True),        # an old success is overdue even right after a restart
+    (None, 10, False),                   # fresh deploy: the jobs have not had their chance yet
+    (None, WINDOW_30S + 1, True),        # up longer than the window and still nothing
+    (100, 10_000, False),                # recent enough
+    (WINDOW_30S, 10_000, False),         # exactly at the window's edge
+    (WINDOW_30S + 1, 10, True),          # an old success is overdue even right after a restart
 ])
 def test_job_health_window(last_success, up_for, overdue):
     now = datetime.datetime(2026, 11, 28, 12, 0, 0)
