@@ -309,6 +309,19 @@ def record_for(email):
 
 # -- small helpers for tests --
 
+def assert_clean_failure(result, *fragments):
+    """Exit code 1, one `Error:` line on stderr naming what is wrong, no traceback."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
 def submit(user, emails, check_type="deliverable"):
     return create_user_batch(user, check_type, emails).batch_id
 

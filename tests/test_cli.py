@@ -18,7 +18,7 @@ from bouncer.creator import run_creation_cycle
 from bouncer.models import database
 from bouncer.submit import create_user_batch
 
-from conftest import addresses, record_for, submit
+from conftest import addresses, assert_clean_failure, record_for, submit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COUNT_KEYS = {"deliverable", "risky", "undeliverable", "unknown", "invalid", "failed", "pending"}
@@ -55,17 +55,6 @@ def status_json(database_url, batch_id):
 
 def results_csv(database_url, batch_id, *extra):
     return list(csv.DictReader(io.StringIO(ok(run(database_url, "results", batch_id, *extra)))))
-
-
-def assert_clean_failure(result, *fragments):
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ")
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def complete_everything(app, bouncer, check_type="deliverable"):

@@ -8,13 +8,13 @@ import pytest
 from click.testing import CliRunner
 
 import bouncer.db
-
 from bouncer.cli import cli
 from bouncer.creator import run_creation_cycle
 from bouncer.errors import InputError
 from bouncer.models import INVALID, QUEUED, EmailGlobal, UserBatch, UserBatchEmail
 from bouncer.submit import create_user_batch
 
+from conftest import assert_clean_failure
 
 @pytest.fixture(autouse=True)
 def restore_logging():
@@ -52,19 +52,6 @@ def submit_file(database_url, path, *extra, user="alice", check_type="deliverabl
 def submitted_json(result):
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
-
-
-def assert_clean_failure(result, *fragments):
-    """Exit code 1, one `Error:` line on stderr naming what is wrong, no traceback."""
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ")
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0]
-    return lines[0]
 
 
 def write_bytes(tmp_path, data, name="emails.txt"):
