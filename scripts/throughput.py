@@ -94,7 +94,8 @@ def measure_slot_use(processing_time, duration, callback, redis_url, workdir):
     processes += [start([name], env, os.path.join(logs, "%s-%d.log" % (name, i)))
                   for i, name in enumerate(names)]
     try:
-        time.sleep(processing_time + 10 + duration)
+        # At least two slot turnovers after the first one (the warm-up), whatever --duration says.
+        time.sleep(processing_time + 10 + max(duration, 2.5 * processing_time))
     finally:
         stop(processes)
     return SLOTS * BATCH / mean_slot_turnover(skip=SLOTS), SLOTS * BATCH / processing_time, status_interval
