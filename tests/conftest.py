@@ -6,6 +6,7 @@ exports TEST_REDIS_URL and TEST_POSTGRES_URL.
 """
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -82,6 +83,16 @@ def postgres_admin(url, statement):
     with admin.cursor() as cur:
         cur.execute(statement % {"name": parts.path.lstrip("/")})
     admin.close()
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """The CLI points the root logger at the runner's stderr; put the test's handlers back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

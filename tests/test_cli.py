@@ -3,7 +3,6 @@ and an example in every command's help."""
 import csv
 import io
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -27,16 +26,6 @@ CONTRACT_COLUMNS = ["email", "status", "reason", "score", "accept_all", "disposa
 ROWS = ["a1@example.com", "bad address", "a2@example.com", "A1@Example.com", "=cmd@example.com",
         "+plus@example.com", "-dash@example.com", "no-at-sign", "a3@example.com"]
 INVALID_ROWS = {"bad address", "no-at-sign"}
-
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """The CLI points the root logger at the runner's stderr; put the test's handlers back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def run(database_url, *args):

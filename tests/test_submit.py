@@ -2,7 +2,6 @@
 counts, file formats, invalid rows, and bad input that writes nothing (invariant 8)."""
 import datetime
 import json
-import logging
 
 import pytest
 from click.testing import CliRunner
@@ -15,15 +14,6 @@ from bouncer.models import INVALID, QUEUED, EmailGlobal, UserBatch, UserBatchEma
 from bouncer.submit import create_user_batch
 
 from conftest import assert_clean_failure
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """The CLI points the root logger at the runner's stderr; put the test's handlers back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def row_counts():
