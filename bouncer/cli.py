@@ -32,7 +32,7 @@ class BouncerGroup(click.Group):
 
 def describe_database_error(exc):
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if "no such table" in text or "does not exist" in text and "relation" in text:
+    if "no such table" in text or ("relation" in text and "does not exist" in text):
         return "the database has no schema yet: run `python -m bouncer init-db` (%s)" % text
     return "database error: %s" % text
 

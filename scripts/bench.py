@@ -33,7 +33,7 @@ from bouncer.db import (  # noqa: E402
 )
 from bouncer.ingest import batches_to_check, ingest_results  # noqa: E402
 from bouncer.models import (  # noqa: E402
-    ALL_MODELS, OUTSTANDING, QUEUED, SENT, BouncerBatch, BouncerBatchEmail, DeliverableResult,
+    ALL_MODELS, QUEUED, SENT, BouncerBatch, BouncerBatchEmail, DeliverableResult,
     EmailGlobal, UserBatch, UserBatchEmail, database,
 )
 

@@ -1,6 +1,5 @@
 """The creation cycle: greedy FIFO packing, limits, dedupe, cache, and what failures leave."""
 import datetime
-import logging
 
 import pytest
 import requests
