@@ -3,9 +3,6 @@ per process from the environment (or handed in by a test)."""
 import logging
 from functools import cached_property
 
-from redis import Redis
-
-from .client import BouncerClient
 from .config import load_settings
 from .db import open_database
 
@@ -22,13 +19,15 @@ class App:
 
     @cached_property
     def redis(self):
+        from redis import Redis
         return Redis.from_url(self.settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
 
     @cached_property
     def client(self):
+        from .client import BouncerClient
         s = self.settings
         return BouncerClient(s.api_url, s.api_key, timeout=s.bouncer_timeout,
-                             catchall_path=s.catchall_path)
+                             connect_timeout=s.bouncer_connect_timeout, catchall_path=s.catchall_path)
 
     def callback_url(self, check_type):
         """Where Bouncer should say a batch is done, when the web process is reachable."""

@@ -6,12 +6,9 @@ import sys
 import tempfile
 
 import click
-from peewee import InterfaceError, OperationalError, ProgrammingError
-from redis.exceptions import RedisError
 
-from .config import CHECK_TYPES, ConfigError
-from .db import DatabaseUnavailable
-from .errors import InputError, NotFound
+from .config import CHECK_TYPES
+from .errors import ConfigError, DatabaseUnavailable, InputError, NotFound
 
 EXPECTED_ERRORS = (InputError, NotFound, ConfigError, DatabaseUnavailable)
 
@@ -24,10 +21,25 @@ class BouncerGroup(click.Group):
             return super().invoke(ctx)
         except EXPECTED_ERRORS as exc:
             raise click.ClickException(str(exc)) from None
-        except (OperationalError, ProgrammingError, InterfaceError) as exc:
-            raise click.ClickException(describe_database_error(exc)) from None
-        except RedisError as exc:
-            raise click.ClickException("Redis is not reachable (REDIS_URL): %s" % exc) from None
+        except Exception as exc:
+            message = describe_failure(exc)
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
+
+
+def describe_failure(exc):
+    """One line for a database or Redis failure, or None for anything else. Only libraries the
+    command already imported are asked: a command that never touched Redis cannot fail in it."""
+    if "peewee" in sys.modules:
+        from peewee import InterfaceError, OperationalError, ProgrammingError
+        if isinstance(exc, (OperationalError, ProgrammingError, InterfaceError)):
+            return describe_database_error(exc)
+    if "redis" in sys.modules:
+        from redis.exceptions import RedisError
+        if isinstance(exc, RedisError):
+            return "Redis is not reachable (REDIS_URL): %s" % exc
+    return None
 
 
 def describe_database_error(exc):
@@ -132,10 +144,10 @@ def create_batches(check_types):
 
     Example: python -m bouncer create-batches --check-type deliverable
     """
-    from .creator import run_creation_cycle
+    from .cycles import CREATION, run_cycle
     app = app_from_env()
     for check_type in check_types or CHECK_TYPES:
-        click.echo(run_creation_cycle(app, check_type).summary())
+        click.echo(run_cycle(app, CREATION, check_type).summary())
 
 
 @cli.command("check-batches")
@@ -145,10 +157,10 @@ def check_batches(check_types):
 
     Example: python -m bouncer check-batches --check-type deliverable
     """
-    from .checker import run_status_cycle
+    from .cycles import STATUS, run_cycle
     app = app_from_env()
     for check_type in check_types or CHECK_TYPES:
-        click.echo(run_status_cycle(app, check_type).summary())
+        click.echo(run_cycle(app, STATUS, check_type).summary())
 
 
 @cli.command()

@@ -14,13 +14,14 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import requests
 import urllib3
 
-log = logging.getLogger("bouncer.client")
+from .config import CHECK_TYPES, MAX_BATCH_EMAILS
+from .errors import BouncerError
+from .masking import mask_secrets
 
-CHECK_TYPES = ("deliverable", "catchall")
+log = logging.getLogger(__name__)
+
 DEFAULT_BATCH_PATH = "/v1.1/email/verify/batch"
 USER_AGENT = "bouncer-queue/1.0"
-# Bouncer's documented ceiling for one batch.
-MAX_BATCH_EMAILS = 100_000
 # How much of an unexpected answer goes into a message: enough to recognise it, not a page of HTML.
 SNIPPET_CHARS = 200
 # Only the start of a large body is looked at when building a snippet.
@@ -31,66 +32,20 @@ HINTS = {
     402: "out of Bouncer credits: buy more credits",
     429: "rate limited by Bouncer",
 }
-SCRUBBED = "***"
-
-
-class BouncerError(Exception):
-    """One exception type for every failed Bouncer call: transport, timeout, HTTP error, bad body."""
-
-    def __init__(self, message: str, status: int | None = None, operation: str = "",
-                 timed_out: bool = False):
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.operation = operation
-        # Sent but unanswered: Bouncer may have acted on the request anyway.
-        self.timed_out = timed_out
-
-    def __str__(self):
-        return self.message
-
-    def __reduce__(self):
-        # Keep status and operation when the error crosses a process boundary.
-        return (type(self), (self.message, self.status, self.operation, self.timed_out))
-
-    @property
-    def is_rate_limited(self):
-        return self.status == 429
-
-    @property
-    def is_out_of_credits(self):
-        return self.status == 402
-
-    @property
-    def is_unauthorized(self):
-        return self.status == 401
-
-    @property
-    def is_not_found(self):
-        return self.status == 404
-
-    @property
-    def is_not_ready(self):
-        # Bouncer answers 405 to a download asked for before the batch completed.
-        return self.status == 405
-
-    @property
-    def is_transient(self):
-        return self.status is None or self.status >= 500
-
-    @property
-    def ends_cycle(self):
-        # Another call this cycle would hit the same wall: limit, empty account or bad key.
-        return self.status in (429, 402, 401)
 
 
 class BouncerClient:
     """Calls Bouncer's batch endpoints for both check types through one requests.Session."""
 
-    def __init__(self, base_url: str, api_key: str | None, timeout: float = 30,
-                 catchall_path: str = DEFAULT_BATCH_PATH, session: requests.Session | None = None):
+    def __init__(self, base_url: str, api_key: str | None, timeout: float = 20,
+                 catchall_path: str = DEFAULT_BATCH_PATH, session: requests.Session | None = None,
+                 connect_timeout: float = 5):
         self.base_url = base_url.rstrip("/")
+        # A connect timeout means the request never left: safe to send again. A read timeout
+        # means Bouncer may have acted on it (a create: a possible orphan), so the read
+        # timeout is sized to Bouncer's real answer times, the connect one much shorter.
         self.timeout = timeout
+        self.connect_timeout = min(connect_timeout, timeout)
         self.catchall_path = normalize_path(catchall_path)
         self.session = session if session is not None else requests.Session()
         self._api_key = api_key
@@ -152,7 +107,8 @@ class BouncerClient:
         try:
             response = self.session.request(
                 method, self.base_url + path, params=params, data=data,
-                headers=self._headers(has_body=data is not None), timeout=self.timeout,
+                headers=self._headers(has_body=data is not None),
+                timeout=(self.connect_timeout, self.timeout),
                 # A redirect would forward the key header to wherever it points, even another host.
                 allow_redirects=False)
         except (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
@@ -188,6 +144,9 @@ class BouncerClient:
         return headers
 
     def _transport_error(self, operation, exc):
+        if isinstance(exc, requests.ConnectTimeout):
+            return self._error(operation, None, "Bouncer %s failed: cannot connect to %s within %s"
+                               % (operation, self.base_url, format_seconds(self.connect_timeout)))
         if is_timeout(exc):
             error = self._error(operation, None, "Bouncer %s call timed out after %s"
                                 % (operation, format_seconds(self.timeout)))
@@ -247,14 +206,7 @@ class BouncerClient:
         return text if len(text) <= SNIPPET_CHARS else text[:SNIPPET_CHARS] + "..."
 
     def _scrub(self, text):
-        if not self._api_key:
-            return text
-        # Also the forms an echo may take: URL-quoted, or escaped inside a repr or JSON string.
-        forms = {self._api_key, quote(self._api_key, safe=""), repr(self._api_key)[1:-1],
-                 json.dumps(self._api_key)[1:-1]}
-        for form in sorted(forms, key=len, reverse=True):
-            text = text.replace(form, SCRUBBED)
-        return text
+        return mask_secrets(text, [self._api_key])
 
     def _error(self, operation, status, text):
         message = self._scrub(one_line(text))

@@ -1,84 +1,105 @@
 """Settings: read once from the environment, validated, with messages that say how to fix them.
 
-Every setting of the design card lives here; nothing else in the package reads os.environ.
+Every setting is one field of `Settings`, declared with its environment variable and its range;
+`load_settings` reads them all from those declarations. Nothing else in the package reads
+os.environ. A value out of its range stops the process with one line naming the variable.
 """
 import os
-from dataclasses import dataclass
-from urllib.parse import urlparse
+import re
+from dataclasses import dataclass, field, fields
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+from .masking import redact_url
 
 CHECK_TYPES = ("deliverable", "catchall")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
+MIN_SECRET_LENGTH = 8
+# The longest interval rq-scheduler and Python's timers take without overflowing (2^31 ms).
+MAX_INTERVAL = 86400
+MAX_BATCH_EMAILS = 100_000          # Bouncer's own ceiling for one batch
+# Bouncer creates a batch within a few seconds; a read that takes longer than this is a timeout.
+# A worker stopped by the platform (SIGTERM, then SIGKILL 30 s later) lets a call in flight
+# finish, so no Bouncer call may outlast that grace (see bouncer.worker.SHUTDOWN_GRACE).
+MAX_BOUNCER_TIMEOUT = 25
 
 
-class ConfigError(Exception):
-    """A setting has a value the service cannot run with."""
-
-
-def env_int(env, name, default, minimum=0):
-    raw = env.get(name, "").strip()
-    if raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError("%s=%r is not a whole number; set it to e.g. %s" % (name, raw, default))
-    if value < minimum:
-        raise ConfigError("%s=%s is too small; it must be at least %s" % (name, value, minimum))
-    return value
-
-
-def env_str(env, name, default):
-    value = env.get(name, "").strip()
-    return value or default
-
-
-def check_url(name, value, schemes):
-    parsed = urlparse(value)
-    scheme = parsed.scheme.split("+")[0]
-    if scheme not in schemes:
-        raise ConfigError("%s=%r must start with one of %s" % (
-            name, redact_url(value), ", ".join("%s://" % s for s in schemes)))
-    if scheme in ("http", "https", "redis", "rediss", "postgres", "postgresql") and not parsed.hostname:
-        raise ConfigError("%s=%r has no host name" % (name, redact_url(value)))
-
-
-def redact_url(url):
-    """The URL with any password replaced, safe for logs and answers."""
-    parsed = urlparse(url)
-    if parsed.password:
-        return url.replace(":%s@" % parsed.password, ":***@", 1)
-    return url
+def setting(env, default=None, kind="str", minimum=None, maximum=None, secret=False, choices=None):
+    """A field of Settings read from environment variable `env`."""
+    return field(default=default, metadata={
+        "env": env, "kind": kind, "minimum": minimum, "maximum": maximum, "secret": secret,
+        "choices": choices})
 
 
 @dataclass(frozen=True)
 class Settings:
-    database_url: str = "sqlite:///bouncer.db"
-    redis_url: str = "redis://localhost:6379/0"
-    api_key: str | None = None
-    api_url: str = "https://api.usebouncer.com"
-    batch_create_interval: int = 5
-    status_check_interval: int = 30
-    batch_size: int = 10000
-    max_outstanding: int = 15
-    rate_limit_per_minute: int = 200
-    rate_limit_buffer: int = 180
-    bouncer_timeout: int = 30
-    reservation_timeout: int = 600
-    batch_timeout: int = 86400
-    result_cache_days: int = 30
-    catchall_path: str = "/v1.1/email/verify/batch"
-    public_url: str | None = None
-    callback_secret: str | None = None
-    port: int = 8000
+    database_url: str = setting("DATABASE_URL", "sqlite:///bouncer.db", kind="url")
+    redis_url: str = setting("REDIS_URL", "redis://localhost:6379/0", kind="url")
+    api_key: str | None = setting("BOUNCER_API_KEY", secret=True)
+    api_url: str = setting("BOUNCER_API_URL", "https://api.usebouncer.com", kind="base_url")
+    batch_create_interval: int = setting("BATCH_CREATE_INTERVAL", 5, "int", 1, MAX_INTERVAL)
+    status_check_interval: int = setting("STATUS_CHECK_INTERVAL", 30, "int", 1, MAX_INTERVAL)
+    batch_size: int = setting("BOUNCER_BATCH_SIZE", 10000, "int", 1, MAX_BATCH_EMAILS)
+    max_outstanding: int = setting("BOUNCER_MAX_OUTSTANDING", 15, "int", 1, 100)
+    rate_limit_per_minute: int = setting("RATE_LIMIT_PER_MINUTE", 200, "int", 1, 100_000)
+    rate_limit_buffer: int = setting("RATE_LIMIT_BUFFER", 180, "int", 1, 100_000)
+    bouncer_timeout: int = setting("BOUNCER_TIMEOUT", 20, "int", 1, MAX_BOUNCER_TIMEOUT)
+    bouncer_connect_timeout: int = setting("BOUNCER_CONNECT_TIMEOUT", 5, "int", 1, MAX_BOUNCER_TIMEOUT)
+    reservation_timeout: int = setting("RESERVATION_TIMEOUT", 600, "int", 1, 7 * 86400)
+    batch_timeout: int = setting("BATCH_TIMEOUT", 86400, "int", 1, 30 * 86400)
+    result_cache_days: int = setting("RESULT_CACHE_DAYS", 30, "int", 0, 3650)
+    catchall_path: str = setting("BOUNCER_CATCHALL_PATH", "/v1.1/email/verify/batch")
+    public_url: str | None = setting("PUBLIC_URL", kind="base_url")
+    callback_secret: str | None = setting("CALLBACK_SECRET", secret=True)
+    port: int = setting("PORT", 8000, "int", 1, 65535)
+    log_level: str = setting("LOG_LEVEL", "INFO", choices=LOG_LEVELS)
+    log_format: str = setting("LOG_FORMAT", "text", choices=LOG_FORMATS)
+    api_tokens: tuple = setting("API_TOKENS", (), kind="list", secret=True)
+    api_max_emails: int = setting("API_MAX_EMAILS", 1_000_000, "int", 1, 10_000_000)
+    webhook_url: str | None = setting("WEBHOOK_URL", kind="url")
+    webhook_secret: str | None = setting("WEBHOOK_SECRET", secret=True)
+    operator_password: str | None = setting("OPERATOR_PASSWORD", secret=True)
+    metrics_token: str | None = setting("METRICS_TOKEN", secret=True)
 
     def __repr__(self):
-        # The key and the secret must never reach a log line through a repr.
-        return "Settings(database_url=%r, redis_url=%r, api_url=%r, api_key=%s)" % (
-            redact_url(self.database_url), redact_url(self.redis_url), self.api_url,
-            "set" if self.api_key else "unset")
+        # No secret may reach a log line through a repr: passwords in URLs are masked, secrets
+        # are only said to be set or not.
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["secret"]:
+                shown.append("%s=%s" % (f.name, "set" if value else "unset"))
+            elif f.metadata["kind"] in URL_KINDS and value:
+                shown.append("%s=%r" % (f.name, redact_url(value)))
+            else:
+                shown.append("%s=%r" % (f.name, value))
+        return "Settings(%s)" % ", ".join(shown)
+
+    __str__ = __repr__
+
+    def replace(self, **changes):
+        """A copy with some fields changed, validated."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return Settings(**values).validate()
+
+    def secrets(self):
+        """Every secret these settings hold: keys, tokens, and passwords inside URLs."""
+        found = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["secret"]:
+                found.extend(value if isinstance(value, tuple) else [value])
+            elif f.metadata["kind"] in URL_KINDS and value:
+                found.append(urlsplit(value).password)
+        return [s for s in found if s]
 
     def validate(self):
+        for f in fields(self):
+            check_range(f, getattr(self, f.name))
         check_url("DATABASE_URL", self.database_url, ("sqlite", "postgres", "postgresql"))
-        check_url("REDIS_URL", self.redis_url, ("redis", "rediss", "unix"))
+        check_redis_url(self.redis_url)
         check_url("BOUNCER_API_URL", self.api_url, ("http", "https"))
         if self.rate_limit_buffer > self.rate_limit_per_minute:
             raise ConfigError(
@@ -88,39 +109,108 @@ class Settings:
             raise ConfigError(
                 "RESERVATION_TIMEOUT=%s must exceed BOUNCER_TIMEOUT=%s, or a slow but live Bouncer "
                 "call would have its emails queued again" % (self.reservation_timeout, self.bouncer_timeout))
-        for name, secret in (("BOUNCER_API_KEY", self.api_key), ("CALLBACK_SECRET", self.callback_secret)):
-            if secret and len(secret) < 8:
-                raise ConfigError("%s is too short to be real (fewer than 8 characters); check it" % name)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            for secret in (value if isinstance(value, tuple) else [value]):
+                if f.metadata["secret"] and secret and len(secret) < MIN_SECRET_LENGTH:
+                    raise ConfigError("%s is too short to be real (fewer than %d characters); check it"
+                                      % (f.metadata["env"], MIN_SECRET_LENGTH))
         if not self.catchall_path.startswith("/"):
             raise ConfigError("BOUNCER_CATCHALL_PATH=%r must start with '/'" % self.catchall_path)
-        if self.public_url:
-            check_url("PUBLIC_URL", self.public_url, ("http", "https"))
-            if not self.callback_secret:
-                raise ConfigError("PUBLIC_URL is set but CALLBACK_SECRET is not; set CALLBACK_SECRET "
-                                  "to a long random string (it is part of the callback URL)")
+        self.check_callback()
+        self.check_webhooks()
         return self
+
+    def check_callback(self):
+        if not self.public_url:
+            return
+        check_url("PUBLIC_URL", self.public_url, ("http", "https"))
+        if not self.callback_secret:
+            raise ConfigError("PUBLIC_URL is set but CALLBACK_SECRET is not; set CALLBACK_SECRET "
+                              "to a long random string (it is part of the callback URL)")
+        if not URL_SAFE_SECRET.fullmatch(self.callback_secret):
+            raise ConfigError("CALLBACK_SECRET may hold only letters, digits, '-', '_', '.' and '~' "
+                              "(it is part of the callback URL); make one with "
+                              "`python -c \"import secrets; print(secrets.token_urlsafe(32))\"`")
+
+    def check_webhooks(self):
+        if self.webhook_url:
+            check_url("WEBHOOK_URL", self.webhook_url, ("http", "https"))
+            if not self.webhook_secret:
+                raise ConfigError("WEBHOOK_URL is set but WEBHOOK_SECRET is not; set WEBHOOK_SECRET "
+                                  "to a Standard Webhooks secret (whsec_ followed by base64)")
+        if self.webhook_secret and not WEBHOOK_SECRET_FORM.fullmatch(self.webhook_secret):
+            raise ConfigError("WEBHOOK_SECRET must be whsec_ followed by base64 (at least 24 bytes); "
+                              "make one with `python -c \"import base64, os; "
+                              "print('whsec_' + base64.b64encode(os.urandom(32)).decode())\"`")
+
+
+URL_KINDS = ("url", "base_url")
+URL_SAFE_SECRET = re.compile(r"[A-Za-z0-9._~-]+")
+WEBHOOK_SECRET_FORM = re.compile(r"whsec_[A-Za-z0-9+/]{32,}={0,2}")
+
+
+def check_range(f, value):
+    meta = f.metadata
+    name = meta["env"]
+    if meta["kind"] == "int":
+        if meta["minimum"] is not None and value < meta["minimum"]:
+            raise ConfigError("%s=%s is too small; it must be at least %s" % (name, value, meta["minimum"]))
+        if meta["maximum"] is not None and value > meta["maximum"]:
+            raise ConfigError("%s=%s is too large; it must be at most %s" % (name, value, meta["maximum"]))
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError("%s=%r is not one of %s" % (name, value, ", ".join(meta["choices"])))
+
+
+def check_url(name, value, schemes):
+    parsed = urlsplit(value)
+    scheme = parsed.scheme.split("+")[0]
+    if scheme not in schemes:
+        raise ConfigError("%s=%r must start with one of %s" % (
+            name, redact_url(value), ", ".join("%s://" % s for s in schemes)))
+    if scheme in ("http", "https", "redis", "rediss", "postgres", "postgresql") and not parsed.hostname:
+        raise ConfigError("%s=%r has no host name" % (name, redact_url(value)))
+    try:
+        parsed.port
+    except ValueError:
+        raise ConfigError("%s=%r has a port outside 1-65535" % (name, redact_url(value))) from None
+
+
+def check_redis_url(value):
+    check_url("REDIS_URL", value, ("redis", "rediss", "unix"))
+    parsed = urlsplit(value)
+    if parsed.scheme == "unix":
+        return
+    number = parsed.path.strip("/") or "0"
+    if not number.isdigit() or int(number) > 15:
+        raise ConfigError("REDIS_URL=%r names database %r; use a database number from 0 to 15"
+                          % (redact_url(value), number))
+
+
+def read_value(f, env):
+    """The value of field `f` from `env`, or its default when unset or blank."""
+    meta = f.metadata
+    raw = env.get(meta["env"], "").strip()
+    if raw == "":
+        return f.default
+    kind = meta["kind"]
+    if kind == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError("%s=%r is not a whole number; set it to e.g. %s"
+                              % (meta["env"], raw, f.default)) from None
+    if kind == "list":
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if kind == "base_url":
+        return raw.rstrip("/")
+    for choice in meta["choices"] or ():
+        if raw.lower() == choice.lower():
+            return choice
+    return raw
 
 
 def load_settings(env=None):
     """Settings from `env` (default: the process environment), validated."""
     env = os.environ if env is None else env
-    return Settings(
-        database_url=env_str(env, "DATABASE_URL", Settings.database_url),
-        redis_url=env_str(env, "REDIS_URL", Settings.redis_url),
-        api_key=env.get("BOUNCER_API_KEY", "").strip() or None,
-        api_url=env_str(env, "BOUNCER_API_URL", Settings.api_url).rstrip("/"),
-        batch_create_interval=env_int(env, "BATCH_CREATE_INTERVAL", 5, minimum=1),
-        status_check_interval=env_int(env, "STATUS_CHECK_INTERVAL", 30, minimum=1),
-        batch_size=env_int(env, "BOUNCER_BATCH_SIZE", 10000, minimum=1),
-        max_outstanding=env_int(env, "BOUNCER_MAX_OUTSTANDING", 15, minimum=1),
-        rate_limit_per_minute=env_int(env, "RATE_LIMIT_PER_MINUTE", 200, minimum=1),
-        rate_limit_buffer=env_int(env, "RATE_LIMIT_BUFFER", 180, minimum=1),
-        bouncer_timeout=env_int(env, "BOUNCER_TIMEOUT", 30, minimum=1),
-        reservation_timeout=env_int(env, "RESERVATION_TIMEOUT", 600, minimum=1),
-        batch_timeout=env_int(env, "BATCH_TIMEOUT", 86400, minimum=1),
-        result_cache_days=env_int(env, "RESULT_CACHE_DAYS", 30, minimum=0),
-        catchall_path=env_str(env, "BOUNCER_CATCHALL_PATH", Settings.catchall_path),
-        public_url=env_str(env, "PUBLIC_URL", "").rstrip("/") or None,
-        callback_secret=env.get("CALLBACK_SECRET", "").strip() or None,
-        port=env_int(env, "PORT", 8000, minimum=1),
-    ).validate()
+    return Settings(**{f.name: read_value(f, env) for f in fields(Settings)}).validate()

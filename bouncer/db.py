@@ -10,7 +10,8 @@ from urllib.parse import parse_qs, urlsplit
 from peewee import SQL, PeeweeException, PostgresqlDatabase, SqliteDatabase, Value, fn
 from playhouse.db_url import connect
 
-from .config import redact_url
+from .errors import DatabaseUnavailable
+from .masking import mask_secrets, redact_url
 from .models import ALL_MODELS, database
 
 # IN lists of up to CHUNK ids; multi-row INSERTs of up to MAX_PARAMS values. Both stay under
@@ -24,10 +25,6 @@ SQLITE_PRAGMAS = {
     "foreign_keys": 1,
     "cache_size": -16 * 1024,     # 16 MiB
 }
-
-
-class DatabaseUnavailable(Exception):
-    """The database cannot be opened or used; the message names it without secrets."""
 
 
 def utcnow():
@@ -241,9 +238,7 @@ def connection():
         database.connect()
     except PeeweeException as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        password = database.obj.connect_params.get("password")
-        if password:
-            reason = reason.replace(str(password), "***")
+        reason = mask_secrets(reason, [str(database.obj.connect_params.get("password") or "")])
         raise DatabaseUnavailable(
             "cannot open database %r: %s" % (database.obj.database, reason)) from None
     try:

@@ -1,9 +1,67 @@
 """Exception types, one per seam. Each message is one line a person can act on."""
 
 
+class ConfigError(Exception):
+    """A setting has a value the service cannot run with."""
+
+
 class InputError(Exception):
     """Submitted input cannot be used (file, line, value named); nothing was written."""
 
 
 class NotFound(Exception):
     """A user batch id that does not exist."""
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot be opened or used; the message names it without secrets."""
+
+
+class BouncerError(Exception):
+    """One exception type for every failed Bouncer call: transport, timeout, HTTP error, bad body."""
+
+    def __init__(self, message: str, status: int | None = None, operation: str = "",
+                 timed_out: bool = False):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.operation = operation
+        # Sent but unanswered: Bouncer may have acted on the request anyway.
+        self.timed_out = timed_out
+
+    def __str__(self):
+        return self.message
+
+    def __reduce__(self):
+        # Keep status and operation when the error crosses a process boundary.
+        return (type(self), (self.message, self.status, self.operation, self.timed_out))
+
+    @property
+    def is_rate_limited(self):
+        return self.status == 429
+
+    @property
+    def is_out_of_credits(self):
+        return self.status == 402
+
+    @property
+    def is_unauthorized(self):
+        return self.status == 401
+
+    @property
+    def is_not_found(self):
+        return self.status == 404
+
+    @property
+    def is_not_ready(self):
+        # Bouncer answers 405 to a download asked for before the batch completed.
+        return self.status == 405
+
+    @property
+    def is_transient(self):
+        return self.status is None or self.status >= 500
+
+    @property
+    def ends_cycle(self):
+        # Another call this cycle would hit the same wall: limit, empty account or bad key.
+        return self.status in (429, 402, 401)

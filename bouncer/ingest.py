@@ -1,24 +1,17 @@
-"""The results side of the ledger: following outstanding Bouncer batches to their end.
+"""Ingesting a download: Bouncer's records parsed leniently, matched to the addresses the batch
+sent, and the verdicts upserted into the check type's results table.
 
-A completed batch is ingested in one transaction: verdicts upserted into the check type's results
-table, the emails of every address completed, addresses Bouncer left out failed with that reason,
-and each user batch with nothing pending marked completed. A batch Bouncer lost (404) or that
-never completes (BATCH_TIMEOUT) fails with its emails and user batches, the reason stored.
+Lenient by design: extra or missing fields are fine and the raw record is kept whole; a record
+without a usable email or verdict, or for an address the batch never sent, is counted and left
+out. What the verdicts mean for the user's rows and the ledger is the ledger's business.
 """
 import json
 import logging
 from dataclasses import dataclass
 
-from peewee import fn
-
 from .addresses import strip_email_modifiers
-from .db import among, database, insert_tuples, lock_rows_for_update, utcnow, write_transaction
-from .models import (
-    COMPLETED, DONE, FAILED, OUTSTANDING, SENT, VERDICTS,
-    BouncerBatch, BouncerBatchEmail, EmailGlobal, UserBatchEmail, result_model,
-)
-from .progress import batches_of_bouncer_batch, complete_finished_batches, fail_batches
-from .queue import end_flight
+from .db import database, insert_tuples
+from .models import VERDICTS, BouncerBatchEmail, EmailGlobal, result_model
 
 log = logging.getLogger(__name__)
 
@@ -37,52 +30,6 @@ class IngestReport:
     missing: int = 0      # emails failed: their address was not in the download
     extra: int = 0        # records for addresses this batch never sent (ignored)
     malformed: int = 0    # records without a usable email or verdict (ignored)
-
-
-def batches_to_check(check_type):
-    """Outstanding Bouncer batches, least recently checked first."""
-    return list(BouncerBatch.select()
-                .where((BouncerBatch.check_type == check_type)
-                       & (BouncerBatch.status == OUTSTANDING))
-                .order_by(BouncerBatch.last_checked_at.asc(nulls="first"), BouncerBatch.id))
-
-
-def note_checked(ledger_id, bouncer_status, now=None):
-    (BouncerBatch.update(last_checked_at=now or utcnow(), bouncer_status=str(bouncer_status)[:64])
-     .where(BouncerBatch.id == ledger_id).execute())
-
-
-def ingest_results(ledger_id, records, now=None):
-    """Process the download of a completed Bouncer batch. Returns an IngestReport, or None when
-    the batch is no longer outstanding (already ingested or failed)."""
-    now = now or utcnow()
-    with write_transaction():
-        ledger = claim_outstanding(ledger_id)
-        if ledger is None:
-            return None
-        report = IngestReport(ledger_id)
-        sent = sent_addresses(ledger_id)
-        verdicts = match_records(sent, records, report, now)
-        upsert_results(ledger.check_type, list(verdicts.values()))
-        missing = set(sent[0].values()) - verdicts.keys()
-        report.missing = fail_pending_emails(
-            ledger_id, "not in Bouncer's results for batch %s" % ledger.bouncer_id, now, missing)
-        report.verified = complete_pending_emails(ledger_id, now)
-        end_flight(ledger_id)
-        (BouncerBatch.update(status=COMPLETED, finished_at=now, bouncer_status="completed")
-         .where(BouncerBatch.id == ledger_id).execute())
-        complete_finished_batches(batches_of_bouncer_batch(ledger_id), now)
-    log.info("Bouncer batch %s (%s) ingested: %s emails verified, %s missing, %s extra and %s "
-             "malformed records ignored", ledger.bouncer_id, ledger_id, report.verified,
-             report.missing, report.extra, report.malformed)
-    return report
-
-
-def claim_outstanding(ledger_id):
-    """The ledger row, locked, if it is still outstanding: who finishes a batch is decided here."""
-    query = BouncerBatch.select().where(
-        (BouncerBatch.id == ledger_id) & (BouncerBatch.status == OUTSTANDING))
-    return lock_rows_for_update(query).first()
 
 
 def match_records(sent, records, report, now):
@@ -172,54 +119,3 @@ def upsert_results(check_type, rows):
     """Insert or update the verdicts, a few thousand per statement."""
     Result = result_model(check_type)
     insert_tuples(Result, RESULT_COLUMNS, rows, replace_on=Result.email_global)
-
-
-def complete_pending_emails(ledger_id, now):
-    """Every email still pending in this batch has its verdict now (the missing ones failed)."""
-    return (UserBatchEmail.update(status=DONE, completed_at=now)
-            .where((UserBatchEmail.bouncer_batch == ledger_id) & (UserBatchEmail.status == SENT))
-            .execute())
-
-
-def fail_pending_emails(ledger_id, reason, now, only_addresses=None):
-    """Fail the batch's pending emails (of `only_addresses`, when given) with `reason`."""
-    pending = (UserBatchEmail.bouncer_batch == ledger_id) & (UserBatchEmail.status == SENT)
-    if only_addresses is None:
-        return (UserBatchEmail.update(status=FAILED, failure_reason=reason, completed_at=now)
-                .where(pending).execute())
-    if not only_addresses:
-        return 0
-    return (UserBatchEmail.update(status=FAILED, failure_reason=reason, completed_at=now)
-            .where(pending & among(UserBatchEmail.email_global, only_addresses)).execute())
-
-
-def fail_bouncer_batch(ledger_id, reason, now=None):
-    """Bouncer lost the batch or it never finished: its emails and every user batch with an
-    email in it fail, with `reason`. Returns the number of emails failed (None if the batch was
-    no longer outstanding)."""
-    now = now or utcnow()
-    with write_transaction():
-        ledger = claim_outstanding(ledger_id)
-        if ledger is None:
-            return None
-        user_batches = [b for (b,) in batches_of_bouncer_batch(ledger_id).tuples()]
-        failed = fail_pending_emails(ledger_id, reason, now)
-        end_flight(ledger_id)
-        (BouncerBatch.update(status=FAILED, failure_reason=reason, finished_at=now)
-         .where(BouncerBatch.id == ledger_id).execute())
-        fail_batches(user_batches, reason, now)
-    log.error("Bouncer batch %s (%s) failed: %s; %s emails and %s user batches marked failed",
-              ledger.bouncer_id, ledger_id, reason, failed, len(user_batches))
-    return failed
-
-
-def overdue_batches(check_type, sent_before):
-    return [ledger_id for (ledger_id,) in BouncerBatch.select(BouncerBatch.id).where(
-        (BouncerBatch.check_type == check_type) & (BouncerBatch.status == OUTSTANDING)
-        & (BouncerBatch.sent_at < sent_before)).tuples()]
-
-
-def count_outstanding(check_type):
-    return (BouncerBatch.select(fn.COUNT(BouncerBatch.id))
-            .where((BouncerBatch.check_type == check_type) & (BouncerBatch.status == OUTSTANDING))
-            .scalar())

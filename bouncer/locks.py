@@ -1,13 +1,11 @@
 """Cycle locks: one creation cycle and one status cycle per check type at a time, whatever the
 number of workers. A Redis lock with a short expiry, renewed by a thread while its holder works,
-so a holder killed with -9 frees it within LOCK_TIMEOUT seconds."""
+so a holder killed with -9 frees it within LOCK_TIMEOUT seconds. A renewal that fails sets
+`lost`, which the cycle reads between its steps (see cycles.Cycle.stop_reason)."""
 import logging
 import threading
-import time
 
 from redis.exceptions import LockError, RedisError
-
-from .db import connection
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +17,7 @@ def lock_name(kind, check_type):
 
 
 class CycleLock:
-    """`with CycleLock(redis, 'creator', 'deliverable') as held:` -- held is False when another
+    """`with CycleLock(redis, 'creation', 'deliverable') as held:` -- held is False when another
     process has it (the caller logs and returns); `lost` turns True if renewal ever fails."""
 
     def __init__(self, redis, kind, check_type, timeout=LOCK_TIMEOUT):
@@ -60,19 +58,3 @@ class CycleLock:
             # Expired or Redis gone: the lock frees itself anyway.
             log.warning("Lock %s was not released cleanly: %s", self.name, exc)
         return False
-
-
-def run_exclusively(app, kind, label, report, work, now=None):
-    """Run one cycle: `work(app, check_type, report, now)` with a fresh database connection,
-    holding the (kind, check type) lock. When another process holds it, this run is a logged
-    no-op (`report.skipped`). Returns the report."""
-    started = time.monotonic()
-    with connection(), CycleLock(app.redis, kind, report.check_type) as held:
-        if not held:
-            report.skipped = True
-            log.info("%s cycle %s skipped: another one holds the lock", label, report.check_type)
-            return report
-        work(app, report.check_type, report, now)
-    report.seconds = time.monotonic() - started
-    log.info("%s cycle %s", label, report.summary())
-    return report

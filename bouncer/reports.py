@@ -3,11 +3,10 @@ from peewee import JOIN, fn
 
 from .config import CHECK_TYPES
 from .errors import NotFound
-from .ingest import count_outstanding
+from .ledger import count_in_flight, count_outstanding, count_possible_orphans
 from .models import (
     DONE, FAILED, INVALID, QUEUED, VERDICTS, BouncerBatch, UserBatch, UserBatchEmail, result_model,
 )
-from .queue import count_in_flight_batches, count_possible_orphans
 from .ratelimit import requests_in_window
 
 COUNT_KEYS = VERDICTS + (INVALID, FAILED, "pending")
@@ -87,7 +86,7 @@ def queue_overview(settings):
             check_type: {
                 "queued_emails": queued.get(check_type, 0),
                 "outstanding_batches": count_outstanding(check_type),
-                "in_flight_batches": count_in_flight_batches(check_type),
+                "in_flight_batches": count_in_flight(check_type),
                 "max_outstanding": settings.max_outstanding,
             } for check_type in CHECK_TYPES},
         "rate_limit": {

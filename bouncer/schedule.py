@@ -13,12 +13,9 @@ from rq.job import Job
 from rq_scheduler import Scheduler
 from redis.exceptions import LockError, RedisError
 
-from .jobs import JOB_TIMEOUT, QUEUE_NAME, job_definitions
+from .jobs import JOB_PREFIXES, JOB_TIMEOUT, QUEUE_NAME, job_definitions
 
 log = logging.getLogger(__name__)
-
-JOB_PREFIXES = ("batch_creator_", "status_checker_")
-
 
 # Results are kept forever (-1), never shorter than the interval: a job whose hash expires
 # between two runs silently stops repeating. The ids are stable, so this is bounded: one job hash
@@ -82,7 +79,7 @@ def scheduled_jobs(scheduler):
     """{job id: (job, next run as naive UTC)} of our scheduled jobs. rq-scheduler's get_jobs
     also drops entries whose job hash is gone, so those count as missing."""
     return {job.id: (job, when) for job, when in scheduler.get_jobs(with_times=True)
-            if job.id.startswith(JOB_PREFIXES)}
+            if job.id.startswith(tuple(p + "_" for p in JOB_PREFIXES.values()))}
 
 
 def place_job(scheduler, job_id, spec, current, now):

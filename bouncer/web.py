@@ -12,15 +12,15 @@ import signal
 import threading
 import time
 from collections import namedtuple
-from urllib.parse import urlparse
 
 from redis.exceptions import RedisError
 from waitress.server import create_server
 
-from .config import CHECK_TYPES, redact_url
+from .config import CHECK_TYPES
+from .cycles import STATUS, run_now
 from .db import connection, utcnow
-from .jobs import job_definitions, last_successes, run_now
-from .logs import MASK
+from .jobs import job_definitions, last_successes
+from .masking import MASK, mask_secrets, redact_url
 from .reports import queue_overview
 
 log = logging.getLogger(__name__)
@@ -190,14 +190,7 @@ def describe_error(exc, settings):
 def scrub(text, settings):
     for url in (settings.database_url, settings.redis_url):
         text = text.replace(url, redact_url(url))
-    for secret in secrets_of(settings):
-        text = text.replace(secret, MASK)
-    return text
-
-
-def secrets_of(settings):
-    passwords = [urlparse(url).password for url in (settings.database_url, settings.redis_url)]
-    return [s for s in passwords + [settings.api_key, settings.callback_secret] if s]
+    return mask_secrets(text, settings.secrets())
 
 
 def job_health(definitions, successes, now, started_at):
@@ -248,7 +241,7 @@ def callback(app, environ, secret, rest):
     discard_body(environ)
     try:
         for check_type in check_types:
-            run_now(app.redis, "status_checker", check_type)
+            run_now(app.redis, STATUS, check_type)
     except RedisError as exc:
         log.warning("Callback: cannot queue a status check (%s); polling will pick the batch up",
                     describe_error(exc, app.settings))

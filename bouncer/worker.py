@@ -8,6 +8,8 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.worker import HerokuWorker
 
+from .config import MAX_BOUNCER_TIMEOUT
+from .cycles import SHUTDOWN
 from .jobs import QUEUE_NAME
 from .models import database
 
@@ -18,10 +20,12 @@ log = logging.getLogger(__name__)
 # the last one (rq's default pass interval is 600 s). Nothing is re-run: the next cycle is.
 MAINTENANCE_INTERVAL = 60
 
-# Heroku and Render send SIGTERM, then SIGKILL 30 s later. The horse ignores SIGTERM and gets this
-# long to finish its cycle before ShutDownImminentException stops it (rq's default is 6 s, short
-# for a cycle waiting on Bouncer); the rest of the 30 s is the worker's own bookkeeping.
-SHUTDOWN_GRACE = 20
+# Heroku and Render send SIGTERM, then SIGKILL 30 s later. The horse ignores SIGTERM; told by the
+# worker, its cycle stops at its next step, so a Bouncer call in flight (at most
+# MAX_BOUNCER_TIMEOUT) finishes and its answer is stored. Only a cycle still running after this
+# many seconds is cut by ShutDownImminentException; the rest of the 30 s is the worker's own
+# bookkeeping.
+SHUTDOWN_GRACE = MAX_BOUNCER_TIMEOUT + 3
 
 # Seconds between attempts to reach Redis again after losing it in the middle of a job.
 REDIS_RETRY_INTERVAL = 2
@@ -40,6 +44,11 @@ class BouncerWorker(HerokuWorker):
         if self.stop_signal is None:
             self.stop_signal = signum
         super().request_stop(signum, frame)
+
+    def request_stop_sigrtmin(self, signum, frame):
+        # In the horse: the worker was asked to stop. The cycle ends between two steps.
+        SHUTDOWN.set()
+        super().request_stop_sigrtmin(signum, frame)
 
     def fork_work_horse(self, job, queue):
         close_database()

@@ -27,11 +27,12 @@ from peewee import fn  # noqa: E402
 from bouncer.app import App  # noqa: E402
 from bouncer.client import parse_records  # noqa: E402
 from bouncer.config import Settings  # noqa: E402
-from bouncer.creator import create_batches, CreationReport  # noqa: E402
+from bouncer.creation_cycle import create_batches  # noqa: E402
+from bouncer.cycles import CREATION, Cycle  # noqa: E402
 from bouncer.db import (  # noqa: E402
     bulk_insert, copy_rows, create_schema, is_postgres, open_database, utcnow,
 )
-from bouncer.ingest import batches_to_check, ingest_results  # noqa: E402
+from bouncer.ledger import batches_to_check, complete_with_results  # noqa: E402
 from bouncer.models import (  # noqa: E402
     ALL_MODELS, QUEUED, SENT, BouncerBatch, BouncerBatchEmail, DeliverableResult,
     EmailGlobal, UserBatch, UserBatchEmail, database,
@@ -130,10 +131,11 @@ def run_one_creation_cycle(url, settings):
     """One creation cycle in a fresh process, like a worker. (seconds, statements, RSS MB)."""
     open_database(url)
     database.connect(reuse_if_open=True)
-    report = CreationReport("deliverable")
+    cycle = Cycle(App(settings, redis=None, client=StubBouncer()), CREATION, "deliverable")
+    report = cycle.report
     with StatementCounter(database.obj) as counter:
         started = time.perf_counter()
-        create_batches(App(settings, redis=None, client=StubBouncer()), "deliverable", report)
+        create_batches(cycle)
         seconds = time.perf_counter() - started
     assert sum(n for _, _, n in report.created) == SLOTS * BATCH, report.summary()
     return seconds, counter.count, peak_rss_mb()
@@ -153,7 +155,7 @@ def ingest_outstanding_batches(url):
         body = json.dumps(download_for(ledger.id)).encode()
         with StatementCounter(database.obj) as counter:
             started = time.perf_counter()
-            verified += ingest_results(ledger.id, parse_records(body)).verified
+            verified += complete_with_results(ledger.id, parse_records(body)).verified
             seconds += time.perf_counter() - started
         statements += counter.count
         del body

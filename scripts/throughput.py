@@ -26,9 +26,8 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 from bouncer.app import App  # noqa: E402
-from bouncer.checker import run_status_cycle  # noqa: E402
 from bouncer.config import Settings  # noqa: E402
-from bouncer.creator import run_creation_cycle  # noqa: E402
+from bouncer.cycles import CREATION, STATUS, run_cycle  # noqa: E402
 from bouncer.db import create_schema, open_database  # noqa: E402
 from bouncer.models import BouncerBatch, EmailGlobal, UserBatchEmail  # noqa: E402
 from bouncer.sandbox import Sandbox  # noqa: E402
@@ -146,8 +145,8 @@ def measure_credits(redis_url, workdir):
 
 def drain(app):
     for _ in range(100):
-        run_creation_cycle(app, "deliverable")
-        run_status_cycle(app, "deliverable")
+        run_cycle(app, CREATION, "deliverable")
+        run_cycle(app, STATUS, "deliverable")
         if not UserBatchEmail.select().where(UserBatchEmail.status.in_(("queued", "sent"))).exists():
             return
     raise RuntimeError("did not drain")

@@ -5,8 +5,7 @@ import json
 import pytest
 import requests
 
-from bouncer.checker import run_status_cycle
-from bouncer.creator import run_creation_cycle
+from bouncer.cycles import CREATION, STATUS, run_cycle
 from bouncer.db import utcnow
 from bouncer.models import (
     COMPLETED, DONE, FAILED, OUTSTANDING, SENT, BouncerBatch, BouncerBatchEmail,
@@ -18,16 +17,16 @@ from conftest import addresses, statuses, submit, verdict_for, with_settings
 
 def send_all(app, user="alice", emails=None, check_type="deliverable"):
     batch = submit(user, emails or addresses(user, 5), check_type)
-    run_creation_cycle(app, check_type)
+    run_cycle(app, CREATION, check_type)
     return batch
 
 
 def test_check_ingests_completed_batch_and_completes_user_batches(app, bouncer):
     alice = send_all(app, "alice", ["Ann.Lee+x@gmail.com", "b@example.com"])
     bob = submit("bob", ["annlee@gmail.com"])   # same mailbox, joins the batch in flight
-    run_creation_cycle(app, "deliverable")
+    run_cycle(app, CREATION, "deliverable")
     bouncer.complete()
-    report = run_status_cycle(app, "deliverable")
+    report = run_cycle(app, STATUS, "deliverable")
     assert len(report.ingested) == 1 and report.ingested[0].verified == 3
     assert statuses(alice) == {DONE: 2} and statuses(bob) == {DONE: 1}
     assert UserBatch.get_by_id(alice).status == UserBatch.get_by_id(bob).status == "completed"
@@ -41,7 +40,7 @@ def test_check_ingests_completed_batch_and_completes_user_batches(app, bouncer):
 
 def test_check_leaves_processing_batches_alone(app, bouncer):
     batch = send_all(app)
-    report = run_status_cycle(app, "deliverable")
+    report = run_cycle(app, STATUS, "deliverable")
     assert report.waiting == 1 and report.ingested == [] and bouncer.count("download") == 0
     assert statuses(batch) == {SENT: 5}
 
@@ -49,12 +48,12 @@ def test_check_leaves_processing_batches_alone(app, bouncer):
 def test_check_upserts_results_of_an_address_verified_again(app, bouncer):
     send_all(app, "alice", ["a@example.com"])
     bouncer.complete()
-    run_status_cycle(app, "deliverable")
+    run_cycle(app, STATUS, "deliverable")
     first = DeliverableResult.get()
     DeliverableResult.update(checked_at=utcnow() - datetime.timedelta(days=60)).execute()
     send_all(app, "bob", ["A@example.com"])
     bouncer.complete()
-    run_status_cycle(app, "deliverable")
+    run_cycle(app, STATUS, "deliverable")
     assert DeliverableResult.select().count() == 1
     assert DeliverableResult.get().checked_at > first.checked_at
     assert DeliverableResult.get().bouncer_batch_id != first.bouncer_batch_id
@@ -63,7 +62,7 @@ def test_check_upserts_results_of_an_address_verified_again(app, bouncer):
 def test_check_catchall_results_go_to_their_own_table(app, bouncer):
     batch = send_all(app, "alice", ["c@example.com"], check_type="catchall")
     bouncer.complete()
-    run_status_cycle(app, "catchall")
+    run_cycle(app, STATUS, "catchall")
     assert CatchallResult.select().count() == 1 and DeliverableResult.select().count() == 0
     assert statuses(batch) == {DONE: 1}
 
@@ -72,7 +71,7 @@ def test_check_fails_an_address_missing_from_the_download_alone(app, bouncer):
     batch = send_all(app, "alice", ["a@example.com", "b@example.com", "c@example.com"])
     bouncer.records_hook = lambda records: [r for r in records if r["email"] != "b@example.com"]
     bouncer.complete()
-    report = run_status_cycle(app, "deliverable")
+    report = run_cycle(app, STATUS, "deliverable")
     assert report.ingested[0].missing == 1
     assert statuses(batch) == {DONE: 2, FAILED: 1}
     failed = UserBatchEmail.get(UserBatchEmail.status == FAILED)
@@ -88,7 +87,7 @@ def test_check_ignores_extra_and_malformed_records(app, bouncer):
         {"email": "b@example.com", "status": "not-a-verdict"},
     ]
     bouncer.complete()
-    report = run_status_cycle(app, "deliverable")
+    report = run_cycle(app, STATUS, "deliverable")
     assert (report.ingested[0].extra, report.ingested[0].malformed) == (1, 3)
     assert statuses(batch) == {DONE: 2}
 
@@ -99,7 +98,7 @@ def test_check_keeps_the_record_leniently(app, bouncer):
                                             "domain": {"acceptAll": True}, "score": "high",
                                             "brandNew": {"x": 1}}]
     bouncer.complete()
-    run_status_cycle(app, "deliverable")
+    run_cycle(app, STATUS, "deliverable")
     result = DeliverableResult.get()
     assert (result.status, result.accept_all, result.score, result.reason) == ("risky", "yes", None, None)
     assert json.loads(result.raw)["brandNew"] == {"x": 1}
@@ -109,10 +108,10 @@ def test_check_keeps_the_record_leniently(app, bouncer):
 def test_check_404_fails_the_batch_its_emails_and_its_user_batches(app, bouncer):
     alice = send_all(app, "alice", ["a@example.com"])
     bob = submit("bob", ["A@example.com", "other@example.com"])
-    run_creation_cycle(app, "deliverable")
+    run_cycle(app, CREATION, "deliverable")
     lost = BouncerBatch.get(BouncerBatch.quantity == 1)
     bouncer.forget(lost.bouncer_id)
-    report = run_status_cycle(app, "deliverable")
+    report = run_cycle(app, STATUS, "deliverable")
     assert [ledger for ledger, _ in report.failed] == [lost.id]
     assert statuses(alice) == {FAILED: 1}
     assert statuses(bob) == {FAILED: 1, SENT: 1}   # its other email is still on its way
@@ -125,7 +124,7 @@ def test_check_404_fails_the_batch_its_emails_and_its_user_batches(app, bouncer)
 def test_check_fails_a_batch_outstanding_longer_than_batch_timeout(app, bouncer):
     batch = send_all(app)
     BouncerBatch.update(sent_at=utcnow() - datetime.timedelta(seconds=app.settings.batch_timeout + 5)).execute()
-    report = run_status_cycle(app, "deliverable")
+    report = run_cycle(app, STATUS, "deliverable")
     assert len(report.failed) == 1 and "BATCH_TIMEOUT" in report.failed[0][1]
     assert statuses(batch) == {FAILED: 5}
     assert UserBatch.get_by_id(batch).status == "failed"
@@ -135,7 +134,7 @@ def test_check_undocumented_status_is_logged_and_left_for_later(app, bouncer, ca
     batch = send_all(app)
     [bid] = bouncer.batches
     bouncer.status_override[bid] = "paused"
-    report = run_status_cycle(app, "deliverable")
+    report = run_cycle(app, STATUS, "deliverable")
     assert report.waiting == 1 and "paused" in caplog.text
     assert BouncerBatch.get().status == OUTSTANDING and statuses(batch) == {SENT: 5}
 
@@ -144,11 +143,11 @@ def test_check_405_on_download_waits_for_next_cycle(app, bouncer):
     batch = send_all(app)
     [bid] = bouncer.batches
     bouncer.status_override[bid] = "completed"   # says completed, download not ready yet
-    report = run_status_cycle(app, "deliverable")
+    report = run_cycle(app, STATUS, "deliverable")
     assert report.waiting == 1 and statuses(batch) == {SENT: 5}
     bouncer.status_override.clear()
     bouncer.complete()
-    run_status_cycle(app, "deliverable")
+    run_cycle(app, STATUS, "deliverable")
     assert statuses(batch) == {DONE: 5}
 
 
@@ -157,9 +156,9 @@ def test_check_transient_error_skips_to_the_next_batch(app, bouncer, status):
     send_all(app, "alice", addresses("a", 25))   # three Bouncer batches
     bouncer.complete()
     bouncer.fail_next(status, kind="status")
-    report = run_status_cycle(app, "deliverable")
+    report = run_cycle(app, STATUS, "deliverable")
     assert report.errors == 1 and len(report.ingested) == 2
-    report = run_status_cycle(app, "deliverable")
+    report = run_cycle(app, STATUS, "deliverable")
     assert len(report.ingested) == 1
 
 
@@ -167,9 +166,9 @@ def test_check_download_body_not_json_leaves_the_batch_for_next_cycle(app, bounc
     batch = send_all(app)
     bouncer.complete()
     bouncer.fail_next(200, kind="download", body="<html>oops</html>")
-    report = run_status_cycle(app, "deliverable")
+    report = run_cycle(app, STATUS, "deliverable")
     assert report.errors == 1 and statuses(batch) == {SENT: 5}
-    run_status_cycle(app, "deliverable")
+    run_cycle(app, STATUS, "deliverable")
     assert statuses(batch) == {DONE: 5}
 
 
@@ -178,17 +177,17 @@ def test_check_rate_limit_or_auth_error_ends_the_cycle(app, bouncer, status):
     send_all(app, "alice", addresses("a", 25))
     bouncer.complete()
     bouncer.fail_next(status, kind="status")
-    report = run_status_cycle(app, "deliverable")
+    report = run_cycle(app, STATUS, "deliverable")
     assert report.stopped and bouncer.count("status") == 1 and report.ingested == []
 
 
 def test_check_polls_least_recently_checked_first(app, bouncer):
     send_all(app, "alice", addresses("a", 25))
     order = [b.bouncer_id for b in BouncerBatch.select().order_by(BouncerBatch.id)]
-    run_status_cycle(app, "deliverable")
+    run_cycle(app, STATUS, "deliverable")
     BouncerBatch.update(last_checked_at=utcnow()).where(BouncerBatch.bouncer_id == order[0]).execute()
     bouncer.calls.clear()
-    run_status_cycle(app, "deliverable")
+    run_cycle(app, STATUS, "deliverable")
     polled = [path.split("/batch/")[1].split("?")[0] for kind, path in bouncer.calls if kind == "status"]
     assert polled == [order[1], order[2], order[0]]
 
@@ -196,16 +195,16 @@ def test_check_polls_least_recently_checked_first(app, bouncer):
 def test_check_a_crash_mid_ingest_rolls_back_and_the_next_cycle_redoes_it(app, bouncer, monkeypatch):
     batch = send_all(app)
     bouncer.complete()
-    import bouncer.ingest as ingest
+    import bouncer.progress as progress
 
     def die(*args, **kwargs):
         raise RuntimeError("killed mid-ingest")
-    monkeypatch.setattr(ingest, "complete_pending_emails", die)
+    monkeypatch.setattr(progress, "complete_sent_rows", die)
     with pytest.raises(RuntimeError):
-        run_status_cycle(app, "deliverable")
+        run_cycle(app, STATUS, "deliverable")
     assert statuses(batch) == {SENT: 5} and DeliverableResult.select().count() == 0
     monkeypatch.undo()
-    run_status_cycle(app, "deliverable")
+    run_cycle(app, STATUS, "deliverable")
     assert statuses(batch) == {DONE: 5}
 
 
@@ -213,6 +212,6 @@ def test_check_respects_the_request_budget(app, bouncer):
     send_all(app, "alice", addresses("a", 25))
     bouncer.complete()
     small = with_settings(app, rate_limit_buffer=3 + 2)  # three creates done, two left
-    report = run_status_cycle(small, "deliverable")
+    report = run_cycle(small, STATUS, "deliverable")
     assert "budget" in report.stopped
     assert bouncer.count("status") + bouncer.count("download") == 2

@@ -11,9 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from bouncer.app import set_current_app
-from bouncer.checker import run_status_cycle
+from bouncer.cycles import CREATION, STATUS, run_cycle
 from bouncer.cli import cli
-from bouncer.creator import run_creation_cycle
 from bouncer.models import database
 from bouncer.submit import create_user_batch
 
@@ -47,9 +46,9 @@ def results_csv(database_url, batch_id, *extra):
 
 
 def complete_everything(app, bouncer, check_type="deliverable"):
-    run_creation_cycle(app, check_type)
+    run_cycle(app, CREATION, check_type)
     bouncer.complete()
-    run_status_cycle(app, check_type)
+    run_cycle(app, STATUS, check_type)
 
 
 # -- status --
@@ -59,10 +58,10 @@ def test_status_json_shape_queued_processing_completed(app, database_url, bounce
     seen = []
     for step in ("queued", "processing", "completed"):
         if step == "processing":
-            run_creation_cycle(app, "deliverable")
+            run_cycle(app, CREATION, "deliverable")
         elif step == "completed":
             bouncer.complete()
-            run_status_cycle(app, "deliverable")
+            run_cycle(app, STATUS, "deliverable")
         answer = status_json(database_url, batch_id)
         assert {"batch_id", "user", "check_type", "status", "total", "done", "counts"} <= set(answer)
         assert COUNT_KEYS <= set(answer["counts"])
@@ -92,7 +91,7 @@ def test_status_with_id_plain_text(app, database_url):
 def test_status_overview_without_id(app, database_url, bouncer):
     submit("alice", addresses("a", 35))
     submit("bob", ["b@example.com"], check_type="catchall")
-    run_creation_cycle(app, "deliverable")
+    run_cycle(app, CREATION, "deliverable")
     out = ok(run(database_url, "status"))
     assert "queued" in out and "outstanding" in out
     assert "requests in the last 60 s: 3" in out
@@ -107,7 +106,7 @@ def test_status_overview_empty_database(app, database_url):
 
 def test_status_overview_json(app, database_url, bouncer):
     submit("alice", addresses("a", 35))
-    run_creation_cycle(app, "deliverable")
+    run_cycle(app, CREATION, "deliverable")
     overview = json.loads(ok(run(database_url, "status", "--json")))
     assert overview["check_types"]["deliverable"]["queued_emails"] == 5
     assert overview["check_types"]["deliverable"]["outstanding_batches"] == 3

@@ -6,7 +6,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 import responses
-from requests.exceptions import ConnectionError, ReadTimeout
+from requests.exceptions import ConnectionError, ConnectTimeout, ReadTimeout
 
 from bouncer.client import DEFAULT_BATCH_PATH, BouncerClient, BouncerError
 
@@ -358,6 +358,16 @@ def test_calls_timeout(api, client, operation):
     assert str(error) == "Bouncer %s call timed out after 30s" % operation
 
 
+@pytest.mark.parametrize("operation", sorted(CALLS))
+def test_calls_read_timeout_may_have_acted_connect_timeout_never_left(api, client, operation):
+    # A read timeout: Bouncer got the request and may have acted on it (a create: a possible
+    # orphan). A connect timeout: nothing reached Bouncer, so sending again is safe.
+    assert failing_call(api, client, operation, body=ReadTimeout("read timed out")).timed_out
+    error = failing_call(api, client, operation, body=ConnectTimeout("connect timed out"))
+    assert not error.timed_out and error.is_transient
+    assert str(error) == "Bouncer %s failed: cannot connect to %s within 5s" % (operation, BASE)
+
+
 def test_get_batch_timeout_message_uses_configured_timeout(api):
     api.add(responses.GET, BATCH_URL + "/b1", body=ReadTimeout("read timed out"))
     with pytest.raises(BouncerError) as caught:
@@ -465,7 +475,8 @@ def test_calls_pass_timeout_every_time(api, timeout):
     client.download_batch("deliverable", "b1")
     with pytest.raises(BouncerError):
         client.get_batch("deliverable", "b2")
-    assert [kwargs["timeout"] for kwargs in session.seen] == [timeout] * 4
+    # (connect, read): a connect timeout means nothing was sent, so it is kept short.
+    assert [kwargs["timeout"] for kwargs in session.seen] == [(min(5, timeout), timeout)] * 4
     assert len(api.calls) == 4
 
 

@@ -4,14 +4,14 @@ import datetime
 import pytest
 import requests
 
-from bouncer.creator import run_creation_cycle
+from bouncer.cycles import CREATION, STATUS, run_cycle
 from bouncer.db import utcnow
 from bouncer.models import (
     ABANDONED, OUTSTANDING, QUEUED, REJECTED, RESERVED, SENT, BouncerBatch, BouncerBatchEmail,
     DeliverableResult, EmailGlobal, UserBatch, UserBatchEmail,
 )
 from bouncer.models import database
-from bouncer.queue import count_possible_orphans, reserve_next_batch
+from bouncer.ledger import count_possible_orphans, reserve_next_batch
 
 from conftest import addresses, statuses, submit, with_settings
 
@@ -33,7 +33,7 @@ def test_create_seed_example_packs_fifo_and_splits_user_batches(app, bouncer):
     for user, n in [("john", 5000), ("alice", 2000), ("bob", 6000), ("carol", 7000),
                     ("dave", 10000), ("erin", 20000)]:
         submit(user, addresses(user, n))
-    report = run_creation_cycle(app, "deliverable")
+    report = run_cycle(app, CREATION, "deliverable")
     assert [n for _, _, n in report.created] == [10000, 10000, 10000]
     assert list(users_per_bouncer_batch().values()) == [
         {"john": 5000, "alice": 2000, "bob": 3000},
@@ -53,15 +53,15 @@ def test_create_seed_example_packs_fifo_and_splits_user_batches(app, bouncer):
 def test_create_sends_each_stripped_address_once_with_oldest_spelling(app, bouncer):
     submit("alice", ["John.Doe+news@gmail.com", "x@example.com"])
     submit("bob", ["johndoe@googlemail.com", "X@Example.com", "y@example.com"])
-    run_creation_cycle(app, "deliverable")
+    run_cycle(app, CREATION, "deliverable")
     assert sorted(bouncer.sent_addresses()) == ["John.Doe+news@gmail.com", "x@example.com", "y@example.com"]
     assert UserBatchEmail.select().where(UserBatchEmail.status == SENT).count() == 5
 
 
 def test_create_respects_max_outstanding_across_cycles(app, bouncer):
     submit("alice", addresses("a", 100))
-    first = run_creation_cycle(app, "deliverable")
-    second = run_creation_cycle(app, "deliverable")
+    first = run_cycle(app, CREATION, "deliverable")
+    second = run_cycle(app, CREATION, "deliverable")
     assert len(first.created) == 3 and second.created == [] and second.free_slots == 0
     assert BouncerBatch.select().where(BouncerBatch.status == OUTSTANDING).count() == 3
     assert bouncer.count("create") == 3
@@ -69,9 +69,9 @@ def test_create_respects_max_outstanding_across_cycles(app, bouncer):
 
 def test_create_attaches_an_address_already_in_flight_instead_of_sending_it(app, bouncer):
     submit("alice", addresses("a", 5))
-    run_creation_cycle(app, "deliverable")
+    run_cycle(app, CREATION, "deliverable")
     later = submit("bob", ["A0@example.com", "new@example.com"])
-    report = run_creation_cycle(app, "deliverable")
+    report = run_cycle(app, CREATION, "deliverable")
     assert report.attached == 1
     assert bouncer.sent_addresses().count("a0@example.com") == 1
     assert "A0@example.com" not in bouncer.sent_addresses()
@@ -83,7 +83,7 @@ def test_create_completes_addresses_with_a_fresh_cached_verdict_without_a_credit
     EmailGlobal_id = EmailGlobal.get(EmailGlobal.email == "cached@example.com").id
     DeliverableResult.create(email_global=EmailGlobal_id, status="deliverable", raw="{}",
                              checked_at=utcnow() - datetime.timedelta(days=2))
-    report = run_creation_cycle(app, "deliverable")
+    report = run_cycle(app, CREATION, "deliverable")
     assert report.cached == 1 and bouncer.count("create") == 0
     assert UserBatch.get_by_id(first).status == "completed"
 
@@ -94,10 +94,10 @@ def test_create_sends_again_when_the_cached_verdict_is_too_old_or_cache_disabled
         gid = EmailGlobal.get(EmailGlobal.email == address).id
         DeliverableResult.create(email_global=gid, status="deliverable", raw="{}",
                                  checked_at=utcnow() - datetime.timedelta(days=age))
-    run_creation_cycle(with_settings(app, result_cache_days=30), "deliverable")
+    run_cycle(with_settings(app, result_cache_days=30), CREATION, "deliverable")
     assert bouncer.sent_addresses() == ["old@example.com"]
     submit("bob", ["fresh@example.com"])
-    run_creation_cycle(with_settings(app, result_cache_days=0), "deliverable")
+    run_cycle(with_settings(app, result_cache_days=0), CREATION, "deliverable")
     assert bouncer.sent_addresses() == ["old@example.com", "fresh@example.com"]
 
 
@@ -105,7 +105,7 @@ def test_create_sends_again_when_the_cached_verdict_is_too_old_or_cache_disabled
 def test_create_failed_call_requeues_its_emails_and_moves_on_fifo(app, bouncer, status):
     submit("alice", addresses("a", 30))
     bouncer.fail_next(status, kind="create")
-    report = run_creation_cycle(app, "deliverable")
+    report = run_cycle(app, CREATION, "deliverable")
     assert len(report.failed_calls) == 1 and len(report.created) == 2
     # The failed attempt's emails (the 10 oldest) wait; the next 20 went out in this cycle.
     assert bouncer.sent_addresses() == addresses("a", 30)[10:]
@@ -118,9 +118,8 @@ def test_create_failed_call_requeues_its_emails_and_moves_on_fifo(app, bouncer, 
     assert count_possible_orphans("deliverable") == (1 if timed_out else 0)
     # Not retried in this cycle, but first in line for the next one.
     bouncer.complete()
-    from bouncer.checker import run_status_cycle
-    run_status_cycle(app, "deliverable")
-    run_creation_cycle(app, "deliverable")
+    run_cycle(app, STATUS, "deliverable")
+    run_cycle(app, CREATION, "deliverable")
     assert bouncer.sent_addresses()[-10:] == addresses("a", 30)[:10]
 
 
@@ -129,7 +128,7 @@ def test_create_failed_call_requeues_its_emails_and_moves_on_fifo(app, bouncer, 
 def test_create_rate_limit_credits_or_auth_error_ends_the_cycle(app, bouncer, caplog, status, words):
     submit("alice", addresses("a", 30))
     bouncer.fail_next(status, kind="create")
-    report = run_creation_cycle(app, "deliverable")
+    report = run_cycle(app, CREATION, "deliverable")
     assert bouncer.count("create") == 1 and report.created == []
     assert words in report.stopped and words in caplog.text
     assert statuses(UserBatch.get().id) == {QUEUED: 30}
@@ -140,7 +139,7 @@ def test_create_stops_when_the_request_budget_is_used_up(app, bouncer):
     for _ in range(app.settings.rate_limit_buffer):
         assert take_request_slot("status", app.settings.rate_limit_buffer)
     submit("alice", addresses("a", 5))
-    report = run_creation_cycle(app, "deliverable")
+    report = run_cycle(app, CREATION, "deliverable")
     assert report.created == [] and "budget" in report.stopped
     assert bouncer.count("create") == 0
     # The reservation made before the budget said no is undone without a trace.
@@ -152,9 +151,9 @@ def test_create_stops_when_the_request_budget_is_used_up(app, bouncer):
 def test_create_skips_when_another_cycle_holds_the_lock(app, bouncer):
     from bouncer.locks import CycleLock
     submit("alice", addresses("a", 5))
-    with CycleLock(app.redis, "creator", "deliverable") as held:
+    with CycleLock(app.redis, "creation", "deliverable") as held:
         assert held
-        report = run_creation_cycle(app, "deliverable")
+        report = run_cycle(app, CREATION, "deliverable")
     assert report.skipped and bouncer.count("create") == 0
 
 
@@ -162,9 +161,9 @@ def test_create_releases_reservations_of_a_dead_cycle_and_logs_possible_orphan(a
     submit("alice", addresses("a", 5))
     # A cycle that reserved and died before storing Bouncer's id (or before calling).
     long_ago = utcnow() - datetime.timedelta(seconds=app.settings.reservation_timeout + 1)
-    reservation = reserve_next_batch("deliverable", 10, 30, now=long_ago)
+    reservation = reserve_next_batch("deliverable", 10, 30, 3, now=long_ago)
     BouncerBatch.update(reserved_at=long_ago).where(BouncerBatch.id == reservation.ledger_id).execute()
-    report = run_creation_cycle(app, "deliverable")
+    report = run_cycle(app, CREATION, "deliverable")
     assert report.abandoned == [(reservation.ledger_id, 5)]
     assert "possible orphan" in caplog.text
     assert BouncerBatch.get_by_id(reservation.ledger_id).status == ABANDONED
@@ -173,15 +172,15 @@ def test_create_releases_reservations_of_a_dead_cycle_and_logs_possible_orphan(a
 
 def test_create_keeps_a_young_reservation_of_a_live_cycle(app, bouncer):
     submit("alice", addresses("a", 5))
-    reservation = reserve_next_batch("deliverable", 10, 30)
-    report = run_creation_cycle(app, "deliverable")
+    reservation = reserve_next_batch("deliverable", 10, 30, 3)
+    report = run_cycle(app, CREATION, "deliverable")
     assert report.abandoned == [] and report.created == []
     assert BouncerBatch.get_by_id(reservation.ledger_id).status == RESERVED
 
 
 def test_create_never_sends_invalid_rows(app, bouncer):
     batch = submit("alice", ["good@example.com", "not an address"])
-    run_creation_cycle(app, "deliverable")
+    run_cycle(app, CREATION, "deliverable")
     assert bouncer.sent_addresses() == ["good@example.com"]
     assert statuses(batch) == {SENT: 1, "invalid": 1}
 
@@ -191,7 +190,7 @@ def test_create_catchall_uses_its_own_path_and_queue(app, bouncer):
     app.client.catchall_path = "/v1.1/email/verify/catchall/batch"
     submit("alice", ["c@example.com"], check_type="catchall")
     submit("bob", ["d@example.com"], check_type="deliverable")
-    run_creation_cycle(app, "catchall")
+    run_cycle(app, CREATION, "catchall")
     [batch] = bouncer.batches.values()
     assert batch["emails"] == ["c@example.com"] and "/catchall/" in batch["path"]
 
@@ -199,7 +198,7 @@ def test_create_catchall_uses_its_own_path_and_queue(app, bouncer):
 def test_create_database_refuses_an_address_in_two_in_flight_batches(app, bouncer):
     from peewee import IntegrityError
     submit("alice", ["one@example.com"])
-    run_creation_cycle(app, "deliverable")
+    run_cycle(app, CREATION, "deliverable")
     ledger = BouncerBatch.create(check_type="deliverable", quantity=1, reserved_at=utcnow())
     gid = EmailGlobal.get().id
     with pytest.raises(IntegrityError), database.atomic():

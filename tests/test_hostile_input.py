@@ -4,8 +4,7 @@ import csv
 import io
 import json
 
-from bouncer.checker import run_status_cycle
-from bouncer.creator import run_creation_cycle
+from bouncer.cycles import CREATION, STATUS, run_cycle
 from bouncer.models import INVALID, UserBatch, UserBatchEmail
 from bouncer.reports import iter_results, spreadsheet_safe
 
@@ -29,11 +28,11 @@ INVALID_ROWS = ['"quoted"@example.com', "back\\slash@example.com", "two@@example
 def test_awkward_addresses_survive_the_whole_trip(app, bouncer):
     batch = submit("mallory", VALID + INVALID_ROWS)
     assert statuses(batch).get(INVALID) == len(INVALID_ROWS)
-    run_creation_cycle(app, "deliverable")
+    run_cycle(app, CREATION, "deliverable")
     # Bouncer received exactly the spellings submitted, as JSON strings.
     assert sorted(bouncer.sent_addresses()) == sorted(VALID)
     bouncer.complete()
-    run_status_cycle(app, "deliverable")
+    run_cycle(app, STATUS, "deliverable")
     rows = list(iter_results(batch))
     assert [r["email"] for r in rows] == VALID + INVALID_ROWS
     assert all(r["status"] != "pending" for r in rows)
@@ -58,7 +57,7 @@ def test_export_cells_that_a_spreadsheet_would_run_are_defused(app, bouncer):
 
 def test_request_body_is_json_encoded_not_concatenated(app, bouncer):
     submit("mallory", ['quote"inside@example.com'.replace('"', "'"), "ünï@example.com"])
-    run_creation_cycle(app, "deliverable")
+    run_cycle(app, CREATION, "deliverable")
     [batch] = bouncer.batches.values()
     assert json.loads(json.dumps(batch["emails"])) == batch["emails"]
     assert "ünï@example.com" in batch["emails"]

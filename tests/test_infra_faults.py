@@ -28,10 +28,9 @@ import redis as redis_lib
 from peewee import OperationalError
 from rq_scheduler import Scheduler
 
-from bouncer import ingest
+from bouncer import progress
 from bouncer.app import App, set_current_app
-from bouncer.checker import run_status_cycle
-from bouncer.creator import run_creation_cycle
+from bouncer.cycles import CREATION, STATUS, run_cycle
 from bouncer.db import connection, create_schema, open_database
 from bouncer.models import (
     COMPLETED, OUTSTANDING, SENT, BouncerBatch, DeliverableResult, UserBatch, database,
@@ -455,21 +454,21 @@ def test_postgres_restart_fails_one_cycle_cleanly_and_the_next_recovers(
         set_current_app(app)
         with connection():
             batch_id = submit("alice", addresses("alice", 5))
-        assert len(run_creation_cycle(app, "deliverable").created) == 1
+        assert len(run_cycle(app, CREATION, "deliverable").created) == 1
 
         # A connection opened before a restart is dead; a cycle must not pick it up.
         database.connect(reuse_if_open=True)
         database.execute_sql("SELECT 1")
         cluster.restart()
-        assert run_status_cycle(app, "deliverable").waiting == 1
+        assert run_cycle(app, STATUS, "deliverable").waiting == 1
 
         # The server restarts inside the ingest transaction, after the verdicts were written.
         sandbox.complete_now()
-        monkeypatch.setattr(ingest, "complete_pending_emails",
-                            after_restarting(cluster, ingest.complete_pending_emails))
+        monkeypatch.setattr(progress, "complete_sent_rows",
+                            after_restarting(cluster, progress.complete_sent_rows))
         started = time.monotonic()
         with pytest.raises(OperationalError, match="terminat|closed the connection"):
-            run_status_cycle(app, "deliverable")
+            run_cycle(app, STATUS, "deliverable")
         assert time.monotonic() - started < 30
         monkeypatch.undo()
 
@@ -477,7 +476,7 @@ def test_postgres_restart_fails_one_cycle_cleanly_and_the_next_recovers(
             assert ledger_state(batch_id) == {"ledger": [OUTSTANDING], "verdicts": 0,
                                               "rows": {SENT: 5}, "user_batch": "processing"}
         # Same process, next cycle: a fresh connection, and the batch is ingested whole.
-        report = run_status_cycle(app, "deliverable")
+        report = run_cycle(app, STATUS, "deliverable")
         assert [r.verified for r in report.ingested] == [5]
         with connection():
             assert ledger_state(batch_id) == {"ledger": [COMPLETED], "verdicts": 5,

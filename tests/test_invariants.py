@@ -18,8 +18,7 @@ import requests
 from redis import Redis
 
 from bouncer.app import App
-from bouncer.checker import run_status_cycle
-from bouncer.creator import run_creation_cycle
+from bouncer.cycles import CREATION, STATUS, run_cycle
 from bouncer.db import open_database, utcnow
 from bouncer.locks import CycleLock
 from bouncer.models import (
@@ -80,12 +79,12 @@ def test_invariants_1_2_3_5_7_hold_under_random_faults(app, bouncer, seed):
         inject_random_fault(rng, bouncer)
         before = {t: last_ledger_id() for t in CHECK_TYPES}
         for check_type in CHECK_TYPES:
-            run_creation_cycle(app, check_type)
+            run_cycle(app, CREATION, check_type)
         assert_invariants(app.settings, before)
         for batch_id in rng.sample(sorted(bouncer.batches), k=len(bouncer.batches) // 2):
             bouncer.complete(batch_id)
         for check_type in CHECK_TYPES:
-            run_status_cycle(app, check_type)
+            run_cycle(app, STATUS, check_type)
         bouncer.records_hook = None
         assert_invariants(app.settings)
     drain(app, bouncer)
@@ -98,10 +97,10 @@ def drain(app, bouncer, cycles=30):
     bouncer.records_hook = None
     for _ in range(cycles):
         for check_type in CHECK_TYPES:
-            run_creation_cycle(app, check_type)
+            run_cycle(app, CREATION, check_type)
         bouncer.complete()
         for check_type in CHECK_TYPES:
-            run_status_cycle(app, check_type)
+            run_cycle(app, STATUS, check_type)
         if not UserBatchEmail.select().where(UserBatchEmail.status.in_(("queued", "sent"))).exists():
             return
 
@@ -161,9 +160,8 @@ def kill_self():
 def install_kill_switch(step, marker):
     """Make this process die by SIGKILL at `step` of a cycle."""
     import bouncer.client as client
-    import bouncer.creator as creator
     import bouncer.ingest as ingest
-    import bouncer.queue as queue
+    import bouncer.ledger as ledger
 
     def before(module, name):
         def die(*args, **kwargs):
@@ -187,11 +185,11 @@ def install_kill_switch(step, marker):
         setattr(module, name, announced)
 
     {
-        "claimed": lambda: before(queue, "write_reservation"),
+        "claimed": lambda: before(ledger, "write_reservation"),
         "reserved": lambda: before(client.BouncerClient, "create_batch"),
         "call_in_flight": lambda: announce_then_call(client.BouncerClient, "create_batch"),
-        "answered": lambda: before(creator, "confirm_sent"),
-        "stored": lambda: after(creator, "confirm_sent"),
+        "answered": lambda: before(ledger, "confirm_sent"),
+        "stored": lambda: after(ledger, "confirm_sent"),
         "downloading": lambda: before(client.BouncerClient, "download_batch"),
         "ingesting": lambda: after(ingest, "upsert_results"),
     }[step]()
@@ -202,7 +200,7 @@ def run_cycle_until_killed(database_url, redis_url, api_url, cycle, step, marker
     settings = make_settings(database_url, api_url=api_url, redis_url=redis_url)
     install_kill_switch(step, marker)
     app = App(settings)
-    (run_creation_cycle if cycle == "create" else run_status_cycle)(app, "deliverable")
+    run_cycle(app, CREATION if cycle == "create" else STATUS, "deliverable")
     os._exit(0)   # the step never came: the test fails on the exit code
 
 
@@ -242,9 +240,9 @@ def recover_and_finish(app, sandbox):
     app.redis.delete(*app.redis.keys("bouncer:lock:*") or ["-"])
     later = utcnow() + datetime.timedelta(seconds=app.settings.reservation_timeout + 1)
     for _ in range(10):
-        run_creation_cycle(app, "deliverable", now=later)
+        run_cycle(app, CREATION, "deliverable", now=later)
         sandbox.complete_now()
-        run_status_cycle(app, "deliverable")
+        run_cycle(app, STATUS, "deliverable")
         if not UserBatchEmail.select().where(UserBatchEmail.status.in_(("queued", "sent"))).exists():
             return
 
@@ -290,7 +288,7 @@ def test_invariant_6_kill_9_in_the_creation_cycle_loses_nothing(sandbox_app, san
 def test_invariant_6_kill_9_in_the_status_cycle_loses_nothing(sandbox_app, sandbox, step, tmp_path):
     app = sandbox_app
     batch = submit("alice", addresses("k", 25))
-    run_creation_cycle(app, "deliverable")
+    run_cycle(app, CREATION, "deliverable")
     sandbox.complete_now()
     database.close()
     kill_cycle(app, sandbox, "check", step, tmp_path)
@@ -305,7 +303,7 @@ def test_invariant_6_kill_9_in_the_status_cycle_loses_nothing(sandbox_app, sandb
 
 
 def hold_lock_and_die(redis_url):
-    with CycleLock(Redis.from_url(redis_url), "creator", "deliverable", timeout=1):
+    with CycleLock(Redis.from_url(redis_url), "creation", "deliverable", timeout=1):
         kill_self()
 
 
@@ -316,16 +314,16 @@ def test_invariant_6_lock_of_a_killed_holder_frees_itself(redis_conn):
     child.start()
     child.join(timeout=30)
     assert child.exitcode == -signal.SIGKILL
-    with CycleLock(redis_conn, "creator", "deliverable") as held:
+    with CycleLock(redis_conn, "creation", "deliverable") as held:
         assert not held          # still held by the dead process...
     time.sleep(1.2)
-    with CycleLock(redis_conn, "creator", "deliverable") as held:
+    with CycleLock(redis_conn, "creation", "deliverable") as held:
         assert held              # ...until its short expiry passes
 
 
 def test_invariant_6_lock_is_renewed_while_its_holder_works(redis_conn):
-    with CycleLock(redis_conn, "creator", "deliverable", timeout=1) as held:
+    with CycleLock(redis_conn, "creation", "deliverable", timeout=1) as held:
         assert held
         time.sleep(2.0)          # twice the expiry: only renewal keeps it
-        with CycleLock(redis_conn, "creator", "deliverable") as second:
+        with CycleLock(redis_conn, "creation", "deliverable") as second:
             assert not second

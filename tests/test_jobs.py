@@ -3,7 +3,7 @@ import logging
 
 from rq import Queue, SimpleWorker
 
-from bouncer.creator import run_creation_cycle
+from bouncer.cycles import CREATION, run_cycle
 from bouncer.jobs import QUEUE_NAME, check_batches_job, create_batches_job, last_successes
 from bouncer.models import BouncerBatch
 
@@ -19,7 +19,7 @@ def work(app):
 
 def test_job_status_cycle_that_frees_slots_refills_them_now(app, bouncer):
     submit("alice", addresses("a", 40))            # 4 batches of 10, capacity 3
-    run_creation_cycle(app, "deliverable")
+    run_cycle(app, CREATION, "deliverable")
     bouncer.complete()
     Queue(QUEUE_NAME, connection=app.redis).enqueue(check_batches_job, "deliverable")
     queue = work(app)
@@ -30,7 +30,7 @@ def test_job_status_cycle_that_frees_slots_refills_them_now(app, bouncer):
 
 def test_job_status_cycle_with_nothing_finished_triggers_nothing(app, bouncer):
     submit("alice", addresses("a", 5))
-    run_creation_cycle(app, "deliverable")
+    run_cycle(app, CREATION, "deliverable")
     Queue(QUEUE_NAME, connection=app.redis).enqueue(check_batches_job, "deliverable")
     queue = work(app)
     assert queue.fetch_job("batch_creator_deliverable_now") is None
@@ -46,11 +46,11 @@ def test_job_records_success_and_logs_what_the_cycle_did(app, bouncer, caplog):
 
 
 def test_job_failure_is_logged_not_retried_and_not_recorded(app, bouncer, caplog, monkeypatch):
-    import bouncer.jobs as jobs
+    import bouncer.cycles as cycles
 
-    def broken(app, check_type):
+    def broken(app, kind, check_type, **options):
         raise RuntimeError("database went away")
-    monkeypatch.setattr(jobs, "run_status_cycle_refilling", broken)
+    monkeypatch.setattr(cycles, "run_cycle", broken)
     job = Queue(QUEUE_NAME, connection=app.redis).enqueue(check_batches_job, "deliverable")
     work(app)
     assert job.get_status() == "failed" and job.retries_left is None
@@ -59,33 +59,33 @@ def test_job_failure_is_logged_not_retried_and_not_recorded(app, bouncer, caplog
 
 
 def test_run_now_while_a_cycle_runs_asks_it_to_run_again(app, bouncer):
-    from bouncer.jobs import AGAIN_KEY, run_now
+    from bouncer.cycles import AGAIN_KEY, STATUS, run_now
     from bouncer.locks import CycleLock
-    with CycleLock(app.redis, "checker", "deliverable") as held:
+    with CycleLock(app.redis, STATUS, "deliverable") as held:
         assert held
-        assert run_now(app.redis, "status_checker", "deliverable") is False
+        assert run_now(app.redis, STATUS, "deliverable") is False
     assert Queue(QUEUE_NAME, connection=app.redis).fetch_job("status_checker_deliverable_now") is None
-    assert app.redis.exists(AGAIN_KEY % ("status_checker", "deliverable"))
+    assert app.redis.exists(AGAIN_KEY % (STATUS, "deliverable"))
 
 
 def test_run_now_queues_once_for_a_burst_of_triggers(app, bouncer):
-    from bouncer.jobs import run_now
-    assert run_now(app.redis, "status_checker", "deliverable") is True
-    assert run_now(app.redis, "status_checker", "deliverable") is False
+    from bouncer.cycles import STATUS, run_now
+    assert run_now(app.redis, STATUS, "deliverable") is True
+    assert run_now(app.redis, STATUS, "deliverable") is False
     assert Queue(QUEUE_NAME, connection=app.redis).count == 1
 
 
 def test_job_runs_its_cycle_again_when_triggered_while_running(app, bouncer, monkeypatch):
-    import bouncer.jobs as jobs
+    import bouncer.cycles as cycles
     runs = []
-    real = jobs.run_status_cycle_refilling
+    real = cycles.run_cycle
 
-    def cycle_with_a_late_trigger(app, check_type):
+    def cycle_with_a_late_trigger(app, kind, check_type, **options):
         runs.append(check_type)
         if len(runs) == 1:   # a callback arrives while this first run holds the lock
-            app.redis.set(jobs.AGAIN_KEY % ("status_checker", check_type), 1)
-        return real(app, check_type)
-    monkeypatch.setattr(jobs, "run_status_cycle_refilling", cycle_with_a_late_trigger)
+            app.redis.set(cycles.AGAIN_KEY % (kind, check_type), 1)
+        return real(app, kind, check_type, **options)
+    monkeypatch.setattr(cycles, "run_cycle", cycle_with_a_late_trigger)
     Queue(QUEUE_NAME, connection=app.redis).enqueue(check_batches_job, "deliverable")
     work(app)
     assert runs == ["deliverable", "deliverable"]

@@ -2,8 +2,7 @@
 the queue overview, and spreadsheet-safe cells."""
 import pytest
 
-from bouncer.checker import run_status_cycle
-from bouncer.creator import run_creation_cycle
+from bouncer.cycles import CREATION, STATUS, run_cycle
 from bouncer.errors import NotFound
 from bouncer.reports import (
     RESULT_COLUMNS, batch_status, iter_results, queue_overview, recent_batches, spreadsheet_safe,
@@ -47,14 +46,14 @@ def test_batch_status_queued_processing_completed(app, bouncer):
             queued["total"], queued["done"]) == (batch_id, "alice", "deliverable", "queued", 12, 3)
     assert queued["counts"] == dict(dict.fromkeys(COUNT_KEYS, 0), invalid=3, pending=9)
 
-    run_creation_cycle(app, "deliverable")
+    run_cycle(app, CREATION, "deliverable")
     processing = batch_status(batch_id)
     assert_status_shape(processing)
     assert (processing["status"], processing["done"]) == ("processing", 3)
     assert processing["counts"]["pending"] == 9
 
     bouncer.complete()
-    run_status_cycle(app, "deliverable")
+    run_cycle(app, STATUS, "deliverable")
     completed = batch_status(batch_id)
     assert_status_shape(completed)
     assert (completed["status"], completed["total"], completed["done"]) == ("completed", 12, 12)
@@ -64,9 +63,9 @@ def test_batch_status_queued_processing_completed(app, bouncer):
 def test_batch_status_partly_sent_stays_processing(app, bouncer):
     # batch_size 10 x max_outstanding 3: 30 of 35 addresses go out in the first cycle.
     batch_id = submit("alice", addresses("p", 35))
-    run_creation_cycle(app, "deliverable")
+    run_cycle(app, CREATION, "deliverable")
     bouncer.complete()
-    run_status_cycle(app, "deliverable")
+    run_cycle(app, STATUS, "deliverable")
     answer = batch_status(batch_id)
     assert (answer["status"], answer["total"], answer["done"]) == ("processing", 35, 30)
     assert answer["counts"]["pending"] == 5
@@ -76,10 +75,10 @@ def test_batch_status_partly_sent_stays_processing(app, bouncer):
 
 def test_batch_status_failed_when_bouncer_loses_the_batch(app, bouncer):
     batch_id = submit("alice", ["a@example.com", "b@example.com", "not valid"])
-    run_creation_cycle(app, "deliverable")
+    run_cycle(app, CREATION, "deliverable")
     for bid in list(bouncer.batches):
         bouncer.forget(bid)
-    run_status_cycle(app, "deliverable")
+    run_cycle(app, STATUS, "deliverable")
     answer = batch_status(batch_id)
     assert_status_shape(answer)
     assert (answer["status"], answer["done"]) == ("failed", 3)
@@ -108,9 +107,9 @@ def test_iter_results_pending_and_invalid_rows_in_submission_order(app):
 
 def test_iter_results_verdict_columns_after_completion(app, bouncer):
     batch_id = create_user_batch("alice", "deliverable", ROWS).batch_id
-    run_creation_cycle(app, "deliverable")
+    run_cycle(app, CREATION, "deliverable")
     bouncer.complete()
-    run_status_cycle(app, "deliverable")
+    run_cycle(app, STATUS, "deliverable")
     rows = list(iter_results(batch_id))
     assert [r["email"] for r in rows] == ROWS
     for row in rows:
@@ -144,7 +143,7 @@ def test_queue_overview_counts_queued_and_outstanding(app, bouncer):
     overview = queue_overview(app.settings)
     assert overview["check_types"]["deliverable"]["queued_emails"] == 35
     assert overview["check_types"]["catchall"]["queued_emails"] == 4
-    run_creation_cycle(app, "deliverable")
+    run_cycle(app, CREATION, "deliverable")
     overview = queue_overview(app.settings)
     deliverable = overview["check_types"]["deliverable"]
     assert (deliverable["queued_emails"], deliverable["outstanding_batches"],

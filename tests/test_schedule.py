@@ -17,7 +17,7 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq_scheduler import Scheduler
 
-from bouncer import jobs
+from bouncer import cycles, jobs
 from bouncer.app import App, set_current_app
 from bouncer.jobs import QUEUE_NAME
 from bouncer.models import database
@@ -180,10 +180,10 @@ def test_scheduler_round_restores_jobs_after_flushdb(redis_conn, settings):
 
 
 def test_failed_runs_keep_repeating_and_leave_one_failed_entry(redis_conn, settings, monkeypatch):
-    def broken_cycle(app, check_type):
+    def broken_cycle(app, kind, check_type, **options):
         raise RuntimeError("database down")
 
-    monkeypatch.setattr(jobs, "run_creation_cycle", broken_cycle)
+    monkeypatch.setattr(cycles, "run_cycle", broken_cycle)
     set_current_app(App(settings, redis=redis_conn))
     scheduler = new_scheduler(redis_conn)
     register_jobs(scheduler, settings)

@@ -25,7 +25,7 @@ import pytest
 import redis as redis_lib
 
 import invariants
-from bouncer.creator import run_creation_cycle
+from bouncer.cycles import CREATION, STATUS, run_cycle
 from bouncer.db import utcnow
 from bouncer.models import QUEUED, BouncerBatch, UserBatchEmail
 
@@ -61,7 +61,7 @@ def test_fifo_check_flags_a_batch_that_passed_over_an_older_email(app, bouncer):
     # A planner that skips alice's rows: hidden from the walk, then queued again.
     hide = UserBatchEmail.update(status="hidden").where(UserBatchEmail.batch == alice)
     hide.execute()
-    run_creation_cycle(app, "deliverable")
+    run_cycle(app, CREATION, "deliverable")
     UserBatchEmail.update(status=QUEUED).where(UserBatchEmail.batch == alice).execute()
 
     problems = fifo_violations(visible_at)
@@ -73,16 +73,15 @@ def test_fifo_check_excuses_emails_whose_call_failed_in_the_same_cycle(app, boun
     batch = submit("alice", addresses("a", 30))
     visible_at = all_visible_now(batch)
     bouncer.fail_next(500, kind="create")
-    run_creation_cycle(app, "deliverable")   # the 10 oldest wait; the next 20 are sent
+    run_cycle(app, CREATION, "deliverable")   # the 10 oldest wait; the next 20 are sent
     first = stored_batches()[0]
     assert invariants.fifo_violations_of_sent_batch(first, visible_at) == []
     # The same history, with no room for the failed call of the cycle: the 10 are flagged.
     assert len(invariants.fifo_violations_of_sent_batch(
         first, visible_at, same_cycle=datetime.timedelta(0))) == 10
     bouncer.complete()
-    from bouncer.checker import run_status_cycle
-    run_status_cycle(app, "deliverable")
-    run_creation_cycle(app, "deliverable")   # now the 10 go first
+    run_cycle(app, STATUS, "deliverable")
+    run_cycle(app, CREATION, "deliverable")   # now the 10 go first
 
     assert len(stored_batches()) == 3
     assert fifo_violations(visible_at) == []
@@ -91,7 +90,7 @@ def test_fifo_check_excuses_emails_whose_call_failed_in_the_same_cycle(app, boun
 def test_fifo_check_ignores_emails_not_yet_visible_when_the_batch_was_planned(app, bouncer):
     alice, bob = submit("alice", addresses("a", 3)), submit("bob", addresses("b", 3))
     UserBatchEmail.update(status="hidden").where(UserBatchEmail.batch == alice).execute()
-    run_creation_cycle(app, "deliverable")
+    run_cycle(app, CREATION, "deliverable")
     UserBatchEmail.update(status=QUEUED).where(UserBatchEmail.batch == alice).execute()
     # As if alice's transaction had committed only after the batch was planned.
     later = utcnow() + datetime.timedelta(seconds=5)
@@ -101,11 +100,10 @@ def test_fifo_check_ignores_emails_not_yet_visible_when_the_batch_was_planned(ap
 
 def test_ledger_history_gives_the_most_batches_ever_in_flight(app, bouncer):
     submit("alice", addresses("a", 50))
-    run_creation_cycle(app, "deliverable")        # three batches of ten (max_outstanding 3)
+    run_cycle(app, CREATION, "deliverable")        # three batches of ten (max_outstanding 3)
     bouncer.complete()
-    from bouncer.checker import run_status_cycle
-    run_status_cycle(app, "deliverable")
-    run_creation_cycle(with_settings(app, max_outstanding=2), "deliverable")
+    run_cycle(app, STATUS, "deliverable")
+    run_cycle(with_settings(app, max_outstanding=2), CREATION, "deliverable")
 
     assert invariants.max_in_flight_from_ledger("deliverable") == 3
     assert invariants.max_in_flight_from_ledger("catchall") == 0

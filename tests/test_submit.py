@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 import bouncer.db
 from bouncer.cli import cli
-from bouncer.creator import run_creation_cycle
+from bouncer.cycles import CREATION, run_cycle
 from bouncer.errors import InputError
 from bouncer.models import INVALID, QUEUED, EmailGlobal, UserBatch, UserBatchEmail
 from bouncer.submit import create_user_batch
@@ -223,7 +223,7 @@ def test_submit_invalid_rows_counted_reported_stored_and_never_sent(app, databas
     assert any("1 more" in l for l in reported)
     assert [s for _, _, s in stored_rows(answer["batch_id"])] == [
         QUEUED, INVALID, QUEUED, INVALID, INVALID, QUEUED, INVALID, INVALID, QUEUED, INVALID]
-    report = run_creation_cycle(app, "deliverable")
+    report = run_cycle(app, CREATION, "deliverable")
     assert report.created
     assert sorted(bouncer.sent_addresses()) == [
         "good1@example.com", "good2@example.com", "good3@example.com", "good4@example.com"]

@@ -1,0 +1,105 @@
+"""The creation cycle: greedily pack the oldest pending emails into Bouncer batches.
+
+Steps, each recoverable if the process dies right after it:
+1. recover: queue again the emails of rejected attempts; abandon reservations older than
+   RESERVATION_TIMEOUT (their cycle died; possible orphans at Bouncer, logged and counted);
+2. capacity = BOUNCER_MAX_OUTSTANDING - batches in flight;
+3. per free slot: reserve the next batch (ledger row and emails attached, committed; the
+   database refuses a reservation beyond the cap), take a request slot of the rate limit (none
+   left: the reservation is cancelled, the cycle ends), call Bouncer, store its batch id;
+4. a failed call rejects its reservation; its emails wait for the next cycle. 429, 402 and 401
+   end the cycle.
+The cycle also ends between two slots when it must stop (a lost lock, a shutdown request).
+"""
+import datetime
+import logging
+
+from . import ledger
+from .db import utcnow
+from .errors import BouncerError
+from .logs import ids
+from .ratelimit import forget_old_requests, take_request_slot
+
+log = logging.getLogger(__name__)
+
+
+def create_batches(cycle, now=None):
+    settings, check_type, report = cycle.settings, cycle.check_type, cycle.report
+    now = now or utcnow()
+    forget_old_requests(now)
+    report.requeued = ledger.requeue_rejected_emails(check_type)
+    report.abandoned = ledger.release_stale_reservations(
+        check_type, now - datetime.timedelta(seconds=settings.reservation_timeout))
+    report.free_slots = max(0, settings.max_outstanding - ledger.count_in_flight(check_type))
+    try:
+        fill_free_slots(cycle)
+    finally:
+        # Emails of calls that failed in this cycle are queued again for the next one.
+        ledger.requeue_rejected_emails(check_type)
+
+
+def fill_free_slots(cycle):
+    settings, check_type, report = cycle.settings, cycle.check_type, cycle.report
+    attempts = 0
+    while attempts < report.free_slots:
+        report.stopped = cycle.stop_reason()
+        if report.stopped:
+            return
+        reservation = ledger.reserve_next_batch(check_type, settings.batch_size,
+                                                settings.result_cache_days, settings.max_outstanding)
+        if reservation is None or reservation.no_slot:
+            return
+        report.cached += reservation.cached
+        report.attached += reservation.attached
+        if reservation.ledger_id is None:
+            continue  # only cached verdicts and repeats this round: nothing to send
+        # The request slot is taken last, right before the call, so that the time recorded is
+        # the time Bouncer sees (within the limiter's transit margin).
+        if not take_request_slot("create", settings.rate_limit_buffer, check_type):
+            ledger.cancel_reservation(reservation.ledger_id)
+            report.stopped = "request budget used up (%d in 60 s)" % settings.rate_limit_buffer
+            return
+        attempts += 1
+        if not send_reservation(cycle, reservation):
+            return
+
+
+def send_reservation(cycle, reservation):
+    """Call Bouncer for one reservation. False when the cycle must stop."""
+    app, check_type, report = cycle.app, cycle.check_type, cycle.report
+    ledger_id = reservation.ledger_id
+    try:
+        answer = app.client.create_batch(check_type, reservation.emails,
+                                         callback_url=app.callback_url(check_type))
+    except BouncerError as exc:
+        return call_failed(cycle, reservation, exc)
+    bouncer_id = answer["batchId"]
+    if ledger.confirm_sent(ledger_id, bouncer_id):
+        report.created.append((ledger_id, bouncer_id, len(reservation.emails)))
+        log.info("Bouncer batch %s created for reservation %s (%s, %d addresses)",
+                 bouncer_id, ledger_id, check_type, len(reservation.emails),
+                 extra=ids(ledger_id=ledger_id, bouncer_id=bouncer_id, check_type=check_type))
+    else:
+        log.error("Bouncer batch %s was created after reservation %s had been abandoned: orphan "
+                  "batch at Bouncer (%d addresses); its emails were queued again",
+                  bouncer_id, ledger_id, len(reservation.emails),
+                  extra=ids(ledger_id=ledger_id, bouncer_id=bouncer_id, check_type=check_type))
+    return True
+
+
+def call_failed(cycle, reservation, exc):
+    check_type, report, ledger_id = cycle.check_type, cycle.report, reservation.ledger_id
+    ledger.reject_reservation(ledger_id, str(exc), possible_orphan=exc.timed_out)
+    report.failed_calls.append((ledger_id, str(exc)))
+    where = ids(ledger_id=ledger_id, check_type=check_type)
+    if exc.timed_out:
+        log.warning("Reservation %s: Bouncer did not answer in time; it may have created the "
+                    "batch anyway (possible orphan, %d addresses)", ledger_id,
+                    len(reservation.emails), extra=where)
+    if exc.ends_cycle:
+        report.stopped = str(exc)
+        log.error("Creation cycle %s stopped: %s", check_type, exc, extra=where)
+        return False
+    log.warning("Reservation %s not sent, its emails wait for the next cycle: %s", ledger_id, exc,
+                extra=where)
+    return True

@@ -1,0 +1,264 @@
+"""The ledger of Bouncer batches: every state transition of `BouncerBatch`, in one place.
+
+    reserved --confirm_sent--> outstanding --complete_with_results--> completed
+        |                           '--fail_bouncer_batch--> failed (404, BATCH_TIMEOUT)
+        |--reject_reservation--> rejected (Bouncer refused the call)
+        |                    '-> abandoned (the call went unanswered: a possible orphan)
+        |--release_stale_reservations--> abandoned (the cycle died before storing an id)
+        '--cancel_reservation--> (deleted: never sent, no request budget left)
+
+A batch is reserved (ledger row, its addresses, its rows attached) in one transaction before
+Bouncer is called, so whatever a dead cycle leaves behind is recoverable from these rows alone.
+While a batch is reserved or outstanding it is *in flight*: its addresses sit in
+`bouncer_batch_emails`, whose unique index refuses an address in two in-flight batches of a
+check type, and the reservation counts the batches in flight under a per-check-type lock, so
+the database itself holds BOUNCER_MAX_OUTSTANDING whatever the cycle locks do.
+"""
+import datetime
+import logging
+from dataclasses import dataclass
+
+from peewee import fn
+
+from . import ingest, packing, progress
+from .db import among, insert_tuples, lock_rows_for_share, lock_rows_for_update, serialize_on, utcnow, \
+    write_transaction
+from .logs import ids
+from .models import (
+    ABANDONED, COMPLETED, FAILED, IN_FLIGHT_STATES, OUTSTANDING, REJECTED, RESERVED,
+    BouncerBatch, BouncerBatchEmail,
+)
+
+log = logging.getLogger(__name__)
+
+ABANDONED_REASON = "reservation abandoned: its cycle died before storing a Bouncer batch id"
+
+
+@dataclass
+class Reservation:
+    ledger_id: int | None
+    emails: list          # the addresses to send, oldest first
+    cached: int = 0       # rows completed from a fresh verdict, no credit spent
+    attached: int = 0     # rows joined to a batch already in flight
+    no_slot: bool = False  # every slot was in flight: nothing was planned
+
+
+# -- reading --
+
+def count_in_flight(check_type):
+    """Reserved and outstanding Bouncer batches: what counts against BOUNCER_MAX_OUTSTANDING."""
+    return (BouncerBatch.select()
+            .where((BouncerBatch.check_type == check_type)
+                   & BouncerBatch.status.in_(IN_FLIGHT_STATES))
+            .count())
+
+
+def count_outstanding(check_type):
+    return (BouncerBatch.select(fn.COUNT(BouncerBatch.id))
+            .where((BouncerBatch.check_type == check_type) & (BouncerBatch.status == OUTSTANDING))
+            .scalar())
+
+
+def count_possible_orphans(check_type=None):
+    query = BouncerBatch.select().where(BouncerBatch.status == ABANDONED)
+    if check_type:
+        query = query.where(BouncerBatch.check_type == check_type)
+    return query.count()
+
+
+def batches_to_check(check_type):
+    """Outstanding Bouncer batches, least recently checked first."""
+    return list(BouncerBatch.select()
+                .where((BouncerBatch.check_type == check_type)
+                       & (BouncerBatch.status == OUTSTANDING))
+                .order_by(BouncerBatch.last_checked_at.asc(nulls="first"), BouncerBatch.id))
+
+
+def overdue_batches(check_type, sent_before):
+    return [ledger_id for (ledger_id,) in BouncerBatch.select(BouncerBatch.id).where(
+        (BouncerBatch.check_type == check_type) & (BouncerBatch.status == OUTSTANDING)
+        & (BouncerBatch.sent_at < sent_before)).tuples()]
+
+
+# -- reserved --
+
+def reserve_next_batch(check_type, batch_size, cache_days, max_outstanding, now=None):
+    """Reserve the next Bouncer batch: up to `batch_size` distinct stripped addresses, oldest
+    pending first. Repeats of an address ride along; an address already in flight joins that
+    batch; an address with a verdict younger than `cache_days` is completed from it.
+
+    Returns a Reservation (ledger_id None when nothing needs sending; `no_slot` when
+    `max_outstanding` batches are in flight already), or None if the queue is empty."""
+    now = now or utcnow()
+    cutoff = now - datetime.timedelta(days=cache_days) if cache_days else None
+    with write_transaction():
+        # Every reservation of a check type waits here for the one before it to commit, so the
+        # count below is the truth even with two cycles running at once (a lost cycle lock).
+        serialize_on("reservation:%s" % check_type)
+        if count_in_flight(check_type) >= max_outstanding:
+            return Reservation(None, [], no_slot=True)
+        plan = packing.plan_next_batch(check_type, batch_size, cutoff)
+        if plan.is_empty:
+            return None
+        attached = attach_to_in_flight(plan.attach)
+        progress.complete_rows_from_cache(plan.cached, now)
+        ledger_id = write_reservation(check_type, plan, now) if plan.send else None
+        progress.mark_batches_processing(plan.touched_batches, ledger_id)
+        progress.complete_finished_batches(plan.touched_batches, now)
+    return Reservation(ledger_id, list(plan.send.values()), len(plan.cached), attached)
+
+
+def attach_to_in_flight(attach):
+    """Join rows to the in-flight batch that already holds their address. The ledger rows are
+    locked first (FOR SHARE), so a concurrent ingest either finished before (the batch is no
+    longer in flight: the rows stay queued) or waits until these rows are attached."""
+    if not attach:
+        return 0
+    live = {batch_id for (batch_id,) in lock_rows_for_share(
+        BouncerBatch.select(BouncerBatch.id).where(
+            BouncerBatch.id.in_(list(attach)) & BouncerBatch.status.in_(IN_FLIGHT_STATES))).tuples()}
+    return sum(progress.send_rows(row_ids, ledger_id)
+               for ledger_id, row_ids in attach.items() if ledger_id in live)
+
+
+def write_reservation(check_type, plan, now):
+    """Ledger row, its addresses (the unique index refuses an address already in flight), and
+    the rows of those addresses that the plan walked past, attached to it."""
+    ledger = BouncerBatch.create(check_type=check_type, status=RESERVED, quantity=len(plan.send),
+                                 reserved_at=now)
+    insert_tuples(BouncerBatchEmail, ("bouncer_batch", "email_global", "check_type", "email_sent"),
+                  [(ledger.id, global_id, check_type, email) for global_id, email in plan.send.items()])
+    progress.send_rows(plan.send_rows, ledger.id)
+    return ledger.id
+
+
+def end_flight(ledger_id):
+    """The batch is no longer in flight: its addresses may be sent again."""
+    BouncerBatchEmail.delete().where(BouncerBatchEmail.bouncer_batch == ledger_id).execute()
+
+
+def cancel_reservation(ledger_id):
+    """Undo a reservation that was never sent (no request budget left): its emails are queued
+    again where they were, and the ledger keeps no trace of it."""
+    with write_transaction():
+        progress.unsend_rows(ledger_id)
+        end_flight(ledger_id)
+        BouncerBatch.delete().where((BouncerBatch.id == ledger_id)
+                                    & (BouncerBatch.status == RESERVED)).execute()
+
+
+# -- reserved -> outstanding, rejected or abandoned --
+
+def confirm_sent(ledger_id, bouncer_id, now=None):
+    """Store Bouncer's id: from here on the batch is followed to the end. False when the
+    reservation was abandoned meanwhile (this cycle outlived RESERVATION_TIMEOUT)."""
+    updated = (BouncerBatch.update(status=OUTSTANDING, bouncer_id=bouncer_id, sent_at=now or utcnow())
+               .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == RESERVED))
+               .execute())
+    return updated == 1
+
+
+def reject_reservation(ledger_id, reason, possible_orphan=False, now=None):
+    """The call failed. Its addresses leave flight now; its emails stay parked until
+    `requeue_rejected_emails`, so this cycle does not send them again (they wait for the next
+    one, keeping FIFO for everything else). Bouncer refused it: `rejected`. It went unanswered
+    (a timeout), so Bouncer may have created it anyway: `abandoned`, counted as a possible
+    orphan."""
+    status = ABANDONED if possible_orphan else REJECTED
+    with write_transaction():
+        (BouncerBatch.update(status=status, failure_reason=reason, finished_at=now or utcnow())
+         .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == RESERVED)).execute())
+        end_flight(ledger_id)
+
+
+def requeue_rejected_emails(check_type):
+    """Queue again the emails of rejected or abandoned attempts. Returns how many."""
+    dead = BouncerBatch.select(BouncerBatch.id).where(
+        (BouncerBatch.check_type == check_type) & BouncerBatch.status.in_((REJECTED, ABANDONED)))
+    with write_transaction():
+        return progress.requeue_rows_of(dead)
+
+
+def release_stale_reservations(check_type, older_than):
+    """Abandon reservations that never got a Bouncer id by `older_than`: their cycle died.
+    Bouncer may still have accepted the batch (the process died between its answer and the
+    commit): each one is logged as a possible orphan. Returns [(ledger id, addresses)]."""
+    with write_transaction():
+        stale = list(BouncerBatch.select(BouncerBatch.id, BouncerBatch.quantity).where(
+            (BouncerBatch.check_type == check_type) & (BouncerBatch.status == RESERVED)
+            & (BouncerBatch.reserved_at < older_than)).tuples())
+        for ledger_id, quantity in stale:
+            (BouncerBatch.update(status=ABANDONED, finished_at=utcnow(), failure_reason=ABANDONED_REASON)
+             .where(BouncerBatch.id == ledger_id).execute())
+            end_flight(ledger_id)
+            log.warning("Reservation %s (%s, %s addresses) abandoned: possible orphan batch at "
+                        "Bouncer; its emails are queued again", ledger_id, check_type, quantity,
+                        extra=ids(ledger_id=ledger_id, check_type=check_type))
+    if stale:
+        requeue_rejected_emails(check_type)
+    return stale
+
+
+# -- outstanding -> completed or failed --
+
+def note_checked(ledger_id, bouncer_status, now=None):
+    (BouncerBatch.update(last_checked_at=now or utcnow(), bouncer_status=str(bouncer_status)[:64])
+     .where(BouncerBatch.id == ledger_id).execute())
+
+
+def claim_outstanding(ledger_id):
+    """The ledger row, locked, if it is still outstanding: who finishes a batch is decided here."""
+    query = BouncerBatch.select().where(
+        (BouncerBatch.id == ledger_id) & (BouncerBatch.status == OUTSTANDING))
+    return lock_rows_for_update(query).first()
+
+
+def complete_with_results(ledger_id, records, now=None):
+    """Ingest the download of a completed Bouncer batch, in one transaction: verdicts upserted,
+    the rows of every address completed, addresses Bouncer left out failed with that reason,
+    the batch out of flight, and each user batch with nothing pending completed. Returns an
+    IngestReport, or None when the batch is no longer outstanding (already ingested or
+    failed)."""
+    now = now or utcnow()
+    with write_transaction():
+        ledger = claim_outstanding(ledger_id)
+        if ledger is None:
+            return None
+        report = ingest.IngestReport(ledger_id)
+        sent = ingest.sent_addresses(ledger_id)
+        verdicts = ingest.match_records(sent, records, report, now)
+        ingest.upsert_results(ledger.check_type, list(verdicts.values()))
+        missing = set(sent[0].values()) - verdicts.keys()
+        report.missing = progress.fail_sent_rows(
+            ledger_id, "not in Bouncer's results for batch %s" % ledger.bouncer_id, now, missing)
+        report.verified = progress.complete_sent_rows(ledger_id, now)
+        end_flight(ledger_id)
+        (BouncerBatch.update(status=COMPLETED, finished_at=now, bouncer_status="completed")
+         .where(BouncerBatch.id == ledger_id).execute())
+        progress.complete_finished_batches(progress.batches_of_bouncer_batch(ledger_id), now)
+    log.info("Bouncer batch %s (%s) ingested: %s emails verified, %s missing, %s extra and %s "
+             "malformed records ignored", ledger.bouncer_id, ledger_id, report.verified,
+             report.missing, report.extra, report.malformed,
+             extra=ids(ledger_id=ledger_id, bouncer_id=ledger.bouncer_id))
+    return report
+
+
+def fail_bouncer_batch(ledger_id, reason, now=None):
+    """Bouncer lost the batch or it never finished: its emails and every user batch with an
+    email in it fail, with `reason`. Returns the number of emails failed (None if the batch was
+    no longer outstanding)."""
+    now = now or utcnow()
+    with write_transaction():
+        ledger = claim_outstanding(ledger_id)
+        if ledger is None:
+            return None
+        user_batches = [b for (b,) in progress.batches_of_bouncer_batch(ledger_id).tuples()]
+        failed = progress.fail_sent_rows(ledger_id, reason, now)
+        end_flight(ledger_id)
+        (BouncerBatch.update(status=FAILED, failure_reason=reason, finished_at=now)
+         .where(BouncerBatch.id == ledger_id).execute())
+        progress.fail_batches(user_batches, reason, now)
+    log.error("Bouncer batch %s (%s) failed: %s; %s emails and %s user batches marked failed",
+              ledger.bouncer_id, ledger_id, reason, failed, len(user_batches),
+              extra=ids(ledger_id=ledger_id, bouncer_id=ledger.bouncer_id))
+    return failed

@@ -1,0 +1,113 @@
+"""The greedy packer: which pending emails go into the next Bouncer batch.
+
+The queue is read in FIFO order (oldest user batch first, then line), a page at a time, and
+`plan_batch` decides for each row, without touching the database:
+- its stripped address has a verdict younger than RESULT_CACHE_DAYS: completed from it, free;
+- its address is already in flight in another Bouncer batch: the row joins that batch;
+- otherwise its address goes into this batch (repeats of an address ride along on one credit),
+  until the batch holds `batch_size` distinct addresses: the next new address opens the next
+  batch, and everything older has been taken.
+"""
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from peewee import Tuple
+
+from .db import among, database
+from .models import QUEUED, BouncerBatchEmail, UserBatchEmail, result_model
+
+MIN_PAGE = 1000
+
+
+@dataclass
+class Plan:
+    """What the next Bouncer batch will be."""
+    send: dict = field(default_factory=dict)          # email_global id -> spelling to send
+    send_rows: list = field(default_factory=list)     # row ids riding on those addresses
+    attach: dict = field(default_factory=lambda: defaultdict(list))  # in-flight ledger id -> row ids
+    cached: list = field(default_factory=list)        # row ids a fresh verdict completes
+    touched_batches: set = field(default_factory=set)  # user batches of attached/cached rows
+
+    @property
+    def is_empty(self):
+        return not (self.send or self.attach or self.cached)
+
+
+def plan_batch(pages, in_flight_of, fresh_of, batch_size):
+    """Plan one Bouncer batch from `pages` (lists of queued rows `(row id, user batch, position,
+    email, email_global id)` in FIFO order). `in_flight_of(global_ids)` gives {global id: ledger
+    id} of addresses already in flight; `fresh_of(global_ids)` the subset with a fresh verdict.
+    Reads pages only as far as it needs to."""
+    plan = Plan()
+    for page in pages:
+        global_ids = {row[4] for row in page}
+        flying = in_flight_of(global_ids)
+        cached = fresh_of(global_ids - flying.keys())
+        for row_id, user_batch, _, email, global_id in page:
+            if global_id in cached:
+                plan.cached.append(row_id)
+            elif global_id in flying:
+                plan.attach[flying[global_id]].append(row_id)
+            elif global_id in plan.send or len(plan.send) < batch_size:
+                plan.send.setdefault(global_id, email)   # the oldest row's spelling is sent
+                plan.send_rows.append(row_id)
+                continue
+            else:
+                return plan  # full: this row opens the next batch
+            plan.touched_batches.add(user_batch)
+        if len(plan.send) >= batch_size:
+            return plan
+    return plan
+
+
+def plan_next_batch(check_type, batch_size, cutoff):
+    """The plan for `check_type`'s queue as it stands (inside the reserving transaction)."""
+    return plan_batch(queued_pages(check_type, max(batch_size, MIN_PAGE)),
+                      lambda ids: in_flight_batches_of(check_type, ids),
+                      lambda ids: fresh_verdicts_of(check_type, ids, cutoff),
+                      batch_size)
+
+
+def queued_pages(check_type, page_size):
+    after = None
+    while True:
+        page = queued_page(check_type, after, page_size)
+        if page:
+            yield page
+        if len(page) < page_size:
+            return
+        after = (page[-1][1], page[-1][2])
+
+
+def queued_page(check_type, after, limit):
+    """Queued rows in FIFO order (oldest user batch, then line): a walk of the FIFO index."""
+    Row = UserBatchEmail
+    query = (Row.select(Row.id, Row.batch, Row.position, Row.email, Row.email_global)
+             .where((Row.check_type == check_type) & (Row.status == QUEUED)))
+    if after:
+        query = query.where(Tuple(Row.batch, Row.position) > Tuple(*after))
+    query = query.order_by(Row.batch, Row.position).limit(limit)
+    # Plain rows straight from the cursor: per-row type conversion would cost more than the query.
+    return database.execute_sql(*query.sql()).fetchall()
+
+
+def in_flight_batches_of(check_type, global_ids):
+    """{email_global id: ledger id of the in-flight batch holding it} for `global_ids`.
+    Looked up apart from the FIFO walk, so a planner with stale statistics can at worst scan
+    once, never once per row."""
+    Sent = BouncerBatchEmail
+    if not global_ids:
+        return {}
+    query = Sent.select(Sent.email_global, Sent.bouncer_batch).where(
+        (Sent.check_type == check_type) & among(Sent.email_global, global_ids))
+    return dict(database.execute_sql(*query.sql()).fetchall())
+
+
+def fresh_verdicts_of(check_type, global_ids, cutoff):
+    """The subset of `global_ids` with a verdict checked after `cutoff` (none if no cutoff)."""
+    if cutoff is None or not global_ids:
+        return set()
+    Result = result_model(check_type)
+    query = Result.select(Result.email_global).where(
+        among(Result.email_global, global_ids) & (Result.checked_at > cutoff))
+    return {gid for (gid,) in database.execute_sql(*query.sql()).fetchall()}

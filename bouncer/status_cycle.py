@@ -1,0 +1,106 @@
+"""The status cycle: follow every outstanding Bouncer batch; ingest the completed ones at once.
+
+Steps, each recoverable if the process dies right after it:
+1. fail batches outstanding longer than BATCH_TIMEOUT (with their emails and user batches);
+2. per outstanding batch, least recently checked first, each call after a rate-limit slot:
+   status -> `completed`: download and ingest in one transaction (a death mid-ingest rolls back
+   and the next cycle downloads again); 404: fail the batch; `queued`/`processing`: wait;
+   an undocumented status: log it and wait (BATCH_TIMEOUT bounds the wait);
+3. 405 on download waits for the next cycle; 5xx and timeouts skip to the next batch; 429, 402
+   and 401 end the cycle.
+The cycle also ends between two batches when it must stop (a lost lock, a shutdown request).
+"""
+import datetime
+import logging
+
+from . import ledger
+from .db import utcnow
+from .errors import BouncerError
+from .logs import ids
+from .ratelimit import take_request_slot
+
+log = logging.getLogger(__name__)
+
+WAITING_STATUSES = ("queued", "processing")
+
+
+def check_batches(cycle, now=None):
+    settings, check_type, report = cycle.settings, cycle.check_type, cycle.report
+    now = now or utcnow()
+    fail_overdue(cycle, now)
+    for batch in ledger.batches_to_check(check_type):
+        report.stopped = cycle.stop_reason()
+        if report.stopped:
+            return
+        if not take_request_slot("status", settings.rate_limit_buffer, check_type):
+            report.stopped = "request budget used up (%d in 60 s)" % settings.rate_limit_buffer
+            return
+        if not follow_batch(cycle, batch):
+            return
+
+
+def fail_overdue(cycle, now):
+    timeout = cycle.settings.batch_timeout
+    sent_before = now - datetime.timedelta(seconds=timeout)
+    for ledger_id in ledger.overdue_batches(cycle.check_type, sent_before):
+        reason = "Bouncer batch did not complete within BATCH_TIMEOUT (%d s)" % timeout
+        if ledger.fail_bouncer_batch(ledger_id, reason, now) is not None:
+            cycle.report.failed.append((ledger_id, reason))
+            cycle.slot_freed()
+
+
+def follow_batch(cycle, batch):
+    """Check one batch and act on its status. False when the cycle must stop."""
+    try:
+        answer = cycle.app.client.get_batch(batch.check_type, batch.bouncer_id)
+    except BouncerError as exc:
+        return call_failed(cycle, batch, exc)
+    cycle.report.checked += 1
+    status = answer.get("status")
+    ledger.note_checked(batch.id, status)
+    if status == "completed":
+        return download_and_ingest(cycle, batch)
+    if status not in WAITING_STATUSES:
+        log.warning("Bouncer batch %s (%s) has status %r, which Bouncer does not document; "
+                    "checking again next cycle", batch.bouncer_id, batch.id, status,
+                    extra=ids(ledger_id=batch.id, bouncer_id=batch.bouncer_id))
+    cycle.report.waiting += 1
+    return True
+
+
+def download_and_ingest(cycle, batch):
+    if not take_request_slot("download", cycle.settings.rate_limit_buffer, batch.check_type):
+        cycle.report.stopped = "request budget used up before a download"
+        return False
+    try:
+        records = cycle.app.client.download_batch(batch.check_type, batch.bouncer_id)
+    except BouncerError as exc:
+        if exc.is_not_ready:
+            log.info("Bouncer batch %s (%s) is not downloadable yet; next cycle", batch.bouncer_id,
+                     batch.id, extra=ids(ledger_id=batch.id, bouncer_id=batch.bouncer_id))
+            cycle.report.waiting += 1
+            return True
+        return call_failed(cycle, batch, exc)
+    result = ledger.complete_with_results(batch.id, records)
+    if result is not None:
+        cycle.report.ingested.append(result)
+        cycle.slot_freed()
+    return True
+
+
+def call_failed(cycle, batch, exc):
+    where = ids(ledger_id=batch.id, bouncer_id=batch.bouncer_id, check_type=batch.check_type)
+    if exc.is_not_found:
+        reason = "Bouncer no longer knows batch %s (404)" % batch.bouncer_id
+        if ledger.fail_bouncer_batch(batch.id, reason) is not None:
+            cycle.report.failed.append((batch.id, reason))
+            cycle.slot_freed()
+        return True
+    cycle.report.errors += 1
+    if exc.ends_cycle:
+        cycle.report.stopped = str(exc)
+        log.error("Status cycle %s stopped: %s", batch.check_type, exc, extra=where)
+        return False
+    log.warning("Bouncer batch %s (%s) not checked: %s; next cycle", batch.bouncer_id, batch.id, exc,
+                extra=where)
+    return True
