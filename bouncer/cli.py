@@ -11,6 +11,7 @@ from .config import CHECK_TYPES
 from .errors import ConfigError, DatabaseUnavailable, InputError, NotFound
 
 EXPECTED_ERRORS = (InputError, NotFound, ConfigError, DatabaseUnavailable)
+MAX_INVALID_SHOWN = 5
 
 
 class BouncerGroup(click.Group):
@@ -76,10 +77,9 @@ def init_db():
 
     Example: python -m bouncer init-db
     """
-    from .db import create_schema
+    from .schema import create_schema
     app_from_env()
-    create_schema()
-    click.echo("schema ready")
+    click.echo(create_schema())
 
 
 @cli.command()
@@ -93,12 +93,12 @@ def submit(file, user, check_type, as_json):
 
     Example: python -m bouncer submit leads.csv --user alice --check-type deliverable
     """
+    from .intake import create_user_batch
     from .reader import read_addresses
-    from .submit import create_user_batch
     app_from_env()
     rows = read_addresses(file)
     with submit_progress(file) as advance:
-        summary = create_user_batch(user, check_type, rows, on_progress=advance)
+        summary = create_user_batch(user, check_type, rows, on_progress=advance, source="cli")
     if as_json:
         click.echo(json.dumps(summary.as_json()))
     else:
@@ -106,10 +106,11 @@ def submit(file, user, check_type, as_json):
         click.echo("accepted %s" % summary.accepted)
         click.echo("invalid %s" % summary.invalid)
         click.echo("duplicates %s" % summary.duplicates)
-    for line, text, problem in summary.invalid_examples:
+    for line, text, problem in summary.invalid_examples[:MAX_INVALID_SHOWN]:
         click.echo("invalid: %s: line %s: %r: %s" % (file, line, text, problem), err=True)
-    if summary.invalid > len(summary.invalid_examples):
-        click.echo("invalid: ... and %d more" % (summary.invalid - len(summary.invalid_examples)), err=True)
+    shown = min(len(summary.invalid_examples), MAX_INVALID_SHOWN)
+    if summary.invalid > shown:
+        click.echo("invalid: ... and %d more" % (summary.invalid - shown), err=True)
 
 
 class submit_progress:
@@ -187,17 +188,18 @@ def status(batch_id, as_json):
 def format_batch(b):
     counts = ", ".join("%s %d" % (k, v) for k, v in b["counts"].items() if v)
     text = "batch %s (%s, %s): %s, %d/%d done: %s" % (
-        b["batch_id"], b["user"], b["check_type"], b["status"], b["done"], b["total"], counts)
+        b["batch_id"], b["user_id"], b["check_type"], b["status"], b["done"], b["total"], counts)
     if b["failure_reason"]:
         text += "\nfailure: %s" % b["failure_reason"]
     return text
 
 
 def format_overview(o):
-    lines = ["%-12s %8s %14s" % ("check type", "queued", "outstanding")]
+    lines = ["%-12s %8s %8s %8s %16s" % ("check type", "new", "queued", "sent", "Bouncer batches")]
     for check_type, c in o["check_types"].items():
-        lines.append("%-12s %8d %10d/%-3d" % (check_type, c["queued_emails"],
-                                               c["in_flight_batches"], c["max_outstanding"]))
+        lines.append("%-12s %8d %8d %8d %12d/%-3d" % (
+            check_type, c["new_emails"], c["queued_emails"], c["sent_emails"],
+            c["in_flight_batches"], c["max_outstanding"]))
     r = o["rate_limit"]
     lines.append("requests in the last 60 s: %d (buffer %d, Bouncer's limit %d)" % (
         r["requests_last_60s"], r["buffer"], r["bouncer_limit"]))
@@ -207,7 +209,7 @@ def format_overview(o):
     lines.append("%6s  %-16s %-11s %-10s %s" % ("batch", "user", "check type", "status", "done/total"))
     for b in o["user_batches"]:
         lines.append("%6d  %-16s %-11s %-10s %d/%d" % (
-            b["batch_id"], b["user"][:16], b["check_type"], b["status"], b["done"], b["total"]))
+            b["batch_id"], b["user_id"][:16], b["check_type"], b["status"], b["done"], b["total"]))
     return "\n".join(lines)
 
 

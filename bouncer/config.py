@@ -171,9 +171,11 @@ def check_url(name, value, schemes):
     if scheme in ("http", "https", "redis", "rediss", "postgres", "postgresql") and not parsed.hostname:
         raise ConfigError("%s=%r has no host name" % (name, redact_url(value)))
     try:
-        parsed.port
+        port = parsed.port
     except ValueError:
-        raise ConfigError("%s=%r has a port outside 1-65535" % (name, redact_url(value))) from None
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError("%s=%r has a port outside 1-65535" % (name, redact_url(value)))
 
 
 def check_redis_url(value):

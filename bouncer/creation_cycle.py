@@ -1,6 +1,8 @@
 """The creation cycle: greedily pack the oldest pending emails into Bouncer batches.
 
 Steps, each recoverable if the process dies right after it:
+0. admit what is new (host-written rows, late rows): a bounded amount, so a million rows never
+   hold a cycle for long; when more is left the cycle asks to run again at once;
 1. recover: queue again the emails of rejected attempts; abandon reservations older than
    RESERVATION_TIMEOUT (their cycle died; possible orphans at Bouncer, logged and counted);
 2. capacity = BOUNCER_MAX_OUTSTANDING - batches in flight;
@@ -13,8 +15,9 @@ The cycle also ends between two slots when it must stop (a lost lock, a shutdown
 """
 import datetime
 import logging
+import time
 
-from . import ledger
+from . import intake, ledger
 from .db import utcnow
 from .errors import BouncerError
 from .logs import ids
@@ -22,10 +25,15 @@ from .ratelimit import forget_old_requests, take_request_slot
 
 log = logging.getLogger(__name__)
 
+# Admission's share of a creation cycle: its slices are short transactions, and past this the
+# cycle packs what it has and runs again at once for the rest.
+ADMISSION_BUDGET = 1.0
+
 
 def create_batches(cycle, now=None):
     settings, check_type, report = cycle.settings, cycle.check_type, cycle.report
     now = now or utcnow()
+    admit_new_rows(cycle, now)
     forget_old_requests(now)
     report.requeued = ledger.requeue_rejected_emails(check_type)
     report.abandoned = ledger.release_stale_reservations(
@@ -36,6 +44,14 @@ def create_batches(cycle, now=None):
     finally:
         # Emails of calls that failed in this cycle are queued again for the next one.
         ledger.requeue_rejected_emails(check_type)
+
+
+def admit_new_rows(cycle, now):
+    admission = intake.admit(cycle.check_type, deadline=time.monotonic() + ADMISSION_BUDGET, now=now,
+                             should_stop=cycle.stop_reason)
+    cycle.report.admission = admission
+    if admission.unfinished:
+        cycle.run_again()
 
 
 def fill_free_slots(cycle):

@@ -29,6 +29,7 @@ CREATION, STATUS = "creation", "status"
 KINDS = (CREATION, STATUS)
 # Set while a cycle runs by a trigger that came too late for it: the cycle runs once more.
 AGAIN_KEY = "bouncer:again:%s:%s"
+AGAIN_TTL = 300             # a request to run again outlives no job (jobs.JOB_TIMEOUT)
 # Set by the worker when the platform asks it to stop (SIGTERM): cycles end at their next step.
 SHUTDOWN = threading.Event()
 
@@ -59,10 +60,14 @@ class CreationReport(CycleReport):
     attached: int = 0
     requeued: int = 0
     abandoned: list = field(default_factory=list)      # (ledger id, addresses): possible orphans
+    admission: object = None                           # intake.AdmissionReport
 
     def done(self):
         parts = ["%s: %d Bouncer batch(es) created (%d addresses)" % (
             self.check_type, len(self.created), sum(n for _, _, n in self.created))]
+        if self.admission is not None and (self.admission.admitted or self.admission.invalid
+                                           or self.admission.noticed or self.admission.removed):
+            parts.append(self.admission.summary())
         if self.failed_calls:
             parts.append("%d call(s) failed, emails queued again" % len(self.failed_calls))
         if self.cached:
@@ -124,6 +129,11 @@ class Cycle:
         if self.refill:
             run_now(self.app.redis, CREATION, self.check_type)
 
+    def run_again(self):
+        """Work is left that this cycle stopped short of: have it run again as it ends."""
+        if self.lock is not None:
+            self.app.redis.set(AGAIN_KEY % (self.kind, self.check_type), 1, ex=AGAIN_TTL)
+
 
 def run_cycle(app, kind, check_type, now=None, refill=False):
     """One cycle of `kind` for `check_type`, unless one is already running anywhere (then a
@@ -178,7 +188,7 @@ def run_now(redis, kind, check_type):
         log.info("Job %s already waiting", job_id, extra=ids(job_id=job_id))
         return False
     if state == JobStatus.STARTED or redis.exists(lock_name(kind, check_type)):
-        redis.set(AGAIN_KEY % (kind, check_type), 1, ex=jobs.JOB_TIMEOUT)
+        redis.set(AGAIN_KEY % (kind, check_type), 1, ex=AGAIN_TTL)
         log.info("A %s cycle for %s is running: it runs once more when it ends", kind, check_type,
                  extra=ids(cycle=kind, check_type=check_type))
         return False

@@ -12,7 +12,7 @@ from playhouse.db_url import connect
 
 from .errors import DatabaseUnavailable
 from .masking import mask_secrets, redact_url
-from .models import ALL_MODELS, database
+from .models import database
 
 # IN lists of up to CHUNK ids; multi-row INSERTs of up to MAX_PARAMS values. Both stay under
 # SQLite's 32,766 bound parameters and Postgres's 65,535.
@@ -66,12 +66,6 @@ def open_database(url):
     return db
 
 
-def create_schema():
-    """Create the tables and indexes that are missing; safe to run again and again."""
-    with database.connection_context():
-        database.create_tables(ALL_MODELS, safe=True)
-
-
 def is_postgres():
     return isinstance(database.obj, PostgresqlDatabase)
 
@@ -118,7 +112,7 @@ def among(field, values):
     (measured: 2 of the 3 s of a creation cycle)."""
     values = list(values)
     if is_postgres():
-        return field == fn.ANY(Value(values, unpack=False))
+        return field == fn.ANY(Value(values, converter=False, unpack=False))
     return field.in_(SQL("(SELECT value FROM json_each(?))", [json.dumps(values)]))
 
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from peewee import fn
 
 from . import ingest, packing, progress
-from .db import among, insert_tuples, lock_rows_for_share, lock_rows_for_update, serialize_on, utcnow, \
-    write_transaction
+from .db import (
+    insert_tuples, lock_rows_for_share, lock_rows_for_update, serialize_on, utcnow, write_transaction,
+)
 from .logs import ids
 from .models import (
     ABANDONED, COMPLETED, FAILED, IN_FLIGHT_STATES, OUTSTANDING, REJECTED, RESERVED,

@@ -1,19 +1,32 @@
-"""Tables. Names of the four shared tables come from the original system.
+"""Tables. Names of the four shared tables come from the original system; the two a host
+application writes (`user_batches`, `user_batch_emails`) are created by schema.py from SQL of
+their own, with database-side defaults and checks, and described here for the queue's use.
 
-Row life cycle of a submitted email (`UserBatchEmail.status`):
-    queued -> sent (attached to a Bouncer batch of the ledger) -> done | failed
-    invalid (failed the syntax check at submit; never sent)
+A user batch (`UserBatch.status`):
+    loading (a loader still writing its slices: invisible to the queue)
+    -> new (written, not yet noticed by the queue)
+    -> queued (in line: its place `fifo_order` taken) -> processing (emails sent)
+    -> completed | failed (with a reason) | cancelled
+A submitted row (`UserBatchEmail.status`):
+    new (written, not yet admitted) -> queued | invalid (failed the syntax check, never sent)
+    queued -> sent (riding on a Bouncer batch of the ledger) -> done | failed
+    new | queued -> cancelled (its batch was cancelled before it was sent)
 A `sent` row whose ledger batch is rejected or abandoned goes back to `queued`.
 """
 from peewee import (
     DatabaseProxy, DateTimeField, ForeignKeyField, IntegerField, Model, TextField,
 )
 
+from .config import CHECK_TYPES
+
 database = DatabaseProxy()
 
 # UserBatchEmail.status
-QUEUED, SENT, DONE, INVALID, FAILED = "queued", "sent", "done", "invalid", "failed"
-PENDING_STATES = (QUEUED, SENT)
+NEW, QUEUED, SENT, DONE, INVALID, FAILED, CANCELLED = (
+    "new", "queued", "sent", "done", "invalid", "failed", "cancelled")
+ROW_STATES = (NEW, QUEUED, SENT, DONE, INVALID, FAILED, CANCELLED)
+PENDING_STATES = (NEW, QUEUED, SENT)
+FINAL_ROW_STATES = (DONE, INVALID, FAILED, CANCELLED)
 
 # BouncerBatch.status: reserved -> outstanding -> completed | failed;
 # reserved -> rejected (Bouncer refused the call) | abandoned (the cycle died before storing the id)
@@ -22,8 +35,13 @@ RESERVED, OUTSTANDING, COMPLETED, REJECTED, ABANDONED = (
 IN_FLIGHT_STATES = (RESERVED, OUTSTANDING)
 
 # UserBatch.status
-BATCH_QUEUED, BATCH_PROCESSING, BATCH_COMPLETED, BATCH_FAILED = (
-    "queued", "processing", "completed", "failed")
+BATCH_LOADING, BATCH_NEW, BATCH_QUEUED, BATCH_PROCESSING = "loading", "new", "queued", "processing"
+BATCH_COMPLETED, BATCH_FAILED, BATCH_CANCELLED = "completed", "failed", "cancelled"
+BATCH_STATES = (BATCH_LOADING, BATCH_NEW, BATCH_QUEUED, BATCH_PROCESSING, BATCH_COMPLETED,
+                BATCH_FAILED, BATCH_CANCELLED)
+ENDED_BATCH_STATES = (BATCH_COMPLETED, BATCH_FAILED, BATCH_CANCELLED)
+# In line for the queue: its emails are admitted and packed.
+LIVE_BATCH_STATES = (BATCH_QUEUED, BATCH_PROCESSING)
 
 VERDICTS = ("deliverable", "risky", "undeliverable", "unknown")
 
@@ -45,19 +63,24 @@ class BaseModel(Model):
 
 
 class UserBatch(BaseModel):
-    user = TextField()
+    """Written by a host (user_id, check_type) or by our own doors; the rest has defaults."""
+    user_id = TextField()
     check_type = TextField()
-    status = TextField(default=BATCH_QUEUED)
-    total = IntegerField(default=0)
-    invalid = IntegerField(default=0)
-    duplicates = IntegerField(default=0)
-    created_at = DateTimeField()
+    status = TextField(null=True)            # database default: new
+    total = IntegerField(null=True)          # database defaults: 0
+    invalid = IntegerField(null=True)
+    duplicates = IntegerField(null=True)
+    created_at = DateTimeField(null=True)    # database default: the current UTC time
+    fifo_order = IntegerField(null=True)     # its place in line, taken when it became visible
     completed_at = DateTimeField(null=True)
     failure_reason = TextField(null=True)
+    callback_url = TextField(null=True)
+    cancelled_at = DateTimeField(null=True)  # cancel asked for; the batch ends once nothing flies
+    source = TextField(null=True)            # cli, api, library; none for a host's own rows
+    loader_seen_at = DateTimeField(null=True)  # our loaders' heartbeat while `loading`
 
     class Meta:
         table_name = "user_batches"
-        indexes = ((("status", "id"), False),)
 
 
 class EmailGlobal(BaseModel):
@@ -104,37 +127,21 @@ class BouncerBatchEmail(BaseModel):
 
 
 class UserBatchEmail(BaseModel):
-    """One submitted row, in submission order (`position`)."""
-    # index=False: the unique (batch, position) index serves lookups by batch.
-    batch = Reference(UserBatch, backref="emails", index=False)
+    """One submitted row, at its `position` (1..n) in the batch. A host writes batch, position
+    and email; admission fills the rest."""
+    batch = ForeignKeyField(UserBatch, backref="emails", index=False)
     position = IntegerField()
     email = TextField()
-    # Not indexed: rows are found by user batch, by Bouncer batch or in FIFO order, never by
-    # address, and every index costs each of the 150k row updates of a full status cycle.
+    status = TextField(null=True)            # database default: new
     email_global = Reference(EmailGlobal, null=True, index=False)
-    check_type = TextField()
-    status = TextField()
+    check_type = TextField(null=True)        # its batch's, copied at admission
+    fifo_order = IntegerField(null=True)     # its batch's place in line, copied at admission
     bouncer_batch = Reference(BouncerBatch, null=True, index=False)
     failure_reason = TextField(null=True)
     completed_at = DateTimeField(null=True)
 
     class Meta:
         table_name = "user_batch_emails"
-        indexes = (
-            (("batch", "position"), True),         # export in submission order
-            (("bouncer_batch", "batch"), False),   # one Bouncer batch's rows and their user batches
-        )
-
-
-# Partial indexes: a row is in them only while it waits, so completing a sent email (150k rows
-# per status cycle at full load) rewrites neither, and the FIFO walk never sees finished rows.
-UserBatchEmail.add_index(   # the FIFO claim: oldest user batch, then line
-    UserBatchEmail.index(UserBatchEmail.check_type, UserBatchEmail.batch, UserBatchEmail.position,
-                         name="user_batch_emails_fifo")
-    .where(UserBatchEmail.status == QUEUED))
-UserBatchEmail.add_index(   # is this user batch finished?
-    UserBatchEmail.index(UserBatchEmail.batch, name="user_batch_emails_pending")
-    .where(UserBatchEmail.status.in_(PENDING_STATES)))
 
 
 class ResultBase(BaseModel):
@@ -175,12 +182,31 @@ class RateLimitTracker(BaseModel):
         table_name = "rate_limit_tracker"
 
 
-RESULT_MODELS = {"deliverable": DeliverableResult, "catchall": CatchallResult}
+class FifoCounter(BaseModel):
+    """One row: the last place in line given to a user batch. Taking the next places is an
+    UPDATE of this row, so on PostgreSQL the places are given in commit order."""
+    last = IntegerField(default=0)
 
-ALL_MODELS = [
-    UserBatch, EmailGlobal, BouncerBatch, BouncerBatchEmail, UserBatchEmail,
-    DeliverableResult, CatchallResult, RateLimitTracker,
+    class Meta:
+        table_name = "fifo_counter"
+
+
+class SchemaVersion(BaseModel):
+    version = IntegerField()
+
+    class Meta:
+        table_name = "schema_version"
+
+
+RESULT_MODELS = dict(zip(CHECK_TYPES, (DeliverableResult, CatchallResult)))
+
+# Created by Peewee from these definitions; the host-facing tables have SQL of their own.
+INTERNAL_MODELS = [
+    EmailGlobal, BouncerBatch, BouncerBatchEmail, DeliverableResult, CatchallResult,
+    RateLimitTracker, FifoCounter, SchemaVersion,
 ]
+HOST_MODELS = [UserBatch, UserBatchEmail]
+ALL_MODELS = HOST_MODELS + INTERNAL_MODELS
 
 
 def result_model(check_type):

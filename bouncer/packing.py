@@ -34,16 +34,16 @@ class Plan:
 
 
 def plan_batch(pages, in_flight_of, fresh_of, batch_size):
-    """Plan one Bouncer batch from `pages` (lists of queued rows `(row id, user batch, position,
-    email, email_global id)` in FIFO order). `in_flight_of(global_ids)` gives {global id: ledger
+    """Plan one Bouncer batch from `pages` (lists of queued rows `(row id, user batch, email,
+    email_global id)` in FIFO order). `in_flight_of(global_ids)` gives {global id: ledger
     id} of addresses already in flight; `fresh_of(global_ids)` the subset with a fresh verdict.
     Reads pages only as far as it needs to."""
     plan = Plan()
     for page in pages:
-        global_ids = {row[4] for row in page}
+        global_ids = {row[3] for row in page}
         flying = in_flight_of(global_ids)
         cached = fresh_of(global_ids - flying.keys())
-        for row_id, user_batch, _, email, global_id in page:
+        for row_id, user_batch, email, global_id in page:
             if global_id in cached:
                 plan.cached.append(row_id)
             elif global_id in flying:
@@ -69,24 +69,25 @@ def plan_next_batch(check_type, batch_size, cutoff):
 
 
 def queued_pages(check_type, page_size):
+    """Pages of queued rows in FIFO order: each user batch's place in line (taken when it became
+    visible), then the row's position. A walk of the FIFO index, which holds queued rows only."""
     after = None
     while True:
         page = queued_page(check_type, after, page_size)
         if page:
-            yield page
+            yield [row[:4] for row in page]
         if len(page) < page_size:
             return
-        after = (page[-1][1], page[-1][2])
+        after = page[-1][4:]
 
 
 def queued_page(check_type, after, limit):
-    """Queued rows in FIFO order (oldest user batch, then line): a walk of the FIFO index."""
     Row = UserBatchEmail
-    query = (Row.select(Row.id, Row.batch, Row.position, Row.email, Row.email_global)
+    query = (Row.select(Row.id, Row.batch, Row.email, Row.email_global, Row.fifo_order, Row.position)
              .where((Row.check_type == check_type) & (Row.status == QUEUED)))
     if after:
-        query = query.where(Tuple(Row.batch, Row.position) > Tuple(*after))
-    query = query.order_by(Row.batch, Row.position).limit(limit)
+        query = query.where(Tuple(Row.fifo_order, Row.position) > Tuple(*after))
+    query = query.order_by(Row.fifo_order, Row.position).limit(limit)
     # Plain rows straight from the cursor: per-row type conversion would cost more than the query.
     return database.execute_sql(*query.sql()).fetchall()
 

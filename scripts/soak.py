@@ -71,7 +71,7 @@ from bouncer.models import (  # noqa: E402
     UserBatchEmail, database,
 )
 from bouncer.sandbox import parse_route, request_kind  # noqa: E402
-from bouncer.submit import create_user_batch  # noqa: E402
+from bouncer.intake import create_user_batch  # noqa: E402
 
 CHECK_TYPES = ("deliverable", "catchall")
 

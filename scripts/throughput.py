@@ -28,10 +28,11 @@ sys.path.insert(0, ROOT)
 from bouncer.app import App  # noqa: E402
 from bouncer.config import Settings  # noqa: E402
 from bouncer.cycles import CREATION, STATUS, run_cycle  # noqa: E402
-from bouncer.db import create_schema, open_database  # noqa: E402
+from bouncer.db import open_database  # noqa: E402
+from bouncer.schema import create_schema  # noqa: E402
 from bouncer.models import BouncerBatch, EmailGlobal, UserBatchEmail  # noqa: E402
 from bouncer.sandbox import Sandbox  # noqa: E402
-from bouncer.submit import create_user_batch  # noqa: E402
+from bouncer.intake import create_user_batch  # noqa: E402
 
 SLOTS, BATCH = 15, 1000
 REAL_BATCH_SECONDS = 600   # what T stands for in real time

@@ -21,9 +21,10 @@ import responses
 from bouncer.app import App, set_current_app
 from bouncer.client import BouncerClient
 from bouncer.config import Settings
-from bouncer.db import create_schema, open_database
-from bouncer.models import ALL_MODELS, UserBatchEmail, database
-from bouncer.submit import create_user_batch
+from bouncer.db import open_database
+from bouncer.intake import create_user_batch
+from bouncer.models import UserBatchEmail, database
+from bouncer.schema import create_schema, empty_tables
 
 # Each pytest session gets its own Redis database number and PostgreSQL database, so that
 # several test runs on one machine never flush or truncate each other's data.
@@ -122,8 +123,7 @@ def database_url(request, tmp_path):
         url = request.getfixturevalue("postgres_url")
         open_database(url)
         with database.connection_context():
-            tables = ", ".join('"%s"' % m._meta.table_name for m in ALL_MODELS)
-            database.execute_sql("TRUNCATE %s RESTART IDENTITY CASCADE" % tables)
+            empty_tables()
     return url
 
 

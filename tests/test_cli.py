@@ -14,7 +14,7 @@ from bouncer.app import set_current_app
 from bouncer.cycles import CREATION, STATUS, run_cycle
 from bouncer.cli import cli
 from bouncer.models import database
-from bouncer.submit import create_user_batch
+from bouncer.intake import create_user_batch
 
 from conftest import addresses, assert_clean_failure, record_for, submit
 
@@ -63,9 +63,9 @@ def test_status_json_shape_queued_processing_completed(app, database_url, bounce
             bouncer.complete()
             run_cycle(app, STATUS, "deliverable")
         answer = status_json(database_url, batch_id)
-        assert {"batch_id", "user", "check_type", "status", "total", "done", "counts"} <= set(answer)
+        assert {"batch_id", "user_id", "check_type", "status", "total", "done", "counts"} <= set(answer)
         assert COUNT_KEYS <= set(answer["counts"])
-        assert (answer["batch_id"], answer["user"], answer["check_type"], answer["total"]) == (
+        assert (answer["batch_id"], answer["user_id"], answer["check_type"], answer["total"]) == (
             batch_id, "alice", "deliverable", len(ROWS))
         assert answer["status"] == step
         assert answer["counts"]["invalid"] == 2
@@ -93,7 +93,7 @@ def test_status_overview_without_id(app, database_url, bouncer):
     submit("bob", ["b@example.com"], check_type="catchall")
     run_cycle(app, CREATION, "deliverable")
     out = ok(run(database_url, "status"))
-    assert "queued" in out and "outstanding" in out
+    assert "queued" in out and "Bouncer batches" in out
     assert "requests in the last 60 s: 3" in out
     assert "deliverable" in out and "catchall" in out
     assert "alice" in out and "bob" in out
@@ -139,7 +139,8 @@ def test_commands_on_database_without_schema_say_run_init_db(tmp_path):
             result = CliRunner().invoke(cli, args, env=env)
             assert_clean_failure(result, "init-db")
         result = CliRunner().invoke(cli, ["init-db"], env=env)
-        assert ok(result) == "schema ready\n"
+        assert ok(result) == "schema created (version 2)\n"
+        assert ok(CliRunner().invoke(cli, ["init-db"], env=env)) == "schema up to date (version 2)\n"
         assert "requests in the last 60 s: 0" in ok(CliRunner().invoke(cli, ["status"], env=env))
     finally:
         set_current_app(None)

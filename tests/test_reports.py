@@ -7,12 +7,13 @@ from bouncer.errors import NotFound
 from bouncer.reports import (
     RESULT_COLUMNS, batch_status, iter_results, queue_overview, recent_batches, spreadsheet_safe,
 )
-from bouncer.submit import create_user_batch
+from bouncer.intake import create_user_batch
 
 from conftest import addresses, record_for, submit, verdict_for
 
-STATUS_KEYS = {"batch_id", "user", "check_type", "status", "total", "done", "counts"}
-COUNT_KEYS = {"deliverable", "risky", "undeliverable", "unknown", "invalid", "failed", "pending"}
+STATUS_KEYS = {"batch_id", "user_id", "check_type", "status", "total", "done", "counts"}
+COUNT_KEYS = {"deliverable", "risky", "undeliverable", "unknown", "invalid", "failed", "cancelled",
+              "pending"}
 CONTRACT_COLUMNS = ("email", "status", "reason", "score", "accept_all", "disposable", "free", "role")
 
 # Twelve rows: 9 valid (one a repeat of another by case), 3 invalid, sent in one Bouncer batch.
@@ -42,7 +43,7 @@ def test_batch_status_queued_processing_completed(app, bouncer):
     batch_id = create_user_batch("alice", "deliverable", ROWS).batch_id
     queued = batch_status(batch_id)
     assert_status_shape(queued)
-    assert (queued["batch_id"], queued["user"], queued["check_type"], queued["status"],
+    assert (queued["batch_id"], queued["user_id"], queued["check_type"], queued["status"],
             queued["total"], queued["done"]) == (batch_id, "alice", "deliverable", "queued", 12, 3)
     assert queued["counts"] == dict(dict.fromkeys(COUNT_KEYS, 0), invalid=3, pending=9)
 

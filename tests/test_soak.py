@@ -58,8 +58,8 @@ def fifo_violations(visible_at):
 def test_fifo_check_flags_a_batch_that_passed_over_an_older_email(app, bouncer):
     alice, bob = submit("alice", addresses("a", 3)), submit("bob", addresses("b", 3))
     visible_at = all_visible_now(alice, bob)
-    # A planner that skips alice's rows: hidden from the walk, then queued again.
-    hide = UserBatchEmail.update(status="hidden").where(UserBatchEmail.batch == alice)
+    # A planner that skips alice's rows: out of the walk (cancelled), then queued again.
+    hide = UserBatchEmail.update(status="cancelled").where(UserBatchEmail.batch == alice)
     hide.execute()
     run_cycle(app, CREATION, "deliverable")
     UserBatchEmail.update(status=QUEUED).where(UserBatchEmail.batch == alice).execute()
@@ -89,7 +89,7 @@ def test_fifo_check_excuses_emails_whose_call_failed_in_the_same_cycle(app, boun
 
 def test_fifo_check_ignores_emails_not_yet_visible_when_the_batch_was_planned(app, bouncer):
     alice, bob = submit("alice", addresses("a", 3)), submit("bob", addresses("b", 3))
-    UserBatchEmail.update(status="hidden").where(UserBatchEmail.batch == alice).execute()
+    UserBatchEmail.update(status="cancelled").where(UserBatchEmail.batch == alice).execute()
     run_cycle(app, CREATION, "deliverable")
     UserBatchEmail.update(status=QUEUED).where(UserBatchEmail.batch == alice).execute()
     # As if alice's transaction had committed only after the batch was planned.

@@ -11,7 +11,7 @@ from bouncer.cli import cli
 from bouncer.cycles import CREATION, run_cycle
 from bouncer.errors import InputError
 from bouncer.models import INVALID, QUEUED, EmailGlobal, UserBatch, UserBatchEmail
-from bouncer.submit import create_user_batch
+from bouncer.intake import create_user_batch
 
 from conftest import assert_clean_failure
 
@@ -58,10 +58,10 @@ def test_create_user_batch_counts_accepted_invalid_duplicates(db):
     assert summary.as_json() == {"batch_id": summary.batch_id, "accepted": 4, "invalid": 1,
                                  "duplicates": 2}
     assert stored_rows(summary.batch_id) == [
-        (0, "a@x.com", QUEUED), (1, "A@X.com", QUEUED), (2, "not an address", INVALID),
-        (3, "b@x.com", QUEUED), (4, "a@x.com", QUEUED)]
+        (1, "a@x.com", QUEUED), (2, "A@X.com", QUEUED), (3, "not an address", INVALID),
+        (4, "b@x.com", QUEUED), (5, "a@x.com", QUEUED)]
     batch = UserBatch.get_by_id(summary.batch_id)
-    assert (batch.user, batch.check_type, batch.status, batch.total, batch.invalid,
+    assert (batch.user_id, batch.check_type, batch.status, batch.total, batch.invalid,
             batch.duplicates) == ("alice", "deliverable", "queued", 5, 1, 2)
 
 
@@ -164,7 +164,7 @@ def test_submit_file_formats(app, database_url, tmp_path, name):
     answer = submitted_json(submit_file(database_url, path, "--json"))
     assert answer == {"batch_id": answer["batch_id"], "accepted": 3, "invalid": 0, "duplicates": 0}
     assert stored_rows(answer["batch_id"]) == [
-        (0, "a@example.com", QUEUED), (1, "b@example.com", QUEUED), (2, "c@example.com", QUEUED)]
+        (1, "a@example.com", QUEUED), (2, "b@example.com", QUEUED), (3, "c@example.com", QUEUED)]
 
 
 def test_submit_stdin(app, database_url):
@@ -173,7 +173,7 @@ def test_submit_stdin(app, database_url):
     answer = submitted_json(result)
     assert answer == {"batch_id": answer["batch_id"], "accepted": 2, "invalid": 1, "duplicates": 1}
     batch = UserBatch.get_by_id(answer["batch_id"])
-    assert (batch.user, batch.check_type) == ("carol", "catchall")
+    assert (batch.user_id, batch.check_type) == ("carol", "catchall")
     assert [email for _, email, _ in stored_rows(batch.id)] == ["a@example.com", "bad", "A@Example.com"]
     assert "line 3" in result.stderr
 
