@@ -1,4 +1,6 @@
-"""The Bouncer sandbox, over real HTTP: lifecycle, verdicts, auth, errors, faults, callbacks."""
+"""The Bouncer sandbox: the simulator over real HTTP (lifecycle, verdicts, auth, errors, faults,
+callbacks), the controls tests steer it with, the same simulator behind `responses`, and its
+options (declared once, the CLI's options built from them)."""
 import json
 import queue
 import re
@@ -9,8 +11,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 import requests
 
-from bouncer import sandbox as sandbox_module
-from bouncer.sandbox import Sandbox
+from bouncer.sandbox import Sandbox, simulator
 
 BATCH_PATH = "/v1.1/email/verify/batch"
 CATCHALL_PATH = "/v1.1/email/verify/catchall/batch"
@@ -236,7 +237,7 @@ def test_download_record_shape_matches_bouncer(sandbox):
     ("role@sandbox.usebouncer.com", "deliverable", "accepted_email", "role", None),
 ])
 def test_verdict_for_sandbox_address(email, status, reason, flag, score):
-    record = sandbox_module.build_record({"email": email})
+    record = simulator.build_record({"email": email})
 
     assert (record["status"], record["reason"]) == (status, reason)
     flags = {**record["domain"], **record["account"]}
@@ -287,7 +288,7 @@ def test_verdicts_deterministic_across_batches(sandbox):
 
 
 def test_verdicts_mark_free_providers():
-    record = sandbox_module.build_record({"email": "someone@gmail.com"})
+    record = simulator.build_record({"email": "someone@gmail.com"})
 
     assert record["domain"]["free"] == "yes"
     assert record["domain"]["acceptAll"] != "yes"
@@ -380,7 +381,7 @@ def test_handler_error_answers_500_and_keeps_serving(sandbox, monkeypatch):
     def broken(item):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(sandbox_module, "build_record", broken)
+    monkeypatch.setattr(simulator, "build_record", broken)
     failed = download(sandbox, batch_id)
     monkeypatch.undo()
 
@@ -554,4 +555,4 @@ def test_api_key_never_in_request_logs(make_sandbox, tmp_path):
     assert "s3cret" not in json.dumps(box.requests)
     assert [json.loads(line) for line in lines] == box.requests
     assert [r["status"] for r in box.requests] == [200, 401, 200]
-    assert set(box.requests[0]) == {"time", "method", "path", "status", "fault"}
+    assert set(box.requests[0]) == {"time", "kind", "method", "path", "status", "fault"}
