@@ -398,7 +398,6 @@ class Simulator:
 
     @property
     def start_delay(self):
-        # A batch leaves "queued" after a share of its processing time, capped so long runs move.
         return min(self.options.processing_time * START_SHARE, MAX_START_DELAY)
 
     def close(self):
