@@ -4,11 +4,13 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import fields
 
 import click
 
 from .config import CHECK_TYPES
 from .errors import ConfigError, DatabaseUnavailable, InputError, NotFound
+from .sandbox.options import SandboxOptions, describe_range, flag_of
 
 EXPECTED_ERRORS = (InputError, NotFound, ConfigError, DatabaseUnavailable)
 MAX_INVALID_SHOWN = 5
@@ -263,37 +265,44 @@ def write_atomically(path, write):
         raise
 
 
+CLICK_TYPES = {"int": click.INT, "float": click.FLOAT, "str": click.STRING,
+               "path": click.Path(dir_okay=False)}
+
+
+def options_from(dataclass):
+    """A decorator adding one click option per field of `dataclass` (SandboxOptions' shape:
+    help, kind, range and environment variable in each field's metadata). Ranges are checked by
+    the dataclass itself, so a value out of range is one clean line, as every expected failure."""
+    def decorate(command):
+        for f in reversed(fields(dataclass)):
+            command = click.option(flag_of(f), **click_settings(f))(command)
+        return command
+    return decorate
+
+
+def click_settings(f):
+    meta = f.metadata
+    span = describe_range(f)
+    settings = {"type": CLICK_TYPES[meta["kind"]], "default": f.default,
+                "show_default": f.default is not None,
+                "help": meta["help"] + (" Range: %s." % span if span else "")}
+    if meta["envvar"]:
+        settings.update(envvar=meta["envvar"], show_envvar=True)
+    return settings
+
+
 @cli.command()
-@click.option("--port", default=8025, show_default=True, help="Port to listen on (127.0.0.1).")
-@click.option("--processing-time", default=5.0, show_default=True,
-              help="Seconds a batch takes to complete.")
-@click.option("--fail-rate", default=0.0, type=click.FloatRange(0, 1),
-              help="Share of requests answered 500/503.")
-@click.option("--rate-limit-rate", default=0.0, type=click.FloatRange(0, 1),
-              help="Share of requests answered 429.")
-@click.option("--slow-rate", default=0.0, type=click.FloatRange(0, 1),
-              help="Share of requests answered only after --slow-seconds.")
-@click.option("--slow-seconds", default=5.0, show_default=True, type=click.FloatRange(0),
-              help="How late a slow answer comes; above BOUNCER_TIMEOUT it is a client timeout.")
-@click.option("--seed", default=0, show_default=True,
-              help="Seed of the random faults, so a run's fault sequence can be replayed.")
-@click.option("--api-key", envvar="SANDBOX_API_KEY", show_envvar=True,
-              help="Accept only this x-api-key (any non-empty key when unset). The environment "
-                   "variable keeps it off the command line, where `ps` would show it.")
-@click.option("--request-log", type=click.Path(dir_okay=False), help="Append each request as JSON here.")
-def sandbox(port, processing_time, fail_rate, rate_limit_rate, slow_rate, slow_seconds, seed,
-            api_key, request_log):
+@options_from(SandboxOptions)
+def sandbox(**values):
     """A local Bouncer speaking the documented batch API, for running with no account.
 
     Example: python -m bouncer sandbox --port 8025 --processing-time 5 --fail-rate 0.02 --seed 7
     """
     from .logs import setup_logging
     from .sandbox import Sandbox
+    options = SandboxOptions(**values)
     setup_logging()
-    server = Sandbox(port=port, processing_time=processing_time, api_key=api_key,
-                     fail_rate=fail_rate, rate_limit_rate=rate_limit_rate, slow_rate=slow_rate,
-                     slow_seconds=slow_seconds, seed=seed, request_log=request_log)
-    server.serve_forever()
+    Sandbox(options).serve_forever()
 
 
 @cli.command()

@@ -1,22 +1,17 @@
-"""Fixtures: a fresh database (SQLite and PostgreSQL), a scratch Redis database, a Bouncer
-mocked at the HTTP seam, and the App the cycles run with.
+"""Fixtures: a fresh database (SQLite and PostgreSQL), a scratch Redis database, Bouncer (the
+sandbox simulator, behind `responses` or over real HTTP), and the App the cycles run with.
 
 The servers are real: `scripts/test` starts a throwaway redis-server and PostgreSQL cluster and
 exports TEST_REDIS_URL and TEST_POSTGRES_URL.
 """
-import hashlib
-import json
 import logging
 import multiprocessing
 import os
-import re
-import uuid
 from urllib.parse import urlsplit
 
 import psycopg2
 import pytest
 import redis as redis_lib
-import responses
 
 from bouncer.app import App, set_current_app
 from bouncer.client import BouncerClient
@@ -24,6 +19,7 @@ from bouncer.config import Settings
 from bouncer.db import open_database
 from bouncer.intake import create_user_batch
 from bouncer.models import UserBatchEmail, database
+from bouncer.sandbox import Sandbox
 from bouncer.schema import create_schema, empty_tables
 
 # Each pytest session gets its own Redis database number and PostgreSQL database, so that
@@ -74,6 +70,8 @@ POSTGRES_URL = "%s_%d" % (os.environ.get("TEST_POSTGRES_URL",
                                          "postgresql://postgres@127.0.0.1:5433/bouncer_test"), SESSION)
 API_KEY = "sk-test-9f8e7d6c5b4a"
 BOUNCER_URL = "https://bouncer.test"
+# Longer than any test: a batch completes only when the test says so (complete_now).
+NEVER = 3600
 
 
 def postgres_admin(url, statement):
@@ -149,8 +147,8 @@ def redis_conn():
 
 
 def make_settings(database_url, **overrides):
-    values = dict(database_url=database_url, redis_url=REDIS_URL, api_key=API_KEY,
-                  api_url=BOUNCER_URL, batch_size=10, max_outstanding=3, bouncer_timeout=5)
+    values = {"database_url": database_url, "redis_url": REDIS_URL, "api_key": API_KEY,
+              "api_url": BOUNCER_URL, "batch_size": 10, "max_outstanding": 3, "bouncer_timeout": 5}
     values.update(overrides)
     return Settings(**values).validate()
 
@@ -162,9 +160,11 @@ def settings(database_url):
 
 @pytest.fixture
 def bouncer():
-    """Bouncer, mocked at the HTTP seam with `responses`."""
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield FakeBouncer(mock)
+    """Bouncer at BOUNCER_URL: the sandbox simulator behind `responses` (the HTTP seam), taking
+    only API_KEY; batches complete only when a test says so."""
+    simulator = Sandbox(processing_time=NEVER, api_key=API_KEY)
+    with simulator.behind_responses(BOUNCER_URL):
+        yield simulator
 
 
 @pytest.fixture
@@ -180,8 +180,7 @@ def app(settings, redis_conn, bouncer, db):
 @pytest.fixture
 def sandbox():
     """The local Bouncer over real HTTP; batches complete only when a test says so."""
-    from bouncer.sandbox import Sandbox
-    server = Sandbox(port=0, processing_time=3600).start()
+    server = Sandbox(port=0, processing_time=NEVER).start()
     yield server
     server.stop()
 
@@ -200,122 +199,6 @@ def with_settings(app, **overrides):
     values = {f: getattr(app.settings, f) for f in app.settings.__dataclass_fields__}
     values.update(overrides)
     return App(Settings(**values).validate(), redis=app.redis, client=app.client)
-
-
-class FakeBouncer:
-    """A stateful Bouncer behind `responses`: batches are created, stay `processing` until
-    `complete()`, then download one record per distinct address as sent."""
-
-    def __init__(self, mock):
-        self.batches = {}
-        self.calls = []            # (kind, path) of every request, faults included
-        self.faults = []           # [kind or None, status, body] served first-come
-        self.records_hook = None   # batch -> records, to make downloads odd
-        self.status_override = {}  # batch id -> status string
-        batch = r"%s/.+/batch" % re.escape(BOUNCER_URL)
-        mock.add_callback(responses.POST, re.compile(batch + r"(\?.*)?$"), callback=self.on_create)
-        mock.add_callback(responses.GET, re.compile(batch + r"/[^/?]+(\?.*)?$"), callback=self.on_status)
-        mock.add_callback(responses.GET, re.compile(batch + r"/[^/?]+/download(\?.*)?$"),
-                          callback=self.on_download)
-
-    # -- controls --
-    def fail_next(self, status, kind=None, body=None, count=1):
-        for _ in range(count):
-            self.faults.append([kind, status, body])
-
-    def complete(self, batch_id=None):
-        for bid, batch in self.batches.items():
-            if batch_id in (None, bid):
-                batch["status"] = "completed"
-
-    def forget(self, batch_id):
-        self.batches.pop(batch_id)
-
-    def sent_addresses(self):
-        return [e for b in self.batches.values() for e in b["emails"]]
-
-    def count(self, kind):
-        return sum(1 for k, _ in self.calls if k == kind)
-
-    # -- HTTP --
-    def fault(self, kind):
-        for fault in self.faults:
-            if fault[0] in (None, kind):
-                self.faults.remove(fault)
-                status, body = fault[1], fault[2]
-                if isinstance(status, type) and issubclass(status, Exception):
-                    raise status("injected %s" % status.__name__)
-                if body is None:
-                    body = json.dumps({"status": status, "error": "Injected", "message": "injected fault"})
-                return status, {}, body
-        return None
-
-    def on_create(self, request):
-        self.calls.append(("create", request.path_url))
-        fault = self.fault("create")
-        if fault:
-            return fault
-        emails = [item["email"] for item in json.loads(request.body)]
-        bid = uuid.uuid4().hex[:24]
-        self.batches[bid] = {"emails": emails, "status": "processing",
-                             "path": urlsplit(request.url).path}
-        return 200, {}, json.dumps({"batchId": bid, "created": "2026-11-28T10:00:00.000Z",
-                                    "status": "queued", "quantity": len(emails), "duplicates": 0})
-
-    def batch_of(self, request):
-        bid = urlsplit(request.url).path.rstrip("/").split("/batch/")[1].split("/")[0]
-        return bid, self.batches.get(bid)
-
-    def on_status(self, request):
-        self.calls.append(("status", request.path_url))
-        fault = self.fault("status")
-        if fault:
-            return fault
-        bid, batch = self.batch_of(request)
-        if batch is None:
-            return not_found(bid)
-        status = self.status_override.get(bid, batch["status"])
-        return 200, {}, json.dumps({"batchId": bid, "status": status, "quantity": len(batch["emails"])})
-
-    def on_download(self, request):
-        self.calls.append(("download", request.path_url))
-        fault = self.fault("download")
-        if fault:
-            return fault
-        bid, batch = self.batch_of(request)
-        if batch is None:
-            return not_found(bid)
-        if batch["status"] != "completed":
-            return 405, {}, json.dumps({"status": 405, "error": "Method Not Allowed",
-                                        "message": "batch is not completed"})
-        records = [record_for(e) for e in dict.fromkeys(batch["emails"])]
-        if self.records_hook:
-            records = self.records_hook(records)
-        return 200, {}, json.dumps(records)
-
-
-def not_found(bid):
-    return 404, {}, json.dumps({"status": 404, "error": "Not Found",
-                                "message": "request %s does not exist" % bid})
-
-
-def verdict_for(email):
-    """Deterministic verdict: the same address always gets the same answer."""
-    digest = hashlib.sha256(email.lower().encode()).digest()[0]
-    return ("deliverable", "risky", "undeliverable", "unknown")[digest % 4]
-
-
-def record_for(email):
-    status = verdict_for(email)
-    return {"email": email, "status": status, "reason": {"deliverable": "accepted_email",
-            "risky": "low_deliverability", "undeliverable": "rejected_email",
-            "unknown": "timeout"}[status],
-            "domain": {"name": email.split("@")[-1], "acceptAll": "yes" if status == "risky" else "no",
-                       "disposable": "no", "free": "no"},
-            "account": {"role": "no", "disabled": "no", "fullMailbox": "no"},
-            "dns": {"type": "MX", "record": "mx.example.com."}, "provider": "example.com",
-            "score": 90 if status == "deliverable" else 40, "toxic": "unknown", "toxicity": 0,
-            "didYouMean": None, "retryAfter": None}
 
 
 # -- small helpers for tests --

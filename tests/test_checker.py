@@ -12,7 +12,9 @@ from bouncer.models import (
     CatchallResult, DeliverableResult, EmailGlobal, UserBatch, UserBatchEmail,
 )
 
-from conftest import addresses, statuses, submit, verdict_for, with_settings
+from bouncer.sandbox.simulator import verdict_for
+
+from conftest import addresses, statuses, submit, with_settings
 
 
 def send_all(app, user="alice", emails=None, check_type="deliverable"):
@@ -25,14 +27,14 @@ def test_check_ingests_completed_batch_and_completes_user_batches(app, bouncer):
     alice = send_all(app, "alice", ["Ann.Lee+x@gmail.com", "b@example.com"])
     bob = submit("bob", ["annlee@gmail.com"])   # same mailbox, joins the batch in flight
     run_cycle(app, CREATION, "deliverable")
-    bouncer.complete()
+    bouncer.complete_now()
     report = run_cycle(app, STATUS, "deliverable")
     assert len(report.ingested) == 1 and report.ingested[0].verified == 3
     assert statuses(alice) == {DONE: 2} and statuses(bob) == {DONE: 1}
     assert UserBatch.get_by_id(alice).status == UserBatch.get_by_id(bob).status == "completed"
     result = DeliverableResult.get(DeliverableResult.email_global == EmailGlobal.get(
         EmailGlobal.email == "annlee@gmail.com"))
-    assert result.status == verdict_for("Ann.Lee+x@gmail.com")
+    assert result.status == verdict_for("Ann.Lee+x@gmail.com")["status"]
     assert json.loads(result.raw)["email"] == "Ann.Lee+x@gmail.com"
     assert BouncerBatch.get().status == COMPLETED
     assert BouncerBatchEmail.select().count() == 0   # no address left in flight
@@ -47,12 +49,12 @@ def test_check_leaves_processing_batches_alone(app, bouncer):
 
 def test_check_upserts_results_of_an_address_verified_again(app, bouncer):
     send_all(app, "alice", ["a@example.com"])
-    bouncer.complete()
+    bouncer.complete_now()
     run_cycle(app, STATUS, "deliverable")
     first = DeliverableResult.get()
     DeliverableResult.update(checked_at=utcnow() - datetime.timedelta(days=60)).execute()
     send_all(app, "bob", ["A@example.com"])
-    bouncer.complete()
+    bouncer.complete_now()
     run_cycle(app, STATUS, "deliverable")
     assert DeliverableResult.select().count() == 1
     assert DeliverableResult.get().checked_at > first.checked_at
@@ -61,7 +63,7 @@ def test_check_upserts_results_of_an_address_verified_again(app, bouncer):
 
 def test_check_catchall_results_go_to_their_own_table(app, bouncer):
     batch = send_all(app, "alice", ["c@example.com"], check_type="catchall")
-    bouncer.complete()
+    bouncer.complete_now()
     run_cycle(app, STATUS, "catchall")
     assert CatchallResult.select().count() == 1 and DeliverableResult.select().count() == 0
     assert statuses(batch) == {DONE: 1}
@@ -69,8 +71,8 @@ def test_check_catchall_results_go_to_their_own_table(app, bouncer):
 
 def test_check_fails_an_address_missing_from_the_download_alone(app, bouncer):
     batch = send_all(app, "alice", ["a@example.com", "b@example.com", "c@example.com"])
-    bouncer.records_hook = lambda records: [r for r in records if r["email"] != "b@example.com"]
-    bouncer.complete()
+    bouncer.alter_downloads(lambda records: [r for r in records if r["email"] != "b@example.com"])
+    bouncer.complete_now()
     report = run_cycle(app, STATUS, "deliverable")
     assert report.ingested[0].missing == 1
     assert statuses(batch) == {DONE: 2, FAILED: 1}
@@ -81,12 +83,12 @@ def test_check_fails_an_address_missing_from_the_download_alone(app, bouncer):
 
 def test_check_ignores_extra_and_malformed_records(app, bouncer):
     batch = send_all(app, "alice", ["a@example.com", "b@example.com"])
-    bouncer.records_hook = lambda records: records + [
+    bouncer.alter_downloads(lambda records: records + [
         {"email": "stranger@example.com", "status": "deliverable"},
         {"email": 42}, "not a record", {"status": "deliverable"},
         {"email": "b@example.com", "status": "not-a-verdict"},
-    ]
-    bouncer.complete()
+    ])
+    bouncer.complete_now()
     report = run_cycle(app, STATUS, "deliverable")
     assert (report.ingested[0].extra, report.ingested[0].malformed) == (1, 3)
     assert statuses(batch) == {DONE: 2}
@@ -94,10 +96,10 @@ def test_check_ignores_extra_and_malformed_records(app, bouncer):
 
 def test_check_keeps_the_record_leniently(app, bouncer):
     batch = send_all(app, "alice", ["a@example.com"])
-    bouncer.records_hook = lambda records: [{"email": "a@example.com", "status": "risky",
-                                            "domain": {"acceptAll": True}, "score": "high",
-                                            "brandNew": {"x": 1}}]
-    bouncer.complete()
+    bouncer.alter_downloads(lambda records: [{"email": "a@example.com", "status": "risky",
+                                              "domain": {"acceptAll": True}, "score": "high",
+                                              "brandNew": {"x": 1}}])
+    bouncer.complete_now()
     run_cycle(app, STATUS, "deliverable")
     result = DeliverableResult.get()
     assert (result.status, result.accept_all, result.score, result.reason) == ("risky", "yes", None, None)
@@ -133,7 +135,7 @@ def test_check_fails_a_batch_outstanding_longer_than_batch_timeout(app, bouncer)
 def test_check_undocumented_status_is_logged_and_left_for_later(app, bouncer, caplog):
     batch = send_all(app)
     [bid] = bouncer.batches
-    bouncer.status_override[bid] = "paused"
+    bouncer.set_status(bid, "paused")
     report = run_cycle(app, STATUS, "deliverable")
     assert report.waiting == 1 and "paused" in caplog.text
     assert BouncerBatch.get().status == OUTSTANDING and statuses(batch) == {SENT: 5}
@@ -142,11 +144,11 @@ def test_check_undocumented_status_is_logged_and_left_for_later(app, bouncer, ca
 def test_check_405_on_download_waits_for_next_cycle(app, bouncer):
     batch = send_all(app)
     [bid] = bouncer.batches
-    bouncer.status_override[bid] = "completed"   # says completed, download not ready yet
+    bouncer.set_status(bid, "completed")   # says completed, download not ready yet
     report = run_cycle(app, STATUS, "deliverable")
     assert report.waiting == 1 and statuses(batch) == {SENT: 5}
-    bouncer.status_override.clear()
-    bouncer.complete()
+    bouncer.set_status(bid, None)
+    bouncer.complete_now()
     run_cycle(app, STATUS, "deliverable")
     assert statuses(batch) == {DONE: 5}
 
@@ -154,7 +156,7 @@ def test_check_405_on_download_waits_for_next_cycle(app, bouncer):
 @pytest.mark.parametrize("status", [500, 503, requests.exceptions.ConnectTimeout])
 def test_check_transient_error_skips_to_the_next_batch(app, bouncer, status):
     send_all(app, "alice", addresses("a", 25))   # three Bouncer batches
-    bouncer.complete()
+    bouncer.complete_now()
     bouncer.fail_next(status, kind="status")
     report = run_cycle(app, STATUS, "deliverable")
     assert report.errors == 1 and len(report.ingested) == 2
@@ -164,7 +166,7 @@ def test_check_transient_error_skips_to_the_next_batch(app, bouncer, status):
 
 def test_check_download_body_not_json_leaves_the_batch_for_next_cycle(app, bouncer):
     batch = send_all(app)
-    bouncer.complete()
+    bouncer.complete_now()
     bouncer.fail_next(200, kind="download", body="<html>oops</html>")
     report = run_cycle(app, STATUS, "deliverable")
     assert report.errors == 1 and statuses(batch) == {SENT: 5}
@@ -175,7 +177,7 @@ def test_check_download_body_not_json_leaves_the_batch_for_next_cycle(app, bounc
 @pytest.mark.parametrize("status", [429, 401, 402])
 def test_check_rate_limit_or_auth_error_ends_the_cycle(app, bouncer, status):
     send_all(app, "alice", addresses("a", 25))
-    bouncer.complete()
+    bouncer.complete_now()
     bouncer.fail_next(status, kind="status")
     report = run_cycle(app, STATUS, "deliverable")
     assert report.stopped and bouncer.count("status") == 1 and report.ingested == []
@@ -186,15 +188,15 @@ def test_check_polls_least_recently_checked_first(app, bouncer):
     order = [b.bouncer_id for b in BouncerBatch.select().order_by(BouncerBatch.id)]
     run_cycle(app, STATUS, "deliverable")
     BouncerBatch.update(last_checked_at=utcnow()).where(BouncerBatch.bouncer_id == order[0]).execute()
-    bouncer.calls.clear()
+    seen = len(bouncer.requests)
     run_cycle(app, STATUS, "deliverable")
-    polled = [path.split("/batch/")[1].split("?")[0] for kind, path in bouncer.calls if kind == "status"]
+    polled = [r["path"].split("/batch/")[1] for r in bouncer.requests[seen:] if r["kind"] == "status"]
     assert polled == [order[1], order[2], order[0]]
 
 
 def test_check_a_crash_mid_ingest_rolls_back_and_the_next_cycle_redoes_it(app, bouncer, monkeypatch):
     batch = send_all(app)
-    bouncer.complete()
+    bouncer.complete_now()
     import bouncer.progress as progress
 
     def die(*args, **kwargs):
@@ -210,7 +212,7 @@ def test_check_a_crash_mid_ingest_rolls_back_and_the_next_cycle_redoes_it(app, b
 
 def test_check_respects_the_request_budget(app, bouncer):
     send_all(app, "alice", addresses("a", 25))
-    bouncer.complete()
+    bouncer.complete_now()
     small = with_settings(app, rate_limit_buffer=3 + 2)  # three creates done, two left
     report = run_cycle(small, STATUS, "deliverable")
     assert "budget" in report.stopped

@@ -31,7 +31,7 @@ def test_awkward_addresses_survive_the_whole_trip(app, bouncer):
     run_cycle(app, CREATION, "deliverable")
     # Bouncer received exactly the spellings submitted, as JSON strings.
     assert sorted(bouncer.sent_addresses()) == sorted(VALID)
-    bouncer.complete()
+    bouncer.complete_now()
     run_cycle(app, STATUS, "deliverable")
     rows = list(iter_results(batch))
     assert [r["email"] for r in rows] == VALID + INVALID_ROWS

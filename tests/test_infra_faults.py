@@ -282,14 +282,14 @@ def signal_on_request(sandbox, method):
     fault makes it wait): the moment a job is known to be in the middle of a Bouncer call. The
     sandbox records a request only once answered, hence the hook on its answering step."""
     started = threading.Event()
-    answer = sandbox._answer
+    answer = sandbox.answer
 
-    def answer_and_signal(request_method, *args):
+    def answer_and_signal(request_method, *args, **kwargs):
         if request_method == method:
             started.set()
-        return answer(request_method, *args)
+        return answer(request_method, *args, **kwargs)
 
-    sandbox._answer = answer_and_signal
+    sandbox.answer = answer_and_signal
     return started
 
 

@@ -59,7 +59,7 @@ def inject_random_fault(rng, bouncer):
         if bouncer.batches:
             bouncer.forget(rng.choice(sorted(bouncer.batches)))
     elif fault == "missing":
-        bouncer.records_hook = lambda records: records[1:]
+        bouncer.alter_downloads(lambda records: records[1:])
     elif fault == "status500":
         bouncer.fail_next(500, kind="status")
     elif fault is not None:
@@ -82,10 +82,10 @@ def test_invariants_1_2_3_5_7_hold_under_random_faults(app, bouncer, seed):
             run_cycle(app, CREATION, check_type)
         assert_invariants(app.settings, before)
         for batch_id in rng.sample(sorted(bouncer.batches), k=len(bouncer.batches) // 2):
-            bouncer.complete(batch_id)
+            bouncer.complete_now(batch_id)
         for check_type in CHECK_TYPES:
             run_cycle(app, STATUS, check_type)
-        bouncer.records_hook = None
+        bouncer.alter_downloads(None)
         assert_invariants(app.settings)
     drain(app, bouncer)
     assert invariants.every_email_finished() == []
@@ -93,12 +93,12 @@ def test_invariants_1_2_3_5_7_hold_under_random_faults(app, bouncer, seed):
 
 def drain(app, bouncer, cycles=30):
     """Run without faults until nothing is pending."""
-    bouncer.faults.clear()
-    bouncer.records_hook = None
+    bouncer.clear_faults()
+    bouncer.alter_downloads(None)
     for _ in range(cycles):
         for check_type in CHECK_TYPES:
             run_cycle(app, CREATION, check_type)
-        bouncer.complete()
+        bouncer.complete_now()
         for check_type in CHECK_TYPES:
             run_cycle(app, STATUS, check_type)
         if not UserBatchEmail.select().where(UserBatchEmail.status.in_(("queued", "sent"))).exists():

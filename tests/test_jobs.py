@@ -20,7 +20,7 @@ def work(app):
 def test_job_status_cycle_that_frees_slots_refills_them_now(app, bouncer):
     submit("alice", addresses("a", 40))            # 4 batches of 10, capacity 3
     run_cycle(app, CREATION, "deliverable")
-    bouncer.complete()
+    bouncer.complete_now()
     Queue(QUEUE_NAME, connection=app.redis).enqueue(check_batches_job, "deliverable")
     queue = work(app)
     assert queue.fetch_job("batch_creator_deliverable_now").get_status() == "finished"

@@ -1,16 +1,22 @@
-"""The Bouncer sandbox, over real HTTP: lifecycle, verdicts, auth, errors, faults, callbacks."""
+"""The Bouncer sandbox: the simulator over real HTTP (lifecycle, verdicts, auth, errors, faults,
+callbacks), the controls tests steer it with, the same simulator behind `responses`, and its
+options (declared once, the CLI's options built from them)."""
 import json
 import queue
 import re
 import threading
 import time
+from dataclasses import fields
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import requests
+from click.testing import CliRunner
+from conftest import assert_clean_failure
 
-from bouncer import sandbox as sandbox_module
-from bouncer.sandbox import Sandbox
+from bouncer.cli import cli
+from bouncer.errors import ConfigError
+from bouncer.sandbox import Sandbox, SandboxOptions, simulator
 
 BATCH_PATH = "/v1.1/email/verify/batch"
 CATCHALL_PATH = "/v1.1/email/verify/catchall/batch"
@@ -236,7 +242,7 @@ def test_download_record_shape_matches_bouncer(sandbox):
     ("role@sandbox.usebouncer.com", "deliverable", "accepted_email", "role", None),
 ])
 def test_verdict_for_sandbox_address(email, status, reason, flag, score):
-    record = sandbox_module.build_record({"email": email})
+    record = simulator.build_record({"email": email})
 
     assert (record["status"], record["reason"]) == (status, reason)
     flags = {**record["domain"], **record["account"]}
@@ -287,7 +293,7 @@ def test_verdicts_deterministic_across_batches(sandbox):
 
 
 def test_verdicts_mark_free_providers():
-    record = sandbox_module.build_record({"email": "someone@gmail.com"})
+    record = simulator.build_record({"email": "someone@gmail.com"})
 
     assert record["domain"]["free"] == "yes"
     assert record["domain"]["acceptAll"] != "yes"
@@ -380,7 +386,7 @@ def test_handler_error_answers_500_and_keeps_serving(sandbox, monkeypatch):
     def broken(item):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(sandbox_module, "build_record", broken)
+    monkeypatch.setattr(simulator, "build_record", broken)
     failed = download(sandbox, batch_id)
     monkeypatch.undo()
 
@@ -554,4 +560,357 @@ def test_api_key_never_in_request_logs(make_sandbox, tmp_path):
     assert "s3cret" not in json.dumps(box.requests)
     assert [json.loads(line) for line in lines] == box.requests
     assert [r["status"] for r in box.requests] == [200, 401, 200]
-    assert set(box.requests[0]) == {"time", "method", "path", "status", "fault"}
+    assert set(box.requests[0]) == {"time", "kind", "method", "path", "status", "fault"}
+
+
+# -- controls ----------------------------------------------------------------------------------
+
+
+def test_processing_time_zero_completes_at_once(make_sandbox):
+    box = make_sandbox(processing_time=0)
+    batch_id = create_batch(box, ["a@example.com"])
+
+    assert get_status(box, batch_id).json()["status"] == "completed"
+    assert download(box, batch_id).status_code == 200
+
+
+def test_download_body_built_once_for_repeated_downloads(sandbox, monkeypatch):
+    built = []
+    real = simulator.build_record
+    monkeypatch.setattr(simulator, "build_record", lambda item: built.append(item) or real(item))
+    batch_id = create_batch(sandbox, ["a@example.com", "b@example.com"])
+    sandbox.complete_now(batch_id)
+
+    first = download(sandbox, batch_id)
+    get_status(sandbox, batch_id, params={"with-stats": "true"})
+    second = download(sandbox, batch_id)
+
+    assert first.content == second.content and len(first.json()) == 2
+    assert len(built) == 2
+    assert sandbox.batches[batch_id]["downloads"]["all"].body == first.content
+
+
+def test_credits_spent_per_distinct_address_and_402_when_short(make_sandbox):
+    box = make_sandbox(credits=3)
+
+    first = create(box, ["a@example.com", "A@example.com", "b@example.com"])
+    short = create(box, ["c@example.com", "d@example.com"])
+    balance = requests.get(box.url + "/v1.1/credits", headers=KEY, timeout=5).json()
+
+    assert first.status_code == 200 and box.credits == 1
+    assert short.status_code == 402
+    assert short.json() == {"status": 402, "error": "Payment Required", "message": "1 credits left"}
+    assert balance == {"credits": 1}
+    assert len(box.batches) == 1 and box.sent_addresses() == [
+        "a@example.com", "A@example.com", "b@example.com"]
+
+
+def test_credits_topped_up_by_a_test(make_sandbox):
+    box = make_sandbox(credits=0)
+    refused = create(box, ["a@example.com"])
+
+    box.credits = 5
+    accepted = create(box, ["a@example.com"])
+
+    assert (refused.status_code, accepted.status_code) == (402, 200)
+    assert refused.json()["message"] == "0 credits left"
+    assert box.credits == 4
+
+
+def test_remove_results_answers_a_final_405(sandbox):
+    batch_id = create_batch(sandbox, ["a@example.com"])
+    sandbox.complete_now(batch_id)
+
+    sandbox.remove_results(batch_id)
+    answers = [download(sandbox, batch_id) for _ in range(2)]
+
+    assert [a.status_code for a in answers] == [405, 405]
+    assert "email addresses and results have been removed" in answers[0].json()["message"]
+    assert answers[0].json() != {"status": 405, "error": "Method Not Allowed",
+                                 "message": "batch is not completed"}
+    assert get_status(sandbox, batch_id).json()["status"] == "completed"
+
+
+def test_set_status_answers_an_undocumented_status_until_cleared(make_sandbox):
+    box = make_sandbox(processing_time=60)
+    batch_id = create_batch(box, ["a@example.com"])
+
+    box.set_status(batch_id, "completed")
+    says_completed = get_status(box, batch_id).json()["status"]
+    not_ready = download(box, batch_id)
+    box.set_status(batch_id, "paused")
+    paused = get_status(box, batch_id).json()["status"]
+    box.set_status(batch_id, None)
+
+    assert (says_completed, not_ready.status_code, paused) == ("completed", 405, "paused")
+    assert get_status(box, batch_id).json()["status"] == "queued"
+
+
+@pytest.mark.parametrize("control", [
+    lambda box: box.set_status("nosuchbatch", "paused"),
+    lambda box: box.remove_results("nosuchbatch"),
+    lambda box: box.complete_now("nosuchbatch"),
+], ids=["set_status", "remove_results", "complete_now"])
+def test_controls_refuse_an_unknown_batch(sandbox, control):
+    with pytest.raises(KeyError, match="nosuchbatch"):
+        control(sandbox)
+
+
+def test_alter_downloads_serves_what_the_hook_returns_then_the_real_records(sandbox):
+    batch_id = create_batch(sandbox, ["a@example.com", "b@example.com"])
+    sandbox.complete_now(batch_id)
+
+    def drop_first_and_spoil(records):
+        records[1]["status"] = "spoiled"
+        return records[1:] + ["not a record"]
+    sandbox.alter_downloads(drop_first_and_spoil)
+    altered = download(sandbox, batch_id).json()
+    sandbox.alter_downloads(None)
+    restored = download(sandbox, batch_id).json()
+
+    assert [r if isinstance(r, str) else (r["email"], r["status"]) for r in altered] == [
+        ("b@example.com", "spoiled"), "not a record"]
+    assert [r["email"] for r in restored] == ["a@example.com", "b@example.com"]
+    assert restored[1]["status"] == simulator.verdict_for("b@example.com")["status"]
+
+
+def test_readers_count_kinds_and_keep_addresses_of_deleted_batches(sandbox):
+    first = create_batch(sandbox, ["a@example.com", "b@example.com"])
+    create_batch(sandbox, ["c@example.com"])
+    requests.delete("%s%s/%s" % (sandbox.url, BATCH_PATH, first), headers=KEY, timeout=5)
+    sandbox.fail_next(503, kind="status")
+    get_status(sandbox, first)
+
+    assert sandbox.sent_addresses() == ["a@example.com", "b@example.com", "c@example.com"]
+    assert (sandbox.count("create"), sandbox.count("status"), sandbox.count("other")) == (2, 1, 1)
+    assert [(r["kind"], r["status"], r["fault"]) for r in sandbox.requests] == [
+        ("create", 200, None), ("create", 200, None), ("other", 200, None), ("status", 503, "503")]
+    with pytest.raises(ValueError, match="kind"):
+        sandbox.count("created")
+
+
+def test_clear_faults_forgets_planned_faults(sandbox):
+    sandbox.fail_next(500, count=3)
+
+    sandbox.clear_faults()
+
+    assert create(sandbox, ["a@example.com"]).status_code == 200
+
+
+@pytest.mark.parametrize("status, body", [
+    (99, None), (600, None), ("slow", None), (True, None), ("timeout", "body"),
+    (requests.ConnectionError, b"x"),
+])
+def test_fail_next_refuses_a_fault_it_cannot_play(sandbox, status, body):
+    with pytest.raises(ValueError):
+        sandbox.fail_next(status, body=body)
+
+
+def test_fail_next_timeout_over_http_answers_late_and_still_creates(make_sandbox):
+    box = make_sandbox(processing_time=60, slow_seconds=0.5)
+    box.fail_next("timeout", kind="create")
+
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(box.url + BATCH_PATH, json=[{"email": "a@example.com"}], headers=KEY,
+                      timeout=0.2)
+    assert box.batches == {}            # Bouncer is still working on it
+    deadline = time.monotonic() + 3
+    while not box.batches and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+    assert len(box.batches) == 1
+    assert [(r["fault"], r["status"]) for r in box.requests] == [("timeout", 200)]
+
+
+def test_fail_next_exception_over_http_closes_the_connection_unanswered(sandbox):
+    sandbox.fail_next(requests.ConnectionError, kind="create")
+
+    with pytest.raises(requests.ConnectionError):
+        create(sandbox, ["a@example.com"])
+
+    assert sandbox.batches == {}
+    assert [(r["fault"], r["status"]) for r in sandbox.requests] == [("ConnectionError", None)]
+    assert create(sandbox, ["a@example.com"]).status_code == 200
+
+
+def test_attribute_out_of_range_refused(sandbox):
+    with pytest.raises(ConfigError, match="--slow-rate"):
+        sandbox.slow_rate = 1.5
+    sandbox.slow_rate = 0.25
+
+    assert sandbox.options.slow_rate == 0.25
+
+
+# -- behind responses --------------------------------------------------------------------------
+
+MOCK_URL = "https://bouncer.test"
+
+
+@pytest.fixture
+def mocked():
+    """The simulator behind `responses` at MOCK_URL."""
+    box = Sandbox(processing_time=60, api_key="test-key")
+    with box.behind_responses(MOCK_URL):
+        yield box
+
+
+def mocked_create(emails, timeout=5):
+    return requests.post(MOCK_URL + BATCH_PATH, json=[{"email": e} for e in emails], headers=KEY,
+                         timeout=timeout)
+
+
+def test_responses_lifecycle_is_the_same_simulator(mocked):
+    created = mocked_create(["deliverable@sandbox.usebouncer.com", "b@example.com"])
+    batch_id = created.json()["batchId"]
+    status_url = "%s%s/%s" % (MOCK_URL, BATCH_PATH, batch_id)
+
+    early = requests.get(status_url + "/download", headers=KEY, timeout=5)
+    mocked.complete_now(batch_id)
+    status = requests.get(status_url, headers=KEY, params={"with-stats": "true"}, timeout=5)
+    records = requests.get(status_url + "/download", headers=KEY, timeout=5).json()
+
+    assert created.status_code == 200 and batch_id in mocked.batches
+    assert early.status_code == 405
+    assert status.json()["status"] == "completed" and status.json()["processed"] == 2
+    assert records == [simulator.build_record({"email": e}) for e in
+                       ("deliverable@sandbox.usebouncer.com", "b@example.com")]
+    assert [(r["kind"], r["path"]) for r in mocked.requests] == [
+        ("create", BATCH_PATH), ("download", "/v1.1/email/verify/batch/%s/download" % batch_id),
+        ("status", "/v1.1/email/verify/batch/%s" % batch_id),
+        ("download", "/v1.1/email/verify/batch/%s/download" % batch_id)]
+
+
+def test_responses_checks_the_key(mocked):
+    answer = requests.post(MOCK_URL + BATCH_PATH, json=[{"email": "a@example.com"}],
+                           headers={"x-api-key": "wrong"}, timeout=5)
+
+    assert answer.status_code == 401 and mocked.batches == {}
+
+
+def test_responses_fail_next_status_and_body(mocked):
+    mocked.fail_next(502, body="<html>bad gateway</html>")
+    mocked.fail_next(429)
+
+    failed = mocked_create(["a@example.com"])
+    limited = mocked_create(["a@example.com"])
+
+    assert (failed.status_code, failed.text) == (502, "<html>bad gateway</html>")
+    assert limited.status_code == 429 and limited.json()["message"] == "too many requests"
+    assert mocked.batches == {}
+
+
+def test_responses_timeout_raises_read_timeout_and_still_creates(mocked):
+    mocked.fail_next("timeout", kind="create")
+
+    began = time.monotonic()
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        mocked_create(["a@example.com"])
+
+    assert time.monotonic() - began < 1           # no real waiting behind responses
+    assert len(mocked.batches) == 1 and mocked.sent_addresses() == ["a@example.com"]
+    assert mocked.requests[0]["fault"] == "timeout"
+
+
+@pytest.mark.parametrize("error", [requests.exceptions.ConnectTimeout, requests.ConnectionError])
+def test_responses_exception_is_raised_and_nothing_created(mocked, error):
+    mocked.fail_next(error)
+
+    with pytest.raises(error):
+        mocked_create(["a@example.com"])
+
+    assert mocked.batches == {} and mocked.count("create") == 1
+
+
+def test_responses_slow_answer_times_out_only_past_the_client_timeout(mocked):
+    mocked.slow_rate, mocked.slow_seconds = 1.0, 0.2
+
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        mocked_create(["a@example.com"], timeout=(5, 0.1))
+    began = time.monotonic()
+    late = mocked_create(["b@example.com"], timeout=5)
+
+    assert late.status_code == 200 and time.monotonic() - began >= 0.2
+    assert len(mocked.batches) == 2
+    assert [r["fault"] for r in mocked.requests] == ["slow", "slow"]
+
+
+def test_responses_serves_only_its_base_url(mocked):
+    with pytest.raises(requests.ConnectionError):
+        requests.get("https://bouncer.testing" + BATCH_PATH + "/x", headers=KEY, timeout=5)
+
+    assert mocked.requests == []
+
+
+# -- options -----------------------------------------------------------------------------------
+
+
+def test_options_keywords_override_the_dataclass():
+    box = Sandbox(SandboxOptions(fail_rate=0.5, seed=3), seed=9, credits=10)
+
+    assert (box.options.fail_rate, box.options.seed, box.credits) == (0.5, 9, 10)
+    assert box.fail_rate == 0.5
+
+
+@pytest.mark.parametrize("name, value, words", [
+    ("port", 70000, "between 0 and 65535"),
+    ("processing_time", -1, "at least 0"),
+    ("fail_rate", 1.5, "between 0 and 1"),
+    ("rate_limit_rate", -0.1, "between 0 and 1"),
+    ("slow_rate", float("nan"), "number"),
+    ("slow_seconds", -2, "at least 0"),
+    ("credits", -1, "at least 0"),
+    ("seed", "seven", "whole number"),
+    ("port", True, "whole number"),
+    ("api_key", 42, "text"),
+])
+def test_options_out_of_range_refused(name, value, words):
+    with pytest.raises(ConfigError, match=words) as refused:
+        SandboxOptions(**{name: value})
+
+    assert "--" + name.replace("_", "-") in str(refused.value)
+
+
+def test_options_repr_hides_the_key():
+    assert "s3cret" not in repr(SandboxOptions(api_key="s3cret-key-123"))
+
+
+def test_cli_sandbox_options_come_from_the_dataclass():
+    command = cli.commands["sandbox"]
+    params = {p.name: p for p in command.params if p.name != "help"}
+
+    assert list(params) == [f.name for f in fields(SandboxOptions)]
+    for f in fields(SandboxOptions):
+        assert params[f.name].opts == ["--" + f.name.replace("_", "-")]
+        assert params[f.name].default == f.default
+        assert f.metadata["help"] in params[f.name].help
+    assert params["api_key"].envvar == "SANDBOX_API_KEY"
+    result = CliRunner().invoke(cli, ["sandbox", "--help"])
+    for f in fields(SandboxOptions):
+        assert "--" + f.name.replace("_", "-") in result.output
+
+
+def test_cli_sandbox_builds_its_options_from_the_command_line(monkeypatch):
+    served = []
+    monkeypatch.setattr(Sandbox, "serve_forever", lambda box: served.append(box.options))
+
+    result = CliRunner().invoke(
+        cli, ["sandbox", "--port", "0", "--processing-time", "0", "--fail-rate", "0.1",
+              "--seed", "7", "--credits", "5"], env={"SANDBOX_API_KEY": "from-the-env"})
+
+    assert result.exit_code == 0, result.output
+    assert served == [SandboxOptions(port=0, processing_time=0.0, fail_rate=0.1, seed=7,
+                                     credits=5, api_key="from-the-env")]
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--fail-rate", "2"], "--fail-rate"),
+    (["--port", "70000"], "--port"),
+    (["--slow-seconds", "-1"], "--slow-seconds"),
+    (["--credits", "-5"], "--credits"),
+])
+def test_cli_sandbox_out_of_range_is_one_clean_line(monkeypatch, args, flag):
+    monkeypatch.setattr(Sandbox, "serve_forever", lambda box: pytest.fail("must not serve"))
+
+    result = CliRunner().invoke(cli, ["sandbox", *args])
+
+    assert_clean_failure(result, flag)

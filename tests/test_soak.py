@@ -79,7 +79,7 @@ def test_fifo_check_excuses_emails_whose_call_failed_in_the_same_cycle(app, boun
     # The same history, with no room for the failed call of the cycle: the 10 are flagged.
     assert len(invariants.fifo_violations_of_sent_batch(
         first, visible_at, same_cycle=datetime.timedelta(0))) == 10
-    bouncer.complete()
+    bouncer.complete_now()
     run_cycle(app, STATUS, "deliverable")
     run_cycle(app, CREATION, "deliverable")   # now the 10 go first
 
@@ -101,7 +101,7 @@ def test_fifo_check_ignores_emails_not_yet_visible_when_the_batch_was_planned(ap
 def test_ledger_history_gives_the_most_batches_ever_in_flight(app, bouncer):
     submit("alice", addresses("a", 50))
     run_cycle(app, CREATION, "deliverable")        # three batches of ten (max_outstanding 3)
-    bouncer.complete()
+    bouncer.complete_now()
     run_cycle(app, STATUS, "deliverable")
     run_cycle(with_settings(app, max_outstanding=2), CREATION, "deliverable")
 

@@ -1,12 +1,15 @@
-"""A local simulator of Bouncer's batch API, so the service runs with no account and no network.
+"""Bouncer itself, without HTTP: one method, `answer`, takes one request and gives its reply.
 
-It speaks the documented create / status / download / delete / finish lifecycle (see
-bouncer-api.md), answers Bouncer's sandbox addresses the way Bouncer does, gives every other
-address a verdict derived from a hash of it (the same address always gets the same verdict), and
-can inject faults (5xx, 429, slow answers) either at random with a seed or on demand from a test.
+It speaks the documented create / status / download / delete / finish lifecycle and the credits
+endpoint (see bouncer-api.md), answers Bouncer's sandbox addresses the way Bouncer does, gives
+every other address a verdict derived from a hash of it (the same address always gets the same
+verdict), and can inject faults (5xx, 429, slow answers) at random with a seed or on demand from a
+test. server.py carries it over real HTTP or behind `responses`; the controls tests use are the
+same either way.
 
-Standard library only: one ThreadingHTTPServer, one lock around the batches.
+Standard library only: one lock around the batches, timers for completion callbacks.
 """
+import copy
 import hashlib
 import hmac
 import json
@@ -17,15 +20,18 @@ import time
 import urllib.request
 import uuid
 from collections import Counter, namedtuple
+from dataclasses import replace
 from datetime import datetime, timezone
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
+
+from .options import SandboxOptions
 
 logger = logging.getLogger("bouncer.sandbox")
 
 MAX_BATCH_SIZE = 100_000
-CREDITS = 1_000_000
+# What the credits endpoint shows an account with no limit set.
+UNLIMITED_CREDITS = 1_000_000
 SANDBOX_DOMAIN = "sandbox.usebouncer.com"
 REQUEST_KINDS = ("create", "status", "download", "other")
 DOWNLOAD_FILTERS = ("all", "deliverable", "risky", "undeliverable", "unknown")
@@ -49,8 +55,17 @@ PROVIDERS = {
 
 # Bouncer's own wording where the docs give it; anything else is plainly an injected fault.
 FAULT_MESSAGES = {402: "0 credits left", 429: "too many requests"}
+NOT_COMPLETED = "batch is not completed"
+# A download 405 with this message is final: the results are gone (bouncer-api.md; Bouncer's Java
+# SDK handles it). The exact wording is not documented, so clients should match it leniently.
+RESULTS_REMOVED = "batch email addresses and results have been removed"
+# Faults whose answer comes late: the request is acted on, its answer only after slow_seconds.
+DELAYED_FAULTS = ("slow", "timeout")
 
-Reply = namedtuple("Reply", "status body content_type")
+# One answer. `fault` names what was injected (None, "slow", "timeout", "429", ...); `error`, an
+# exception class, means the request got no answer at all: the transport fails it that way.
+Reply = namedtuple("Reply", "status body content_type fault error", defaults=(None, None))
+Request = namedtuple("Request", "method path query api_key body action batch_id kind")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +185,11 @@ def error_reply(status, message):
                                "message": message})
 
 
+def dropped_reply(error):
+    """No answer: the transport fails the request with `error` (an exception class)."""
+    return Reply(None, b"", "", error.__name__, error)
+
+
 def raw_reply(status, body):
     """A test-supplied body: bytes or str sent as is (may be non-JSON), or a dict/list as JSON."""
     if isinstance(body, (dict, list)):
@@ -215,7 +235,7 @@ def parse_emails(body):
     try:
         items = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ValueError("body is not valid JSON: %s" % exc)
+        raise ValueError("body is not valid JSON: %s" % exc) from None
     if not isinstance(items, list):
         raise ValueError("body must be a JSON array of objects with an email")
     if not items:
@@ -261,121 +281,205 @@ def post_callback(url, payload):
         logger.debug("sandbox batch %s: callback failed: %s", payload["batchId"], exc)
 
 
+def new_batch(items, distinct, duplicates, path, callback):
+    """A batch as the simulator keeps it; `created_mono` and `completed_mono` drive its phase."""
+    return {
+        "batchId": uuid.uuid4().hex[:24],
+        "path": path,
+        "emails": [item["email"] for item in items],
+        "distinct": distinct,
+        "quantity": len(items),
+        "duplicates": duplicates,
+        "created_at": time.time(),
+        "created_mono": time.monotonic(),
+        "completed_at": None,
+        "completed_mono": None,
+        "callback": callback,
+        "callback_sent": False,
+        "status_override": None,
+        "results_removed": False,
+        # Built once, on first need, and kept: a download of 10,000 records costs its encoding
+        # once, however often it is asked for.
+        "records": None,
+        "downloads": {},
+    }
+
+
+def created_answer(batch):
+    return {"batchId": batch["batchId"], "created": iso_utc(batch["created_at"]), "status": "queued",
+            "quantity": batch["quantity"], "duplicates": batch["duplicates"]}
+
+
+def only_status(records, wanted):
+    if wanted == "all":
+        return records
+    return [record for record in records if record["status"] == wanted]
+
+
+def check_fault(status, count, kind, body):
+    """Refuse a fault plan a test could not have meant, saying why."""
+    if count < 1:
+        raise ValueError("count must be at least 1, got %r" % count)
+    if kind is not None and kind not in REQUEST_KINDS:
+        raise ValueError("kind must be one of %s, got %r" % (", ".join(REQUEST_KINDS), kind))
+    is_status = isinstance(status, int) and not isinstance(status, bool) and 100 <= status <= 599
+    is_error = isinstance(status, type) and issubclass(status, BaseException)
+    if not (is_status or is_error or status == "timeout"):
+        raise ValueError('status must be an HTTP status, "timeout" or an exception class, got %r'
+                         % (status,))
+    if body is not None and not is_status:
+        raise ValueError("a body goes with an HTTP status only, not with %r" % (status,))
+
+
+def planned_fault(planned):
+    """(fault label, reply) of a fault planned with fail_next; the reply is None for a timeout."""
+    status, body = planned["status"], planned["body"]
+    if status == "timeout":
+        return "timeout", None
+    if isinstance(status, type):
+        return status.__name__, dropped_reply(status)
+    if body is not None:
+        reply = raw_reply(status, body)
+    else:
+        reply = error_reply(status, FAULT_MESSAGES.get(status, "injected fault"))
+    return str(status), reply._replace(fault=str(status))
+
+
 # ---------------------------------------------------------------------------------------------
 # The simulator
 
 
-class Sandbox:
-    """Bouncer's batch API on a local port; start() serves it from a daemon thread."""
+class OptionAttribute:
+    """An attribute that is one of the simulator's options. Setting it swaps in options with that
+    value changed (and checked), so a test can turn a fault up mid-run (`sandbox.slow_rate = 1.0`)
+    and every request after sees it."""
 
-    def __init__(self, host="127.0.0.1", port=0, processing_time=2.0, api_key=None,
-                 fail_rate=0.0, rate_limit_rate=0.0, slow_rate=0.0, slow_seconds=5.0,
-                 seed=0, request_log=None):
-        self.host = host
-        self.port = port
-        self.processing_time = processing_time
-        self.start_delay = min(processing_time * START_SHARE, MAX_START_DELAY)
-        self.api_key = api_key
-        self.fail_rate = fail_rate
-        self.rate_limit_rate = rate_limit_rate
-        self.slow_rate = slow_rate
-        self.slow_seconds = slow_seconds
-        self.request_log = request_log
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, simulator, owner=None):
+        if simulator is None:
+            return self
+        return getattr(simulator.options, self.name)
+
+    def __set__(self, simulator, value):
+        simulator.options = replace(simulator.options, **{self.name: value})
+
+
+class Simulator:
+    """Bouncer's batch API without a transport: `answer` gives the reply to one request.
+
+    Takes SandboxOptions, or keyword arguments naming its fields, or both (the keywords win).
+    """
+
+    processing_time = OptionAttribute()
+    fail_rate = OptionAttribute()
+    rate_limit_rate = OptionAttribute()
+    slow_rate = OptionAttribute()
+    slow_seconds = OptionAttribute()
+
+    def __init__(self, options=None, **overrides):
+        options = options if options is not None else SandboxOptions()
+        self.options = replace(options, **overrides) if overrides else options
+        # The account's balance now (None: unlimited); a test may set it at any time.
+        self.credits = self.options.credits
         self.batches = {}
         self.requests = []
+        self._sent = []             # the emails of every batch created, deleted ones too
         self._lock = threading.Lock()
-        self._random = random.Random(seed)
+        self._random = random.Random(self.options.seed)
         self._planned_faults = []
+        self._download_hook = None
         self._counts = {"by_kind": Counter(), "by_method": Counter(), "faults": Counter()}
         self._batches_created = 0
         self._emails_received = 0
         self._timers = []
-        self._server = None
-        self._thread = None
-        self._serving = threading.Event()
-
-    # -- lifecycle -----------------------------------------------------------------------------
+        self._closed = False
 
     @property
-    def url(self):
-        return "http://%s:%d" % (self.host, self.port)
+    def start_delay(self):
+        return min(self.options.processing_time * START_SHARE, MAX_START_DELAY)
 
-    def start(self):
-        self._bind()
-        self._thread = threading.Thread(target=self.serve_forever, name="bouncer-sandbox",
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def serve_forever(self):
-        server = self._bind()
-        logger.debug("sandbox serving on %s", self.url)
-        self._serving.set()
-        try:
-            # A short poll keeps stop() quick: shutdown waits for the loop's next wake-up.
-            server.serve_forever(poll_interval=0.05)
-        finally:
-            self._serving.clear()
-
-    def stop(self):
-        server, self._server = self._server, None
-        if server is None:
-            return
-        if self._serving.is_set():
-            server.shutdown()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-        server.server_close()
-        self._cancel_timers()
-        logger.debug("sandbox on %s stopped", self.url)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc_info):
-        self.stop()
-
-    def _bind(self):
-        if self._server is None:
-            self._server = _Server((self.host, self.port), self)
-            self.port = self._server.server_address[1]
-        return self._server
-
-    def _cancel_timers(self):
+    def close(self):
+        """No completion callbacks from now on."""
         with self._lock:
+            self._closed = True
             timers, self._timers = self._timers, []
         for timer in timers:
             timer.cancel()
 
-    # -- test helpers --------------------------------------------------------------------------
+    # -- controls ------------------------------------------------------------------------------
 
     def fail_next(self, status, count=1, kind=None, body=None):
-        """The next `count` requests (of `kind` only, if given) answer `status`.
+        """The next `count` requests (of `kind` only, if given) fail, as `status` says:
 
-        The body is Bouncer's error shape unless `body` is given (bytes/str raw, dict/list JSON).
+        - an HTTP status: answered with it and nothing else happens; the body is Bouncer's error
+          shape unless `body` is given (bytes or str sent as is, dict or list as JSON);
+        - "timeout": acted on (a create still creates its batch, as Bouncer would) but answered
+          only after slow_seconds, so a client with a shorter timeout has given up; behind
+          `responses` the client gets requests' ReadTimeout at once;
+        - an exception class (requests' ConnectionError, ConnectTimeout, ...): the request never
+          reaches Bouncer; behind `responses` it is raised, over HTTP the connection is closed
+          unanswered.
         """
-        if count < 1:
-            raise ValueError("count must be at least 1, got %r" % count)
-        if kind is not None and kind not in REQUEST_KINDS:
-            raise ValueError("kind must be one of %s, got %r" % (", ".join(REQUEST_KINDS), kind))
+        check_fault(status, count, kind, body)
         with self._lock:
             self._planned_faults.append({"status": status, "count": count, "kind": kind,
                                          "body": body})
 
+    def clear_faults(self):
+        """Forget every fault planned with fail_next that has not happened yet."""
+        with self._lock:
+            self._planned_faults.clear()
+
     def complete_now(self, batch_id=None):
         """Complete one batch, or every batch, as if Bouncer had finished it."""
         with self._lock:
-            targets = [batch_id] if batch_id is not None else list(self.batches)
-            for target in targets:
-                batch = self.batches.get(target)
-                if batch is not None:
-                    self._complete(batch)
+            targets = [self._known(batch_id)] if batch_id is not None else self.batches.values()
+            for batch in list(targets):
+                self._complete(batch)
 
     def forget(self, batch_id):
-        """The batch now answers 404, as if deleted on Bouncer's side."""
+        """The batch answers 404 from now on, as if deleted on Bouncer's side."""
         with self._lock:
             self.batches.pop(batch_id, None)
+
+    def set_status(self, batch_id, status):
+        """Status answers for the batch say `status` (an undocumented one, or "completed" while
+        its download still answers 405); None gives the batch its own status back."""
+        with self._lock:
+            self._known(batch_id)["status_override"] = status
+
+    def alter_downloads(self, hook):
+        """Every download from now on serves hook(records), the records Bouncer would send: to
+        serve missing, extra or malformed ones. None serves them unaltered again."""
+        self._download_hook = hook
+
+    def remove_results(self, batch_id):
+        """Downloads of the batch answer 405 saying its email addresses and results were removed:
+        final, asking again never helps."""
+        with self._lock:
+            self._known(batch_id)["results_removed"] = True
+
+    def _known(self, batch_id):
+        batch = self.batches.get(batch_id)
+        if batch is None:
+            raise KeyError("the sandbox has no batch %r" % (batch_id,))
+        return batch
+
+    # -- readers -------------------------------------------------------------------------------
+
+    def count(self, kind):
+        """How many requests of `kind` (create, status, download, other) came, faulted included."""
+        if kind not in REQUEST_KINDS:
+            raise ValueError("kind must be one of %s, got %r" % (", ".join(REQUEST_KINDS), kind))
+        with self._lock:
+            return self._counts["by_kind"][kind]
+
+    def sent_addresses(self):
+        """Every address sent in a batch Bouncer created, as sent, in order of creation."""
+        with self._lock:
+            return [email for emails in self._sent for email in emails]
 
     def stats(self):
         with self._lock:
@@ -390,63 +494,82 @@ class Sandbox:
 
     # -- one request ---------------------------------------------------------------------------
 
-    def _answer(self, method, path, query, api_key, body):
-        """The reply to one request and the fault injected into it (None, "slow" or a status)."""
+    def answer(self, method, path, query, api_key, body, wait=time.sleep, arrived=None):
+        """The reply to one request: its method, path, query ({name: [values]}), x-api-key and
+        body (bytes). A delayed fault is waited out with `wait` before Bouncer acts, so a slow
+        create's batch exists only once its answer is due. The request is recorded (arriving at
+        `arrived`, default now) before the reply is returned, so a client that got its answer
+        finds it in `requests`."""
+        arrived = time.time() if arrived is None else arrived
         action, batch_id = parse_route(path)
-        if not self._authorized(api_key):
-            return error_reply(401, "Invalid API key"), None
-        fault, reply = self._draw_fault(request_kind(method, action))
-        if reply is not None:
-            return reply, fault
-        if fault == "slow":
-            time.sleep(self.slow_seconds)
-        return self._route(method, action, batch_id, query, body, path), fault
+        request = Request(method, path, query, api_key, body, action, batch_id,
+                          request_kind(method, action))
+        try:
+            reply = self._reply(request, wait)
+        except Exception:
+            logger.exception("sandbox: %s %s failed", method, path)
+            reply = error_reply(500, "sandbox error")
+        self._record_request(arrived, request, reply)
+        return reply
 
-    def _record_request(self, started, method, path, status, fault):
+    def _reply(self, request, wait):
+        if not self._authorized(request.api_key):
+            return error_reply(401, "Invalid API key")
+        fault, reply = self._draw_fault(request.kind)
+        if reply is not None:
+            return reply
+        if fault in DELAYED_FAULTS:
+            wait(self.options.slow_seconds)
+        return self._route(request)._replace(fault=fault)
+
+    def _record_request(self, arrived, request, reply):
         """Keep the request in memory and, if asked, as one JSON line for other processes."""
-        entry = {"time": started, "method": method, "path": path, "status": status,
-                 "fault": fault}
+        entry = {"time": arrived, "kind": request.kind, "method": request.method,
+                 "path": request.path, "status": reply.status, "fault": reply.fault}
         with self._lock:
             self.requests.append(entry)
-            self._counts["by_kind"][request_kind(method, parse_route(path)[0])] += 1
-            self._counts["by_method"][method] += 1
-            if fault is not None:
-                self._counts["faults"][fault] += 1
-            if self.request_log:
+            self._counts["by_kind"][request.kind] += 1
+            self._counts["by_method"][request.method] += 1
+            if reply.fault is not None:
+                self._counts["faults"][reply.fault] += 1
+            if self.options.request_log:
                 self._append_to_request_log(entry)
 
     def _append_to_request_log(self, entry):
         # A broken log file must not stop the sandbox from answering.
         try:
-            with open(self.request_log, "a", encoding="utf-8") as log:
+            with open(self.options.request_log, "a", encoding="utf-8") as log:
                 log.write(json.dumps(entry) + "\n")
         except OSError as exc:
-            logger.warning("sandbox: cannot append to request log %s: %s", self.request_log, exc)
+            logger.warning("sandbox: cannot append to request log %s: %s",
+                           self.options.request_log, exc)
 
     def _authorized(self, api_key):
         if not api_key:
             return False
-        if self.api_key is None:
+        if self.options.api_key is None:
             return True
-        return hmac.compare_digest(api_key.encode("utf-8"), self.api_key.encode("utf-8"))
+        return hmac.compare_digest(api_key.encode("utf-8"), self.options.api_key.encode("utf-8"))
 
     def _draw_fault(self, kind):
-        """(fault, reply): a planned fault first, else the seeded random ones."""
+        """(fault, reply): a planned fault first, else the seeded random ones. The reply is None
+        when the request is to be answered, late or not."""
         with self._lock:
             planned = self._take_planned_fault(kind)
             # Always draw the same number of values, so a seed replays the same faults.
             draws = [self._random.random() for _ in range(4)]
         if planned is not None:
-            status, body = planned["status"], planned["body"]
-            if body is not None:
-                return str(status), raw_reply(status, body)
-            return str(status), error_reply(status, FAULT_MESSAGES.get(status, "injected fault"))
-        if draws[0] < self.fail_rate:
+            return planned_fault(planned)
+        return self._random_fault(draws)
+
+    def _random_fault(self, draws):
+        options = self.options
+        if draws[0] < options.fail_rate:
             status = 503 if draws[3] < 0.5 else 500
-            return str(status), error_reply(status, "injected fault")
-        if draws[1] < self.rate_limit_rate:
-            return "429", error_reply(429, FAULT_MESSAGES[429])
-        if draws[2] < self.slow_rate:
+            return str(status), error_reply(status, "injected fault")._replace(fault=str(status))
+        if draws[1] < options.rate_limit_rate:
+            return "429", error_reply(429, FAULT_MESSAGES[429])._replace(fault="429")
+        if draws[2] < options.slow_rate:
             return "slow", None
         return None, None
 
@@ -459,98 +582,122 @@ class Sandbox:
                 return planned
         return None
 
-    def _route(self, method, action, batch_id, query, body, path):
+    def _route(self, request):
+        method, action = request.method, request.action
         if (method, action) == ("POST", "create"):
-            return self._create(body, query, path)
+            return self._create(request)
         if (method, action) == ("GET", "credits"):
-            return json_reply(200, {"credits": CREDITS})
+            return self._credits()
         handlers = {("GET", "status"): self._status, ("DELETE", "status"): self._delete,
                     ("GET", "download"): self._download, ("POST", "finish"): self._finish}
         handler = handlers.get((method, action))
         if handler is None:
-            return error_reply(404, "no route for %s %s" % (method, path))
+            return error_reply(404, "no route for %s %s" % (method, request.path))
         with self._lock:
-            batch = self.batches.get(batch_id)
-            if batch is None:
-                return error_reply(404, "request %s does not exist" % batch_id)
-            return handler(batch, query)
+            batch = self.batches.get(request.batch_id)
+        if batch is None:
+            return error_reply(404, "request %s does not exist" % request.batch_id)
+        return handler(batch, request.query)
 
-    # -- batch endpoints -----------------------------------------------------------------------
+    # -- endpoints -----------------------------------------------------------------------------
 
-    def _create(self, body, query, path):
+    def _create(self, request):
         try:
-            items = parse_emails(body)
+            items = parse_emails(request.body)
         except ValueError as exc:
             return error_reply(400, str(exc))
         distinct, duplicates = distinct_items(items)
-        batch = {
-            "batchId": uuid.uuid4().hex[:24],
-            "path": path,
-            "emails": [item["email"] for item in items],
-            "distinct": distinct,
-            "quantity": len(items),
-            "duplicates": duplicates,
-            "created_at": time.time(),
-            "created_mono": time.monotonic(),
-            "completed_at": None,
-            "completed_mono": None,
-            "callback": self._callback_from(query),
-            "callback_sent": False,
-        }
+        batch = new_batch(items, distinct, duplicates, request.path,
+                          self._callback_from(request.query))
         with self._lock:
-            self.batches[batch["batchId"]] = batch
-            self._batches_created += 1
-            self._emails_received += len(items)
-            if batch["callback"]:
-                self._schedule_callback(batch["batchId"], self.processing_time)
+            refused = self._spend_credits(len(distinct))
+            if refused is not None:
+                return refused
+            self._store(batch)
         logger.debug("sandbox batch %s created: %d emails, %d duplicates",
                      batch["batchId"], batch["quantity"], duplicates)
-        return json_reply(200, {"batchId": batch["batchId"],
-                                "created": iso_utc(batch["created_at"]), "status": "queued",
-                                "quantity": batch["quantity"], "duplicates": duplicates})
+        return json_reply(200, created_answer(batch))
+
+    def _credits(self):
+        with self._lock:
+            balance = UNLIMITED_CREDITS if self.credits is None else self.credits
+        return json_reply(200, {"credits": balance})
 
     def _status(self, batch, query):
         now = time.monotonic()
         phase = self._phase(batch, now)
         answer = {"batchId": batch["batchId"], "created": iso_utc(batch["created_at"]),
-                  "status": phase, "quantity": batch["quantity"],
+                  "status": batch["status_override"] or phase, "quantity": batch["quantity"],
                   "duplicates": batch["duplicates"]}
         if phase != "queued":
             answer["started"] = iso_utc(self._started_at(batch))
         if phase == "completed":
             answer["completed"] = iso_utc(self._completed_at(batch))
-            answer["credits"] = batch["quantity"] - batch["duplicates"]
+            answer["credits"] = len(batch["distinct"])
         if query.get("with-stats", [""])[0].lower() in ("true", "1"):
             answer.update(self._progress(batch, phase, now))
         return json_reply(200, answer)
 
     def _download(self, batch, query):
+        if batch["results_removed"]:
+            return error_reply(405, RESULTS_REMOVED)
         if self._phase(batch, time.monotonic()) != "completed":
-            return error_reply(405, "batch is not completed")
+            return error_reply(405, NOT_COMPLETED)
         wanted = query.get("download", ["all"])[0]
         if wanted not in DOWNLOAD_FILTERS:
             return error_reply(400, "download must be one of %s" % ", ".join(DOWNLOAD_FILTERS))
-        records = [build_record(item) for item in batch["distinct"]]
-        if wanted != "all":
-            records = [record for record in records if record["status"] == wanted]
-        return json_reply(200, records)
+        hook = self._download_hook
+        if hook is not None:
+            # Built afresh each time, on a copy: the hook may change, or change what it is given.
+            return json_reply(200, hook(copy.deepcopy(only_status(self._records(batch), wanted))))
+        cached = batch["downloads"].get(wanted)
+        if cached is None:
+            cached = json_reply(200, only_status(self._records(batch), wanted))
+            batch["downloads"][wanted] = cached
+        return cached
 
     def _delete(self, batch, query):
-        del self.batches[batch["batchId"]]
+        with self._lock:
+            self.batches.pop(batch["batchId"], None)
         logger.debug("sandbox batch %s deleted", batch["batchId"])
         return json_reply(200, {})
 
     def _finish(self, batch, query):
-        if self._phase(batch, time.monotonic()) == "completed":
-            return error_reply(400, "batch has to be running to finish")
-        self._complete(batch)
+        with self._lock:
+            if self._phase(batch, time.monotonic()) == "completed":
+                return error_reply(400, "batch has to be running to finish")
+            self._complete(batch)
         return json_reply(202, {})
 
-    # -- batch state (callers hold the lock) ---------------------------------------------------
+    # -- batch state ---------------------------------------------------------------------------
+
+    def _spend_credits(self, needed):
+        """None when the balance covers `needed` (then spent), else Bouncer's 402. Lock held."""
+        if self.credits is None:
+            return None
+        if needed > self.credits:
+            return error_reply(402, "%d credits left" % self.credits)
+        self.credits -= needed
+        return None
+
+    def _store(self, batch):
+        """Keep a new batch and follow it to its callback. Lock held."""
+        self.batches[batch["batchId"]] = batch
+        self._sent.append(batch["emails"])
+        self._batches_created += 1
+        self._emails_received += batch["quantity"]
+        if batch["callback"]:
+            self._schedule_callback(batch["batchId"], self.options.processing_time)
+
+    def _records(self, batch):
+        """The batch's download records, one per distinct address as sent, built once."""
+        if batch["records"] is None:
+            batch["records"] = [build_record(item) for item in batch["distinct"]]
+        return batch["records"]
 
     def _phase(self, batch, now):
         elapsed = now - batch["created_mono"]
-        if batch["completed_mono"] is not None or elapsed >= self.processing_time:
+        if batch["completed_mono"] is not None or elapsed >= self.options.processing_time:
             return "completed"
         return "processing" if elapsed >= self.start_delay else "queued"
 
@@ -561,24 +708,25 @@ class Sandbox:
     def _completed_at(self, batch):
         if batch["completed_at"] is not None:
             return batch["completed_at"]
-        return batch["created_at"] + self.processing_time
+        return batch["created_at"] + self.options.processing_time
 
     def _progress(self, batch, phase, now):
         """`processed` and per-status `stats` over the addresses verified so far."""
-        distinct = batch["distinct"]
+        records = self._records(batch)
         if phase == "completed":
-            processed = len(distinct)
+            processed = len(records)
         elif phase == "queued":
             processed = 0
         else:
             share = (now - batch["created_mono"] - self.start_delay) / (
-                self.processing_time - self.start_delay)
-            processed = int(len(distinct) * min(max(share, 0.0), 1.0))
-        counts = Counter(verdict_for(item["email"])["status"] for item in distinct[:processed])
+                self.options.processing_time - self.start_delay)
+            processed = int(len(records) * min(max(share, 0.0), 1.0))
+        counts = Counter(record["status"] for record in records[:processed])
         stats = {status: counts[status] for status in DOWNLOAD_FILTERS[1:]}
         return {"processed": processed, "stats": stats}
 
     def _complete(self, batch):
+        """Complete the batch now, if it is not yet. Lock held."""
         if self._phase(batch, time.monotonic()) == "completed":
             return
         batch["completed_at"] = time.time()
@@ -597,6 +745,9 @@ class Sandbox:
         return url or None
 
     def _schedule_callback(self, batch_id, delay):
+        """Post the batch's callback after `delay` seconds. Lock held."""
+        if self._closed:
+            return
         timer = threading.Timer(delay, self._send_callback, args=(batch_id,))
         timer.daemon = True
         self._timers = [t for t in self._timers if t.is_alive()] + [timer]
@@ -605,102 +756,15 @@ class Sandbox:
     def _send_callback(self, batch_id):
         with self._lock:
             batch = self.batches.get(batch_id)
-            if batch is None or batch["callback_sent"] or self._server is None:
+            if batch is None or batch["callback_sent"] or self._closed:
                 return
             now = time.monotonic()
             if self._phase(batch, now) != "completed":
                 # The timer woke a hair early: try again when the batch is really done.
-                remaining = batch["created_mono"] + self.processing_time - now
+                remaining = batch["created_mono"] + self.options.processing_time - now
                 self._schedule_callback(batch_id, max(remaining, 0.01))
                 return
             batch["callback_sent"] = True
             url = batch["callback"]
         logger.debug("sandbox batch %s: posting completion callback", batch_id)
         post_callback(url, {"batchId": batch_id, "status": "completed"})
-
-
-# ---------------------------------------------------------------------------------------------
-# HTTP plumbing
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address, sandbox):
-        self.sandbox = sandbox
-        super().__init__(address, _Handler)
-
-    def handle_error(self, request, client_address):
-        # A client that hangs up mid-request is normal under fault injection; stay quiet.
-        logger.debug("sandbox: error serving %s", client_address, exc_info=True)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "BouncerSandbox/1.0"
-
-    def do_GET(self):
-        self._serve("GET")
-
-    def do_POST(self):
-        self._serve("POST")
-
-    def do_DELETE(self):
-        self._serve("DELETE")
-
-    def do_PUT(self):
-        self._serve("PUT")
-
-    def do_PATCH(self):
-        self._serve("PATCH")
-
-    def log_message(self, format, *args):
-        logger.debug("sandbox %s: " + format, self.address_string(), *args)
-
-    def _serve(self, method):
-        started = time.time()
-        parts = urlsplit(self.path)
-        sandbox = self.server.sandbox
-        fault = None
-        try:
-            # Read the whole body first, even for a faulted answer: closing on unread data
-            # makes the kernel reset the connection and the client would never see the answer.
-            body = self._read_body()
-            reply, fault = sandbox._answer(method, parts.path, parse_qs(parts.query),
-                                          self.headers.get("x-api-key"), body)
-        except Exception:
-            logger.exception("sandbox: %s %s failed", method, parts.path)
-            reply = error_reply(500, "sandbox error")
-        # Recorded before answering, so a client that got its answer finds the request logged.
-        sandbox._record_request(started, method, parts.path, reply.status, fault)
-        self._write(reply)
-
-    def _read_body(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length > 0 else b""
-
-    def _write(self, reply):
-        try:
-            self.send_response(reply.status)
-            self.send_header("Content-Type", reply.content_type)
-            self.send_header("Content-Length", str(len(reply.body)))
-            self.end_headers()
-            self.wfile.write(reply.body)
-        except (BrokenPipeError, ConnectionResetError):
-            logger.debug("sandbox: client went away before the answer")
-
-
-def main(port, processing_time, api_key=None, host="127.0.0.1", fail_rate=0.0,
-         rate_limit_rate=0.0, slow_rate=0.0, slow_seconds=5.0, seed=0, request_log=None):
-    """Serve the sandbox in the foreground until interrupted."""
-    sandbox = Sandbox(host=host, port=port, processing_time=processing_time, api_key=api_key,
-                      fail_rate=fail_rate, rate_limit_rate=rate_limit_rate, slow_rate=slow_rate,
-                      slow_seconds=slow_seconds, seed=seed, request_log=request_log)
-    sandbox._bind()
-    logger.info("Bouncer sandbox listening on %s (batches complete after %ss)",
-                sandbox.url, processing_time)
-    try:
-        sandbox.serve_forever()
-    except KeyboardInterrupt:
-        logger.info("Bouncer sandbox on %s stopped", sandbox.url)
-    finally:
-        sandbox.stop()
