@@ -1,0 +1,241 @@
+"""The SQL door: user batches a host application writes with plain SQL (Python's sqlite3 and
+psycopg2 directly, no project code), admitted by the queue itself (design.md, "Host
+applications"; invariant 9)."""
+import contextlib
+import datetime
+import sqlite3
+
+import psycopg2
+import pytest
+
+from bouncer.cycles import CREATION, STATUS, run_cycle
+from bouncer.intake import SLICE, admit, create_user_batch
+from bouncer.models import UserBatch
+from bouncer.reports import batch_status, iter_results
+
+RESULT_VIEW_COLUMNS = ["batch_id", "position", "email", "status", "reason", "score", "accept_all",
+                       "disposable", "free", "role", "disabled", "full_mailbox", "provider",
+                       "checked_at"]
+
+
+class Host:
+    """A host application's own connection to the shared database: plain driver calls."""
+
+    def __init__(self, database_url):
+        self.postgres = database_url.startswith("postgres")
+        if self.postgres:
+            self.conn = psycopg2.connect(database_url)
+        else:
+            self.conn = sqlite3.connect(database_url[len("sqlite:///"):], timeout=10)
+        self.mark = "%s" if self.postgres else "?"
+
+    def sql(self, statement):
+        return statement.replace("?", self.mark)
+
+    def run(self, statement, params=()):
+        with contextlib.closing(self.conn.cursor()) as cur:
+            cur.execute(self.sql(statement), params)
+            rows = cur.fetchall() if cur.description else None
+        self.conn.commit()
+        return rows
+
+    def write_batch(self, user_id, check_type, rows, status=None):
+        """One transaction, as design.md shows: the batch, then its rows (position, email)."""
+        with contextlib.closing(self.conn.cursor()) as cur:
+            if status:
+                cur.execute(self.sql("INSERT INTO user_batches (user_id, check_type, status) VALUES (?, ?, ?)"
+                                     " RETURNING id"), (user_id, check_type, status))
+            else:
+                cur.execute(self.sql("INSERT INTO user_batches (user_id, check_type) VALUES (?, ?) RETURNING id"),
+                            (user_id, check_type))
+            (batch_id,) = cur.fetchone()
+            cur.executemany(self.sql("INSERT INTO user_batch_emails (batch_id, position, email) VALUES (?, ?, ?)"),
+                            [(batch_id, position, email) for position, email in rows])
+        self.conn.commit()
+        return batch_id
+
+    def refused(self, statement, params=()):
+        """The database refuses `statement`: the error's text (nothing was written)."""
+        errors = (psycopg2.Error,) if self.postgres else (sqlite3.Error,)
+        with pytest.raises(errors) as caught:
+            self.run(statement, params)
+        self.conn.rollback()
+        return str(caught.value)
+
+    def results(self, batch_id):
+        with contextlib.closing(self.conn.cursor()) as cur:
+            cur.execute(self.sql("SELECT * FROM user_batch_results WHERE batch_id = ? ORDER BY position"),
+                        (batch_id,))
+            names = [d[0] for d in cur.description]
+            rows = [dict(zip(names, row)) for row in cur.fetchall()]
+        self.conn.commit()
+        return names, rows
+
+    def batch(self, batch_id):
+        with contextlib.closing(self.conn.cursor()) as cur:
+            cur.execute(self.sql("SELECT status, total, invalid, duplicates, completed_at, failure_reason,"
+                                 " created_at FROM user_batches WHERE id = ?"), (batch_id,))
+            row = cur.fetchone()
+        self.conn.commit()
+        return dict(zip(("status", "total", "invalid", "duplicates", "completed_at", "failure_reason",
+                         "created_at"), row))
+
+    def close(self):
+        self.conn.close()
+
+
+@pytest.fixture
+def host(database_url, db):
+    h = Host(database_url)
+    yield h
+    h.close()
+
+
+def verify_everything(app, bouncer, rounds=5):
+    """Creation cycles, Bouncer finishing every batch, status cycles, until nothing is left."""
+    for _ in range(rounds):
+        for check_type in ("deliverable", "catchall"):
+            run_cycle(app, CREATION, check_type)
+        bouncer.complete_now()
+        for check_type in ("deliverable", "catchall"):
+            run_cycle(app, STATUS, check_type)
+
+
+# Out of position order, a cross-user repeat (bob also has Shared@...), a Gmail spelling of
+# the same mailbox as the next row, and an invalid row.
+ALICE_ROWS = [(3, "jane.doe+news@gmail.com"), (1, "Shared@Example.com"), (4, "janedoe@googlemail.com"),
+              (2, "not-an-address"), (5, "alice.only@example.org")]
+
+
+def test_host_batch_is_admitted_verified_and_read_from_the_view(app, bouncer, host):
+    alice = host.write_batch("alice", "deliverable", ALICE_ROWS)
+    bob = host.write_batch("bob", "deliverable", [(1, "shared@example.com")])
+    carol = host.write_batch("carol", "catchall", [(1, "shared@example.com"), (2, "c@example.net")])
+    assert host.batch(alice)["status"] == "new"
+    assert [row["status"] for row in host.results(alice)[1]] == ["pending"] * 5   # not admitted yet
+
+    verify_everything(app, bouncer)
+
+    names, rows = host.results(alice)
+    assert names == RESULT_VIEW_COLUMNS
+    assert [(r["position"], r["email"]) for r in rows] == sorted(ALICE_ROWS)
+    assert rows[1]["status"] == "invalid" and rows[1]["reason"] and rows[1]["checked_at"] is None
+    assert all(r["status"] not in ("pending", "invalid") and r["checked_at"] for r in rows if r["position"] != 2)
+    # The view is exactly what `results` prints.
+    view_columns = [c for c in RESULT_VIEW_COLUMNS if c not in ("batch_id", "position", "checked_at")]
+    assert [{c: r[c] for c in view_columns} for r in rows] == list(iter_results(alice))
+    assert host.batch(alice)["status"] == host.batch(bob)["status"] == "completed"
+    assert (host.batch(alice)["total"], host.batch(alice)["invalid"], host.batch(alice)["duplicates"]) == (5, 1, 1)
+    # One credit per stripped address and check type: shared once per check type, Jane once.
+    sent = bouncer.sent_addresses()
+    assert sorted(sent) == sorted(["Shared@Example.com", "jane.doe+news@gmail.com", "alice.only@example.org",
+                                   "shared@example.com", "c@example.net"])
+    assert host.batch(carol)["status"] == "completed"
+
+
+def test_host_batch_is_reported_like_a_submit_of_the_same_lines(app, bouncer, host):
+    lines = [email for _, email in sorted(ALICE_ROWS)]
+    from_host = host.write_batch("alice", "deliverable", ALICE_ROWS)
+    from_submit = create_user_batch("alice", "deliverable", lines).batch_id
+    verify_everything(app, bouncer)
+    def same(status):
+        return {k: v for k, v in status.items() if k not in ("batch_id", "created_at", "completed_at")}
+    assert same(batch_status(from_host)) == same(batch_status(from_submit))
+    assert list(iter_results(from_host)) == list(iter_results(from_submit))
+
+
+def test_host_batch_created_at_and_status_come_from_database_defaults(host, db):
+    batch_id = host.write_batch("alice", "deliverable", [(1, "a@example.com")])
+    row = host.batch(batch_id)
+    created = row["created_at"]
+    if isinstance(created, str):
+        created = datetime.datetime.fromisoformat(created)
+    assert abs(created - datetime.datetime.utcnow()) < datetime.timedelta(minutes=1)
+    assert (row["status"], row["total"], row["invalid"], row["duplicates"]) == ("new", 0, 0, 0)
+
+
+def test_host_batch_created_at_is_utc_whatever_the_server_time_zone(host, db):
+    if not host.postgres:
+        pytest.skip("SQLite has no server time zone")
+    host.run("SET TIME ZONE 'America/New_York'")
+    batch_id = host.write_batch("alice", "deliverable", [(1, "a@example.com")])
+    assert host.run("SHOW TIME ZONE") == [("America/New_York",)]
+    created = host.batch(batch_id)["created_at"]
+    assert abs(created - datetime.datetime.utcnow()) < datetime.timedelta(minutes=1)
+
+
+@pytest.mark.parametrize("statement, params, fragment", [
+    ("INSERT INTO user_batches (user_id, check_type) VALUES (?, ?)", ("alice", "bogus"), "check_type"),
+    ("INSERT INTO user_batches (user_id, check_type) VALUES (?, ?)", ("  ", "deliverable"), "user_id"),
+    ("INSERT INTO user_batches (user_id, check_type) VALUES (?, ?)", (None, "deliverable"), "user_id"),
+    ("INSERT INTO user_batch_emails (batch_id, position, email) VALUES (?, ?, ?)", (999, 1, "a@x.com"),
+     "FOREIGN KEY"),
+    ("INSERT INTO user_batch_emails (batch_id, position, email) VALUES (?, ?, ?)", ("{batch}", 0, "a@x.com"),
+     "position"),
+    ("INSERT INTO user_batch_emails (batch_id, position, email) VALUES (?, ?, ?)", ("{batch}", 1, "b@x.com"),
+     "UNIQUE"),
+    ("INSERT INTO user_batch_emails (batch_id, position, email) VALUES (?, ?, ?)", ("{batch}", 2, None),
+     "email"),
+])
+def test_host_rows_that_break_the_contract_are_refused(host, statement, params, fragment):
+    batch_id = host.write_batch("alice", "deliverable", [(1, "a@x.com")])
+    params = tuple(batch_id if p == "{batch}" else p for p in params)
+    message = host.refused(statement, params)
+    assert fragment.lower() in message.lower() or (fragment == "UNIQUE" and "duplicate" in message.lower()) \
+        or (fragment == "FOREIGN KEY" and "foreign key" in message.lower()), message
+    assert host.run("SELECT count(*) FROM user_batch_emails") == [(1,)]
+    assert host.run("SELECT count(*) FROM user_batches") == [(1,)]
+
+
+def test_host_batch_with_no_rows_or_no_valid_row_ends_failed(app, bouncer, host):
+    empty = host.write_batch("alice", "deliverable", [])
+    invalid = host.write_batch("alice", "deliverable", [(1, "nope"), (2, "")])
+    run_cycle(app, CREATION, "deliverable")
+    assert host.batch(empty)["status"] == "failed" and "no rows" in host.batch(empty)["failure_reason"]
+    assert host.batch(invalid)["status"] == "failed"
+    assert host.batch(invalid)["failure_reason"] == "no valid address in 2 row(s)"
+    assert [r["status"] for r in host.results(invalid)[1]] == ["invalid", "invalid"]
+    assert bouncer.count("create") == 0
+
+
+def test_host_batch_loading_is_invisible_until_set_new(app, bouncer, host):
+    batch_id = host.write_batch("alice", "deliverable", [(1, "a@example.com")], status="loading")
+    host.run("INSERT INTO user_batch_emails (batch_id, position, email) VALUES (?, 2, 'b@example.com')",
+             (batch_id,))
+    run_cycle(app, CREATION, "deliverable")
+    assert bouncer.count("create") == 0 and host.batch(batch_id)["status"] == "loading"
+    host.run("UPDATE user_batches SET status = 'new' WHERE id = ?", (batch_id,))
+    run_cycle(app, CREATION, "deliverable")
+    assert bouncer.sent_addresses() == ["a@example.com", "b@example.com"]
+    assert host.batch(batch_id)["status"] == "processing"
+
+
+def test_host_row_written_after_admission_is_admitted_and_counted(app, bouncer, host):
+    batch_id = host.write_batch("alice", "deliverable", [(1, "a@example.com")])
+    verify_everything(app, bouncer, rounds=1)
+    assert host.batch(batch_id)["status"] == "completed"
+    host.run("INSERT INTO user_batch_emails (batch_id, position, email) VALUES (?, 2, 'late@example.com')",
+             (batch_id,))
+    verify_everything(app, bouncer, rounds=1)
+    assert (host.batch(batch_id)["status"], host.batch(batch_id)["total"]) == ("completed", 2)
+    assert [r["status"] != "pending" for r in host.results(batch_id)[1]] == [True, True]
+
+
+def test_host_batches_are_admitted_oldest_first_and_keep_their_place(app, bouncer, host):
+    first = host.write_batch("alice", "deliverable", [(p, "a%d@example.com" % p) for p in range(1, 16)])
+    second = host.write_batch("bob", "deliverable", [(p, "b%d@example.com" % p) for p in range(1, 6)])
+    run_cycle(app, CREATION, "deliverable")            # batch size 10: 10 of alice's first
+    assert bouncer.sent_addresses()[:10] == ["a%d@example.com" % p for p in range(1, 11)]
+    assert UserBatch.get_by_id(first).fifo_order < UserBatch.get_by_id(second).fifo_order
+
+
+def test_admission_works_a_slice_at_a_time_oldest_batch_first(host, db):
+    batch_id = host.write_batch("alice", "deliverable",
+                                [(p, "u%d@example.com" % p) for p in range(1, 2 * SLICE + 2)])
+    younger = host.write_batch("bob", "deliverable", [(1, "bob@example.com")])
+    report = admit("deliverable", max_rows=SLICE)
+    assert (report.admitted, report.unfinished) == (SLICE, True)
+    assert (host.batch(batch_id)["total"], host.batch(younger)["total"]) == (SLICE, 0)
+    report = admit("deliverable")
+    assert (report.admitted, report.unfinished) == (SLICE + 2, False)
+    assert (host.batch(batch_id)["total"], host.batch(younger)["total"]) == (2 * SLICE + 1, 1)

@@ -1,0 +1,134 @@
+"""`init-db` on a database made by the first release (schema version 1, frozen in tests/data)
+upgrades it in place: every row of every state is kept, and the queue carries on with them."""
+import datetime
+from pathlib import Path
+
+import pytest
+
+from bouncer.app import App
+from bouncer.client import BouncerClient
+from bouncer.cycles import CREATION, STATUS, run_cycle
+from bouncer.db import open_database
+from bouncer.models import BouncerBatch, UserBatch, UserBatchEmail, database
+from bouncer.reports import batch_status, iter_results
+from bouncer.schema import VERSION, create_schema, current_version
+
+from conftest import POSTGRES_URL, make_settings, postgres_admin
+
+DATA = Path(__file__).parent / "data"
+T = "2026-11-20 10:00:00"
+
+# Rows of every state the first release knew: user batches queued, processing, completed and
+# failed; rows queued, sent, done, invalid and failed, numbered from 0; the ledger reserved,
+# outstanding, completed, rejected and abandoned; addresses in flight; verdicts.
+V1_ROWS = [
+    "INSERT INTO emails_global (id, email, created_at) VALUES"
+    " (1, 'a@example.com', '%(t)s'), (2, 'b@example.com', '%(t)s'), (3, 'c@example.com', '%(t)s'),"
+    " (4, 'd@example.com', '%(t)s'), (5, 'e@example.com', '%(t)s')",
+    'INSERT INTO user_batches (id, "user", check_type, status, total, invalid, duplicates, created_at,'
+    " completed_at, failure_reason) VALUES"
+    " (1, 'alice', 'deliverable', 'completed', 2, 1, 0, '%(t)s', '%(t)s', NULL),"
+    " (2, 'bob', 'deliverable', 'processing', 3, 0, 1, '%(t)s', NULL, NULL),"
+    " (3, 'carol', 'catchall', 'queued', 1, 0, 0, '%(t)s', NULL, NULL),"
+    " (4, 'dave', 'deliverable', 'failed', 1, 0, 0, '%(t)s', '%(t)s', 'Bouncer no longer knows batch x (404)')",
+    "INSERT INTO bouncer_batches (id, check_type, status, bouncer_id, quantity, reserved_at, sent_at,"
+    " last_checked_at, bouncer_status, finished_at, failure_reason) VALUES"
+    " (1, 'deliverable', 'completed', 'bz-1', 1, '%(t)s', '%(t)s', '%(t)s', 'completed', '%(t)s', NULL),"
+    " (2, 'deliverable', 'outstanding', 'bz-2', 2, '%(t)s', '%(t)s', NULL, NULL, NULL, NULL),"
+    " (3, 'deliverable', 'rejected', NULL, 1, '%(t)s', NULL, NULL, NULL, '%(t)s', 'HTTP 500'),"
+    " (4, 'deliverable', 'abandoned', NULL, 1, '%(t)s', NULL, NULL, NULL, '%(t)s', 'timed out'),"
+    " (5, 'deliverable', 'failed', 'bz-5', 1, '%(t)s', '%(t)s', NULL, NULL, '%(t)s', '404')",
+    "INSERT INTO bouncer_batch_emails (bouncer_batch_id, email_global_id, check_type, email_sent) VALUES"
+    " (2, 2, 'deliverable', 'b@example.com'), (2, 3, 'deliverable', 'c@example.com')",
+    "INSERT INTO user_batch_emails (batch_id, position, email, email_global_id, check_type, status,"
+    " bouncer_batch_id, failure_reason, completed_at) VALUES"
+    " (1, 0, 'a@example.com', 1, 'deliverable', 'done', 1, NULL, '%(t)s'),"
+    " (1, 1, 'not an address', NULL, 'deliverable', 'invalid', NULL, 'no @-sign', '%(t)s'),"
+    " (2, 0, 'b@example.com', 2, 'deliverable', 'sent', 2, NULL, NULL),"
+    " (2, 1, 'c@example.com', 3, 'deliverable', 'sent', 2, NULL, NULL),"
+    " (2, 2, 'B@example.com', 2, 'deliverable', 'sent', 2, NULL, NULL),"
+    " (3, 0, 'd@example.com', 4, 'catchall', 'queued', NULL, NULL, NULL),"
+    " (4, 0, 'e@example.com', 5, 'deliverable', 'failed', 5, 'Bouncer no longer knows batch x (404)', '%(t)s')",
+    "INSERT INTO email_deliverable_results (email_global_id, status, reason, score, raw, checked_at,"
+    " bouncer_batch_id) VALUES (1, 'deliverable', 'accepted_email', 95, '{}', '%(t)s', 1)",
+    "INSERT INTO rate_limit_tracker (requested_at, kind, check_type) VALUES ('%(t)s', 'create', 'deliverable')",
+]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def v1_database(request, tmp_path):
+    """A database made by the first release, with rows of every state."""
+    if request.param == "sqlite":
+        url = "sqlite:///%s" % (tmp_path / "v1.db")
+    else:
+        url = POSTGRES_URL + "_v1"
+        postgres_admin(url, 'DROP DATABASE IF EXISTS "%(name)s" WITH (FORCE)')
+        postgres_admin(url, 'CREATE DATABASE "%(name)s"')
+    open_database(url)
+    lines = (DATA / ("schema_v1_%s.sql" % request.param)).read_text().splitlines()
+    schema = "\n".join(line for line in lines if not line.startswith("--"))
+    with database.connection_context():
+        for statement in [s for s in schema.split(";") if s.strip()]:
+            database.execute_sql(statement)
+        for statement in V1_ROWS:
+            database.execute_sql(statement % {"t": T})
+        if request.param == "postgres":   # as the release's own inserts would have left them
+            for table in ("emails_global", "user_batches", "user_batch_emails", "bouncer_batches"):
+                database.execute_sql("SELECT setval(pg_get_serial_sequence('%s', 'id'), (SELECT max(id) FROM %s))"
+                                     % (table, table))
+    yield url
+    database.close()
+    if request.param == "postgres":
+        postgres_admin(url, 'DROP DATABASE IF EXISTS "%(name)s" WITH (FORCE)')
+
+
+def counts():
+    tables = ["emails_global", "user_batches", "user_batch_emails", "bouncer_batches", "bouncer_batch_emails",
+              "email_deliverable_results", "rate_limit_tracker"]
+    return {t: database.execute_sql('SELECT count(*) FROM "%s"' % t).fetchone()[0] for t in tables}
+
+
+def test_init_db_upgrades_a_version_1_database_keeping_every_row(v1_database):
+    with database.connection_context():
+        assert current_version() == 1
+        before = counts()
+        assert create_schema() == "schema upgraded from version 1 to %d" % VERSION
+        assert create_schema() == "schema up to date (version %d)" % VERSION
+        assert counts() == before
+        batches = {b.id: (b.user_id, b.check_type, b.status, b.total, b.invalid, b.duplicates, b.fifo_order)
+                   for b in UserBatch.select()}
+        assert batches == {1: ("alice", "deliverable", "completed", 2, 1, 0, 1),
+                           2: ("bob", "deliverable", "processing", 3, 0, 1, 2),
+                           3: ("carol", "catchall", "queued", 1, 0, 0, 3),
+                           4: ("dave", "deliverable", "failed", 1, 0, 0, 4)}
+        rows = [(r.batch_id, r.position, r.status, r.fifo_order) for r in
+                UserBatchEmail.select().order_by(UserBatchEmail.batch, UserBatchEmail.position)]
+        assert rows == [(1, 1, "done", 1), (1, 2, "invalid", 1), (2, 1, "sent", 2), (2, 2, "sent", 2),
+                        (2, 3, "sent", 2), (3, 1, "queued", 3), (4, 1, "failed", 4)]
+        assert batch_status(1)["counts"]["deliverable"] == 1
+        assert [r["status"] for r in iter_results(1)] == ["deliverable", "invalid"]
+        assert batch_status(4)["failure_reason"].startswith("Bouncer no longer knows")
+        assert [b.status for b in BouncerBatch.select().order_by(BouncerBatch.id)] == [
+            "completed", "outstanding", "rejected", "abandoned", "failed"]
+
+
+def test_upgraded_database_takes_host_rows_and_carries_on(v1_database, redis_conn, bouncer):
+    settings = make_settings(v1_database)
+    app = App(settings, redis=redis_conn, client=BouncerClient(settings.api_url, settings.api_key))
+    with database.connection_context():
+        create_schema()
+    database.connect(reuse_if_open=True)
+    # The new defaults hold for a host's plain insert.
+    database.execute_sql("INSERT INTO user_batches (user_id, check_type) VALUES ('erin', 'catchall')")
+    erin = UserBatch.select().order_by(UserBatch.id.desc()).get()
+    assert erin.status == "new" and erin.created_at > datetime.datetime(2026, 11, 21)
+    database.execute_sql("INSERT INTO user_batch_emails (batch_id, position, email) VALUES (%d, 1, 'f@example.com')"
+                         % erin.id)
+    # Carol's queued row and Erin's new one go out, catchall, oldest first; a new batch takes a
+    # place after every upgraded one.
+    run_cycle(app, CREATION, "catchall")
+    assert bouncer.sent_addresses() == ["d@example.com", "f@example.com"]
+    assert UserBatch.get_by_id(erin.id).fifo_order == 5
+    bouncer.complete_now()
+    run_cycle(app, STATUS, "catchall")
+    assert batch_status(3)["status"] == batch_status(erin.id)["status"] == "completed"
