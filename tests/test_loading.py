@@ -16,6 +16,8 @@ from bouncer.db import SQLITE_PRAGMAS, utcnow
 from bouncer.intake import DEAD_LOADER_AFTER
 from bouncer.models import UserBatch, UserBatchEmail, database
 
+from conftest import submit
+
 ROOT = Path(__file__).resolve().parent.parent
 LINES = 60000     # twelve slices
 
@@ -56,8 +58,7 @@ def wait_briefly_for_locks(database_url):
 
 
 def test_cycles_run_while_a_large_submit_loads_and_send_nothing_of_it(app, bouncer, database_url, tmp_path):
-    earlier = [email for email in ("early%d@example.com" % i for i in range(5))]
-    from conftest import submit
+    earlier = ["early%d@example.com" % i for i in range(5)]
     submit("early", earlier)
     wait_briefly_for_locks(database_url)
     submitter = start_submit(database_url, write_file(tmp_path / "big.txt", LINES))
