@@ -59,6 +59,8 @@ class Settings:
     api_max_emails: int = setting("API_MAX_EMAILS", 1_000_000, "int", 1, 10_000_000)
     webhook_url: str | None = setting("WEBHOOK_URL", kind="url")
     webhook_secret: str | None = setting("WEBHOOK_SECRET", secret=True)
+    webhook_retry_schedule: tuple = setting("WEBHOOK_RETRY_SCHEDULE", (5, 300, 1800, 7200, 18000, 36000),
+                                            kind="int_list", minimum=1, maximum=MAX_INTERVAL)
     operator_password: str | None = setting("OPERATOR_PASSWORD", secret=True)
     metrics_token: str | None = setting("METRICS_TOKEN", secret=True)
 
@@ -153,6 +155,13 @@ WEBHOOK_SECRET_FORM = re.compile(r"whsec_[A-Za-z0-9+/]{32,}={0,2}")
 def check_range(f, value):
     meta = f.metadata
     name = meta["env"]
+    if meta["kind"] == "int_list":
+        if not 1 <= len(value) <= 20:
+            raise ConfigError("%s must list from 1 to 20 delays" % name)
+        for item in value:
+            if not meta["minimum"] <= item <= meta["maximum"]:
+                raise ConfigError("%s=%s: each delay must be from %s to %s seconds"
+                                  % (name, ",".join(map(str, value)), meta["minimum"], meta["maximum"]))
     if meta["kind"] == "int":
         if meta["minimum"] is not None and value < meta["minimum"]:
             raise ConfigError("%s=%s is too small; it must be at least %s" % (name, value, meta["minimum"]))
@@ -204,6 +213,12 @@ def read_value(f, env):
                               % (meta["env"], raw, f.default)) from None
     if kind == "list":
         return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if kind == "int_list":
+        try:
+            return tuple(int(part) for part in raw.split(",") if part.strip())
+        except ValueError:
+            raise ConfigError("%s=%r must be whole numbers of seconds separated by commas, e.g. %s"
+                              % (meta["env"], raw, ",".join(map(str, f.default)))) from None
     if kind == "base_url":
         return raw.rstrip("/")
     for choice in meta["choices"] or ():

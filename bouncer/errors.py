@@ -9,6 +9,14 @@ class InputError(Exception):
     """Submitted input cannot be used (file, line, value named); nothing was written."""
 
 
+class MalformedInput(InputError):
+    """The input is not even of the expected form (a body that is not JSON, say)."""
+
+
+class Conflict(Exception):
+    """The request conflicts with the state of what it names (an ended batch, a reused key)."""
+
+
 class NotFound(Exception):
     """A user batch id that does not exist."""
 

@@ -14,7 +14,7 @@ A submitted row (`UserBatchEmail.status`):
 A `sent` row whose ledger batch is rejected or abandoned goes back to `queued`.
 """
 from peewee import (
-    DatabaseProxy, DateTimeField, ForeignKeyField, IntegerField, Model, TextField,
+    DatabaseProxy, DateTimeField, FloatField, ForeignKeyField, IntegerField, Model, TextField,
 )
 
 from .config import CHECK_TYPES
@@ -182,6 +182,58 @@ class RateLimitTracker(BaseModel):
         table_name = "rate_limit_tracker"
 
 
+class IdempotencyKey(BaseModel):
+    """An API request's Idempotency-Key, per token (a digest of it, never the token), kept 24 h:
+    a retry of the same request answers with the same batch, another request with it is 409."""
+    token_digest = TextField()
+    key = TextField()
+    request_digest = TextField()
+    batch_id = IntegerField()
+    invalid_lines = TextField()      # JSON, as first answered
+    created_at = DateTimeField(index=True)
+
+    class Meta:
+        table_name = "api_idempotency_keys"
+        indexes = ((("token_digest", "key"), True),)
+
+
+# WebhookDelivery.state
+PENDING, DELIVERED, GIVEN_UP, NO_TARGET = "pending", "delivered", "given up", "no target"
+
+
+class WebhookDelivery(BaseModel):
+    """One user batch ending, to be told: written in the transaction that ended the batch, so
+    every ending has exactly one, and delivered (with retries) apart from the cycles."""
+    batch_id = IntegerField(index=True)
+    event = TextField()                    # batch.completed | batch.failed | batch.cancelled
+    message_id = TextField(unique=True)    # webhook-id: the same on every attempt
+    payload = TextField()                  # the JSON body, as of the ending
+    url = TextField(null=True)             # where it went (the batch's callback_url or WEBHOOK_URL)
+    state = TextField(default=PENDING)
+    attempts = IntegerField(default=0)
+    next_attempt_at = DateTimeField()
+    lease_until = DateTimeField(null=True)  # an attempt under way until then
+    last_status = IntegerField(null=True)
+    last_error = TextField(null=True)
+    created_at = DateTimeField()
+    finished_at = DateTimeField(null=True)
+
+    class Meta:
+        table_name = "webhook_deliveries"
+        indexes = ((("state", "next_attempt_at"), False),)
+
+
+class WebhookAttempt(BaseModel):
+    delivery_id = IntegerField(index=True)
+    attempted_at = DateTimeField()
+    status_code = IntegerField(null=True)
+    error = TextField(null=True)
+    seconds = FloatField()
+
+    class Meta:
+        table_name = "webhook_attempts"
+
+
 class FifoCounter(BaseModel):
     """One row: the last place in line given to a user batch. Taking the next places is an
     UPDATE of this row, so on PostgreSQL the places are given in commit order."""
@@ -203,7 +255,7 @@ RESULT_MODELS = dict(zip(CHECK_TYPES, (DeliverableResult, CatchallResult)))
 # Created by Peewee from these definitions; the host-facing tables have SQL of their own.
 INTERNAL_MODELS = [
     EmailGlobal, BouncerBatch, BouncerBatchEmail, DeliverableResult, CatchallResult,
-    RateLimitTracker, FifoCounter, SchemaVersion,
+    RateLimitTracker, IdempotencyKey, WebhookDelivery, WebhookAttempt, FifoCounter, SchemaVersion,
 ]
 HOST_MODELS = [UserBatch, UserBatchEmail]
 ALL_MODELS = HOST_MODELS + INTERNAL_MODELS

@@ -3,15 +3,22 @@
 Row (`UserBatchEmail.status`): queued -> sent (riding on a Bouncer batch of the ledger) ->
 done | failed; invalid rows never move. A sent row whose Bouncer batch was rejected or
 abandoned is queued again. User batch: queued -> processing -> completed, or failed with a
-reason. Kept in step by the cycles, a few set-based statements at a time, so reading a batch's
-status never needs to scan its emails.
-"""
-from peewee import Query, fn
+reason, or cancelled. Kept in step by the cycles, a few set-based statements at a time, so
+reading a batch's status never needs to scan its emails.
 
-from .db import among
+This is the one place a user batch ends: each function that ends batches takes the ids the
+database says it changed, and records those endings for their webhooks in the same
+transaction.
+"""
+from peewee import Case, Query, fn
+
+from . import webhooks
+from .db import among, utcnow, write_transaction
+from .errors import Conflict
 from .models import (
-    BATCH_COMPLETED, BATCH_FAILED, BATCH_PROCESSING, BATCH_QUEUED, DONE, FAILED, PENDING_STATES,
-    QUEUED, SENT, UserBatch, UserBatchEmail,
+    BATCH_CANCELLED, BATCH_COMPLETED, BATCH_FAILED, BATCH_LOADING, BATCH_NEW, BATCH_PROCESSING,
+    BATCH_QUEUED, CANCELLED, DONE,
+    ENDED_BATCH_STATES, FAILED, NEW, PENDING_STATES, QUEUED, SENT, UserBatch, UserBatchEmail,
 )
 
 Row = UserBatchEmail
@@ -80,21 +87,51 @@ def mark_batches_processing(batch_ids=(), ledger_id=None):
 
 
 def complete_finished_batches(batch_ids, now):
-    """Mark completed each of `batch_ids` (ids or a subquery) with no pending email left; a failed
-    batch stays failed."""
+    """End each of `batch_ids` (ids or a subquery) with no pending email left: completed, or
+    cancelled when a cancel was asked for. A failed batch stays failed. Returns how many."""
     pending = Row.select(Row.id).where((Row.batch == UserBatch.id) & Row.status.in_(PENDING_STATES))
-    return (UserBatch.update(status=BATCH_COMPLETED, completed_at=now)
-            .where(is_one_of(UserBatch.id, batch_ids)
-                   & UserBatch.status.in_((BATCH_QUEUED, BATCH_PROCESSING))
-                   & ~fn.EXISTS(pending))
-            .execute())
+    ended = (UserBatch.update(status=Case(None, ((UserBatch.cancelled_at.is_null(), BATCH_COMPLETED),),
+                                          BATCH_CANCELLED),
+                              completed_at=now)
+             .where(is_one_of(UserBatch.id, batch_ids)
+                    & UserBatch.status.in_((BATCH_NEW, BATCH_QUEUED, BATCH_PROCESSING))
+                    & ~fn.EXISTS(pending))
+             .returning(UserBatch.id, UserBatch.status).tuples().execute())
+    return record_endings(ended, now)
 
 
 def fail_batches(batch_ids, reason, now):
-    """Mark user batches failed with `reason`; their other emails still get their verdicts."""
-    return (UserBatch.update(status=BATCH_FAILED, failure_reason=reason, completed_at=now)
-            .where(is_one_of(UserBatch.id, batch_ids) & (UserBatch.status != BATCH_FAILED))
-            .execute())
+    """End user batches failed with `reason`; their other emails still get their verdicts."""
+    ended = (UserBatch.update(status=BATCH_FAILED, failure_reason=reason, completed_at=now)
+             .where(is_one_of(UserBatch.id, batch_ids) & UserBatch.status.not_in(ENDED_BATCH_STATES))
+             .returning(UserBatch.id, UserBatch.status).tuples().execute())
+    return record_endings(ended, now)
+
+
+def cancel_batch(batch_id, now=None):
+    """Cancel a user batch: its rows not yet sent end cancelled, those in flight finish with
+    their verdicts, and the batch ends cancelled once nothing of it is in flight (at once when
+    nothing is). Raises Conflict for a batch that already ended."""
+    now = now or utcnow()
+    with write_transaction():
+        asked = (UserBatch.update(cancelled_at=now)
+                 .where((UserBatch.id == batch_id)
+                        & UserBatch.status.not_in(ENDED_BATCH_STATES + (BATCH_LOADING,)))
+                 .execute())
+        if not asked:
+            batch = UserBatch.get_by_id(batch_id)
+            raise Conflict("user batch %s is %s: %s" % (batch_id, batch.status, "it is still being written"
+                                                         if batch.status == BATCH_LOADING else "it has ended"))
+        cancelled = (Row.update(status=CANCELLED, completed_at=now)
+                     .where((Row.batch == batch_id) & Row.status.in_((NEW, QUEUED))).execute())
+        complete_finished_batches([batch_id], now)
+    return cancelled
+
+
+def record_endings(ended, now):
+    ended = list(ended)
+    webhooks.record_endings(ended, now)
+    return len(ended)
 
 
 def is_one_of(column, values):

@@ -263,7 +263,7 @@ def upgrade_postgres_from_1():
 def finish_upgrade():
     for statement in (*INDEXES, *host_triggers(), RESULTS_VIEW):
         database.execute_sql(render(statement))
-    database.create_tables([FifoCounter, SchemaVersion])
+    database.create_tables(INTERNAL_MODELS, safe=True)
     last = database.execute_sql("SELECT COALESCE(MAX(fifo_order), 0) FROM user_batches").fetchone()[0]
     FifoCounter.create(last=last)
     SchemaVersion.create(version=VERSION)
