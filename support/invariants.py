@@ -8,8 +8,17 @@ import datetime
 from peewee import JOIN, fn
 
 from bouncer.models import (
-    ABANDONED,     DONE, FAILED, IN_FLIGHT_STATES, INVALID, QUEUED, REJECTED, BouncerBatch, BouncerBatchEmail,
-    UserBatchEmail, result_model,
+    ABANDONED,
+    DONE,
+    FAILED,
+    IN_FLIGHT_STATES,
+    INVALID,
+    QUEUED,
+    REJECTED,
+    BouncerBatch,
+    BouncerBatchEmail,
+    UserBatchEmail,
+    result_model,
 )
 
 
@@ -88,7 +97,7 @@ def sent_out_of_fifo_order(before_ledger_id, check_type):
             for r in queued if fifo_key(r) < newest_sent and r.bouncer_batch_id not in rejected_now]
 
 
-# -- checks over a whole run, for the soak (scripts/soak.py) ----------------------------------
+# -- checks over a whole run, for the soak (support/soak) -------------------------------------
 
 FAILED_ATTEMPTS = (REJECTED, "abandoned")
 
