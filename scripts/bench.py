@@ -1,6 +1,6 @@
 """Benchmark of the service's own database work, measured side by side in one run.
 
-    python scripts/bench.py [--database-url URL] [--queued 150000,1000000] [--skip-naive]
+    python -m scripts.bench [--database-url URL] [--queued 150000,1000000] [--skip-naive]
                             [--submit 1000000]
 
 Prints one table: the creation cycle that fills 15 x 10k (time, SQL statements) with each
@@ -15,28 +15,32 @@ import os
 import random
 import resource
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from peewee import fn
 
-from peewee import fn  # noqa: E402
-
-from bouncer.app import App  # noqa: E402
-from bouncer.client import parse_records  # noqa: E402
-from bouncer.config import Settings  # noqa: E402
-from bouncer.creation_cycle import create_batches  # noqa: E402
-from bouncer.cycles import CREATION, Cycle  # noqa: E402
-from bouncer.db import (  # noqa: E402
-    bulk_insert, copy_rows, create_schema, is_postgres, open_database, utcnow,
+from bouncer.app import App
+from bouncer.client import parse_records
+from bouncer.config import Settings
+from bouncer.creation_cycle import create_batches
+from bouncer.cycles import CREATION, Cycle
+from bouncer.db import bulk_insert, copy_rows, create_schema, is_postgres, open_database, utcnow
+from bouncer.ledger import batches_to_check, complete_with_results
+from bouncer.models import (
+    ALL_MODELS,
+    QUEUED,
+    SENT,
+    BouncerBatch,
+    BouncerBatchEmail,
+    DeliverableResult,
+    EmailGlobal,
+    UserBatch,
+    UserBatchEmail,
+    database,
 )
-from bouncer.ledger import batches_to_check, complete_with_results  # noqa: E402
-from bouncer.models import (  # noqa: E402
-    ALL_MODELS, QUEUED, SENT, BouncerBatch, BouncerBatchEmail, DeliverableResult,
-    EmailGlobal, UserBatch, UserBatchEmail, database,
-)
+from support.processes import ROOT, bouncer_command
 
 BATCH, SLOTS = 10000, 15
 
@@ -201,7 +205,7 @@ def measure_raw_insert_floor(rows):
     started = time.perf_counter()
     with database.atomic():
         if is_postgres():   # the fastest raw path there is COPY
-            copy_rows("bench_floor", [c for c in FLOOR_COLUMNS], values)
+            copy_rows("bench_floor", list(FLOOR_COLUMNS), values)
         else:
             for start in range(0, rows, 2000):
                 part = values[start:start + 2000]
@@ -232,10 +236,10 @@ def measure_submit(url, lines):
                 f.write("user%d@example.com\n" % i)
     env = dict(os.environ, DATABASE_URL=url, LOG_LEVEL="WARNING")
     started = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "bouncer", "submit", path, "--user", "bench",
-                              "--check-type", "deliverable", "--json"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    # Popen and wait4, not support.processes: the child's own resource usage is the measure.
+    child = subprocess.Popen(bouncer_command("submit", path, "--user", "bench", "--check-type",
+                                             "deliverable", "--json"),
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
     _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - started
     answer = json.loads(child.stdout.read())

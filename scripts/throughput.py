@@ -1,6 +1,6 @@
 """Throughput against the physical limit, and credits per mailbox, with the real processes.
 
-    python scripts/throughput.py [--processing-time 20] [--duration 90] [--skip-slots] [--skip-credits]
+    python -m scripts.throughput [--processing-time 20] [--duration 90] [--skip-slots] [--skip-credits]
 
 Slot use: the sandbox completes every batch in exactly T seconds; a worker and a scheduler run
 with time compressed by 600/T (a Bouncer batch taken to last 10 minutes): the status interval
@@ -16,50 +16,28 @@ divided by the distinct stripped addresses. Then a batch of already-verified add
 import argparse
 import os
 import secrets
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
+import redis
 
-from bouncer.app import App  # noqa: E402
-from bouncer.config import Settings  # noqa: E402
-from bouncer.cycles import CREATION, STATUS, run_cycle  # noqa: E402
-from bouncer.db import open_database  # noqa: E402
-from bouncer.schema import create_schema  # noqa: E402
-from bouncer.models import BouncerBatch, EmailGlobal, UserBatchEmail  # noqa: E402
-from bouncer.sandbox import Sandbox  # noqa: E402
-from bouncer.intake import create_user_batch  # noqa: E402
+from bouncer.app import App
+from bouncer.config import Settings
+from bouncer.cycles import CREATION, STATUS, run_cycle
+from bouncer.db import open_database
+from bouncer.intake import create_user_batch
+from bouncer.models import BouncerBatch, EmailGlobal, UserBatchEmail
+from bouncer.sandbox import Sandbox
+from bouncer.schema import create_schema
+from support.ports import free_port, wait_for_port
+from support.processes import Supervisor, service_env
 
 SLOTS, BATCH = 15, 1000
 REAL_BATCH_SECONDS = 600   # what T stands for in real time
 WORKERS = 2
+STOP_GRACE = 15            # seconds after SIGTERM before what is left of a process is killed
 API_KEY = "sk-throughput-" + secrets.token_hex(8)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(args, env, log_path):
-    log = open(log_path, "w")
-    return subprocess.Popen([sys.executable, "-m", "bouncer"] + args, cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-
-
-def stop(processes):
-    for p in processes:
-        p.terminate()
-    for p in processes:
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            p.kill()
 
 
 def measure_slot_use(processing_time, duration, callback, redis_url, workdir):
@@ -68,13 +46,12 @@ def measure_slot_use(processing_time, duration, callback, redis_url, workdir):
     sandbox_port, web_port = free_port(), free_port()
     compression = REAL_BATCH_SECONDS / processing_time
     status_interval = max(1, round(30 / compression))
-    env = dict(os.environ, DATABASE_URL=url, REDIS_URL=redis_url, BOUNCER_API_KEY=API_KEY,
-               RATE_LIMIT_BUFFER=str(int(180 * compression)),
-               RATE_LIMIT_PER_MINUTE=str(int(200 * compression)),
-               BOUNCER_API_URL="http://127.0.0.1:%d" % sandbox_port, BATCH_CREATE_INTERVAL="1",
-               STATUS_CHECK_INTERVAL=str(status_interval), BOUNCER_BATCH_SIZE=str(BATCH),
-               BOUNCER_MAX_OUTSTANDING=str(SLOTS), PORT=str(web_port),
-               LOG_LEVEL=os.environ.get("LOG_LEVEL", "WARNING"))
+    env = service_env(url, redis_url, "http://127.0.0.1:%d" % sandbox_port, API_KEY,
+                      RATE_LIMIT_BUFFER=str(int(180 * compression)),
+                      RATE_LIMIT_PER_MINUTE=str(int(200 * compression)),
+                      STATUS_CHECK_INTERVAL=str(status_interval), BOUNCER_BATCH_SIZE=str(BATCH),
+                      BOUNCER_MAX_OUTSTANDING=str(SLOTS), PORT=str(web_port),
+                      LOG_LEVEL=os.environ.get("LOG_LEVEL", "WARNING"))
     if callback:
         env.update(PUBLIC_URL="http://127.0.0.1:%d" % web_port, CALLBACK_SECRET=secrets.token_hex(16))
     open_database(url)
@@ -83,21 +60,21 @@ def measure_slot_use(processing_time, duration, callback, redis_url, workdir):
     for start_at in range(0, expected, 50000):
         create_user_batch("bench", "deliverable", ("s%d@example.com" % i for i in
                                                   range(start_at, min(expected, start_at + 50000))))
-    import redis
     redis.Redis.from_url(redis_url).flushdb()
     logs = os.path.join(workdir, "slots-%s" % ("callback" if callback else "polling"))
     os.makedirs(logs, exist_ok=True)
-    processes = [start(["sandbox", "--port", str(sandbox_port), "--processing-time", str(processing_time)],
-                       env, os.path.join(logs, "sandbox.log"))]
-    time.sleep(1)
-    names = ["worker"] * WORKERS + ["scheduler"] + (["web"] if callback else [])
-    processes += [start([name], env, os.path.join(logs, "%s-%d.log" % (name, i)))
-                  for i, name in enumerate(names)]
+    processes = Supervisor(logs, env)
     try:
+        sandbox = processes.start("sandbox", "sandbox", "--port", sandbox_port,
+                                  "--processing-time", processing_time)
+        wait_for_port(sandbox_port, sandbox)
+        names = ["worker"] * WORKERS + ["scheduler"] + (["web"] if callback else [])
+        for i, name in enumerate(names):
+            processes.start("%s-%d" % (name, i), name)
         # At least two slot turnovers after the first one (the warm-up), whatever --duration says.
         time.sleep(processing_time + 10 + max(duration, 2.5 * processing_time))
     finally:
-        stop(processes)
+        processes.stop_all(grace=STOP_GRACE)
     return SLOTS * BATCH / mean_slot_turnover(skip=SLOTS), SLOTS * BATCH / processing_time, status_interval
 
 
@@ -117,7 +94,6 @@ def mean_slot_turnover(skip):
 
 def measure_credits(redis_url, workdir):
     """(credits spent, distinct stripped addresses, credits for an already-verified batch)."""
-    import redis
     url = "sqlite:///%s" % os.path.join(workdir, "credits.db")
     open_database(url)
     create_schema()

@@ -21,36 +21,23 @@ from bouncer.intake import create_user_batch
 from bouncer.models import UserBatchEmail, database
 from bouncer.sandbox import Sandbox
 from bouncer.schema import create_schema, empty_tables
+from support.servers import RedisClaims
 
 # Each pytest session gets its own Redis database number and PostgreSQL database, so that
 # several test runs on one machine never flush or truncate each other's data.
 SESSION = os.getpid()
 REDIS_SERVER = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6390/0").rsplit("/", 1)[0]
+CLAIM_SECONDS = 3600
 
 
 def claim_redis_database():
-    """A Redis database number no other live test session uses (claimed in database 0; a claim
-    whose session died is taken over)."""
+    """A Redis database number no other live test session or soak uses (support.servers)."""
     try:
-        registry = redis_lib.Redis.from_url(REDIS_SERVER + "/0", socket_connect_timeout=2)
-        for number in range(1, 16):
-            key = "bouncer-tests:db:%d" % number
-            if registry.set(key, SESSION, nx=True, ex=3600) or not session_alive(registry.get(key)):
-                registry.set(key, SESSION, ex=3600)
-                return number
+        with RedisClaims(REDIS_SERVER, connect_timeout=2) as claims:
+            number = claims.claim_any(str(SESSION), CLAIM_SECONDS)
     except redis_lib.ConnectionError:
-        pass  # reported by the redis_conn fixture, with how to start the server
-    return 1 + SESSION % 15
-
-
-def session_alive(owner):
-    try:
-        os.kill(int(owner), 0)
-    except (TypeError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
+        number = None  # reported by the redis_conn fixture, with how to start the server
+    return number if number is not None else 1 + SESSION % 15
 
 
 # Processes a test spawns import this module too: only the pytest session claims a database.
@@ -63,7 +50,8 @@ def pytest_unconfigure(config):
     if not IN_TEST_SESSION:
         return
     try:
-        redis_lib.Redis.from_url(REDIS_SERVER + "/0").delete("bouncer-tests:db:%d" % REDIS_DB)
+        with RedisClaims(REDIS_SERVER, connect_timeout=2) as claims:
+            claims.release(REDIS_DB, str(SESSION))
     except redis_lib.ConnectionError:
         pass
 POSTGRES_URL = "%s_%d" % (os.environ.get("TEST_POSTGRES_URL",

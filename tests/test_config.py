@@ -73,7 +73,7 @@ def test_load_settings_defaults_match_design():
 
 
 def test_load_settings_blank_values_mean_default():
-    settings = load_settings({name: "  " for name in ENV_NAMES + ["DATABASE_URL", "REDIS_URL"]})
+    settings = load_settings(dict.fromkeys(ENV_NAMES + ["DATABASE_URL", "REDIS_URL"], "  "))
     for field, value in DEFAULTS.items():
         assert getattr(settings, field) == value, field
 

@@ -11,19 +11,15 @@ import glob
 import hashlib
 import json
 import os
-import pwd
 import shutil
-import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import psycopg2
 import pytest
 import redis as redis_lib
 from peewee import OperationalError
@@ -39,10 +35,12 @@ from bouncer.models import (
     COMPLETED, OUTSTANDING, SENT, BouncerBatch, DeliverableResult, UserBatch, database,
 )
 from bouncer.sandbox import Sandbox
+from support.processes import Supervisor, run_bouncer, service_env
+from support.servers import PostgresCluster, RedisServer, Unavailable
+from support.waiting import wait_until
 
 from conftest import API_KEY, REDIS_URL, addresses, make_settings, statuses, submit
 
-ROOT = Path(__file__).resolve().parent.parent
 JOB_IDS = ["batch_creator_catchall", "batch_creator_deliverable",
            "status_checker_catchall", "status_checker_deliverable"]
 WAIT = 60                 # seconds: the longest any single wait in this file may take
@@ -55,24 +53,6 @@ IS_ROOT = os.geteuid() == 0
 
 # -- small tools --
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(predicate, what, timeout=WAIT, interval=0.2):
-    """Poll `predicate` until it returns something true; fail naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("%s: not within %ss" % (what, timeout))
-        time.sleep(interval)
-
-
 def require_program(name):
     found = shutil.which(name)
     if not found:
@@ -80,16 +60,9 @@ def require_program(name):
     return found
 
 
-def bouncer_command(*args):
-    return [sys.executable, "-m", "bouncer", *[str(a) for a in args]]
-
-
 def run_cli(env, *args, as_unprivileged=False, stdin=None):
-    command = bouncer_command(*args)
-    if as_unprivileged:
-        command = obeying_file_modes(command)
-    return subprocess.run(command, cwd=ROOT, env=env, input=stdin, capture_output=True,
-                          text=True, timeout=WAIT)
+    prefix = obeying_file_modes() if as_unprivileged else ()
+    return run_bouncer(*args, env=env, stdin=stdin, prefix=prefix, timeout=WAIT)
 
 
 def one_line_failure(result):
@@ -103,17 +76,16 @@ def one_line_failure(result):
 
 
 def cli_env(database_url, redis_url=REDIS_URL, api_url="http://127.0.0.1:9"):
-    env = dict(os.environ)
-    env.update({
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "BOUNCER_API_URL": api_url,
-        "BOUNCER_API_KEY": API_KEY,
-        "BATCH_CREATE_INTERVAL": "1",
-        "STATUS_CHECK_INTERVAL": "1",
-        "LOG_LEVEL": "INFO",
-    })
-    return env
+    return service_env(database_url, redis_url, api_url, API_KEY)
+
+
+@contextlib.contextmanager
+def skipped_when_unavailable():
+    """A server this machine cannot run skips the test, saying what is missing."""
+    try:
+        yield
+    except Unavailable as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture
@@ -131,81 +103,24 @@ def bound_database():
 
 # == 1. Redis flushed, then restarted empty, under a running worker and scheduler =============
 
-class RedisServer:
-    """redis-server in the foreground on a free port, no persistence: a restart comes back empty."""
-
-    def __init__(self, directory):
-        self.port = free_port()
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.proc = None
-        self.url = "redis://127.0.0.1:%d/0" % self.port
-        self.client = redis_lib.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2)
-
-    def start(self):
-        log = open(self.directory / "redis.log", "ab")
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--daemonize", "no", "--dir", str(self.directory)],
-            stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        wait_for(self.answers, "redis-server on port %d to answer" % self.port, timeout=15)
-        return self
-
-    def answers(self):
-        try:
-            return self.client.ping()
-        except redis_lib.RedisError:
-            return False
-
-    def crash(self):
-        """SIGKILL: what a crashed or replaced Redis instance looks like to its clients."""
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.crash()
-        self.client.close()
-
-    def scheduled_ids(self):
-        """Every id rq-scheduler has scheduled, sorted (None while Redis does not answer)."""
-        try:
-            ids = self.client.zrange(Scheduler.scheduled_jobs_key, 0, -1)
-        except redis_lib.RedisError:
-            return None
-        return sorted(k.decode() for k in ids)
-
-
-class Service:
-    """The Procfile's worker and scheduler for real, on an SQLite file, its own Redis and the
-    sandbox; output in files, printed when a test fails, every process killed at the end."""
+class Service(Supervisor):
+    """The Procfile's worker and scheduler for real, on an SQLite file, a Redis of their own and
+    the sandbox; output in files, printed when a test fails, every process killed at the end."""
 
     def __init__(self, directory, redis_server, api_url):
-        self.directory = Path(directory)
-        self.db_path = self.directory / "bouncer.db"
+        self.db_path = Path(directory) / "bouncer.db"
         self.redis = redis_server
-        self.env = cli_env("sqlite:///%s" % self.db_path, redis_server.url, api_url)
-        self.started = []
+        super().__init__(directory, cli_env("sqlite:///%s" % self.db_path, redis_server.url, api_url))
 
-    def start(self, name, *args):
-        out = open(self.directory / ("%s.log" % name), "ab")
-        proc = subprocess.Popen(bouncer_command(*args), cwd=ROOT, env=self.env,
-                                stdout=out, stderr=subprocess.STDOUT)
-        out.close()
-        proc.name = name
-        self.started.append(proc)
-        return proc
-
-    def run(self, *args, stdin=None):
-        done = run_cli(self.env, *args, stdin=stdin)
+    def run_ok(self, *args, stdin=None):
+        done = self.run(*args, stdin=stdin, timeout=WAIT)
         assert done.returncode == 0, "%s failed: %s" % (args, done.stderr)
         return done.stdout
 
     def submit(self, name):
         emails = "%s-one@example.com\n%s-two@example.com\n" % (name, name)
-        answer = self.run("submit", "-", "--user", name, "--check-type", "deliverable", "--json",
-                          stdin=emails)
+        answer = self.run_ok("submit", "-", "--user", name, "--check-type", "deliverable", "--json",
+                             stdin=emails)
         return json.loads(answer)["batch_id"]
 
     def batch_status(self, batch_id):
@@ -214,44 +129,36 @@ class Service:
                                (batch_id,)).fetchone()
         return row[0] if row else None
 
+    def scheduled_ids(self):
+        """Every id rq-scheduler has scheduled, sorted (None while Redis does not answer)."""
+        try:
+            ids = self.redis.client.zrange(Scheduler.scheduled_jobs_key, 0, -1)
+        except redis_lib.RedisError:
+            return None
+        return sorted(k.decode() for k in ids)
+
     def wait_until_completed(self, batch_id, what):
-        wait_for(lambda: self.batch_status(batch_id) == "completed",
-                 "user batch %s (%s) to complete" % (batch_id, what))
+        wait_until(lambda: self.batch_status(batch_id) == "completed",
+                   "user batch %s (%s) to complete" % (batch_id, what), WAIT)
 
     def wait_until_jobs_registered(self, what):
-        wait_for(lambda: self.redis.scheduled_ids() == JOB_IDS or self.any_exited(),
-                 "the scheduler to register the four jobs %s" % what)
+        wait_until(lambda: self.scheduled_ids() == JOB_IDS or self.any_exited(),
+                   "the scheduler to register the four jobs %s" % what, WAIT)
         self.assert_all_running()
-        assert self.redis.scheduled_ids() == JOB_IDS
-
-    def any_exited(self):
-        return any(proc.poll() is not None for proc in self.started)
+        assert self.scheduled_ids() == JOB_IDS
 
     def assert_all_running(self):
-        for proc in self.started:
-            assert proc.poll() is None, "%s exited with code %s:\n%s" % (
-                proc.name, proc.returncode, self.log(proc)[-3000:])
-
-    def log(self, proc):
-        return (self.directory / ("%s.log" % proc.name)).read_text(errors="replace")
-
-    def print_logs(self):
-        for proc in self.started:
-            print("---- %s (exit %s) ----\n%s" % (proc.name, proc.poll(), self.log(proc)[-6000:]))
-
-    def kill_all(self):
-        for proc in self.started:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
+        exited = self.exited()
+        assert not exited, "\n".join("%s exited with code %s:\n%s" % (name, code, self.running[name].log_tail(3000))
+                                      for name, code in exited.items())
 
 
 @contextlib.contextmanager
 def running_service(tmp_path, sandbox):
     """A worker and a scheduler on a Redis of their own and `sandbox`, one batch already
     completed. Everything started is stopped at the end, the processes first."""
-    require_program("redis-server")
-    redis_server = RedisServer(tmp_path / "redis")
+    with skipped_when_unavailable():
+        redis_server = RedisServer(tmp_path / "redis")
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(redis_server.stop)
         redis_server.start()
@@ -259,22 +166,13 @@ def running_service(tmp_path, sandbox):
         sandbox.start()
         service = Service(tmp_path, redis_server, sandbox.url)
         cleanup.callback(service.kill_all)
-        try:
-            service.run("init-db")
+        with service.logs_on_failure():
+            service.run_ok("init-db")
             service.start("worker", "worker")
             service.start("scheduler", "scheduler")
             service.wait_until_completed(service.submit("before"), "before any fault")
-            assert redis_server.scheduled_ids() == JOB_IDS
+            assert service.scheduled_ids() == JOB_IDS
             yield service
-        except BaseException:
-            service.print_logs()
-            raise
-
-
-def stop(proc, timeout=15):
-    """SIGTERM, as Heroku and Render send; the exit code."""
-    proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout=timeout)
 
 
 def signal_on_request(sandbox, method):
@@ -301,7 +199,7 @@ def test_scheduler_registers_the_jobs_again_after_redis_is_flushed(tmp_path):
         service.wait_until_jobs_registered("again after FLUSHALL")
         service.wait_until_completed(service.submit("after-flush"), "after FLUSHALL")
         # Exactly the four stable ids: registering again never adds a second copy.
-        assert service.redis.scheduled_ids() == JOB_IDS
+        assert service.scheduled_ids() == JOB_IDS
         service.assert_all_running()
 
 
@@ -334,94 +232,22 @@ def test_worker_and_scheduler_ride_out_a_redis_restart(tmp_path):
         # The batch whose creation was under way is followed to the end, and new work flows.
         service.wait_until_completed(in_flight, "created while Redis went away")
         service.wait_until_completed(service.submit("after-restart"), "after a Redis restart")
-        assert service.redis.scheduled_ids() == JOB_IDS
+        assert service.scheduled_ids() == JOB_IDS
         service.assert_all_running()
 
         # A process that waits for Redis must still stop when the platform asks it to.
         service.redis.crash()
         time.sleep(1)
-        for proc in service.started:
-            assert stop(proc) == 0, service.log(proc)[-3000:]
+        for name, code in service.stop(list(service.running), grace=15).items():
+            assert code == 0, service.running[name].log_tail(3000)
 
 
 # == 2. PostgreSQL restarted mid-cycle, or stopped under the CLI ==============================
 
-def postgres_programs():
-    """The directory holding initdb and pg_ctl: on PATH, or Debian's newest versioned one."""
-    if shutil.which("pg_ctl") and shutil.which("initdb"):
-        return Path(shutil.which("pg_ctl")).parent
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin"),
-                   key=lambda d: int(Path(d).parent.name) if Path(d).parent.name.isdigit() else 0)
-    if not found:
-        pytest.skip("PostgreSQL's server programs are not installed (scripts/test installs them)")
-    return Path(found[-1])
-
-
-class PostgresCluster:
-    """A throwaway cluster on a free port with trust authentication (a password in the URL is
-    accepted and ignored, which is enough to check that none is ever shown). PostgreSQL refuses
-    to run as root, so as root it runs as the `postgres` user from a directory under /tmp."""
-
-    def __init__(self):
-        self.bin = postgres_programs()
-        self.port = free_port()
-        self.directory = Path(tempfile.mkdtemp(prefix="bouncer-faults-pg-", dir="/tmp"))
-        self.data = self.directory / "data"
-        if IS_ROOT:
-            try:
-                owner = pwd.getpwnam("postgres")
-            except KeyError:
-                pytest.skip("no `postgres` user to run PostgreSQL as (scripts/test creates it)")
-            os.chown(self.directory, owner.pw_uid, owner.pw_gid)
-
-    def as_owner(self, program, *args):
-        command = [str(self.bin / program), *[str(a) for a in args]]
-        return ["runuser", "-u", "postgres", "--", *command] if IS_ROOT else command
-
-    def pg_ctl(self, *args):
-        subprocess.run(self.as_owner("pg_ctl", "-D", self.data, "-w", "-t", 30, *args),
-                       check=True, capture_output=True, timeout=WAIT)
-
-    @property
-    def server_options(self):
-        return ("-p %d -k %s -c listen_addresses=127.0.0.1 -c fsync=off"
-                % (self.port, self.directory))
-
-    def start(self):
-        subprocess.run(self.as_owner("initdb", "-D", self.data, "-A", "trust", "-U", "postgres"),
-                       check=True, capture_output=True, timeout=WAIT)
-        self.pg_ctl("-l", self.directory / "server.log", "-o", self.server_options, "start")
-        return self
-
-    def restart(self):
-        """Fast mode: every backend is terminated, open transactions with it."""
-        self.pg_ctl("-l", self.directory / "server.log", "-m", "fast", "-o", self.server_options,
-                    "restart")
-
-    def stop(self):
-        self.pg_ctl("-m", "fast", "stop")
-
-    def destroy(self):
-        subprocess.run(self.as_owner("pg_ctl", "-D", self.data, "-m", "immediate", "stop"),
-                       capture_output=True, timeout=WAIT)
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-    def create_database(self, name):
-        """The new database's URL, with a password in it."""
-        admin = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres",
-                                 dbname="postgres", connect_timeout=10)
-        try:
-            admin.autocommit = True
-            with admin.cursor() as cur:
-                cur.execute('CREATE DATABASE "%s"' % name)
-        finally:
-            admin.close()
-        return "postgresql://postgres:%s@127.0.0.1:%d/%s" % (DB_PASSWORD, self.port, name)
-
-
 @contextlib.contextmanager
 def postgres_cluster():
-    cluster = PostgresCluster()
+    with skipped_when_unavailable():
+        cluster = PostgresCluster()
     try:
         yield cluster.start()
     finally:
@@ -450,7 +276,7 @@ def ledger_state(batch_id):
 def test_postgres_restart_fails_one_cycle_cleanly_and_the_next_recovers(
         bound_database, redis_conn, sandbox, monkeypatch):
     with postgres_cluster() as cluster:
-        url = cluster.create_database("bouncer_faults")
+        url = cluster.create_database("bouncer_faults", DB_PASSWORD)
         open_database(url)
         create_schema()
         app = App(make_settings(url, api_url=sandbox.url), redis=redis_conn)
@@ -489,7 +315,7 @@ def test_postgres_restart_fails_one_cycle_cleanly_and_the_next_recovers(
 @pytest.mark.slow
 def test_cli_against_a_stopped_postgres_fails_in_one_line_without_the_password():
     with postgres_cluster() as cluster:
-        env = cli_env(cluster.create_database("bouncer_cli"))
+        env = cli_env(cluster.create_database("bouncer_cli", DB_PASSWORD))
         assert run_cli(env, "init-db").returncode == 0
         assert run_cli(env, "status").returncode == 0
         cluster.stop()
@@ -525,14 +351,15 @@ def test_postgres_that_never_answers_fails_after_connect_timeout(bound_database)
 
 # == 3. SQLite read-only, or on a full disk ===================================================
 
-def obeying_file_modes(command):
-    """Root ignores file modes. Without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH it obeys them
-    like anyone, while its own files (the interpreter under /root) stay readable."""
+def obeying_file_modes():
+    """What a command is run under so that it obeys file modes. Root ignores them; without
+    CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH it obeys them like anyone, while its own files (the
+    interpreter under /root) stay readable."""
     if not IS_ROOT:
-        return command
+        return ()
     require_program("setpriv")
     dropped = "-dac_override,-dac_read_search"
-    return ["setpriv", "--bounding-set=" + dropped, "--inh-caps=" + dropped, "--", *command]
+    return ("setpriv", "--bounding-set=" + dropped, "--inh-caps=" + dropped, "--")
 
 
 @pytest.fixture

@@ -21,12 +21,10 @@ from bouncer.app import App
 from bouncer.cycles import CREATION, STATUS, run_cycle
 from bouncer.db import open_database, utcnow
 from bouncer.locks import CycleLock
-from bouncer.models import (
-    ABANDONED, DONE, BouncerBatch, BouncerBatchEmail, UserBatchEmail, database,
-)
+from bouncer.models import ABANDONED, DONE, BouncerBatch, BouncerBatchEmail, UserBatchEmail, database
 from bouncer.ratelimit import WINDOW, take_request_slot
+from support import invariants
 
-import invariants
 from conftest import addresses, make_settings, submit, with_settings
 
 CHECK_TYPES = ("deliverable", "catchall")

@@ -5,11 +5,8 @@ import datetime
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import redis as redis_lib
@@ -22,14 +19,12 @@ from bouncer.app import App, set_current_app
 from bouncer.jobs import QUEUE_NAME
 from bouncer.models import database
 from bouncer.sandbox import Sandbox
-from bouncer.schedule import (
-    JOB_TIMEOUT, BouncerScheduler, missing_job_ids, register_jobs,
-)
+from bouncer.schedule import JOB_TIMEOUT, BouncerScheduler, missing_job_ids, register_jobs
 from bouncer.worker import BouncerWorker
+from support.processes import Supervisor, service_env
 
 from conftest import API_KEY, REDIS_URL
 
-ROOT = Path(__file__).resolve().parent.parent
 JOB_IDS = ["batch_creator_catchall", "batch_creator_deliverable",
            "status_checker_catchall", "status_checker_deliverable"]
 
@@ -236,52 +231,17 @@ def test_worker_closes_database_before_fork(redis_conn, db, monkeypatch):
 
 # -- real processes --
 
-class Processes:
-    """Background `python -m bouncer ...` processes, their output in files, all killed at the end."""
-
-    def __init__(self, env, directory):
-        self.env = env
-        self.directory = directory
-        self.running = []
-
-    def start(self, name, *args):
-        out = open(self.directory / ("%s.log" % name), "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "bouncer", *args], cwd=ROOT, env=self.env,
-                                stdout=out, stderr=subprocess.STDOUT)
-        out.close()
-        proc.name = name
-        self.running.append(proc)
-        return proc
-
-    def run(self, *args, stdin=None):
-        done = subprocess.run([sys.executable, "-m", "bouncer", *args], cwd=ROOT, env=self.env,
-                              input=stdin, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, "%s failed: %s" % (args, done.stderr)
-        return done.stdout
-
-    def output(self, proc):
-        return (self.directory / ("%s.log" % proc.name)).read_text(errors="replace")
-
-    def kill_all(self):
-        for proc in self.running:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
-
-def stop(proc, timeout=10):
-    """SIGTERM, then (exit code, seconds it took)."""
-    started = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    code = proc.wait(timeout=timeout)
-    return code, time.monotonic() - started
+def run_ok(processes, *args, stdin=None):
+    done = processes.run(*args, stdin=stdin)
+    assert done.returncode == 0, "%s failed: %s" % (args, done.stderr)
+    return done.stdout
 
 
 def wait_until_completed(processes, batch_ids, limit=60):
     deadline = time.monotonic() + limit
     states = {}
     while time.monotonic() < deadline:
-        states = {b: json.loads(processes.run("status", str(b), "--json"))["status"] for b in batch_ids}
+        states = {b: json.loads(run_ok(processes, "status", str(b), "--json"))["status"] for b in batch_ids}
         if all(s == "completed" for s in states.values()):
             return states
         time.sleep(0.5)
@@ -289,38 +249,26 @@ def wait_until_completed(processes, batch_ids, limit=60):
 
 
 @pytest.fixture
-def sandbox():
-    server = Sandbox(port=0, processing_time=0.5).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def processes(tmp_path, redis_conn, sandbox):
-    env = dict(os.environ)
-    env.update({
-        "DATABASE_URL": "sqlite:///%s" % (tmp_path / "bouncer.db"),
-        "REDIS_URL": REDIS_URL,
-        "BOUNCER_API_URL": sandbox.url,
-        "BOUNCER_API_KEY": API_KEY,
-        "BATCH_CREATE_INTERVAL": "1",
-        "STATUS_CHECK_INTERVAL": "1",
-        "LOG_LEVEL": "INFO",
-    })
-    procs = Processes(env, tmp_path)
-    yield procs
-    procs.kill_all()
+def processes(tmp_path, redis_conn):
+    """Background `python -m bouncer ...` processes against a sandbox that completes batches in
+    half a second; all killed at the end."""
+    with Sandbox(port=0, processing_time=0.5) as sandbox:
+        env = service_env("sqlite:///%s" % (tmp_path / "bouncer.db"), REDIS_URL, sandbox.url, API_KEY)
+        supervisor = Supervisor(tmp_path, env)
+        yield supervisor
+        supervisor.kill_all()
 
 
 @pytest.mark.slow
 def test_processes_end_to_end(processes, redis_conn):
-    processes.run("init-db")
-    schedulers = [processes.start("scheduler-%d" % i, "scheduler") for i in (1, 2)]
-    worker = processes.start("worker", "worker")
-    try:
+    run_ok(processes, "init-db")
+    for number in (1, 2):
+        processes.start("scheduler-%d" % number, "scheduler")
+    processes.start("worker", "worker")
+    with processes.logs_on_failure(4000):
         batch_ids = [
-            json.loads(processes.run("submit", "-", "--user", "u", "--check-type", check_type,
-                                     "--json", stdin="a@example.com\nb@example.org\nc@example.net\n"))
+            json.loads(run_ok(processes, "submit", "-", "--user", "u", "--check-type", check_type,
+                              "--json", stdin="a@example.com\nb@example.org\nc@example.net\n"))
             ["batch_id"]
             for check_type in ("deliverable", "catchall")]
 
@@ -328,11 +276,7 @@ def test_processes_end_to_end(processes, redis_conn):
 
         assert all(s == "completed" for s in states.values()), states
         assert sorted(next_runs(redis_conn)) == JOB_IDS
-        for proc in [worker] + schedulers:
-            code, seconds = stop(proc)
-            assert code == 0, processes.output(proc)
-            assert seconds < 5, processes.output(proc)
-    except BaseException:
-        for proc in [worker] + schedulers:
-            print("---- %s ----\n%s" % (proc.name, processes.output(proc)[-4000:]))
-        raise
+        for name in ("worker", "scheduler-1", "scheduler-2"):
+            started = time.monotonic()
+            assert processes.stop([name], grace=10) == {name: 0}, processes.running[name].log_tail()
+            assert time.monotonic() - started < 5, processes.running[name].log_tail()

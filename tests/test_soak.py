@@ -1,7 +1,8 @@
-"""The soak run (scripts/soak.py) and the whole-run checks it relies on.
+"""The soak run (scripts/soak.py, support/soak/) and the whole-run checks it relies on.
 
 The fast tests show each check catches what it is for, on both backends; the slow ones run
-`scripts/soak.py --duration 60` once per backend as CI does, and want every invariant held.
+`python -m scripts.soak --duration 60` once per backend as CI does, and want every invariant
+held.
 
 Each soak gets its own throwaway redis-server on a free loopback port, so it can flush its
 database without touching any test session's. On PostgreSQL, the soak creates a fresh
@@ -11,27 +12,23 @@ the test checks that nothing is left behind.
 import datetime
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import pytest
-import redis as redis_lib
 
-import invariants
 from bouncer.cycles import CREATION, STATUS, run_cycle
 from bouncer.db import utcnow
 from bouncer.models import QUEUED, BouncerBatch, UserBatchEmail
+from support import invariants
+from support.processes import ROOT
+from support.servers import RedisServer, Unavailable, postgres_admin
 
 from conftest import addresses, submit, with_settings
 
-ROOT = Path(__file__).resolve().parent.parent
 SOAK_SECONDS = 60
 # 60 s of run, at most 180 s of drain, starting and stopping the processes: well inside.
 SOAK_TIMEOUT = 400
@@ -47,7 +44,7 @@ def stored_batches():
 
 def all_visible_now(*batch_ids):
     now = utcnow()
-    return {batch_id: now for batch_id in batch_ids}
+    return dict.fromkeys(batch_ids, now)
 
 
 def fifo_violations(visible_at):
@@ -118,47 +115,24 @@ def test_request_budget_counts_every_rolling_window():
 
 # -- the soak itself, as CI runs it --
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def private_redis(tmp_path):
     """A redis-server of the soak's own (scripts/test installs redis-server when needed)."""
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.fail("redis-server is not installed (bash scripts/test installs it)")
-    port = free_port()
-    process = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = "redis://127.0.0.1:%d/0" % port
     try:
-        wait_for_redis(url, process)
-        yield url
+        server = RedisServer(tmp_path / "redis")
+    except Unavailable as exc:
+        pytest.fail(str(exc))
+    try:
+        yield server.start().url
     finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-def wait_for_redis(url, process):
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            redis_lib.Redis.from_url(url, socket_connect_timeout=1).ping()
-            return
-        except redis_lib.ConnectionError:
-            time.sleep(0.1)
-    pytest.fail("the soak's redis-server did not start at %s" % url)
+        server.stop()
 
 
 def run_soak(tmp_path, *options):
-    """scripts/soak.py as a subprocess; on timeout it gets SIGTERM first, so its finally block
-    stops the processes it started. Each run draws its own seed (printed first), so CI covers
-    more histories over time and a failure can be replayed with --seed."""
-    command = [sys.executable, str(ROOT / "scripts" / "soak.py"), "--duration", str(SOAK_SECONDS),
+    """The soak as a subprocess, from the repository root; on timeout it gets SIGTERM first, so
+    its finally block stops the processes it started. Each run draws its own seed (printed
+    first), so CI covers more histories over time and a failure can be replayed with --seed."""
+    command = [sys.executable, "-m", "scripts.soak", "--duration", str(SOAK_SECONDS),
                "--run-dir", str(tmp_path / "run"), *options]
     soak = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -205,14 +179,7 @@ def test_soak_on_postgres(tmp_path, private_redis):
 
 
 def soak_databases(url, prefix):
-    parts = urlsplit(url)
-    admin = psycopg2.connect(host=parts.hostname, port=parts.port or 5432,
-                             user=parts.username or "postgres", dbname="postgres", connect_timeout=5)
-    try:
-        with admin.cursor() as cursor:
-            # `_` is a LIKE wildcard: escaped, only this test's databases match.
-            pattern = prefix.replace("_", "\\_") + "\\_%"
-            cursor.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (pattern,))
-            return [name for (name,) in cursor.fetchall()]
-    finally:
-        admin.close()
+    # `_` is a LIKE wildcard: escaped, only this test's databases match.
+    pattern = prefix.replace("_", "\\_") + "\\_%"
+    rows = postgres_admin(url, "SELECT datname FROM pg_database WHERE datname LIKE %s", (pattern,))
+    return [name for (name,) in rows]

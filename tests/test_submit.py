@@ -214,13 +214,13 @@ def test_submit_invalid_rows_counted_reported_stored_and_never_sent(app, databas
     answer = submitted_json(result)
     assert (answer["accepted"], answer["invalid"], answer["duplicates"]) == (4, 6, 0)
     # The first five invalid rows, each with its physical line number; then how many more.
-    reported = [l for l in result.stderr.splitlines() if l.startswith("invalid:")]
+    reported = [line for line in result.stderr.splitlines() if line.startswith("invalid:")]
     for line_number, text in [(3, "bad one@example.com"), (6, "no-at-sign"),
                               (7, "double..dot@example.com"), (9, '"q"@example.com'),
                               (10, "x@nodot")]:
-        assert any(("line %d:" % line_number) in l and repr(text) in l and str(path) in l
-                   for l in reported), (line_number, result.stderr)
-    assert any("1 more" in l for l in reported)
+        assert any(("line %d:" % line_number) in line and repr(text) in line and str(path) in line
+                   for line in reported), (line_number, result.stderr)
+    assert any("1 more" in line for line in reported)
     assert [s for _, _, s in stored_rows(answer["batch_id"])] == [
         QUEUED, INVALID, QUEUED, INVALID, INVALID, QUEUED, INVALID, INVALID, QUEUED, INVALID]
     report = run_cycle(app, CREATION, "deliverable")

@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from wsgiref.util import setup_testing_defaults
@@ -17,20 +16,22 @@ from wsgiref.util import setup_testing_defaults
 import pytest
 from rq import Queue, SimpleWorker
 
+from bouncer import web as web_module
 from bouncer.app import App
 from bouncer.db import open_database, utcnow
 from bouncer.jobs import QUEUE_NAME, job_definitions, record_success
 from bouncer.models import database
 from bouncer.schedule import JOB_TIMEOUT
-from bouncer import web as web_module
 from bouncer.web import GRACE_SECONDS, OVERDUE_INTERVALS, job_health, make_app
+from support.ports import free_port
+from support.processes import ROOT, bouncer_command
+
 from conftest import API_KEY, REDIS_URL, addresses, submit, with_settings
 
 WINDOW_30S = OVERDUE_INTERVALS * 30 + GRACE_SECONDS   # the overdue window of a 30 s job
 
 SECRET = "cb-secret-5e4d3c2b1a"
 PUBLIC_URL = "https://bouncer.example.com"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Response:
@@ -302,12 +303,6 @@ def test_no_secret_in_any_answer_or_log_line(callback_app, redis_conn, caplog):
 
 # -- the real process --
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http_request(port, method, path, timeout=5):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -336,9 +331,8 @@ def test_web_command_over_http_stops_cleanly_on_sigterm(settings, redis_conn, db
     env = dict(os.environ, DATABASE_URL=settings.database_url, REDIS_URL=REDIS_URL,
                BOUNCER_API_KEY=API_KEY, PUBLIC_URL=PUBLIC_URL, CALLBACK_SECRET=SECRET,
                LOG_LEVEL="INFO")
-    process = subprocess.Popen([sys.executable, "-m", "bouncer", "web", "--port", str(port)],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(bouncer_command("web", "--port", port), cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         status, headers, body = wait_until_serving(process, port)
         assert status == 200 and json.loads(body)["status"] == "ok"

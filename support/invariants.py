@@ -8,8 +8,18 @@ import datetime
 from peewee import JOIN, fn
 
 from bouncer.models import (
-    ABANDONED,     DONE, FAILED, IN_FLIGHT_STATES, INVALID, QUEUED, REJECTED, BouncerBatch, BouncerBatchEmail,
-    UserBatchEmail, result_model,
+    FINAL_ROW_STATES,
+    ABANDONED,
+    DONE,
+    FAILED,
+    IN_FLIGHT_STATES,
+    INVALID,
+    QUEUED,
+    REJECTED,
+    BouncerBatch,
+    BouncerBatchEmail,
+    UserBatchEmail,
+    result_model,
 )
 
 
@@ -41,7 +51,7 @@ def every_email_finished():
     """Invariant 1 at quiescence: every row has a verdict, or a recorded failure reason."""
     problems = []
     Row = UserBatchEmail
-    unfinished = Row.select().where(Row.status.not_in((DONE, FAILED, INVALID))).count()
+    unfinished = Row.select().where(Row.status.not_in(FINAL_ROW_STATES)).count()
     if unfinished:
         problems.append("%d emails not finished" % unfinished)
     no_reason = Row.select().where(Row.status.in_((FAILED, INVALID)) & Row.failure_reason.is_null()).count()
@@ -59,7 +69,8 @@ def every_email_finished():
 
 
 def fifo_key(row):
-    return (row.batch_id, row.position)
+    """A row's place in the FIFO: its user batch's place in line, then its position."""
+    return (row.fifo_order, row.position)
 
 
 def sent_out_of_fifo_order(before_ledger_id, check_type):
@@ -77,9 +88,9 @@ def sent_out_of_fifo_order(before_ledger_id, check_type):
     # The oldest row of each sent address is what put the address in the batch; later rows of
     # the same address only ride along.
     oldest = {}
-    for gid, batch, position in (Row.select(Row.email_global, Row.batch, Row.position)
+    for gid, place, position in (Row.select(Row.email_global, Row.fifo_order, Row.position)
                                  .where(Row.bouncer_batch.in_(sent)).tuples()):
-        oldest[gid] = min(oldest.get(gid, (batch, position)), (batch, position))
+        oldest[gid] = min(oldest.get(gid, (place, position)), (place, position))
     newest_sent = max(oldest.values())
     queued = Row.select().where((Row.check_type == check_type) & (Row.status == QUEUED))
     # A requeued email keeps the id of the attempt that carried it: excused if that attempt
@@ -88,7 +99,7 @@ def sent_out_of_fifo_order(before_ledger_id, check_type):
             for r in queued if fifo_key(r) < newest_sent and r.bouncer_batch_id not in rejected_now]
 
 
-# -- checks over a whole run, for the soak (scripts/soak.py) ----------------------------------
+# -- checks over a whole run, for the soak (support/soak) -------------------------------------
 
 FAILED_ATTEMPTS = (REJECTED, "abandoned")
 
@@ -165,52 +176,52 @@ def fifo_violations_of_sent_batch(ledger_id, visible_at, same_cycle=datetime.tim
     if newest_sent is None:
         return []
     moment, check_type = ledger.reserved_at, ledger.check_type
-    late = [(row_id, key, global_id) for row_id, key, global_id
+    late = [(row_id, key, global_id, batch) for row_id, key, global_id, batch
             in rows_waiting_at(check_type, moment, newest_sent)
-            if key < newest_sent and key[0] in visible_at and visible_at[key[0]] < moment]
+            if key < newest_sent and batch in visible_at and visible_at[batch] < moment]
     if not late:
         return []
-    held = addresses_held_around(check_type, {g for _, _, g in late}, moment, same_cycle, ledger_id)
+    held = addresses_held_around(check_type, {item[2] for item in late}, moment, same_cycle, ledger_id)
     late = [item for item in late if item[2] not in held]
-    unexplained = {global_id for _, _, global_id in late}
+    unexplained = {item[2] for item in late}
     failed = failed_addresses_around(check_type, moment, same_cycle)
     if len(unexplained) <= failed:
         return []
     return ["row %s (user batch %s, position %s) waited while Bouncer batch %s (ledger %s, "
-            "reserved %s) sent a younger address (user batch %s, position %s); %d such "
+            "reserved %s) sent a younger address (place %s, position %s); %d such "
             "addresses, %d in calls that failed within %ss before"
-            % (row_id, key[0], key[1], ledger.bouncer_id, ledger_id, moment, *newest_sent,
+            % (row_id, batch, key[1], ledger.bouncer_id, ledger_id, moment, *newest_sent,
                len(unexplained), failed, same_cycle.total_seconds())
-            for row_id, key, global_id in late]
+            for row_id, key, global_id, batch in late]
 
 
 def youngest_sent_key(ledger_id):
-    """The FIFO key (user batch, position) of the row that put the batch's youngest address in
-    it: the oldest row of each address is what put it there; later rows only ride along."""
+    """The FIFO key (place in line, position) of the row that put the batch's youngest address
+    in it: the oldest row of each address is what put it there; later rows only ride along."""
     Row = UserBatchEmail
     oldest = {}
-    for global_id, batch, position in (Row.select(Row.email_global, Row.batch, Row.position)
+    for global_id, place, position in (Row.select(Row.email_global, Row.fifo_order, Row.position)
                                        .where(Row.bouncer_batch == ledger_id).tuples()):
-        key = (batch, position)
+        key = (place, position)
         if global_id not in oldest or key < oldest[global_id]:
             oldest[global_id] = key
     return max(oldest.values()) if oldest else None
 
 
 def rows_waiting_at(check_type, moment, before_key):
-    """(row id, FIFO key, address id) of the valid rows of user batches up to `before_key`'s
-    that were still waiting at `moment`: queued or parked now, taken by a batch reserved after
-    it, or completed after it by a cached verdict."""
+    """(row id, FIFO key, address id, user batch) of the valid rows of user batches up to
+    `before_key`'s place that were still waiting at `moment`: queued or parked now, taken by a
+    batch reserved after it, or completed after it by a cached verdict."""
     Row, Taken = UserBatchEmail, BouncerBatch.alias()
-    query = (Row.select(Row.id, Row.batch, Row.position, Row.email_global, Row.status,
+    query = (Row.select(Row.id, Row.batch, Row.fifo_order, Row.position, Row.email_global, Row.status,
                         Row.completed_at, Taken.status, Taken.reserved_at)
              .join(Taken, JOIN.LEFT_OUTER, on=(Row.bouncer_batch == Taken.id))
              .where((Row.check_type == check_type) & (Row.status != INVALID)
-                    & (Row.batch <= before_key[0])
+                    & (Row.fifo_order <= before_key[0])
                     & ((Row.status == QUEUED) | (Taken.reserved_at > moment)
                        | (Row.completed_at > moment) | Taken.status.in_(FAILED_ATTEMPTS))))
     waiting = []
-    for row_id, batch, position, global_id, status, completed, taken_status, taken_at in query.tuples():
+    for row_id, batch, place, position, global_id, status, completed, taken_status, taken_at in query.tuples():
         if status == QUEUED or (taken_status in FAILED_ATTEMPTS and status not in (DONE, FAILED)):
             still = True
         elif taken_status is not None and taken_status not in FAILED_ATTEMPTS:
@@ -218,7 +229,7 @@ def rows_waiting_at(check_type, moment, before_key):
         else:
             still = completed is not None and completed > moment
         if still:
-            waiting.append((row_id, (batch, position), global_id))
+            waiting.append((row_id, (place, position), global_id, batch))
     return waiting
 
 

@@ -1,0 +1,20 @@
+"""Waiting for something to happen, with a bound."""
+import time
+
+
+class WaitFailed(AssertionError):
+    """What was waited for did not happen in time, or can no longer happen. An AssertionError,
+    so a test that waits fails with the message."""
+
+
+def wait_until(condition, what, timeout, interval=0.2):
+    """Poll `condition` until it returns something true, and return that; fail naming `what`
+    after `timeout` seconds. `condition` may raise WaitFailed itself when waiting is pointless."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise WaitFailed("%s: not within %ss" % (what, timeout))
+        time.sleep(interval)
