@@ -1,0 +1,2 @@
+"""Bouncer verification queue: greedy batches out to Bouncer, verdicts back."""
+__version__ = "2.0.0"

@@ -332,7 +332,7 @@ def web(port):
 
     Example: PORT=8000 python -m bouncer web
     """
-    from .web import serve
+    from .web.server import serve
     app = app_from_env()
     serve(app, port or app.settings.port)
 

@@ -98,8 +98,8 @@ def job_health(definitions, successes, now, started_at):
     A job that has never succeeded (a new Redis, a first deploy) is overdue only once this
     process has been up longer than its window, so a fresh deploy is not reported broken before
     the jobs had a chance to run."""
-    return {job_id: one_job_health(interval, parse_time(successes.get(job_id)), now, started_at)
-            for job_id, (_, _, interval) in definitions.items()}
+    return {job_id: one_job_health(spec.interval, parse_time(successes.get(job_id)), now, started_at)
+            for job_id, spec in definitions.items()}
 
 
 def one_job_health(interval, last_success, now, started_at):

@@ -139,13 +139,18 @@ class Loader:
         if self.valid == 0:
             raise InputError(no_valid_address_message(self.invalid, self.invalid_examples))
 
-    def finish(self, now=None):
+    def finish(self, now=None, before_visible=None, callback_url=None):
         """Make the batch visible (it takes its place in line now), admit it, and return what
-        it holds."""
+        it holds. `before_visible()` runs inside the transaction that makes it visible."""
         now = now or utcnow()
         with write_transaction():
+            if before_visible is not None:
+                before_visible()
             place = take_places(1)[0]
-            (UserBatch.update(status=BATCH_QUEUED, fifo_order=place, loader_seen_at=None)
+            changes = {UserBatch.status: BATCH_QUEUED, UserBatch.fifo_order: place, UserBatch.loader_seen_at: None}
+            if callback_url is not None:
+                changes[UserBatch.callback_url] = callback_url
+            (UserBatch.update(changes)
              .where((UserBatch.id == self.batch_id) & (UserBatch.status == BATCH_LOADING)).execute())
         admit_batch(self.batch_id, now)
         batch = UserBatch.get_by_id(self.batch_id)

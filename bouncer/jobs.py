@@ -5,9 +5,12 @@ next cycle's work.
 
 Job ids are part of the contract (design.md): `batch_creator_<check type>` runs the creation
 cycle, `status_checker_<check type>` the status cycle; `<id>_now` is the run a trigger queued.
+`webhook_sender` delivers the webhooks that are due, on a queue of its own, so that a receiver
+that hangs never holds up a cycle's job.
 """
 import logging
 import time
+from collections import namedtuple
 
 from .app import current_app
 from .config import CHECK_TYPES
@@ -18,6 +21,10 @@ from .logs import ids
 log = logging.getLogger(__name__)
 
 QUEUE_NAME = "bouncer-queue"
+WEBHOOK_QUEUE = "bouncer-webhooks"
+WEBHOOK_SENDER = "webhook_sender"
+WEBHOOK_INTERVAL = 5         # seconds between sender runs: the first retry's delay
+WEBHOOK_LOCK = "bouncer:lock:webhooks"
 JOB_PREFIXES = {CREATION: "batch_creator", STATUS: "status_checker"}
 # A cycle holds its lock with a 60 s expiry renewed every 20 s by a thread of the horse. A cycle
 # that hangs is stopped by this timeout (rq raises JobTimeoutException in the horse, and the worker
@@ -40,14 +47,48 @@ def check_batches_job(check_type):
     return run_job(STATUS, check_type)
 
 
+def send_webhooks_job():
+    """Deliver the webhooks that are due, one sender at a time."""
+    from . import webhooks
+    from .db import connection
+    from .locks import CycleLock
+    app = current_app()
+    started = time.monotonic()
+    with connection(), CycleLock(app.redis, "webhooks", "all") as held:
+        if not held:
+            return "another sender is running"
+        done = webhooks.send_due(app.settings)
+    record_success(app.redis, WEBHOOK_SENDER)
+    summary = ", ".join("%d %s" % (n, state) for state, n in sorted(done.items())) or "nothing due"
+    log.info("Job %s done in %.2fs: %s", WEBHOOK_SENDER, time.monotonic() - started, summary,
+             extra=ids(job_id=WEBHOOK_SENDER))
+    return summary
+
+
 JOB_FUNCTIONS = {CREATION: create_batches_job, STATUS: check_batches_job}
+JobSpec = namedtuple("JobSpec", "func args interval queue")
 
 
 def job_definitions(settings):
-    """{job id: (function, check type, interval in seconds)} of the four repeating jobs."""
+    """{job id: JobSpec} of the repeating jobs: the four cycles and the webhook sender."""
     intervals = {CREATION: settings.batch_create_interval, STATUS: settings.status_check_interval}
-    return {job_id(kind, check_type): (JOB_FUNCTIONS[kind], check_type, intervals[kind])
+    jobs = {job_id(kind, check_type): JobSpec(JOB_FUNCTIONS[kind], (check_type,), intervals[kind], QUEUE_NAME)
             for check_type in CHECK_TYPES for kind in (CREATION, STATUS)}
+    jobs[WEBHOOK_SENDER] = JobSpec(send_webhooks_job, (), WEBHOOK_INTERVAL, WEBHOOK_QUEUE)
+    return jobs
+
+
+def trigger_webhook_sender(redis):
+    """Have the sender run now, unless a run queued this way is still waiting."""
+    from rq import Queue
+    from rq.job import JobStatus
+    queue = Queue(WEBHOOK_QUEUE, connection=redis)
+    run_id = WEBHOOK_SENDER + "_now"
+    queued = queue.fetch_job(run_id)
+    if queued is not None and queued.get_status(refresh=False) in (JobStatus.QUEUED, JobStatus.SCHEDULED):
+        return False
+    queue.enqueue(send_webhooks_job, job_id=run_id, job_timeout=JOB_TIMEOUT, failure_ttl=NOW_FAILURE_TTL)
+    return True
 
 
 def enqueue_cycle(queue, kind, check_type, run_id):
@@ -67,6 +108,7 @@ def run_job(kind, check_type):
     def finished(report):
         if not report.skipped:
             record_success(app.redis, name)
+            tell_endings(app)
         log.info("Job %s done in %.2fs: %s", name, time.monotonic() - started, report.summary(),
                  extra=ids(job_id=name))
 
@@ -77,6 +119,13 @@ def run_job(kind, check_type):
                       name, check_type, job.id if job else "-", time.monotonic() - started,
                       extra=ids(job_id=name))
         raise
+
+
+def tell_endings(app):
+    """Batches this cycle ended have their webhooks sent at once, not at the sender's next run."""
+    from . import webhooks
+    if webhooks.has_due():
+        trigger_webhook_sender(app.redis)
 
 
 def record_success(redis, name, now=None):

@@ -38,8 +38,11 @@ def get_user_batch(batch_id):
 
 
 def batch_status(batch_id):
-    """The contract's status object for one user batch."""
-    return status_object(get_user_batch(batch_id))
+    """The contract's status object for one user batch, with its latest webhook delivery."""
+    from .webhooks import delivery_of
+    answer = status_object(get_user_batch(batch_id))
+    answer["webhook"] = delivery_of(batch_id)
+    return answer
 
 
 def status_object(batch, counts=None):

@@ -13,7 +13,7 @@ from rq.job import Job
 from rq_scheduler import Scheduler
 from redis.exceptions import LockError, RedisError
 
-from .jobs import JOB_PREFIXES, JOB_TIMEOUT, QUEUE_NAME, job_definitions
+from .jobs import JOB_PREFIXES, JOB_TIMEOUT, QUEUE_NAME, WEBHOOK_SENDER, job_definitions
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ REDIS_RETRY_INTERVAL = 2  # seconds between attempts to reach Redis again after 
 
 
 def register_jobs(scheduler, settings, now=None):
-    """Make the scheduled jobs exactly the four of `job_definitions(settings)`.
+    """Make the scheduled jobs exactly those of `job_definitions(settings)`.
 
     A job scheduled with the same definition is kept as it is (its next run untouched, so a
     restart never fires it early); one whose definition changed is replaced; ids of ours no longer
@@ -63,10 +63,10 @@ def registration_lock(redis):
                       blocking=True, blocking_timeout=REGISTRATION_WAIT)
 
 
-def expected_definition(func, check_type, interval):
+def expected_definition(spec):
     """What decides whether a scheduled job is still the one wanted."""
-    return {"func_name": "%s.%s" % (func.__module__, func.__name__), "args": (check_type,),
-            "interval": interval, "origin": QUEUE_NAME, "timeout": JOB_TIMEOUT,
+    return {"func_name": "%s.%s" % (spec.func.__module__, spec.func.__name__), "args": tuple(spec.args),
+            "interval": spec.interval, "origin": spec.queue, "timeout": JOB_TIMEOUT,
             "result_ttl": RESULT_TTL}
 
 
@@ -79,12 +79,12 @@ def scheduled_jobs(scheduler):
     """{job id: (job, next run as naive UTC)} of our scheduled jobs. rq-scheduler's get_jobs
     also drops entries whose job hash is gone, so those count as missing."""
     return {job.id: (job, when) for job, when in scheduler.get_jobs(with_times=True)
-            if job.id.startswith(tuple(p + "_" for p in JOB_PREFIXES.values()))}
+            if job.id.startswith(tuple(p + "_" for p in JOB_PREFIXES.values())) or job.id == WEBHOOK_SENDER}
 
 
 def place_job(scheduler, job_id, spec, current, now):
     """Keep, add or replace one wanted job; returns which it did."""
-    definition = expected_definition(*spec)
+    definition = expected_definition(spec)
     if current is None:
         if not restore_existing_job(scheduler, job_id, definition, now):
             schedule_job(scheduler, job_id, spec, now)
@@ -118,10 +118,9 @@ def restore_existing_job(scheduler, job_id, definition, now):
 
 
 def schedule_job(scheduler, job_id, spec, when):
-    func, check_type, interval = spec
     # No retry: a failed cycle is simply the next cycle's work.
-    scheduler.schedule(when, func, args=(check_type,), interval=interval, id=job_id,
-                       queue_name=QUEUE_NAME, timeout=JOB_TIMEOUT, result_ttl=RESULT_TTL)
+    scheduler.schedule(when, spec.func, args=spec.args, interval=spec.interval, id=job_id,
+                       queue_name=spec.queue, timeout=JOB_TIMEOUT, result_ttl=RESULT_TTL)
 
 
 def remove_job(scheduler, job):

@@ -10,7 +10,7 @@ from rq.worker import HerokuWorker
 
 from .config import MAX_BOUNCER_TIMEOUT
 from .cycles import SHUTDOWN
-from .jobs import QUEUE_NAME
+from .jobs import QUEUE_NAME, WEBHOOK_QUEUE
 from .models import database
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,9 @@ def close_database():
 def run_worker(app):
     close_database()
     while True:
-        worker = BouncerWorker([Queue(QUEUE_NAME, connection=app.redis)], connection=app.redis,
+        # The cycles' queue first: a webhook delivery never waits in front of a cycle.
+        queues = [Queue(name, connection=app.redis) for name in (QUEUE_NAME, WEBHOOK_QUEUE)]
+        worker = BouncerWorker(queues, connection=app.redis,
                                maintenance_interval=MAINTENANCE_INTERVAL)
         try:
             # No logging_level: rq then leaves logging to the handlers bouncer.logs installed.

@@ -42,7 +42,7 @@ from support.waiting import wait_until
 from conftest import API_KEY, REDIS_URL, addresses, make_settings, statuses, submit
 
 JOB_IDS = ["batch_creator_catchall", "batch_creator_deliverable",
-           "status_checker_catchall", "status_checker_deliverable"]
+           "status_checker_catchall", "status_checker_deliverable", "webhook_sender"]
 WAIT = 60                 # seconds: the longest any single wait in this file may take
 REDIS_OUTAGE = 4          # seconds Redis stays down: several scheduler rounds and worker polls
 SLOW_CALL = 2             # seconds a Bouncer call takes: the job it is part of ends while Redis

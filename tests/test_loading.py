@@ -19,7 +19,7 @@ from bouncer.models import UserBatch, UserBatchEmail, database
 from conftest import submit
 
 ROOT = Path(__file__).resolve().parent.parent
-LINES = 60000     # twelve slices
+LINES = 150000    # thirty slices
 
 
 def write_file(path, lines, prefix="big"):

@@ -26,7 +26,7 @@ from support.processes import Supervisor, service_env
 from conftest import API_KEY, REDIS_URL
 
 JOB_IDS = ["batch_creator_catchall", "batch_creator_deliverable",
-           "status_checker_catchall", "status_checker_deliverable"]
+           "status_checker_catchall", "status_checker_deliverable", "webhook_sender"]
 
 
 def new_scheduler(redis_conn):
@@ -60,7 +60,10 @@ def test_register_jobs_twice_keeps_exactly_four(redis_conn, settings):
 
 def test_register_jobs_definitions(redis_conn, settings):
     register_jobs(new_scheduler(redis_conn), settings)
-    for job_id in JOB_IDS:
+    sender = Job.fetch("webhook_sender", connection=redis_conn)
+    assert (sender.func_name, tuple(sender.args), sender.meta["interval"], sender.origin) == (
+        "bouncer.jobs.send_webhooks_job", (), jobs.WEBHOOK_INTERVAL, jobs.WEBHOOK_QUEUE)
+    for job_id in JOB_IDS[:4]:
         job = Job.fetch(job_id, connection=redis_conn)
         kind, check_type = job_id.rsplit("_", 1)
         expected = {"batch_creator": (jobs.create_batches_job, settings.batch_create_interval),
@@ -74,7 +77,7 @@ def test_register_jobs_definitions(redis_conn, settings):
         assert job.retries_left is None and not job.retry_intervals
 
 
-def test_register_jobs_concurrently_leaves_four(redis_conn, settings):
+def test_register_jobs_concurrently_leaves_each_once(redis_conn, settings):
     start = threading.Barrier(8)
     results, errors = [], []
 
@@ -108,7 +111,7 @@ def test_register_jobs_replaces_only_changed_interval(redis_conn, settings):
     done = register_jobs(new_scheduler(redis_conn), changed(settings, status_check_interval=7))
 
     assert done["replaced"] == ["status_checker_catchall", "status_checker_deliverable"]
-    assert done["kept"] == ["batch_creator_catchall", "batch_creator_deliverable"]
+    assert done["kept"] == ["batch_creator_catchall", "batch_creator_deliverable", "webhook_sender"]
     assert done["added"] == [] and done["removed"] == []
     after = next_runs(redis_conn)
     assert sorted(after) == JOB_IDS

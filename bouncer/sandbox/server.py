@@ -86,6 +86,8 @@ class Sandbox(Simulator):
         import responses
         with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
             serve_behind_responses(self, base_url, mock)
+            # Loopback is left to real HTTP: a test's own receivers (webhooks) answer there.
+            mock.add_passthru(re.compile(r"http://(127\.0\.0\.1|localhost)[:/]"))
             try:
                 yield self
             finally:

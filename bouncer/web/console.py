@@ -1,0 +1,5 @@
+"""The operator console at `/` (issue of its own): registered here once built."""
+
+
+def register(web):
+    pass

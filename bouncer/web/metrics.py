@@ -1,0 +1,5 @@
+"""`/metrics` for Prometheus: registered here once built."""
+
+
+def register(web):
+    pass

@@ -1,0 +1,75 @@
+"""`GET /health` for the platform and people, and the URL Bouncer calls when a batch is done.
+
+The callback secret is part of a URL, so it is compared in constant time, never logged, and a
+wrong one looks exactly like a route that does not exist.
+"""
+import hmac
+import logging
+
+from apiflask import APIBlueprint, abort
+from flask import request
+
+from ..config import CHECK_TYPES
+from ..cycles import STATUS, run_now
+from ..health import describe_error, service_health
+from .application import bouncer_app
+
+log = logging.getLogger(__name__)
+
+MAX_CALLBACK_BODY = 64 * 1024
+blueprint = APIBlueprint("service", __name__, enable_openapi=False)
+
+
+def register(web):
+    web.register_blueprint(blueprint)
+
+
+@blueprint.route("/health", methods=["GET", "HEAD"])
+def health():
+    """200 when the database and Redis answer and no job is overdue; 503 otherwise."""
+    from flask import current_app
+    healthy, answer = service_health(bouncer_app(), current_app.extensions["bouncer.started_at"])
+    return answer, 200 if healthy else 503
+
+
+@blueprint.route("/bouncer/callback/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+def callback(rest):
+    """Bouncer says a batch is done: run a status cycle now instead of at the next poll. The
+    payload is undocumented, so it is only a hint: the cycle asks Bouncer about every
+    outstanding batch anyway, and polling still covers a callback that never comes."""
+    app = bouncer_app()
+    secret, _, tail = rest.partition("/")
+    check_types = callback_check_types(tail)
+    if not (check_types and secret_matches(app.settings.callback_secret, secret)):
+        abort(404)
+    if request.method not in ("POST", "GET"):
+        abort(405, headers={"Allow": "POST, GET"})
+    request.stream.read(MAX_CALLBACK_BODY)   # what Bouncer sent is ignored
+    try:
+        for check_type in check_types:
+            run_now(app.redis, STATUS, check_type)
+    except Exception as exc:
+        if not is_redis_error(exc):
+            raise
+        log.warning("Callback: cannot queue a status check (%s); polling will pick the batch up",
+                    describe_error(exc, app.settings))
+        abort(503, "queue unavailable")
+    return {"queued": list(check_types)}, 202
+
+
+def is_redis_error(exc):
+    from redis.exceptions import RedisError
+    return isinstance(exc, RedisError)
+
+
+def callback_check_types(tail):
+    """The check types a callback path names: all without a segment, none for an unknown one."""
+    if not tail:
+        return CHECK_TYPES
+    return (tail,) if tail in CHECK_TYPES else ()
+
+
+def secret_matches(expected, given):
+    if not expected:
+        return False
+    return hmac.compare_digest(expected.encode("utf-8"), given.encode("utf-8"))
