@@ -6,7 +6,6 @@ internationalised addresses), run without DNS: deliverability is what Bouncer is
 import re
 from functools import lru_cache
 
-from email_validator import EmailNotValidError, validate_email
 
 GMAIL_DOMAINS = frozenset({"gmail.com", "googlemail.com"})
 
@@ -49,6 +48,8 @@ def domain_error(domain):
 
 
 def validator_error(address):
+    # Imported here: reading results or status never pays for it.
+    from email_validator import EmailNotValidError, validate_email
     try:
         validate_email(address, check_deliverability=False)
     except EmailNotValidError as exc:

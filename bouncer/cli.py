@@ -1,9 +1,7 @@
 """`python -m bouncer <command>`: a thin layer over the library; every command has an example."""
-import csv
 import json
 import os
 import sys
-import tempfile
 from dataclasses import fields
 
 import click
@@ -170,20 +168,24 @@ def check_batches(check_types):
 @click.argument("batch_id", type=int, required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 def status(batch_id, as_json):
-    """Progress of user batches, outstanding Bouncer batches, queued emails, rate-limit use.
+    """Progress of user batches, outstanding Bouncer batches, queued emails, rate-limit use, and
+    the jobs' health with the reasons it is degraded (as /health says, Redis aside).
 
     Example: python -m bouncer status 42 --json
     """
     from .db import connection
-    from .reports import batch_status, queue_overview, recent_batches
+    from .health import service_state
+    from .reports import batch_status, recent_batches
     app = app_from_env()
     with connection():
         if batch_id is not None:
             answer = batch_status(batch_id)
             click.echo(json.dumps(answer) if as_json else format_batch(answer))
             return
-        overview = queue_overview(app.settings)
-        overview["user_batches"] = recent_batches()
+        state = service_state(app.settings)
+        overview = dict(state["overview"], status="degraded" if state["reasons"] else "ok",
+                        reasons=state["reasons"], jobs=state["jobs"], paused=state["paused"],
+                        user_batches=recent_batches())
     click.echo(json.dumps(overview, indent=2) if as_json else format_overview(overview))
 
 
@@ -193,11 +195,19 @@ def format_batch(b):
         b["batch_id"], b["user_id"], b["check_type"], b["status"], b["done"], b["total"], counts)
     if b["failure_reason"]:
         text += "\nfailure: %s" % b["failure_reason"]
+    hook = b.get("webhook")
+    if hook:
+        text += "\nwebhook %s: %s after %d attempt(s)%s" % (
+            hook["event"], hook["state"], hook["attempts"],
+            "; last: %s" % (hook["last_error"] or "HTTP %s" % hook["last_status"]) if hook["attempts"] and
+            hook["state"] != "delivered" else "")
     return text
 
 
 def format_overview(o):
-    lines = ["%-12s %8s %8s %8s %16s" % ("check type", "new", "queued", "sent", "Bouncer batches")]
+    lines = ["service: %s" % o["status"]] + ["  - %s" % reason for reason in o["reasons"]]
+    lines += ["%s: batch creation paused (%s)" % (t, p["reason"]) for t, p in o["paused"].items()]
+    lines += ["%-12s %8s %8s %8s %16s" % ("check type", "new", "queued", "sent", "Bouncer batches")]
     for check_type, c in o["check_types"].items():
         lines.append("%-12s %8d %8d %8d %12d/%-3d" % (
             check_type, c["new_emails"], c["queued_emails"], c["sent_emails"],
@@ -237,6 +247,7 @@ def results(batch_id, fmt, output):
 
 
 def write_results(stream, rows, fmt):
+    import csv
     from .reports import RESULT_COLUMNS, spreadsheet_safe
     if fmt == "json":
         stream.write("[")
@@ -251,6 +262,7 @@ def write_results(stream, rows, fmt):
 
 
 def write_atomically(path, write):
+    import tempfile
     directory = os.path.dirname(os.path.abspath(path))
     try:
         fd, temp = tempfile.mkstemp(dir=directory, prefix=".results-")

@@ -21,6 +21,7 @@ from .masking import mask_secrets
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_PATH = "/v1.1/email/verify/batch"
+CREDITS_PATH = "/v1.1/credits"
 USER_AGENT = "bouncer-queue/1.0"
 # How much of an unexpected answer goes into a message: enough to recognise it, not a page of HTML.
 SNIPPET_CHARS = 200
@@ -98,6 +99,15 @@ class BouncerClient:
             log.warning("Bouncer download of %s batch %s: left out %d items that are not JSON objects",
                         check_type, batch_id, len(answer) - len(records))
         return records
+
+    def get_credits(self) -> int:
+        """The account's balance (GET /v1.1/credits; Bouncer allows 10 a minute)."""
+        status, answer, response = self._call("credits", "GET", CREDITS_PATH)
+        credits = answer.get("credits") if isinstance(answer, dict) else None
+        if isinstance(credits, bool) or not isinstance(credits, (int, float)):
+            raise self._error("credits", status, "Bouncer credits failed: HTTP %d answer had no credits: %s"
+                              % (status, self._snippet(response.content) or "(empty)"))
+        return int(credits)
 
     def _call(self, operation, method, path, params=None, data=None, parse=json.loads):
         """(HTTP status, parsed JSON body, response) of a 2xx answer; BouncerError for anything else."""

@@ -5,6 +5,8 @@ Steps, each recoverable if the process dies right after it:
    hold a cycle for long; when more is left the cycle asks to run again at once;
 1. recover: queue again the emails of rejected attempts; abandon reservations older than
    RESERVATION_TIMEOUT (their cycle died; possible orphans at Bouncer, logged and counted);
+   while creation is paused (an operator; or out of credits, when the balance is asked for at
+   most once a minute and creation resumes by itself), the cycle ends here;
 2. capacity = BOUNCER_MAX_OUTSTANDING - batches in flight;
 3. per free slot: reserve the next batch (ledger row and emails attached, committed; the
    database refuses a reservation beyond the cap), take a request slot of the rate limit (none
@@ -17,7 +19,7 @@ import datetime
 import logging
 import time
 
-from . import intake, ledger
+from . import intake, ledger, pauses
 from .db import utcnow
 from .errors import BouncerError
 from .logs import ids
@@ -38,6 +40,8 @@ def create_batches(cycle, now=None):
     report.requeued = ledger.requeue_rejected_emails(check_type)
     report.abandoned = ledger.release_stale_reservations(
         check_type, now - datetime.timedelta(seconds=settings.reservation_timeout))
+    if is_paused(cycle, now):
+        return
     report.free_slots = max(0, settings.max_outstanding - ledger.count_in_flight(check_type))
     try:
         fill_free_slots(cycle)
@@ -52,6 +56,28 @@ def admit_new_rows(cycle, now):
     cycle.report.admission = admission
     if admission.unfinished:
         cycle.run_again()
+
+
+def is_paused(cycle, now):
+    """True (and said in the report) while creation is paused for this check type."""
+    if pauses.credits_check_due(cycle.check_type, now):
+        check_credits(cycle, now)
+    paused = pauses.pause_of(cycle.check_type)
+    if paused is not None:
+        cycle.report.stopped = "paused: %s" % paused.reason
+    return paused is not None
+
+
+def check_credits(cycle, now):
+    """Ask Bouncer for the balance, inside the request budget."""
+    if not take_request_slot("credits", cycle.settings.rate_limit_buffer, cycle.check_type):
+        return
+    try:
+        balance = cycle.app.client.get_credits()
+    except BouncerError as exc:
+        log.warning("Bouncer credits not known (%s); asking again in a minute", exc)
+        balance = 0
+    pauses.credits_checked(balance, now)
 
 
 def fill_free_slots(cycle):
@@ -112,8 +138,11 @@ def call_failed(cycle, reservation, exc):
         log.warning("Reservation %s: Bouncer did not answer in time; it may have created the "
                     "batch anyway (possible orphan, %d addresses)", ledger_id,
                     len(reservation.emails), extra=where)
+    if exc.is_out_of_credits:
+        pauses.pause_for_credits(str(exc))
     if exc.ends_cycle:
         report.stopped = str(exc)
+        report.refused = (exc.status, str(exc))
         log.error("Creation cycle %s stopped: %s", check_type, exc, extra=where)
         return False
     log.warning("Reservation %s not sent, its emails wait for the next cycle: %s", ledger_id, exc,

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 
 from .db import connection
-from .locks import CycleLock, lock_name
 from .logs import ids
 
 log = logging.getLogger(__name__)
@@ -39,6 +38,7 @@ class CycleReport:
     check_type: str
     skipped: bool = False      # another process held the lock: nothing done
     stopped: str | None = None
+    refused: tuple | None = None   # (status, message): Bouncer's 401, 402 or 429 ended the cycle
     seconds: float = 0.0
 
     def summary(self):
@@ -140,6 +140,7 @@ def run_cycle(app, kind, check_type, now=None, refill=False):
     logged no-op: `report.skipped`). `refill`: a status cycle queues a creation cycle as soon
     as a batch ends. Returns the report."""
     from . import creation_cycle, status_cycle
+    from .locks import CycleLock
     steps = {CREATION: creation_cycle.create_batches, STATUS: status_cycle.check_batches}[kind]
     started = time.monotonic()
     lock = CycleLock(app.redis, kind, check_type)
@@ -177,9 +178,11 @@ def run_now(redis, kind, check_type):
     it is asked to run once more as it ends instead, so a trigger arriving mid-cycle (a batch
     completing while the previous one is ingested) is not lost. Returns whether a job was
     queued."""
-    from . import jobs
     from rq import Queue
     from rq.job import JobStatus
+
+    from . import jobs
+    from .locks import lock_name
     job_id = jobs.job_id(kind, check_type) + "_now"
     queue = Queue(jobs.QUEUE_NAME, connection=redis)
     queued = queue.fetch_job(job_id)

@@ -5,10 +5,9 @@ import hashlib
 import io
 import json
 from itertools import islice
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from peewee import SQL, PeeweeException, PostgresqlDatabase, SqliteDatabase, Value, fn
-from playhouse.db_url import connect
 
 from .errors import DatabaseUnavailable
 from .masking import mask_secrets, redact_url
@@ -32,38 +31,57 @@ def utcnow():
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
 
+class RollbackOnlyWhenOpen:
+    """SQLite ends the transaction itself on a full disk or an I/O error, and a connection the
+    server dropped has none left. Rolling back again would fail ("no transaction is active",
+    "connection already closed") and that error would replace the one that matters."""
+
+    def rollback(self):
+        if self.is_closed() or driver_still_in_transaction(self.connection()):
+            super().rollback()
+
+
+def driver_still_in_transaction(raw):
+    if getattr(raw, "closed", False):            # psycopg: the server dropped the connection
+        return False
+    return getattr(raw, "in_transaction", True)  # sqlite3: False once SQLite rolled back
+
+
+class Sqlite(RollbackOnlyWhenOpen, SqliteDatabase):
+    pass
+
+
+class Postgres(RollbackOnlyWhenOpen, PostgresqlDatabase):
+    pass
+
+
 def open_database(url):
-    """Bind the models to the database at `url` and return it."""
-    options = {}
-    if url.startswith("sqlite"):
-        # A writer waits this long for another process's transaction before giving up.
-        options = {"pragmas": SQLITE_PRAGMAS, "timeout": 30}
-    elif "connect_timeout" not in parse_qs(urlsplit(url).query):
-        # libpq waits forever for a server that stops answering: give up after this many seconds
-        # instead of hanging a worker or a command. A connect_timeout in DATABASE_URL wins.
-        options = {"connect_timeout": 10}
+    """Bind the models to the database at `url` (sqlite:///path, postgres[ql]://user:pw@host:port/db
+    with libpq options as query parameters) and return it."""
     try:
-        db = connect(url, **options)
+        db = database_for(url)
     except Exception as exc:
         raise DatabaseUnavailable("cannot open database %s: %s" % (redact_url(url), exc)) from None
-
-    def driver_still_in_transaction(raw):
-        if getattr(raw, "closed", False):            # psycopg: the server dropped the connection
-            return False
-        return getattr(raw, "in_transaction", True)  # sqlite3: False once SQLite rolled back
-
-    plain_rollback = db.rollback
-
-    def rollback_unless_already_ended():
-        # SQLite ends the transaction itself on a full disk or an I/O error, and a connection the
-        # server dropped has none left. Rolling back again would fail ("no transaction is active",
-        # "connection already closed") and that error would replace the one that matters.
-        if db.is_closed() or driver_still_in_transaction(db.connection()):
-            plain_rollback()
-
-    db.rollback = rollback_unless_already_ended
     database.initialize(db)
     return db
+
+
+def database_for(url):
+    parts = urlsplit(url)
+    options = {key: int(values[-1]) if values[-1].isdigit() else values[-1]
+               for key, values in parse_qs(parts.query).items()}
+    if parts.scheme.startswith("sqlite"):
+        # A writer waits this long for another process's transaction before giving up.
+        return Sqlite(unquote(parts.path[1:]) if parts.path != "/:memory:" else ":memory:",
+                      pragmas=SQLITE_PRAGMAS, timeout=30)
+    # libpq waits forever for a server that stops answering: give up after this many seconds
+    # instead of hanging a worker or a command. A connect_timeout in DATABASE_URL wins.
+    options.setdefault("connect_timeout", 10)
+    for name in ("host", "port", "user", "password"):
+        value = getattr(parts, "hostname" if name == "host" else "username" if name == "user" else name)
+        if value:
+            options[name] = unquote(str(value))
+    return Postgres(unquote(parts.path.lstrip("/")), **options)
 
 
 def is_postgres():

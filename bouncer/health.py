@@ -1,56 +1,95 @@
-"""Is the service working? The one answer behind /health, `status` and the console.
+"""Is the service working? The one answer behind /health, `status` and the console, with the
+reasons when it is not.
+
+Degraded when any of these holds (README, "Watching it", states the same thresholds):
+- the database does not answer, or does not take a write (read-only, full);
+- Redis does not answer (web process only: the CLI's `status` does not ask it);
+- a job has not succeeded for OVERDUE_INTERVALS of its intervals plus GRACE_SECONDS (a job never
+  seen to succeed counts from when this process started);
+- a job failed FAILING_RUNS times in a row;
+- Bouncer refused a job's last run: 401 (the API key) or 402 (no credits) at once, 429 after
+  RATE_LIMITED_RUNS runs in a row;
+- batch creation is paused because the account is out of credits.
+An operator's pause is shown, and is not a fault.
 
 The database and Redis are asked at once, each in its own thread, so a server that hangs
-delays the answer by at most CHECK_TIMEOUT whatever the drivers' own timeouts. A job is overdue
-when its last success is older than OVERDUE_INTERVALS intervals plus GRACE_SECONDS.
+delays the answer by at most CHECK_TIMEOUT whatever the drivers' own timeouts.
 """
-import datetime
 import threading
 import time
 
-from .db import connection, utcnow
-from .jobs import job_definitions, last_successes
+from .db import connection, utcnow, write_transaction
 from .masking import mask_secrets, redact_url
-from .reports import queue_overview
 
 OVERDUE_INTERVALS = 5      # a job this many intervals late (plus the grace) is overdue
 # Room for a slow cycle or a scheduler restart, and for the lock of a killed cycle to expire
 # (LOCK_TIMEOUT, 60 s): until then every run of that job is skipped, which is not a fault.
 GRACE_SECONDS = 90
+FAILING_RUNS = 2           # failures in a row that make a job failing (one can be a blip)
+RATE_LIMITED_RUNS = 3      # runs in a row ended by Bouncer's 429
 CHECK_TIMEOUT = 5          # seconds the checks wait for the database and Redis, together
+REFUSALS = {401: "Bouncer refuses the API key (401): check BOUNCER_API_KEY",
+            402: "Bouncer says the account is out of credits (402): buy credits"}
 
 
 def service_health(app, started_at, now=None):
-    """(healthy, answer): healthy when the database and Redis answer and no job is overdue. A
-    section whose source did not answer is null."""
-    database, redis, overview, successes = run_checks(app)
-    jobs = None
-    if successes is not None:
-        jobs = job_health(job_definitions(app.settings), successes, now or utcnow(), started_at)
-    healthy = database["ok"] and redis["ok"] and not any(job["overdue"] for job in (jobs or {}).values())
+    """(healthy, answer) for /health: the database (a read and a write), Redis, every job."""
+    database = Probe(read_state, app.settings, started_at, now)
+    redis = Probe(ping, app.redis)
+    deadline = time.monotonic() + CHECK_TIMEOUT
+    database_status, state = database.outcome(deadline, app.settings)
+    redis_status, _ = redis.outcome(deadline, app.settings)
+    reasons = list(state["reasons"]) if state else []
+    if not database_status["ok"]:
+        reasons.insert(0, "database: %s" % database_status["error"])
+    if not redis_status["ok"]:
+        reasons.insert(0, "redis: %s" % redis_status["error"])
+    healthy = not reasons
     return healthy, {
         "status": "ok" if healthy else "degraded",
-        "database": database,
-        "redis": redis,
-        "jobs": jobs,
-        "check_types": overview["check_types"] if overview else None,
-        "rate_limit": overview["rate_limit"] if overview else None,
+        "reasons": reasons,
+        "database": database_status,
+        "redis": redis_status,
+        "jobs": state["jobs"] if state else None,
+        "paused": state["paused"] if state else None,
+        "check_types": state["overview"]["check_types"] if state else None,
+        "rate_limit": state["overview"]["rate_limit"] if state else None,
     }
 
 
-def run_checks(app):
-    deadline = time.monotonic() + CHECK_TIMEOUT
-    database = Probe(read_overview, app.settings)
-    redis = Probe(last_successes, app.redis)
-    database_status, overview = database.outcome(deadline, app.settings)
-    redis_status, successes = redis.outcome(deadline, app.settings)
-    return database_status, redis_status, overview, successes
-
-
-def read_overview(settings):
+def read_state(settings, started_at, now=None):
     # Its own connection, closed after: a restarted database costs one failed check, no more.
     with connection():
-        return queue_overview(settings)
+        check_writable()
+        return service_state(settings, started_at, now)
+
+
+def check_writable():
+    """A write the database must take, rolled back: a read-only or broken database is not ok."""
+    from .models import FifoCounter
+    with write_transaction() as transaction:
+        FifoCounter.update(last=FifoCounter.last).execute()
+        transaction.rollback()
+
+
+def service_state(settings, started_at=None, now=None):
+    """From the database alone: the overview, each job's health, the pauses, and the reasons
+    the service is degraded (empty when it is not)."""
+    from .jobs import job_definitions, job_runs
+    from .pauses import current_pauses
+    from .reports import queue_overview
+    now = now or utcnow()
+    jobs = job_health(job_definitions(settings), job_runs(), now, started_at or now)
+    paused = {check_type: {"cause": p.cause, "reason": p.reason, "since": p.since.isoformat() + "Z"}
+              for check_type, p in current_pauses().items()}
+    reasons = ["%s: %s" % (job_id, problem) for job_id, job in jobs.items() for problem in job["problems"]]
+    reasons += ["%s batch creation paused: %s" % (check_type, p["reason"])
+                for check_type, p in paused.items() if p["cause"] == "credits"]
+    return {"overview": queue_overview(settings), "jobs": jobs, "paused": paused, "reasons": reasons}
+
+
+def ping(redis):
+    return redis.ping()
 
 
 class Probe:
@@ -92,34 +131,33 @@ def scrub(text, settings):
     return mask_secrets(text, settings.secrets())
 
 
-def job_health(definitions, successes, now, started_at):
-    """{job id: its health} for the jobs of `definitions` (see jobs.job_definitions).
-
-    A job that has never succeeded (a new Redis, a first deploy) is overdue only once this
-    process has been up longer than its window, so a fresh deploy is not reported broken before
-    the jobs had a chance to run."""
-    return {job_id: one_job_health(spec.interval, parse_time(successes.get(job_id)), now, started_at)
+def job_health(definitions, runs, now, started_at):
+    """{job id: its health} for the jobs of `definitions`, from their recorded runs."""
+    return {job_id: one_job_health(spec.interval, runs.get(job_id), now, started_at)
             for job_id, spec in definitions.items()}
 
 
-def one_job_health(interval, last_success, now, started_at):
+def one_job_health(interval, run, now, started_at):
     window = OVERDUE_INTERVALS * interval + GRACE_SECONDS
-    if last_success is None:
-        return {"interval": interval, "last_success": None, "age_seconds": None,
-                "overdue": (now - started_at).total_seconds() > window}
-    age = (now - last_success).total_seconds()
-    return {"interval": interval, "last_success": last_success.isoformat() + "Z",
-            "age_seconds": round(age, 1), "overdue": age > window}
-
-
-def parse_time(value):
-    """A recorded ISO time as naive UTC; None when absent or unreadable (never succeeded)."""
-    if not value:
-        return None
-    try:
-        parsed = datetime.datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(datetime.timezone.utc).replace(tzinfo=None)
-    return parsed
+    last_success = run.last_success_at if run is not None else None
+    age = (now - last_success).total_seconds() if last_success else None
+    overdue = (age > window) if age is not None else (now - started_at).total_seconds() > window
+    problems = []
+    if overdue:
+        problems.append("no success for %s s (more than %d intervals of %d s and %d s of grace)"
+                        % (round(age) if age is not None else "ever", OVERDUE_INTERVALS, interval, GRACE_SECONDS))
+    if run is not None and run.failures_in_a_row >= FAILING_RUNS:
+        problems.append("failed %d times in a row: %s" % (run.failures_in_a_row, run.last_error))
+    refused = run.refused_status if run is not None else None
+    if refused in REFUSALS:
+        problems.append(REFUSALS[refused])
+    elif refused == 429 and run.refusals_in_a_row >= RATE_LIMITED_RUNS:
+        problems.append("rate limited by Bouncer (429) %d runs in a row" % run.refusals_in_a_row)
+    return {"interval": interval,
+            "last_success": last_success.isoformat() + "Z" if last_success else None,
+            "age_seconds": round(age, 1) if age is not None else None,
+            "overdue": overdue,
+            "failures_in_a_row": run.failures_in_a_row if run is not None else 0,
+            "last_error": run.last_error if run is not None else None,
+            "refused": ({"status": refused, "message": run.refused_message} if refused else None),
+            "problems": problems}

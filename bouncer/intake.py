@@ -147,12 +147,16 @@ class Loader:
             if before_visible is not None:
                 before_visible()
             place = take_places(1)[0]
-            changes = {UserBatch.status: BATCH_QUEUED, UserBatch.fifo_order: place, UserBatch.loader_seen_at: None}
+            # The heartbeat goes on while the loader admits its batch: cycles leave it to the
+            # loader meanwhile (two admitters of one batch would only take turns at the lock).
+            changes = {UserBatch.status: BATCH_QUEUED, UserBatch.fifo_order: place,
+                       UserBatch.loader_seen_at: utcnow()}
             if callback_url is not None:
                 changes[UserBatch.callback_url] = callback_url
             (UserBatch.update(changes)
              .where((UserBatch.id == self.batch_id) & (UserBatch.status == BATCH_LOADING)).execute())
-        admit_batch(self.batch_id, now)
+        admit_batch(self.batch_id, now, heartbeat=True)
+        UserBatch.update(loader_seen_at=None).where(UserBatch.id == self.batch_id).execute()
         batch = UserBatch.get_by_id(self.batch_id)
         self.summary = SubmitSummary(self.batch_id, accepted=batch.total - batch.invalid,
                                      invalid=batch.invalid, duplicates=batch.duplicates,
@@ -306,7 +310,7 @@ def admit(check_type, max_rows=None, deadline=None, now=None, report=None, shoul
     report.removed += remove_dead_loads(now)
     report.noticed += notice_new_batches(check_type, report, now)
     looked_at = 0
-    for batch_id in batches_with_new_rows(check_type):
+    for batch_id in batches_with_new_rows(check_type, now):
         while True:
             if ((max_rows is not None and looked_at >= max_rows)
                     or (deadline is not None and time.monotonic() > deadline)
@@ -321,12 +325,13 @@ def admit(check_type, max_rows=None, deadline=None, now=None, report=None, shoul
     return report
 
 
-def admit_batch(batch_id, now=None):
-    """Admit every new row of one batch (a loader admitting what it just wrote)."""
+def admit_batch(batch_id, now=None, heartbeat=False):
+    """Admit every new row of one batch (a loader admitting what it just wrote, renewing its
+    heartbeat with each slice)."""
     now = now or utcnow()
     report = AdmissionReport()
     while True:
-        admitted = admit_slice(batch_id, now, limit=SLICE)
+        admitted = admit_slice(batch_id, now, limit=SLICE, heartbeat=heartbeat)
         report.add(admitted)
         if admitted.admitted + admitted.invalid < SLICE:
             return report
@@ -349,17 +354,19 @@ def notice_new_batches(check_type, report, now):
     return len(fresh)
 
 
-def batches_with_new_rows(check_type):
-    """Visible batches of `check_type` with rows not yet admitted, in their order in line. The
-    rows are found by a skip scan of the index of new rows, one probe per batch, so a large
-    batch still loading costs nothing here."""
+def batches_with_new_rows(check_type, now=None):
+    """Visible batches of `check_type` with rows not yet admitted, in their order in line,
+    except those a live loader is admitting itself. The rows are found by a skip scan of the
+    index of new rows, one probe per batch, so a large batch still loading costs nothing here."""
     first = database.execute_sql(DISTINCT_NEW_BATCHES).fetchall()
     batch_ids = [b for (b,) in first]
     if not batch_ids:
         return []
+    loader_alive_since = (now or utcnow()) - DEAD_LOADER_AFTER
     visible = (UserBatch.select(UserBatch.id)
                .where(among(UserBatch.id, batch_ids) & (UserBatch.check_type == check_type)
-                      & UserBatch.status.not_in((BATCH_LOADING, BATCH_NEW)))
+                      & UserBatch.status.not_in((BATCH_LOADING, BATCH_NEW))
+                      & (UserBatch.loader_seen_at.is_null() | (UserBatch.loader_seen_at < loader_alive_since)))
                .order_by(UserBatch.fifo_order, UserBatch.id))
     return [b for (b,) in visible.tuples()]
 
@@ -375,7 +382,7 @@ SELECT batch_id FROM pending WHERE batch_id IS NOT NULL
 """
 
 
-def admit_slice(batch_id, now, limit=SLICE):
+def admit_slice(batch_id, now, limit=SLICE, heartbeat=False):
     """Admit up to `limit` new rows of one batch, oldest position first. The addresses are
     checked before the write transaction opens, so it stays short."""
     report = AdmissionReport()
@@ -401,6 +408,8 @@ def admit_slice(batch_id, now, limit=SLICE):
         report.admitted = queue_rows(batch, [(r, global_ids[a]) for r, a in valid])
         report.invalid = mark_invalid(batch, invalid, now)
         count_admitted(batch, report)
+        if heartbeat:
+            UserBatch.update(loader_seen_at=utcnow()).where(UserBatch.id == batch_id).execute()
     if len(rows) < limit:
         finish_admission(batch_id, report, now)
     return report

@@ -15,8 +15,9 @@ from collections import namedtuple
 from .app import current_app
 from .config import CHECK_TYPES
 from .cycles import CREATION, STATUS, run_until_quiet
-from .db import utcnow
+from .db import connection, utcnow
 from .logs import ids
+from .models import JobRun
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,6 @@ JOB_PREFIXES = {CREATION: "batch_creator", STATUS: "status_checker"}
 # kills a horse still alive at timeout + 60 s), so a hung cycle holds its lock for at most this
 # long; a horse that dies stops renewing, and its lock frees itself within 60 s.
 JOB_TIMEOUT = 300
-LAST_SUCCESS_KEY = "bouncer:jobs:last_success"
 NOW_FAILURE_TTL = 86400
 
 
@@ -58,8 +58,8 @@ def send_webhooks_job():
         if not held:
             return "another sender is running"
         done = webhooks.send_due(app.settings)
-    record_success(app.redis, WEBHOOK_SENDER)
-    summary = ", ".join("%d %s" % (n, state) for state, n in sorted(done.items())) or "nothing due"
+        summary = ", ".join("%d %s" % (n, state) for state, n in sorted(done.items())) or "nothing due"
+        record_run(WEBHOOK_SENDER, started_at=utcnow(), summary=summary, seconds=time.monotonic() - started)
     log.info("Job %s done in %.2fs: %s", WEBHOOK_SENDER, time.monotonic() - started, summary,
              extra=ids(job_id=WEBHOOK_SENDER))
     return summary
@@ -103,21 +103,24 @@ def run_job(kind, check_type):
     name = job_id(kind, check_type)
     app = current_app()
     job = get_current_job()
-    started = time.monotonic()
+    started, started_at = time.monotonic(), utcnow()
 
     def finished(report):
         if not report.skipped:
-            record_success(app.redis, name)
-            tell_endings(app)
+            with connection():
+                record_run(name, started_at, summary=report.summary(), refused=report.refused,
+                           seconds=report.seconds)
+                tell_endings(app)
         log.info("Job %s done in %.2fs: %s", name, time.monotonic() - started, report.summary(),
                  extra=ids(job_id=name))
 
     try:
         return run_until_quiet(app, kind, check_type, on_report=finished).summary()
-    except Exception:
+    except Exception as exc:
         log.exception("Job %s (%s, rq job %s) failed after %.1fs; the next run takes over",
                       name, check_type, job.id if job else "-", time.monotonic() - started,
                       extra=ids(job_id=name))
+        record_failure(app, name, started_at, exc, time.monotonic() - started)
         raise
 
 
@@ -128,10 +131,41 @@ def tell_endings(app):
         trigger_webhook_sender(app.redis)
 
 
-def record_success(redis, name, now=None):
-    redis.hset(LAST_SUCCESS_KEY, name, (now or utcnow()).isoformat())
+def record_run(name, started_at, summary="", refused=None, seconds=None, now=None):
+    """A run of job `name` that finished. `refused`: (status, message) when Bouncer's answer
+    (401, 402, 429) ended it."""
+    now = now or utcnow()
+    values = {"last_started_at": started_at, "last_success_at": now, "failures_in_a_row": 0,
+              "last_summary": summary[:500], "last_seconds": seconds,
+              "refused_status": refused[0] if refused else None,
+              "refused_message": refused[1][:300] if refused else None}
+    upsert_run(name, values, refusals_in_a_row=1 if refused else 0)
 
 
-def last_successes(redis):
-    """{job id: ISO time of its last successful run}."""
-    return {k.decode(): v.decode() for k, v in redis.hgetall(LAST_SUCCESS_KEY).items()}
+def record_failure(app, name, started_at, exc, seconds, now=None):
+    """A run that raised: kept, if the database takes it (it may be what failed)."""
+    from .health import describe_error
+    now = now or utcnow()
+    values = {"last_started_at": started_at, "last_failure_at": now, "last_seconds": seconds,
+              "last_error": describe_error(exc, app.settings)[:300]}
+    try:
+        with connection():
+            upsert_run(name, values, failures_in_a_row=1)
+    except Exception as failure:
+        log.warning("Job %s: its failure could not be recorded either (%s)", name, type(failure).__name__)
+
+
+def upsert_run(name, values, **counters):
+    """Insert or update the job's row; each of `counters` (name=1 or 0) counts up from what is
+    stored when 1, starts again when 0."""
+    update = {getattr(JobRun, k): v for k, v in values.items()}
+    for counter, step in counters.items():
+        column = getattr(JobRun, counter)
+        update[column] = column + 1 if step else 0
+    (JobRun.insert(job_id=name, **values, **counters)
+     .on_conflict(conflict_target=[JobRun.job_id], update=update).execute())
+
+
+def job_runs():
+    """{job id: its JobRun} of every job that ever ran."""
+    return {run.job_id: run for run in JobRun.select()}

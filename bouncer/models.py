@@ -104,6 +104,7 @@ class BouncerBatch(BaseModel):
     bouncer_status = TextField(null=True)
     finished_at = DateTimeField(null=True)
     failure_reason = TextField(null=True)
+    bouncer_completed_at = DateTimeField(null=True)   # when Bouncer says it completed
 
     class Meta:
         table_name = "bouncer_batches"
@@ -234,6 +235,52 @@ class WebhookAttempt(BaseModel):
         table_name = "webhook_attempts"
 
 
+class JobRun(BaseModel):
+    """How each repeating job last went, for /health, `status`, the console and /metrics: kept
+    in the database, so every web process and the CLI read the same, with no Redis needed."""
+    job_id = TextField(primary_key=True)
+    last_started_at = DateTimeField(null=True)
+    last_success_at = DateTimeField(null=True)
+    last_failure_at = DateTimeField(null=True)
+    last_error = TextField(null=True)
+    failures_in_a_row = IntegerField(default=0)
+    refused_status = IntegerField(null=True)     # Bouncer's 401, 402 or 429 that ended the last run
+    refused_message = TextField(null=True)
+    refusals_in_a_row = IntegerField(default=0)
+    last_summary = TextField(null=True)
+    last_seconds = FloatField(null=True)
+
+    class Meta:
+        table_name = "job_runs"
+
+
+class Pause(BaseModel):
+    """Batch creation held for a check type: by an operator, or by Bouncer saying the account is
+    out of credits (then the creation cycle asks for the balance at most once a minute and
+    resumes by itself)."""
+    check_type = TextField(primary_key=True)
+    cause = TextField()                          # operator | credits
+    reason = TextField()
+    since = DateTimeField()
+    next_check_at = DateTimeField(null=True)     # credits: when to ask Bouncer again
+    credits_left = IntegerField(null=True)       # credits: the balance Bouncer said it had
+
+    class Meta:
+        table_name = "pauses"
+
+
+class AuditEntry(BaseModel):
+    """An operator's action from the console: who, what, when."""
+    at = DateTimeField(index=True)
+    who = TextField()
+    action = TextField()
+    target = TextField()
+    detail = TextField(null=True)
+
+    class Meta:
+        table_name = "audit_log"
+
+
 class FifoCounter(BaseModel):
     """One row: the last place in line given to a user batch. Taking the next places is an
     UPDATE of this row, so on PostgreSQL the places are given in commit order."""
@@ -255,7 +302,8 @@ RESULT_MODELS = dict(zip(CHECK_TYPES, (DeliverableResult, CatchallResult)))
 # Created by Peewee from these definitions; the host-facing tables have SQL of their own.
 INTERNAL_MODELS = [
     EmailGlobal, BouncerBatch, BouncerBatchEmail, DeliverableResult, CatchallResult,
-    RateLimitTracker, IdempotencyKey, WebhookDelivery, WebhookAttempt, FifoCounter, SchemaVersion,
+    RateLimitTracker, IdempotencyKey, WebhookDelivery, WebhookAttempt, JobRun, Pause, AuditEntry,
+    FifoCounter, SchemaVersion,
 ]
 HOST_MODELS = [UserBatch, UserBatchEmail]
 ALL_MODELS = HOST_MODELS + INTERNAL_MODELS

@@ -9,7 +9,6 @@ import codecs
 import csv
 import json
 import sys
-import tempfile
 
 from .errors import InputError, MalformedInput
 
@@ -214,6 +213,7 @@ class JsonBatch:
 
     def spool_email(self, item):
         if self.spool is None:
+            import tempfile
             self.spool = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
         self.spool.write(json.dumps(item[1]) + "\n")
 

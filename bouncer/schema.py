@@ -152,6 +152,7 @@ def create_schema():
     with database.connection_context():
         version = current_version()
         if version == VERSION:
+            database.create_tables(INTERNAL_MODELS, safe=True)   # any the version gained since
             return "schema up to date (version %d)" % VERSION
         if version is None:
             create_all()
@@ -208,6 +209,7 @@ def upgrade_sqlite_from_1():
         with write_transaction():
             for name in V1_INDEXES:
                 database.execute_sql('DROP INDEX IF EXISTS "%s"' % name)
+            database.execute_sql("ALTER TABLE bouncer_batches ADD COLUMN bouncer_completed_at DATETIME")
             database.execute_sql('ALTER TABLE user_batches RENAME TO user_batches_v1')
             database.execute_sql('ALTER TABLE user_batch_emails RENAME TO user_batch_emails_v1')
             database.execute_sql(render(USER_BATCHES))
@@ -233,6 +235,7 @@ def upgrade_postgres_from_1():
     """PostgreSQL changes the tables in place; the indexes are made anew."""
     statements = [
         *('DROP INDEX IF EXISTS "%s"' % name for name in V1_INDEXES),
+        "ALTER TABLE bouncer_batches ADD COLUMN bouncer_completed_at TIMESTAMP",
         'ALTER TABLE user_batches RENAME COLUMN "user" TO user_id',
         "ALTER TABLE user_batches ALTER COLUMN status SET DEFAULT 'new',"
         " ALTER COLUMN total SET DEFAULT 0, ALTER COLUMN invalid SET DEFAULT 0,"

@@ -99,6 +99,7 @@ def call_failed(cycle, batch, exc):
     cycle.report.errors += 1
     if exc.ends_cycle:
         cycle.report.stopped = str(exc)
+        cycle.report.refused = (exc.status, str(exc))
         log.error("Status cycle %s stopped: %s", batch.check_type, exc, extra=where)
         return False
     log.warning("Bouncer batch %s (%s) not checked: %s; next cycle", batch.bouncer_id, batch.id, exc,

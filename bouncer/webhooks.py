@@ -14,7 +14,6 @@ import json
 import logging
 import secrets
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from .db import utcnow, write_transaction
 from .logs import ids
@@ -62,6 +61,7 @@ def send_due(settings, session=None, now=None):
     """Deliver what is due, a few at a time, until nothing is due or the budget is spent.
     Returns {state: deliveries that reached it}."""
     import requests
+    from concurrent.futures import ThreadPoolExecutor
     session = session or requests.Session()
     deadline = time.monotonic() + SENDER_BUDGET
     done = {}

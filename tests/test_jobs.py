@@ -4,7 +4,7 @@ import logging
 from rq import Queue, SimpleWorker
 
 from bouncer.cycles import CREATION, run_cycle
-from bouncer.jobs import QUEUE_NAME, check_batches_job, create_batches_job, last_successes
+from bouncer.jobs import QUEUE_NAME, check_batches_job, create_batches_job, job_runs
 from bouncer.models import BouncerBatch
 
 from conftest import addresses, submit
@@ -41,7 +41,7 @@ def test_job_records_success_and_logs_what_the_cycle_did(app, bouncer, caplog):
     submit("alice", addresses("a", 5))
     Queue(QUEUE_NAME, connection=app.redis).enqueue(create_batches_job, "deliverable")
     work(app)
-    assert "batch_creator_deliverable" in last_successes(app.redis)
+    assert job_runs()["batch_creator_deliverable"].last_success_at is not None
     assert "Job batch_creator_deliverable done" in caplog.text and "1 Bouncer batch(es) created" in caplog.text
 
 
@@ -54,7 +54,8 @@ def test_job_failure_is_logged_not_retried_and_not_recorded(app, bouncer, caplog
     job = Queue(QUEUE_NAME, connection=app.redis).enqueue(check_batches_job, "deliverable")
     work(app)
     assert job.get_status() == "failed" and job.retries_left is None
-    assert "status_checker_deliverable" not in last_successes(app.redis)
+    run = job_runs()["status_checker_deliverable"]
+    assert run.last_success_at is None and run.failures_in_a_row == 1 and "database went away" in run.last_error
     assert "Job status_checker_deliverable" in caplog.text and "database went away" in caplog.text
 
 

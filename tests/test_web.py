@@ -20,7 +20,7 @@ from bouncer import health as health_module
 from bouncer.app import App
 from bouncer.db import open_database, utcnow
 from bouncer.health import GRACE_SECONDS, OVERDUE_INTERVALS, job_health
-from bouncer.jobs import QUEUE_NAME, JobSpec, job_definitions, record_success
+from bouncer.jobs import QUEUE_NAME, JobSpec, job_definitions, job_runs, record_run
 from bouncer.models import database
 from bouncer.schedule import JOB_TIMEOUT
 from bouncer.web import create_web_app as make_app
@@ -68,9 +68,13 @@ def web(callback_app):
     return make_app(callback_app)
 
 
+def record_success(job_id, now):
+    record_run(job_id, now, summary="ok", now=now)
+
+
 def record_all_successes(app, now):
     for job_id in job_definitions(app.settings):
-        record_success(app.redis, job_id, now=now)
+        record_success(job_id, now)
 
 
 def queued_job_ids(redis):
@@ -116,8 +120,7 @@ def test_health_503_when_a_job_is_overdue(app, redis_conn, web):
     now = utcnow()
     record_all_successes(app, now)
     # OVERDUE_INTERVALS intervals of 30 s plus the grace; this one is 20 s older than that.
-    record_success(redis_conn, "status_checker_catchall",
-                   now=now - datetime.timedelta(seconds=WINDOW_30S + 20))
+    record_success("status_checker_catchall", now - datetime.timedelta(seconds=WINDOW_30S + 20))
     response = call(web, "GET", "/health")
     assert response.status == 503
     assert response.json["status"] == "degraded"
@@ -139,14 +142,13 @@ def test_health_503_when_a_job_never_succeeded_long_after_start(callback_app):
     (WINDOW_30S, 10_000, False),         # exactly at the window's edge
     (WINDOW_30S + 1, 10, True),          # an old success is overdue even right after a restart
 ])
-def test_job_health_window(last_success, up_for, overdue):
+def test_job_health_window(db, last_success, up_for, overdue):
     now = datetime.datetime(2026, 11, 28, 12, 0, 0)
     seconds = datetime.timedelta(seconds=1)
     definitions = {"status_checker_deliverable": JobSpec(None, ("deliverable",), 30, QUEUE_NAME)}
-    successes = {}
     if last_success is not None:
-        successes["status_checker_deliverable"] = (now - last_success * seconds).isoformat()
-    health = job_health(definitions, successes, now, now - up_for * seconds)
+        record_success("status_checker_deliverable", now - last_success * seconds)
+    health = job_health(definitions, job_runs(), now, now - up_for * seconds)
     assert health["status_checker_deliverable"]["overdue"] is overdue
 
 
@@ -157,7 +159,7 @@ def test_health_503_when_redis_is_down(callback_app):
     body = response.json
     assert body["redis"]["ok"] is False and "Connection" in body["redis"]["error"]
     assert body["database"] == {"ok": True}
-    assert body["jobs"] is None
+    assert body["reasons"][0].startswith("redis: ")
     assert "redis-pw-7a7a" not in response.raw
 
 

@@ -3,10 +3,18 @@
 simulator.py is Bouncer itself (verdicts, batches, faults, controls), server.py carries it over
 real HTTP or behind `responses`, options.py declares its options once. Standard library only.
 The soak script classifies request-log lines with parse_route and request_kind, as the simulator
-does.
+does. Imported lazily: the CLI reads the options without loading the HTTP server.
 """
 from .options import SandboxOptions
-from .server import Sandbox
-from .simulator import parse_route, request_kind
 
 __all__ = ["Sandbox", "SandboxOptions", "parse_route", "request_kind"]
+
+
+def __getattr__(name):
+    if name == "Sandbox":
+        from .server import Sandbox
+        return Sandbox
+    if name in ("parse_route", "request_kind"):
+        from . import simulator
+        return getattr(simulator, name)
+    raise AttributeError(name)
