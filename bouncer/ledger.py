@@ -202,9 +202,12 @@ def release_stale_reservations(check_type, older_than):
 
 # -- outstanding -> completed or failed --
 
-def note_checked(ledger_id, bouncer_status, now=None):
-    (BouncerBatch.update(last_checked_at=now or utcnow(), bouncer_status=str(bouncer_status)[:64])
-     .where(BouncerBatch.id == ledger_id).execute())
+def note_checked(ledger_id, bouncer_status, completed_at=None, now=None):
+    """What Bouncer said of the batch; `completed_at` (naive UTC), when it says it completed."""
+    changes = {BouncerBatch.last_checked_at: now or utcnow(), BouncerBatch.bouncer_status: str(bouncer_status)[:64]}
+    if completed_at is not None:
+        changes[BouncerBatch.bouncer_completed_at] = completed_at
+    BouncerBatch.update(changes).where(BouncerBatch.id == ledger_id).execute()
 
 
 def claim_outstanding(ledger_id):

@@ -24,6 +24,19 @@ log = logging.getLogger(__name__)
 WAITING_STATUSES = ("queued", "processing")
 
 
+def parse_time(value):
+    """Bouncer's ISO 8601 time ("2023-03-26T18:08:15.033Z") as naive UTC; None if it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+    return moment
+
+
 def check_batches(cycle, now=None):
     settings, check_type, report = cycle.settings, cycle.check_type, cycle.report
     now = now or utcnow()
@@ -57,7 +70,7 @@ def follow_batch(cycle, batch):
         return call_failed(cycle, batch, exc)
     cycle.report.checked += 1
     status = answer.get("status")
-    ledger.note_checked(batch.id, status)
+    ledger.note_checked(batch.id, status, completed_at=parse_time(answer.get("completed")))
     if status == "completed":
         return download_and_ingest(cycle, batch)
     if status not in WAITING_STATUSES:
