@@ -29,6 +29,23 @@ class BouncerGroup(click.Group):
             raise click.ClickException(message) from None
 
 
+def json_errors(command):
+    """A command run with --json also prints `{"error": "..."}` on stdout when it fails, for
+    the program reading its output; the line on stderr is the group's."""
+    import functools
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except Exception as exc:
+            message = str(exc) if isinstance(exc, EXPECTED_ERRORS) else describe_failure(exc)
+            if kwargs.get("as_json") and message is not None:
+                click.echo(json.dumps({"error": message}))
+            raise
+    return run
+
+
 def describe_failure(exc):
     """One line for a database or Redis failure, or None for anything else. Only libraries the
     command already imported are asked: a command that never touched Redis cannot fail in it."""
@@ -87,6 +104,7 @@ def init_db():
 @click.option("--user", required=True, help="Who the batch belongs to.")
 @click.option("--check-type", required=True, type=click.Choice(CHECK_TYPES))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object only.")
+@json_errors
 def submit(file, user, check_type, as_json):
     """Create one user batch from FILE: one address a line, or a CSV with an `email` column.
     `-` reads stdin.
@@ -167,6 +185,7 @@ def check_batches(check_types):
 @cli.command()
 @click.argument("batch_id", type=int, required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+@json_errors
 def status(batch_id, as_json):
     """Progress of user batches, outstanding Bouncer batches, queued emails, rate-limit use, and
     the jobs' health with the reasons it is degraded (as /health says, Redis aside).

@@ -61,9 +61,16 @@ class BouncerError(Exception):
         return self.status == 404
 
     @property
+    def is_results_gone(self):
+        # A 405 whose message says the addresses and results were removed (Bouncer's Java SDK
+        # handles it) is final: asking again never helps. Told apart by the words, leniently.
+        text = self.message.lower()
+        return self.status == 405 and any(word in text for word in ("remov", "delet", "expired", "no longer"))
+
+    @property
     def is_not_ready(self):
         # Bouncer answers 405 to a download asked for before the batch completed.
-        return self.status == 405
+        return self.status == 405 and not self.is_results_gone
 
     @property
     def is_transient(self):

@@ -71,6 +71,8 @@ def follow_batch(cycle, batch):
     cycle.report.checked += 1
     status = answer.get("status")
     ledger.note_checked(batch.id, status, completed_at=parse_time(answer.get("completed")))
+    # Documented: queued, processing, completed. Read leniently (case, spaces).
+    status = status.strip().lower() if isinstance(status, str) else status
     if status == "completed":
         return download_and_ingest(cycle, batch)
     if status not in WAITING_STATUSES:
@@ -88,6 +90,9 @@ def download_and_ingest(cycle, batch):
     try:
         records = cycle.app.client.download_batch(batch.check_type, batch.bouncer_id)
     except BouncerError as exc:
+        if exc.is_results_gone:
+            return fail_for_good(cycle, batch, "Bouncer removed the results of batch %s: %s"
+                                 % (batch.bouncer_id, exc))
         if exc.is_not_ready:
             log.info("Bouncer batch %s (%s) is not downloadable yet; next cycle", batch.bouncer_id,
                      batch.id, extra=ids(ledger_id=batch.id, bouncer_id=batch.bouncer_id))
@@ -101,14 +106,18 @@ def download_and_ingest(cycle, batch):
     return True
 
 
+def fail_for_good(cycle, batch, reason):
+    """Bouncer will never give this batch's results: it fails with its emails and user batches."""
+    if ledger.fail_bouncer_batch(batch.id, reason) is not None:
+        cycle.report.failed.append((batch.id, reason))
+        cycle.slot_freed()
+    return True
+
+
 def call_failed(cycle, batch, exc):
     where = ids(ledger_id=batch.id, bouncer_id=batch.bouncer_id, check_type=batch.check_type)
     if exc.is_not_found:
-        reason = "Bouncer no longer knows batch %s (404)" % batch.bouncer_id
-        if ledger.fail_bouncer_batch(batch.id, reason) is not None:
-            cycle.report.failed.append((batch.id, reason))
-            cycle.slot_freed()
-        return True
+        return fail_for_good(cycle, batch, "Bouncer no longer knows batch %s (404)" % batch.bouncer_id)
     cycle.report.errors += 1
     if exc.ends_cycle:
         cycle.report.stopped = str(exc)

@@ -153,6 +153,30 @@ def test_check_405_on_download_waits_for_next_cycle(app, bouncer):
     assert statuses(batch) == {DONE: 5}
 
 
+def test_check_405_saying_the_results_were_removed_is_final(app, bouncer):
+    batch = send_all(app)
+    [bid] = bouncer.batches
+    bouncer.complete_now()
+    bouncer.remove_results(bid)
+    report = run_cycle(app, STATUS, "deliverable")
+    assert len(report.failed) == 1 and "removed" in report.failed[0][1]
+    assert BouncerBatch.get().status == "failed" and statuses(batch) == {"failed": 5}
+    assert UserBatch.get_by_id(batch).status == "failed"
+    assert bouncer.count("download") == 1
+    run_cycle(app, STATUS, "deliverable")                 # never asked again
+    assert bouncer.count("download") == 1
+
+
+@pytest.mark.parametrize("spelling", ["Completed", " completed ", "COMPLETED"])
+def test_check_reads_the_status_leniently(app, bouncer, spelling):
+    batch = send_all(app)
+    [bid] = bouncer.batches
+    bouncer.complete_now()
+    bouncer.set_status(bid, spelling)
+    run_cycle(app, STATUS, "deliverable")
+    assert statuses(batch) == {DONE: 5}
+
+
 @pytest.mark.parametrize("status", [500, 503, requests.exceptions.ConnectTimeout])
 def test_check_transient_error_skips_to_the_next_batch(app, bouncer, status):
     send_all(app, "alice", addresses("a", 25))   # three Bouncer batches

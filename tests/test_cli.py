@@ -122,7 +122,8 @@ def test_unknown_batch_id_exit_1_one_line(app, database_url, args):
     submit("alice", ["a@example.com"])
     result = run(database_url, *args)
     assert_clean_failure(result, "999")
-    assert result.stdout == ""
+    # With --json the program reading stdout gets the error as JSON too.
+    assert result.stdout == ('{"error": "no user batch with id 999"}\n' if "--json" in args else "")
 
 
 def test_results_unknown_batch_id_writes_no_file(app, database_url, tmp_path):
