@@ -80,15 +80,22 @@ def bounded_channel(settings):
     return BoundedChannel
 
 
-def serve(app, port, host="0.0.0.0"):
-    """Serve until SIGTERM (what Heroku and Render send) or Ctrl-C, then return, so the process
-    exits 0."""
+def make_server(app, port, host="0.0.0.0", idle_timeout=IDLE_TIMEOUT):
+    """The waitress server of the web application, bounded, not yet running."""
     from . import create_web_app
     largest = app.settings.api_max_emails * BYTES_PER_ROW + SMALL_BODY if app.settings.api_tokens else SMALL_BODY
     server = create_server(create_web_app(app), host=host, port=port, threads=THREADS,
-                           connection_limit=CONNECTION_LIMIT, channel_timeout=IDLE_TIMEOUT,
-                           max_request_body_size=largest, ident="bouncer")
+                           connection_limit=CONNECTION_LIMIT, channel_timeout=idle_timeout,
+                           cleanup_interval=max(1, min(30, idle_timeout)), max_request_body_size=largest,
+                           ident="bouncer")
     server.channel_class = bounded_channel(app.settings)
+    return server
+
+
+def serve(app, port, host="0.0.0.0"):
+    """Serve until SIGTERM (what Heroku and Render send) or Ctrl-C, then return, so the process
+    exits 0."""
+    server = make_server(app, port, host)
     signal.signal(signal.SIGTERM, stop_serving)
     log.info("Web process listening on %s:%s", server.effective_host, server.effective_port)
     try:
