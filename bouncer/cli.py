@@ -6,6 +6,7 @@ from dataclasses import fields
 
 import click
 
+from . import __version__
 from .config import CHECK_TYPES
 from .errors import ConfigError, DatabaseUnavailable, InputError, NotFound
 from .sandbox.options import SandboxOptions, describe_range, flag_of
@@ -81,6 +82,7 @@ check_type_option = click.option(
 
 
 @click.group(cls=BouncerGroup)
+@click.version_option(__version__, message="%(prog)s %(version)s")
 def cli():
     """Bouncer verification queue: greedy batches out, verdicts back.
 
@@ -97,6 +99,29 @@ def init_db():
     from .schema import create_schema
     app_from_env()
     click.echo(create_schema())
+
+
+@cli.command()
+def release():
+    """The Procfile's release step: create or migrate the schema. In Heroku's release phase
+    (DYNO=release.*) it then ends, as Heroku waits for it to; anywhere else (`honcho start`, which
+    runs every Procfile line as a process and stops them all when one ends) it stays up, idle,
+    until it is stopped, so that the rest of the service keeps running.
+
+    Example: honcho start
+    """
+    import signal
+    from .schema import create_schema
+    app_from_env()
+    click.echo(create_schema())
+    if os.environ.get("DYNO", "").startswith("release"):
+        return
+    click.echo("release: schema ready; staying up while the other processes run (Ctrl-C stops)")
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
 
 
 @cli.command()
@@ -369,4 +394,5 @@ def web(port):
 
 
 def main():
-    cli(prog_name="python -m bouncer")
+    name = os.path.basename(sys.argv[0])
+    cli(prog_name="bouncer" if name == "bouncer" else "python -m bouncer")

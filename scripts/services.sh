@@ -1,8 +1,11 @@
 # Loopback servers for local runs and tests, started only when nothing answers already.
-# Source it, then call: ensure_venv, ensure_redis URL, ensure_postgres PORT.
-# Servers started here keep their data and logs under $STATE_DIR (default .local/).
+# Source it, then call: ensure_venv, ensure_redis URL, ensure_postgres PORT; and, when done,
+# stop_started_servers, which stops only what these functions started (a server that was
+# already running is left as it was). Started servers keep their data and logs under
+# $STATE_DIR (default .local/).
 
 STATE_DIR=${STATE_DIR:-$PWD/.local}
+STARTED_SERVERS=()   # how to stop each server started here, one command line each
 
 say() { printf '==> %s\n' "$*" >&2; }
 
@@ -23,9 +26,9 @@ ensure_venv() {
         say "creating virtualenv $VENV"
         python3 -m venv "$VENV"
     fi
-    if [ requirements.txt -nt "$VENV/.installed" ]; then
+    if [ requirements.txt -nt "$VENV/.installed" ] || [ requirements-test.txt -nt "$VENV/.installed" ]; then
         say "installing requirements"
-        "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt 2>&1 \
+        "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements-test.txt 2>&1 \
             | { grep -v "^WARNING: Location" || true; } >&2
         touch "$VENV/.installed"
     fi
@@ -45,6 +48,7 @@ ensure_redis() {
     redis-server --port "$port" --bind 127.0.0.1 --daemonize yes --save "" --appendonly no \
         --dir "$STATE_DIR/redis-$port" --logfile "$STATE_DIR/redis-$port/redis.log" \
         --pidfile "$STATE_DIR/redis-$port/redis.pid" >/dev/null
+    STARTED_SERVERS+=("redis-cli -p $port shutdown nosave")
     for _ in $(seq 50); do
         redis-cli -p "$port" ping >/dev/null 2>&1 && return 0; sleep 0.1
     done
@@ -83,6 +87,7 @@ ensure_postgres() {
     "${run[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
         -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=200" \
         start >/dev/null || { say "PostgreSQL did not start; see $dir/server.log"; return 1; }
+    STARTED_SERVERS+=("${run[*]} $bin/pg_ctl -D $dir/data -m fast stop")
 }
 
 # wait_for_port PORT NAME LOG PID -- until something answers on 127.0.0.1:PORT, or PID dies.
@@ -98,4 +103,14 @@ wait_for_port() {
         sleep 0.2
     done
     say "$name did not answer on port $port within 30 s; see $log"; exit 1
+}
+
+# stop_started_servers -- stop what ensure_redis and ensure_postgres started in this shell.
+stop_started_servers() {
+    local command
+    for command in "${STARTED_SERVERS[@]}"; do
+        say "stopping the server this script started: ${command%% *} ..."
+        $command >/dev/null 2>&1 || true
+    done
+    STARTED_SERVERS=()
 }
