@@ -29,12 +29,15 @@ class App:
         return BouncerClient(s.api_url, s.api_key, timeout=s.bouncer_timeout,
                              connect_timeout=s.bouncer_connect_timeout, catchall_path=s.catchall_path)
 
-    def callback_url(self, check_type):
-        """Where Bouncer should say a batch is done, when the web process is reachable."""
+    def callback_url(self, check_type, reservation=None):
+        """Where Bouncer should say a batch is done, when the web process is reachable. It names
+        the reservation, so that the callback of a batch whose create went unanswered can be
+        recognised, and that batch followed instead of its emails sent again."""
         s = self.settings
         if not (s.public_url and s.callback_secret):
             return None
-        return "%s/bouncer/callback/%s/%s" % (s.public_url, s.callback_secret, check_type)
+        url = "%s/bouncer/callback/%s/%s" % (s.public_url, s.callback_secret, check_type)
+        return url + ("?reservation=%d" % reservation if reservation is not None else "")
 
 
 _current = None

@@ -112,7 +112,7 @@ def send_reservation(cycle, reservation):
     ledger_id = reservation.ledger_id
     try:
         answer = app.client.create_batch(check_type, reservation.emails,
-                                         callback_url=app.callback_url(check_type))
+                                         callback_url=app.callback_url(check_type, reservation=ledger_id))
     except BouncerError as exc:
         return call_failed(cycle, reservation, exc)
     bouncer_id = answer["batchId"]
@@ -131,13 +131,22 @@ def send_reservation(cycle, reservation):
 
 def call_failed(cycle, reservation, exc):
     check_type, report, ledger_id = cycle.check_type, cycle.report, reservation.ledger_id
-    ledger.reject_reservation(ledger_id, str(exc), possible_orphan=exc.timed_out)
     report.failed_calls.append((ledger_id, str(exc)))
     where = ids(ledger_id=ledger_id, check_type=check_type)
-    if exc.timed_out:
-        log.warning("Reservation %s: Bouncer did not answer in time; it may have created the "
-                    "batch anyway (possible orphan, %d addresses)", ledger_id,
+    if exc.timed_out and cycle.app.callback_url(check_type) is not None:
+        # Bouncer may have created the batch: its callback names this reservation, and then it
+        # is followed instead of sent again. Until then (at most RESERVATION_TIMEOUT) the
+        # reservation holds its slot and its addresses.
+        ledger.note_unanswered(ledger_id, str(exc))
+        log.warning("Reservation %s: Bouncer did not answer in time; it may have created the batch "
+                    "anyway; waiting for its callback before sending these %d addresses again", ledger_id,
                     len(reservation.emails), extra=where)
+    else:
+        ledger.reject_reservation(ledger_id, str(exc), possible_orphan=exc.timed_out)
+        if exc.timed_out:
+            log.warning("Reservation %s: Bouncer did not answer in time; it may have created the "
+                        "batch anyway (possible orphan, %d addresses)", ledger_id,
+                        len(reservation.emails), extra=where)
     if exc.is_out_of_credits:
         pauses.pause_for_credits(str(exc))
     if exc.ends_cycle:

@@ -159,6 +159,37 @@ def confirm_sent(ledger_id, bouncer_id, now=None):
     return updated == 1
 
 
+def note_unanswered(ledger_id, reason):
+    """The create went unanswered; the reservation stays, waiting for Bouncer's callback."""
+    (BouncerBatch.update(failure_reason="create unanswered (%s); waiting for Bouncer's callback" % reason)
+     .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == RESERVED)).execute())
+
+
+def recognise_from_callback(ledger_id, bouncer_id, now=None):
+    """Bouncer's callback names a reservation and its batch. A reservation still waiting for its
+    id (its create went unanswered) takes it and is followed from here: its emails are not sent
+    again. One already abandoned keeps the id, as a confirmed orphan. Returns what happened:
+    "followed", "orphan", or None (nothing to learn: already known, or no such reservation)."""
+    with write_transaction():
+        batch = BouncerBatch.get_or_none(BouncerBatch.id == ledger_id)
+        if batch is None or batch.bouncer_id is not None \
+                or BouncerBatch.select().where(BouncerBatch.bouncer_id == bouncer_id).exists():
+            return None
+        if batch.status == RESERVED:
+            confirm_sent(ledger_id, bouncer_id, now)
+            BouncerBatch.update(failure_reason=None).where(BouncerBatch.id == ledger_id).execute()
+            outcome = "followed"
+        elif batch.status == ABANDONED:
+            BouncerBatch.update(bouncer_id=bouncer_id).where(BouncerBatch.id == ledger_id).execute()
+            outcome = "orphan"
+        else:
+            return None
+    log.warning("Bouncer batch %s recognised from its callback for reservation %s: %s", bouncer_id, ledger_id,
+                "followed, its emails not sent again" if outcome == "followed" else "an orphan (its emails "
+                "were sent again after RESERVATION_TIMEOUT)", extra=ids(ledger_id=ledger_id, bouncer_id=bouncer_id))
+    return outcome
+
+
 def reject_reservation(ledger_id, reason, possible_orphan=False, now=None):
     """The call failed. Its addresses leave flight now; its emails stay parked until
     `requeue_rejected_emails`, so this cycle does not send them again (they wait for the next

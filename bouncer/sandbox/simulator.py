@@ -526,6 +526,10 @@ class Simulator:
         """Keep the request in memory and, if asked, as one JSON line for other processes."""
         entry = {"time": arrived, "kind": request.kind, "method": request.method,
                  "path": request.path, "status": reply.status, "fault": reply.fault}
+        if request.kind == "create" and reply.status == 200:
+            # The batch made and the credits it costs: a soak tells orphans from followed batches.
+            created = json.loads(reply.body)
+            entry.update(batch_id=created["batchId"], credits=created["quantity"] - created["duplicates"])
         with self._lock:
             self.requests.append(entry)
             self._counts["by_kind"][request.kind] += 1

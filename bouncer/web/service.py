@@ -44,7 +44,7 @@ def callback(rest):
         abort(404)
     if request.method not in ("POST", "GET"):
         abort(405, headers={"Allow": "POST, GET"})
-    request.stream.read(MAX_CALLBACK_BODY)   # what Bouncer sent is ignored
+    recognise_reservation(request.stream.read(MAX_CALLBACK_BODY))
     try:
         for check_type in check_types:
             run_now(app.redis, STATUS, check_type)
@@ -55,6 +55,26 @@ def callback(rest):
                     describe_error(exc, app.settings))
         abort(503, "queue unavailable")
     return {"queued": list(check_types)}, 202
+
+
+def recognise_reservation(body):
+    """A callback naming a reservation whose create went unanswered tells its batch id: the
+    batch is followed rather than sent again. The payload is undocumented, so it is read
+    leniently (a JSON object with a batch id under a likely name) and ignored otherwise."""
+    import json
+    from ..ledger import recognise_from_callback
+    reservation = request.args.get("reservation", "")
+    if not reservation.isdigit():
+        return
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return
+    if not isinstance(payload, dict):
+        return
+    bouncer_id = next((payload[k] for k in ("batchId", "batch_id", "id") if isinstance(payload.get(k), str)), None)
+    if bouncer_id and len(bouncer_id) <= 100:
+        recognise_from_callback(int(reservation), bouncer_id.strip())
 
 
 def is_redis_error(exc):

@@ -118,10 +118,14 @@ def describe_batches(table, run):
     abandoned = counts["abandoned"]
     table.line("abandoned (possible orphans)", "%d%s" % (len(abandoned), (
         ", sizes " + ", ".join(map(str, abandoned))) if abandoned else ""))
-    created_at_sandbox = sum(1 for e in run.checker.requests.entries
-                             if e["status"] == 200 and kind_of(e) == "create")
-    table.line("created at the sandbox, not followed", "%d (a create answered after the client "
-               "timed out)" % max(0, created_at_sandbox - counts["stored_ids"]))
+    created = {e["batch_id"]: e["credits"] for e in run.checker.requests.entries if e.get("batch_id")}
+    followed = {b for (b,) in BouncerBatch.select(BouncerBatch.bouncer_id).where(
+        BouncerBatch.bouncer_id.is_null(False) & BouncerBatch.status.not_in(("abandoned", "rejected"))).tuples()}
+    orphans = {b: credits for b, credits in created.items() if b not in followed}
+    spent = sum(created.values())
+    table.line("orphans (created at the sandbox, not followed)", "%d of %d batches; %d extra credits of %d "
+               "spent = %.2f%%" % (len(orphans), len(created), sum(orphans.values()), spent,
+                                   100.0 * sum(orphans.values()) / spent if spent else 0.0))
 
 
 def describe_requests(table, run):
