@@ -46,10 +46,12 @@ def parse_options(argv=None):
                              "receiving it that invariant 4 tolerates (default %(default)s; "
                              "0 judges the sandbox's arrivals strictly)")
     parser.add_argument("--kill-every", type=float, default=0,
-                        help="every this many seconds of the run, SIGKILL one worker with the "
-                             "cycle it runs, and start it again (invariant 6: a reservation of "
-                             "the dead cycle is abandoned after RESERVATION_TIMEOUT; its lock "
-                             "frees itself within 60 s); 0, the default: never")
+                        help="every this many seconds of the run, stop one worker with the cycle "
+                             "it runs and start it again, by turns with SIGTERM (a deploy: the "
+                             "cycle ends between steps, a call in flight finishes, the worker "
+                             "exits 0) and SIGKILL (invariant 6: a reservation of the dead cycle "
+                             "is abandoned after RESERVATION_TIMEOUT; its lock frees itself within "
+                             "60 s); 0, the default: never")
     parser.add_argument("--run-dir", help="where logs go (default: a new temporary directory)")
     parser.add_argument("--keep-database", action="store_true",
                         help="keep the PostgreSQL database of the run for inspection")

@@ -130,6 +130,19 @@ class Supervisor:
         process.kill()
         return self.launch(name, process.argv, env=process.env)
 
+    def stop_and_restart(self, name, grace):
+        """SIGTERM, as a deploy sends, and the same command again once the process has ended;
+        its exit code (a sentence if it outlived `grace`, and was then killed)."""
+        process = self.running[name]
+        process.terminate()
+        try:
+            code = process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = "still running %ds after SIGTERM" % grace
+        self.launch(name, process.argv, env=process.env)
+        return code
+
     def exited(self):
         """{name: exit code} of the processes that stopped without being asked."""
         return {name: process.returncode for name, process in self.running.items()

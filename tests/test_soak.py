@@ -132,7 +132,8 @@ def run_soak(tmp_path, *options):
     """The soak as a subprocess, from the repository root; on timeout it gets SIGTERM first, so
     its finally block stops the processes it started. Each run draws its own seed (printed
     first), so CI covers more histories over time and a failure can be replayed with --seed."""
-    command = [sys.executable, "-m", "scripts.soak", "--duration", str(SOAK_SECONDS),
+    # Workers are stopped every 15 s, by turns with SIGTERM (a deploy) and SIGKILL.
+    command = [sys.executable, "-m", "scripts.soak", "--duration", str(SOAK_SECONDS), "--kill-every", "15",
                "--run-dir", str(tmp_path / "run"), *options]
     soak = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -150,6 +151,9 @@ def assert_soak_passed(code, output):
     assert sorted(verdicts) == ["1", "2", "3", "4", "5"], output[-6000:]
     assert set(verdicts.values()) == {"held"}, output[-6000:]
     assert re.search(r"^secrets in logs and /health\s+none$", output, re.M), output[-6000:]
+    assert re.search(r"^workers stopped and restarted\s+.*SIGTERM", output, re.M), output[-6000:]
+    assert re.search(r"^orphans \(created at the sandbox, not followed\)\s+\d+ of \d+ batches; "
+                     r"\d+ extra credits", output, re.M), output[-6000:]
     assert code == 0, output[-6000:]
 
 

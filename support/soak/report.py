@@ -112,9 +112,10 @@ def describe_batches(table, run):
         counts["stored_ids"], ledger["completed"], ledger["failed"], ledger["outstanding"]))
     table.line("Bouncer calls rejected", ledger["rejected"])
     if run.killer.kills:
-        table.line("workers killed (SIGKILL, restarted)", ", ".join(
-            "%d %s" % (count, moment)
-            for moment, count in sorted(collections.Counter(run.killer.kills).items())))
+        table.line("workers stopped and restarted", ", ".join(
+            "%d %s %s" % (count, signal_name, moment)
+            for (signal_name, moment), count in sorted(collections.Counter(run.killer.kills).items())))
+        table.line("exit codes after SIGTERM", ", ".join(map(str, run.killer.term_exits)) or "-")
     abandoned = counts["abandoned"]
     table.line("abandoned (possible orphans)", "%d%s" % (len(abandoned), (
         ", sizes " + ", ".join(map(str, abandoned))) if abandoned else ""))
@@ -183,9 +184,10 @@ def list_violations(table, run):
 
 
 def exits_ok(run):
-    """Whether every service process (not the sandbox) exited 0 when asked to stop."""
+    """Whether every service process (not the sandbox) exited 0 when asked to stop, at the end
+    and in the middle of the run alike."""
     return all(code == 0 for name, code in run.services.exit_codes.items()
-               if name.startswith(SERVICE_NAMES))
+               if name.startswith(SERVICE_NAMES)) and all(code == 0 for code in run.killer.term_exits)
 
 
 def describe_exits(run):
@@ -193,6 +195,7 @@ def describe_exits(run):
         return "all 0 after SIGTERM"
     stops = ["%s: %s" % item for item in sorted(run.services.exit_codes.items())
              if item[0].startswith(SERVICE_NAMES) and item[1] != 0]
+    stops += ["a worker stopped mid-run: %s" % code for code in run.killer.term_exits if code != 0]
     crashes = ["%s died by itself (%s)" % item for item in sorted(run.checker.crashes.items())]
     return "; ".join(crashes + stops)
 
@@ -212,7 +215,7 @@ def callbacks_answered(run_dir):
     path = run_dir / "web.log"
     if not path.exists():
         return 0
-    return len(re.findall(r"POST /bouncer/callback/\*\*\*/\w+ 202", path.read_text(errors="replace")))
+    return len(re.findall(r"POST /bouncer/callback/\*\*\* 202", path.read_text(errors="replace")))
 
 
 def leaked_secrets(run, report_text=""):

@@ -32,6 +32,7 @@ from support.soak.settings import (
     HTTP_TIMEOUT,
     MAX_OUTSTANDING,
     RATE_LIMIT_BUFFER,
+    STOP_GRACE,
 )
 
 
@@ -163,7 +164,9 @@ class HealthSampler(threading.Thread):
 
 
 class WorkerKiller:
-    """About every `every` seconds a worker dies with SIGKILL and a new one takes its place.
+    """About every `every` seconds a worker is stopped, by turns with SIGTERM (as a deploy
+    does; it must exit 0 once its cycle has ended between two steps) and SIGKILL, and a new one
+    takes its place.
     Cycles take milliseconds, so a worker picked at random is nearly always idle: the victim is
     the one running a creation cycle while a reservation is in flight (the window invariant 6
     is about), if that moment comes within half an interval; otherwise any worker."""
@@ -174,7 +177,8 @@ class WorkerKiller:
         self.rng = random.Random(soak.options.seed + 1)
         self.due = time.monotonic() + self.every
         self.redis = redis_lib.Redis.from_url(soak.env["REDIS_URL"], socket_connect_timeout=5)
-        self.kills = []
+        self.kills = []            # (signal, when) of each stop
+        self.term_exits = []       # the exit code of each worker stopped with SIGTERM
 
     def is_due(self):
         return bool(self.every) and time.monotonic() >= self.due
@@ -189,10 +193,16 @@ class WorkerKiller:
                 return
             name, moment = self.rng.choice(self.worker_names()), "at random"
         self.due = now + self.every
-        self.soak.services.restart(name)
-        self.kills.append(moment)
-        self.soak.out.say("killed %s (%s) with SIGKILL at %s and started it again"
-                          % (name, moment, iso(time.time())))
+        if len(self.kills) % 2 == 0:
+            code = self.soak.services.stop_and_restart(name, grace=STOP_GRACE)
+            self.term_exits.append(code)
+            signal_name = "SIGTERM"
+        else:
+            self.soak.services.restart(name)
+            signal_name = "SIGKILL"
+        self.kills.append((signal_name, moment))
+        self.soak.out.say("stopped %s (%s) with %s at %s and started it again"
+                          % (name, moment, signal_name, iso(time.time())))
 
     def worker_names(self):
         return sorted(n for n in self.soak.services.running if n.startswith("worker"))
