@@ -56,7 +56,7 @@ def test_without_a_callback_the_reservation_is_abandoned_and_sent_again(app, bou
     assert count_possible_orphans() == 1 and bouncer.count("create") == 2
     # Its callback comes after all: the orphan is known by its id, and nothing else changes.
     (orphan,) = BouncerBatch.select().where(BouncerBatch.status == ABANDONED)
-    first = [b for b in bouncer.batches][0]
+    first = next(iter(bouncer.batches))
     web = create_web_app(app).test_client()
     web.post("/bouncer/callback/%s/deliverable?reservation=%d" % (SECRET, orphan.id), json={"batchId": first})
     assert BouncerBatch.get_by_id(orphan.id).bouncer_id == first
