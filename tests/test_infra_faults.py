@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -154,9 +155,10 @@ class Service(Supervisor):
 
 
 @contextlib.contextmanager
-def running_service(tmp_path, sandbox):
+def running_service(tmp_path, sandbox, **settings):
     """A worker and a scheduler on a Redis of their own and `sandbox`, one batch already
-    completed. Everything started is stopped at the end, the processes first."""
+    completed (`settings`: more environment, by name). Everything started is stopped at the
+    end, the processes first."""
     with skipped_when_unavailable():
         redis_server = RedisServer(tmp_path / "redis")
     with contextlib.ExitStack() as cleanup:
@@ -165,6 +167,7 @@ def running_service(tmp_path, sandbox):
         cleanup.callback(sandbox.stop)
         sandbox.start()
         service = Service(tmp_path, redis_server, sandbox.url)
+        service.env.update(settings)
         cleanup.callback(service.kill_all)
         with service.logs_on_failure():
             service.run_ok("init-db")
@@ -240,6 +243,41 @@ def test_worker_and_scheduler_ride_out_a_redis_restart(tmp_path):
         time.sleep(1)
         for name, code in service.stop(list(service.running), grace=15).items():
             assert code == 0, service.running[name].log_tail(3000)
+
+
+def ledger_rows(service):
+    with contextlib.closing(sqlite3.connect(service.db_path, timeout=10)) as conn:
+        return conn.execute("SELECT id, status, bouncer_id FROM bouncer_batches ORDER BY id").fetchall()
+
+
+@pytest.mark.slow
+def test_sigterm_never_cuts_a_bouncer_call_in_flight(tmp_path):
+    """A deploy sends SIGTERM to every process of the dyno, then SIGKILL 30 s later. A worker
+    told to stop while a create is in flight lets the call finish and stores Bouncer's batch id
+    (no orphan), starts no further step of its cycle, and exits 0 well inside the 30 s."""
+    sandbox = Sandbox(port=0, processing_time=1, slow_seconds=4)
+    with running_service(tmp_path, sandbox, BOUNCER_BATCH_SIZE="10") as service:
+        before = len(ledger_rows(service))
+        creating = signal_on_request(sandbox, "POST")
+        sandbox.slow_rate = 1.0
+        batch = json.loads(service.run_ok("submit", "-", "--user", "deploy", "--check-type", "deliverable",
+                                          "--json", stdin="".join("d%d@example.com\n" % i for i in range(30))))
+        assert creating.wait(WAIT), "no creation cycle called Bouncer"
+        started = time.monotonic()
+        worker = service.running["worker"]
+        os.killpg(worker.pid, signal.SIGTERM)        # as the platform does: every process, horse too
+        code = worker.wait(timeout=30)
+        stopped_after = time.monotonic() - started
+        assert code == 0, service.running["worker"].log_tail()
+        assert 2 < stopped_after < 25          # the 4 s call finished first
+        rows = ledger_rows(service)[before:]
+        # The call in flight was answered and stored; the cycle took no next slot after SIGTERM.
+        assert [(status, bool(bouncer_id)) for _, status, bouncer_id in rows] == [("outstanding", True)]
+        assert "shutdown requested" in service.running["worker"].log()
+        sandbox.slow_rate = 0.0
+        service.start("worker", "worker")
+        service.wait_until_completed(batch["batch_id"], "after the worker came back")
+        assert sandbox.stats()["batches_created"] == before + 3   # 30 addresses in batches of 10
 
 
 # == 2. PostgreSQL restarted mid-cycle, or stopped under the CLI ==============================
