@@ -108,7 +108,7 @@ def release():
     runs every Procfile line as a process and stops them all when one ends) it stays up, idle,
     until it is stopped, so that the rest of the service keeps running.
 
-    Example: honcho start
+    Example: python -m bouncer release     (the Procfile's line: release: python -m bouncer release)
     """
     import signal
     from .schema import create_schema

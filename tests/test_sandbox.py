@@ -560,7 +560,10 @@ def test_api_key_never_in_request_logs(make_sandbox, tmp_path):
     assert "s3cret" not in json.dumps(box.requests)
     assert [json.loads(line) for line in lines] == box.requests
     assert [r["status"] for r in box.requests] == [200, 401, 200]
-    assert set(box.requests[0]) == {"time", "kind", "method", "path", "status", "fault"}
+    # A create Bouncer accepted also names its batch and the credits it cost.
+    assert set(box.requests[0]) == {"time", "kind", "method", "path", "status", "fault", "batch_id", "credits"}
+    assert (box.requests[0]["batch_id"], box.requests[0]["credits"]) == (batch_id, 1)
+    assert set(box.requests[1]) == {"time", "kind", "method", "path", "status", "fault"}
 
 
 # -- controls ----------------------------------------------------------------------------------

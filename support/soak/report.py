@@ -40,6 +40,8 @@ def database_counts():
         "addresses_sent": BouncerBatch.select(fn.COALESCE(fn.SUM(BouncerBatch.quantity), 0))
         .where(BouncerBatch.bouncer_id.is_null(False)).scalar(),
         "abandoned": abandoned,
+        "followed": {b for (b,) in BouncerBatch.select(BouncerBatch.bouncer_id).where(
+            BouncerBatch.bouncer_id.is_null(False) & BouncerBatch.status.not_in(("abandoned", "rejected"))).tuples()},
         "user_batches": collections.Counter(s for (s,) in UserBatch.select(UserBatch.status).tuples()),
     }
 
@@ -120,9 +122,7 @@ def describe_batches(table, run):
     table.line("abandoned (possible orphans)", "%d%s" % (len(abandoned), (
         ", sizes " + ", ".join(map(str, abandoned))) if abandoned else ""))
     created = {e["batch_id"]: e["credits"] for e in run.checker.requests.entries if e.get("batch_id")}
-    followed = {b for (b,) in BouncerBatch.select(BouncerBatch.bouncer_id).where(
-        BouncerBatch.bouncer_id.is_null(False) & BouncerBatch.status.not_in(("abandoned", "rejected"))).tuples()}
-    orphans = {b: credits for b, credits in created.items() if b not in followed}
+    orphans = {b: credits for b, credits in created.items() if b not in counts["followed"]}
     spent = sum(created.values())
     table.line("orphans (created at the sandbox, not followed)", "%d of %d batches; %d extra credits of %d "
                "spent = %.2f%%" % (len(orphans), len(created), sum(orphans.values()), spent,
