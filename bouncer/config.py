@@ -61,6 +61,7 @@ class Settings:
     webhook_secret: str | None = setting("WEBHOOK_SECRET", secret=True)
     webhook_retry_schedule: tuple = setting("WEBHOOK_RETRY_SCHEDULE", (5, 300, 1800, 7200, 18000, 36000),
                                             kind="int_list", minimum=1, maximum=MAX_INTERVAL)
+    webhook_timeout: int = setting("WEBHOOK_TIMEOUT", 10, "int", 1, 60)
     operator_password: str | None = setting("OPERATOR_PASSWORD", secret=True)
     metrics_token: str | None = setting("METRICS_TOKEN", secret=True)
 

@@ -23,8 +23,7 @@ from .models import (
 
 log = logging.getLogger(__name__)
 
-TIMEOUT = 10                 # seconds a receiver has to answer one attempt
-LEASE = TIMEOUT + 20         # an attempt whose sender died is tried again after this
+LEASE = 90                   # an attempt whose sender died is tried again after this (> WEBHOOK_TIMEOUT)
 SENDER_BUDGET = 60           # seconds one sender run delivers before it leaves the rest
 SENDER_THREADS = 8           # deliveries under way at once
 CLAIM_LIMIT = 50
@@ -98,7 +97,7 @@ def attempt(delivery, settings, session):
         return finish(delivery, NO_TARGET, now, error="no callback_url, no WEBHOOK_URL" if url is None
                       else "WEBHOOK_SECRET is not set")
     started = time.monotonic()
-    status, error = post(session, url, delivery, settings.webhook_secret)
+    status, error = post(session, url, delivery, settings.webhook_secret, settings.webhook_timeout)
     seconds = time.monotonic() - started
     with write_transaction():
         WebhookAttempt.create(delivery_id=delivery.id, attempted_at=now, status_code=status,
@@ -135,7 +134,7 @@ def finish(delivery, state, now, attempts=None, status=None, error=None, url=Non
     return state
 
 
-def post(session, url, delivery, secret):
+def post(session, url, delivery, secret, timeout):
     """(HTTP status or None, error or None) of one signed POST. Redirects are not followed: a
     receiver that moved says so, and the body never goes to a host it was not meant for."""
     import requests
@@ -147,9 +146,9 @@ def post(session, url, delivery, secret):
                "user-agent": "bouncer-queue/1.0"}
     try:
         response = session.post(url, data=delivery.payload.encode("utf-8"), headers=headers,
-                                timeout=(5, TIMEOUT), allow_redirects=False)
+                                timeout=(min(5, timeout), timeout), allow_redirects=False)
     except requests.Timeout:
-        return None, "no answer within %ss" % TIMEOUT
+        return None, "no answer within %ss" % timeout
     except requests.RequestException as exc:
         return None, ("%s: %s" % (type(exc).__name__, exc))[:MAX_ERROR]
     if 300 <= response.status_code < 400:

@@ -31,6 +31,8 @@ DEFAULTS = {
     "webhook_secret": None,
     "operator_password": None,
     "metrics_token": None,
+    "webhook_timeout": 10,
+    "webhook_retry_schedule": (5, 300, 1800, 7200, 18000, 36000),
 }
 
 INTEGER_SETTINGS = [
@@ -55,7 +57,7 @@ MAXIMUMS = {
     "BOUNCER_MAX_OUTSTANDING": 100, "RATE_LIMIT_PER_MINUTE": 100000, "RATE_LIMIT_BUFFER": 100000,
     "BOUNCER_TIMEOUT": 25, "BOUNCER_CONNECT_TIMEOUT": 25, "RESERVATION_TIMEOUT": 604800,
     "BATCH_TIMEOUT": 2592000, "RESULT_CACHE_DAYS": 3650, "PORT": 65535,
-    "API_MAX_EMAILS": 10000000,
+    "API_MAX_EMAILS": 10000000, "WEBHOOK_TIMEOUT": 60,
 }
 ENV_NAMES = [name for name, _ in INTEGER_SETTINGS]
 
