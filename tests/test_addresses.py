@@ -119,3 +119,28 @@ def test_syntax_error_none_for_valid(address):
 def test_syntax_error_message_for_invalid(address):
     problem = syntax_error(address)
     assert isinstance(problem, str) and problem.strip()
+
+
+def test_the_syntax_check_keeps_email_validators_verdicts_over_fuzzed_addresses():
+    """The plain-address path (a domain's verdict asked once) says exactly what email-validator
+    says of the whole address, message included, for addresses made to hit its edges."""
+    import random
+    import string
+
+    from bouncer.addresses import syntax_error, validator_error
+    rng = random.Random(5)
+    alphabet = string.ascii_letters + string.digits + ".-_+@!#$%&'*/=?^`{|}~\"() ,;:<>[]\\é日"
+    endings = ["com", "local", "test", "c", "123", "co.uk", "invalid", "localhost", "onion", "arpa",
+               "xn--p1ai", "-bad", "a-", ""]
+    for _ in range(20000):
+        pick = rng.random()
+        if pick < 0.5:
+            local = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+            domain = "".join(rng.choice(string.ascii_lowercase + "-._" + string.digits)
+                             for _ in range(rng.randint(0, 10))) + rng.choice(["", "."]) + rng.choice(endings)
+            address = local + "@" + domain
+        elif pick < 0.8:
+            address = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        else:   # lengths around the limits: 64 before the @, 254 in all, 63 a label
+            address = "a" * rng.randint(1, 70) + "@" + ("b" * rng.randint(1, 70) + ".") * rng.randint(1, 4) + "com"
+        assert syntax_error(address) == validator_error(address), address
