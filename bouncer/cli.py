@@ -181,30 +181,22 @@ def count_lines(path):
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b"")) or 1
 
 
-@cli.command("create-batches")
-@check_type_option
-def create_batches(check_types):
-    """Run one creation cycle now (the very code the scheduled job runs).
+def cycle_command(name, kind, summary):
+    """A command running one cycle of `kind` now, the very code the scheduled job runs."""
+    @cli.command(name, help="%s\n\nExample: python -m bouncer %s --check-type deliverable" % (summary, name))
+    @check_type_option
+    def command(check_types):
+        from .cycles import run_cycle
+        app = app_from_env()
+        for check_type in check_types or CHECK_TYPES:
+            click.echo(run_cycle(app, kind, check_type).summary())
+    return command
 
-    Example: python -m bouncer create-batches --check-type deliverable
-    """
-    from .cycles import CREATION, run_cycle
-    app = app_from_env()
-    for check_type in check_types or CHECK_TYPES:
-        click.echo(run_cycle(app, CREATION, check_type).summary())
 
-
-@cli.command("check-batches")
-@check_type_option
-def check_batches(check_types):
-    """Run one status cycle now: check outstanding Bouncer batches, ingest completed ones.
-
-    Example: python -m bouncer check-batches --check-type deliverable
-    """
-    from .cycles import STATUS, run_cycle
-    app = app_from_env()
-    for check_type in check_types or CHECK_TYPES:
-        click.echo(run_cycle(app, STATUS, check_type).summary())
+create_batches = cycle_command("create-batches", "creation",
+                               "Run one creation cycle now (the very code the scheduled job runs).")
+check_batches = cycle_command("check-batches", "status", "Run one status cycle now: check outstanding "
+                              "Bouncer batches, ingest completed ones.")
 
 
 @cli.command()

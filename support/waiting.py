@@ -18,3 +18,25 @@ def wait_until(condition, what, timeout, interval=0.2):
         if time.monotonic() > deadline:
             raise WaitFailed("%s: not within %ss" % (what, timeout))
         time.sleep(interval)
+
+
+def at_once(work, count, timeout=60):
+    """`work()` in `count` threads let go together: (results, errors), each in the order the
+    threads ended. For races: two cycles, eight registrations at the same moment."""
+    import threading
+    start = threading.Barrier(count)
+    results, errors = [], []
+
+    def run():
+        try:
+            start.wait()
+            results.append(work())
+        except Exception as exc:  # handed back to the caller, who asserts on it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    return results, errors

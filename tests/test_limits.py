@@ -1,12 +1,11 @@
 """Invariant 12: the database is the last word on the limits. Even with two creation cycles
 running at once (a cycle lock lost when Redis restarted under it), no check type ever has more
 than BOUNCER_MAX_OUTSTANDING batches in flight, and no address is in two of them."""
-import threading
-
 from bouncer.creation_cycle import create_batches
 from bouncer.cycles import CREATION, Cycle
 from bouncer.models import BouncerBatch, database
 from support import invariants
+from support.waiting import at_once
 
 from conftest import addresses, submit, with_settings
 
@@ -17,25 +16,16 @@ def test_two_creation_cycles_at_once_never_break_the_cap(sandbox_app, sandbox):
     submit("bob", addresses("a", 50) + addresses("b", 50))     # repeats of alice's addresses
     sandbox.slow_rate, sandbox.slow_seconds = 1.0, 0.3          # the two overlap at Bouncer
     database.close()
-    start = threading.Barrier(2)
-    reports, errors = [], []
 
     def one_cycle():
+        cycle = Cycle(app, CREATION, "deliverable")              # no lock: as if it had been lost
         try:
-            start.wait()
-            cycle = Cycle(app, CREATION, "deliverable")          # no lock: as if it had been lost
             create_batches(cycle)
-            reports.append(cycle.report)
-        except Exception as exc:  # surfaced below
-            errors.append(exc)
         finally:
             database.close()
+        return cycle.report
 
-    threads = [threading.Thread(target=one_cycle) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    reports, errors = at_once(one_cycle, 2)
     database.connect(reuse_if_open=True)
     assert errors == []
     assert sum(len(r.created) for r in reports) == 3            # both tried; three slots in all

@@ -1,11 +1,11 @@
 """The scheduler's registration of the four repeating jobs, the worker's fork hygiene, and the
 real processes end to end (scheduler, worker, sandbox)."""
+import contextlib
 import dataclasses
 import datetime
 import json
 import os
 import signal
-import threading
 import time
 
 import pytest
@@ -22,6 +22,7 @@ from bouncer.sandbox import Sandbox
 from bouncer.schedule import JOB_TIMEOUT, BouncerScheduler, missing_job_ids, register_jobs
 from bouncer.worker import BouncerWorker
 from support.processes import Supervisor, service_env
+from support.waiting import at_once
 
 from conftest import API_KEY, REDIS_URL
 
@@ -78,25 +79,11 @@ def test_register_jobs_definitions(redis_conn, settings):
 
 
 def test_register_jobs_concurrently_leaves_each_once(redis_conn, settings):
-    start = threading.Barrier(8)
-    results, errors = [], []
-
     def register():
-        conn = redis_lib.Redis.from_url(REDIS_URL)
-        try:
-            start.wait()
-            results.append(register_jobs(new_scheduler(conn), settings))
-        except Exception as exc:  # surfaced by the assertion below
-            errors.append(exc)
-        finally:
-            conn.close()
+        with contextlib.closing(redis_lib.Redis.from_url(REDIS_URL)) as conn:
+            return register_jobs(new_scheduler(conn), settings)
 
-    threads = [threading.Thread(target=register) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
+    results, errors = at_once(register, 8)
     assert errors == []
     assert sorted(next_runs(redis_conn)) == JOB_IDS
     # The lock makes registration one-at-a-time: each id was added exactly once.
