@@ -26,7 +26,7 @@ from .errors import NotFound
 from .ledger import count_in_flight, count_outstanding, count_possible_orphans
 from .models import (
     ABANDONED, BATCH_FAILED, BATCH_STATES, CANCELLED, COMPLETED, DELIVERED, DONE, FAILED, GIVEN_UP,
-    INVALID, NEW, NO_TARGET, OUTSTANDING, PENDING, QUEUED, REJECTED, ROW_STATES, SENT, VERDICTS,
+    IN_FLIGHT_STATES, INVALID, NEW, NO_TARGET, OUTSTANDING, PENDING, QUEUED, REJECTED, ROW_STATES, SENT, VERDICTS,
     BouncerBatch, UserBatch, UserBatchEmail, WebhookAttempt, WebhookDelivery, result_model,
 )
 from .ratelimit import requests_in_window
@@ -254,10 +254,14 @@ def ledger_entry(b, now):
             "results_delay_seconds": round(delay, 1) if delay is not None else None}
 
 
-def recent_bouncer_batches(limit=50, now=None):
-    """The latest Bouncer batches of the ledger, newest first."""
+def recent_bouncer_batches(ended=15, now=None):
+    """The ledger as an operator reads it: every Bouncer batch in flight, then the `ended` that
+    ended last; newest first."""
     now = now or utcnow()
-    return [ledger_entry(b, now) for b in BouncerBatch.select().order_by(BouncerBatch.id.desc()).limit(limit)]
+    flying = BouncerBatch.select().where(BouncerBatch.status.in_(IN_FLIGHT_STATES)).order_by(BouncerBatch.id.desc())
+    done = (BouncerBatch.select().where(BouncerBatch.status.not_in(IN_FLIGHT_STATES))
+            .order_by(BouncerBatch.id.desc()).limit(ended))
+    return [ledger_entry(b, now) for b in list(flying) + list(done)]
 
 
 def bouncer_batches_of(batch_id, now=None):
@@ -316,7 +320,8 @@ def shown_url(url):
         return None
     try:
         parts = urlsplit(url)
-        return "%s://%s%s" % (parts.scheme, parts.hostname or "", parts.path)
+        port = ":%d" % parts.port if parts.port else ""
+        return "%s://%s%s%s" % (parts.scheme, parts.hostname or "", port, parts.path)
     except ValueError:
         return "(malformed URL)"
 
