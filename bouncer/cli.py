@@ -337,7 +337,8 @@ def scheduler():
 @cli.command()
 @click.option("--port", type=int, help="Port to serve on; default $PORT or 8000.")
 def web(port):
-    """Serve /health and the Bouncer completion callback.
+    """Serve the operator console (/), /metrics, the HTTP API (/api/v1), /health and the Bouncer
+    completion callback.
 
     Example: PORT=8000 python -m bouncer web
     """
