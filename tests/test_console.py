@@ -4,14 +4,17 @@ pages in a real Chromium.)"""
 import json
 import logging
 import re
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
 
+from bouncer.app import App
 from bouncer.cli import cli
+from bouncer.db import open_database
 from bouncer.cycles import CREATION, run_cycle
 from bouncer.ledger import fail_bouncer_batch
-from bouncer.models import AuditEntry, BouncerBatch, Pause, UserBatch
+from bouncer.models import AuditEntry, BouncerBatch, Pause, UserBatch, database
 from bouncer.web import create_web_app
 
 from conftest import API_KEY, addresses, submit
@@ -91,6 +94,23 @@ def test_one_session_key_for_every_web_process(console_app):
     response = post(second, "/check-types/catchall/pause", token, reason="maintenance")
     assert response.status_code == 303
     assert Pause.get_by_id("catchall").reason == "maintenance"
+
+
+def test_the_console_says_when_redis_or_the_database_does_not_answer(console_app, redis_conn):
+    redis_down = App(replace(console_app.settings, redis_url="redis://:redis-pw-7a7a@127.0.0.1:1/0"))
+    html = page(create_web_app(redis_down).test_client())
+    assert "Redis does not answer" in html and "redis-pw-7a7a" not in html
+    broken = "postgresql://postgres:db-pw-8b8b@127.0.0.1:1/bouncer_test"
+    original = database.obj
+    open_database(broken)
+    try:
+        client = create_web_app(App(replace(console_app.settings, database_url=broken), redis=redis_conn)).test_client()
+        responses = [client.get(path, headers=basic()) for path in ("/", "/batches/1")]
+    finally:
+        database.initialize(original)
+    for response in responses:
+        assert one_line_error(response, 503).startswith("the database does not answer: ")
+        assert "db-pw-8b8b" not in response.get_data(as_text=True)
 
 
 # -- CSRF --
