@@ -9,9 +9,9 @@ import threading
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.ui import Select, WebDriverWait
 from werkzeug.serving import make_server
 
@@ -68,12 +68,14 @@ class Console:
             " e => [e.dataset.figure, e.dataset.value]);")
         return {path: json.loads(value) for path, value in raw}
 
+    # Read in one script each: the page may swap its sections between two WebDriver calls.
     def texts(self, selector):
-        return [e.text for e in self.driver.find_elements(By.CSS_SELECTOR, selector)]
+        return self.driver.execute_script(
+            "return Array.from(document.querySelectorAll(arguments[0]), e => e.innerText.trim());", selector)
 
     def batch_ids(self):
-        return [int(e.get_attribute("data-batch-id"))
-                for e in self.driver.find_elements(By.CSS_SELECTOR, "#batches tr[data-batch-id]")]
+        return [int(i) for i in self.driver.execute_script(
+            "return Array.from(document.querySelectorAll('#batches tr[data-batch-id]'), e => e.dataset.batchId);")]
 
     def fetch(self, path, method="GET", form=None):
         """(status, body) of a request made by the page's own script."""
@@ -89,11 +91,12 @@ class Console:
         return [entry for entry in self.driver.get_log("browser") if entry["level"] == "SEVERE"]
 
     def click(self, selector):
-        """Click what submits a form or follows a link, and wait for the next page."""
-        page = self.driver.find_element(By.TAG_NAME, "html")
+        """Click what submits a form or follows a link, and wait for the next page (a document
+        without the mark this one gets; asked while it loads, the browser may answer an error)."""
+        self.driver.execute_script("window.beforeClick = true")
         self.driver.find_element(By.CSS_SELECTOR, selector).click()
-        WebDriverWait(self.driver, WAIT).until(staleness_of(page))
-        WebDriverWait(self.driver, WAIT).until(lambda d: d.execute_script("return document.readyState") == "complete")
+        WebDriverWait(self.driver, WAIT, ignored_exceptions=(WebDriverException,)).until(
+            lambda d: d.execute_script("return !window.beforeClick && document.readyState === 'complete'"))
 
 
 @pytest.fixture

@@ -334,4 +334,4 @@ def duration(seconds):
 
 def figure(value):
     """A count as the page shows it: 12,345."""
-    return "{:,}".format(value) if isinstance(value, int) else value
+    return "{:,}".format(value) if isinstance(value, int) and not isinstance(value, bool) else value
