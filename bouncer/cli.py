@@ -283,18 +283,15 @@ def results(batch_id, fmt, output):
 
 
 def write_results(stream, rows, fmt):
-    import csv
-    from .reports import RESULT_COLUMNS, spreadsheet_safe
+    from .reports import results_csv
     if fmt == "json":
         stream.write("[")
         for i, row in enumerate(rows):
             stream.write(("," if i else "") + "\n" + json.dumps(row, ensure_ascii=False))
         stream.write("\n]\n")
         return
-    writer = csv.DictWriter(stream, fieldnames=RESULT_COLUMNS, lineterminator="\r\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: spreadsheet_safe(v) for k, v in row.items()})
+    for piece in results_csv(rows):
+        stream.write(piece)
 
 
 def write_atomically(path, write):
@@ -376,7 +373,8 @@ def scheduler():
 @cli.command()
 @click.option("--port", type=int, help="Port to serve on; default $PORT or 8000.")
 def web(port):
-    """Serve /health and the Bouncer completion callback.
+    """Serve the operator console (/), /metrics, the HTTP API (/api/v1), /health and the Bouncer
+    completion callback.
 
     Example: PORT=8000 python -m bouncer web
     """

@@ -157,6 +157,7 @@ def one_job_health(interval, run, now, started_at):
             "last_success": last_success.isoformat() + "Z" if last_success else None,
             "age_seconds": round(age, 1) if age is not None else None,
             "overdue": overdue,
+            "last_seconds": run.last_seconds if run is not None else None,
             "failures_in_a_row": run.failures_in_a_row if run is not None else 0,
             "last_error": run.last_error if run is not None else None,
             "refused": ({"status": refused, "message": run.refused_message} if refused else None),

@@ -179,3 +179,21 @@ def test_recent_batches_newest_first_with_progress(app):
 ])
 def test_spreadsheet_safe(value, safe):
     assert spreadsheet_safe(value) == safe
+
+
+def test_ledger_totals_credits_today_from_midnight_utc(db, settings):
+    import datetime
+
+    from bouncer.models import BouncerBatch
+    now = datetime.datetime(2026, 12, 1, 0, 30)
+    for status, quantity, sent_hours_ago in (("completed", 10, 1), ("completed", 7, 0.25), ("outstanding", 5, 0.1),
+                                             ("failed", 3, 0.2), ("rejected", 9, None), ("abandoned", 4, None)):
+        sent = now - datetime.timedelta(hours=sent_hours_ago) if sent_hours_ago is not None else None
+        BouncerBatch.create(check_type="deliverable", status=status, quantity=quantity, reserved_at=sent or now,
+                            sent_at=sent, finished_at=None if status == "outstanding" else now)
+    figures = queue_overview(settings, now=now)["check_types"]["deliverable"]
+    # Accepted by Bouncer: completed, outstanding and failed; a rejected or abandoned create is not.
+    assert (figures["credits_spent_today"], figures["credits_spent_total"]) == (7 + 5 + 3, 10 + 7 + 5 + 3)
+    assert figures["emails_verified_total"] == 17 and figures["possible_orphans"] == 1
+    assert figures["batches_ended"] == {"completed": 2, "failed": 1, "rejected": 1, "abandoned": 1}
+    assert queue_overview(settings, now=now)["check_types"]["catchall"]["credits_spent_total"] == 0

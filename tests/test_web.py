@@ -252,7 +252,6 @@ def test_callback_ignores_a_large_body(web, redis_conn):
     "/bouncer/callback//deliverable",
     "/bouncer/callback/",
     "/nope",
-    "/",
 ])
 def test_callback_wrong_or_unknown_is_a_plain_404(web, redis_conn, path):
     response = call(web, "POST", path)

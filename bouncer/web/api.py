@@ -24,7 +24,7 @@ from ..errors import Conflict, InputError, MalformedInput, NotFound
 from ..intake import MAX_REPORTED_INVALID, Loader, chunks
 from ..models import BATCH_STATES, IdempotencyKey, UserBatch
 from ..reader import JsonBatch, read_stream
-from ..reports import RESULT_COLUMNS, batch_status, iter_results, recent_batches, spreadsheet_safe
+from ..reports import batch_status, iter_results, recent_batches, results_csv
 from .application import bouncer_app
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def results(batch_id, query):
     csv_wanted = query.get("format") == "csv" or (
         query.get("format") is None and request.accept_mimetypes.best == "text/csv")
     rows = iter_results(batch_id)
-    body = csv_lines(rows) if csv_wanted else json_lines(rows)
+    body = results_csv(rows) if csv_wanted else json_lines(rows)
     response = Response(stream_with_context(body), content_type="text/csv; charset=utf-8" if csv_wanted
                         else "application/json")
     response.headers["X-Batch-Status"] = batch.status
@@ -253,21 +253,6 @@ def json_lines(rows):
     for i, row in enumerate(rows):
         yield ("," if i else "") + "\n" + json.dumps(row, ensure_ascii=False)
     yield "\n]\n"
-
-
-def csv_lines(rows):
-    import csv
-    import io
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS, lineterminator="\r\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: spreadsheet_safe(v) for k, v in row.items()})
-        if buffer.tell() > 64 * 1024:
-            yield buffer.getvalue()
-            buffer.seek(0)
-            buffer.truncate()
-    yield buffer.getvalue()
 
 
 # -- submitting --
