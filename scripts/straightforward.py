@@ -71,20 +71,11 @@ class Email(Base):
 
 
 class Result(Base):
-    check_type = TextField()
-    email = TextField()
-    status = TextField()
-    reason = TextField(null=True)
-    score = IntegerField(null=True)
-    accept_all = TextField(null=True)
-    disposable = TextField(null=True)
-    free = TextField(null=True)
-    role = TextField(null=True)
-    disabled = TextField(null=True)
-    full_mailbox = TextField(null=True)
-    provider = TextField(null=True)
-    raw = TextField()
-    checked_at = DateTimeField()
+    check_type, email, status = TextField(), TextField(), TextField()
+    reason, score = TextField(null=True), IntegerField(null=True)
+    accept_all, disposable, free = TextField(null=True), TextField(null=True), TextField(null=True)
+    role, disabled, full_mailbox = TextField(null=True), TextField(null=True), TextField(null=True)
+    provider, raw, checked_at = TextField(null=True), TextField(), DateTimeField()
 
     class Meta:
         primary_key = CompositeKey("check_type", "email")
@@ -334,12 +325,10 @@ def main(argv=None):
     elif args.command == "submit":
         summary = submit(args.file, args.user, args.check_type)
         print(json.dumps(summary) if args.json else "\n".join("%s %s" % kv for kv in summary.items()))
-    elif args.command == "create-batches":
-        create_batches(args.check_type)
-    elif args.command == "check-batches":
-        check_batches(args.check_type)
-    else:
+    elif args.command == "status":
         print(json.dumps(overview()))
+    else:
+        {"create-batches": create_batches, "check-batches": check_batches}[args.command](args.check_type)
 
 
 if __name__ == "__main__":
