@@ -1,12 +1,19 @@
-"""Benchmark of the service's own database work, measured side by side in one run.
+"""Benchmark of the service, end to end and in-process, measured side by side in one run.
 
-    python -m scripts.bench [--database-url URL] [--queued 150000,1000000] [--skip-naive]
-                            [--submit 1000000]
+    python -m scripts.bench [--quick] [--database-url URL] [--redis-url URL]
+                            [--skip-end-to-end] [--skip-in-process]
+                            [--queued 150000,1000000] [--naive] [--submit 0]
 
-Prints one table: the creation cycle that fills 15 x 10k (time, SQL statements) with each
-backlog size; ingesting 15 completed batches (150k results) against the floor of one raw bulk
-insert of the same rows; the naive per-row designs beside them; peak RSS. Bouncer is replaced
-by an in-process stub, so only our own work is timed.
+End to end (scripts/endtoend.py): what a user meets, each step a process of its own against the
+sandbox over HTTP on loopback, beside a straightforward implementation of the same contract
+(scripts/straightforward.py) and the floor of each step; then the large intakes (admission of
+host-written rows, a large submit, a streamed submit over HTTP to the web process) and start-up
+imports. Markdown tables, one set per database.
+
+In-process (printed after): the creation cycle that fills 15 x 10k (time, SQL statements) with
+each backlog size; ingesting 15 completed batches (150k results) against the floor of one raw
+bulk insert of the same rows; with --naive, the naive per-row designs beside them; peak RSS.
+Bouncer is replaced by an in-process stub, so only our own work is timed.
 """
 import argparse
 import json
@@ -26,10 +33,10 @@ from bouncer.client import parse_records
 from bouncer.config import Settings
 from bouncer.creation_cycle import create_batches
 from bouncer.cycles import CREATION, Cycle
-from bouncer.db import bulk_insert, copy_rows, create_schema, is_postgres, open_database, utcnow
+from bouncer.db import bulk_insert, copy_rows, is_postgres, open_database, utcnow
 from bouncer.ledger import batches_to_check, complete_with_results
 from bouncer.models import (
-    ALL_MODELS,
+    BATCH_QUEUED,
     QUEUED,
     SENT,
     BouncerBatch,
@@ -40,6 +47,8 @@ from bouncer.models import (
     UserBatchEmail,
     database,
 )
+from bouncer.schema import create_schema
+from scripts import endtoend, workloads
 from support.processes import ROOT, bouncer_command
 
 BATCH, SLOTS = 10000, 15
@@ -81,9 +90,10 @@ def peak_rss_mb():
 
 
 def reset_database(url):
+    if database.obj is not None:
+        database.close()
+    workloads.fresh_database(url)
     db = open_database(url)
-    db.connect(reuse_if_open=True)
-    db.drop_tables(ALL_MODELS, safe=True, **({"cascade": True} if "postgres" in url else {}))
     create_schema()
     db.connect(reuse_if_open=True)
     return db
@@ -97,13 +107,15 @@ def seed_queue(total, user_batches):
     with database.atomic():
         bulk_insert(EmailGlobal, [{"email": "u%d@example.com" % i, "created_at": now}
                                   for i in range(total)])
-        bulk_insert(UserBatch, [{"user": "user%d" % b, "check_type": "deliverable",
-                                 "created_at": now, "total": per_batch} for b in range(user_batches)])
+        bulk_insert(UserBatch, [{"user_id": "user%d" % b, "check_type": "deliverable",
+                                 "status": BATCH_QUEUED, "fifo_order": b + 1, "created_at": now,
+                                 "total": per_batch} for b in range(user_batches)])
         first_global = EmailGlobal.select(fn.MIN(EmailGlobal.id)).scalar()
         first_batch = UserBatch.select(fn.MIN(UserBatch.id)).scalar()
-        rows = ({"batch": first_batch + i // per_batch, "position": i % per_batch,
+        rows = ({"batch": first_batch + i // per_batch, "position": i % per_batch + 1,
                  "email": "u%d@example.com" % i, "email_global": first_global + i,
-                 "check_type": "deliverable", "status": QUEUED} for i in range(total))
+                 "check_type": "deliverable", "status": QUEUED, "fifo_order": i // per_batch + 1}
+                for i in range(total))
         chunk = []
         for row in rows:
             chunk.append(row)
@@ -260,7 +272,7 @@ def measure_naive_claim(url, queued):
             for _ in range(BATCH):
                 row = (UserBatchEmail.select().where(
                     (UserBatchEmail.check_type == "deliverable") & (UserBatchEmail.status == QUEUED))
-                    .order_by(UserBatchEmail.batch, UserBatchEmail.position).first())
+                    .order_by(UserBatchEmail.fifo_order, UserBatchEmail.position).first())
                 row.status, row.bouncer_batch = SENT, ledger.id
                 row.save()
         seconds = time.perf_counter() - started
@@ -287,20 +299,53 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--database-url", default=None,
                         help="default: a SQLite file in a temporary directory")
-    parser.add_argument("--queued", default="150000,1000000",
-                        help="backlog sizes for the creation cycle, comma-separated")
-    parser.add_argument("--skip-naive", action="store_true")
-    parser.add_argument("--submit", type=int, default=1000000,
-                        help="lines for the submit measure (0 skips it)")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6390/0",
+                        help="a Redis server; the end-to-end rows claim a database number of their own")
+    parser.add_argument("--quick", action="store_true",
+                        help="one repetition of each end-to-end row, 10 files, 100k-row intakes, "
+                             "150k queued in-process")
+    parser.add_argument("--skip-end-to-end", action="store_true")
+    parser.add_argument("--skip-in-process", action="store_true")
+    parser.add_argument("--queued", default=None,
+                        help="in-process backlog sizes for the creation cycle, comma-separated "
+                             "(default 150000,1000000; 150000 with --quick)")
+    parser.add_argument("--naive", action="store_true",
+                        help="in-process, the naive per-row designs too (the straightforward "
+                             "implementation end to end is the yardstick now)")
+    parser.add_argument("--submit", type=int, default=0,
+                        help="lines for the in-process submit measure (0, the default, skips it: "
+                             "the end-to-end rows measure submit)")
     args = parser.parse_args()
     url = args.database_url or "sqlite:///%s" % os.path.join(tempfile.mkdtemp(), "bench.db")
     backend = "PostgreSQL" if "postgres" in url else "SQLite"
+    if not args.skip_end_to_end:
+        run_end_to_end(url, args.redis_url, endtoend.QUICK if args.quick else endtoend.Plan(), backend)
+    if not args.skip_in_process:
+        queued = args.queued or ("150000" if args.quick else "150000,1000000")
+        run_in_process(url, [int(q) for q in queued.split(",")], args.naive, args.submit, backend)
+
+
+def run_end_to_end(url, redis_url, plan, backend):
+    """The end-to-end rows, in a Redis database of their own (the tests' claims are kept)."""
+    from support.servers import RedisClaims
+    owner = "bench-%d" % os.getpid()
+    with RedisClaims(redis_url) as claims:
+        number = claims.claim_any(owner, seconds=3 * 3600)
+        if number is None:
+            raise SystemExit("no free Redis database number on %s" % redis_url)
+        try:
+            endtoend.run(url, "%s/%d" % (redis_url.rsplit("/", 1)[0], number), plan, backend)
+        finally:
+            claims.release(number, owner)
+
+
+def run_in_process(url, backlogs, naive, submit_lines, backend):
     settings = Settings(database_url=url, batch_size=BATCH, max_outstanding=SLOTS,
                         rate_limit_buffer=180, result_cache_days=30)
     random.seed(1)
     rows = []
     creation = {}
-    for queued in [int(q) for q in args.queued.split(",")]:
+    for queued in backlogs:
         seconds, statements, rss = measure_creation(url, queued, settings)
         creation[queued] = seconds
         rows.append(("creation cycle, 15 x 10k, %s queued" % format(queued, ","), seconds,
@@ -314,7 +359,7 @@ def main():
     if len(sizes) > 1:
         rows[len(sizes) - 1] = rows[len(sizes) - 1][:4] + ("%.2fx the %s case" % (
             creation[sizes[-1]] / creation[sizes[0]], format(sizes[0], ",")),)
-    if not args.skip_naive:
+    if naive:
         naive_upsert, naive_upsert_statements = measure_naive_upsert(BATCH)
         rows.append(("naive: per-row upserts, 10k results", naive_upsert, naive_upsert_statements,
                      None, "x15 = %.1f s for 150k (%.0fx ingest)" % (
@@ -323,11 +368,11 @@ def main():
         rows.append(("naive: per-row claims, 1 batch of 10k", naive_claim, naive_claim_statements,
                      None, "x15 = %.1f s for a cycle (%.0fx ours)" % (
                          naive_claim * SLOTS, naive_claim * SLOTS / creation[sizes[0]])))
-    if args.submit:
-        submit_seconds, submit_rss = measure_submit(url, args.submit)
-        rows.append(("submit %s lines (`python -m bouncer submit`)" % format(args.submit, ","),
-                     submit_seconds, 0, submit_rss, "%.0f lines/s" % (args.submit / submit_seconds)))
-    print("\n%s, %d cores" % (backend, os.cpu_count()))
+    if submit_lines:
+        submit_seconds, submit_rss = measure_submit(url, submit_lines)
+        rows.append(("submit %s lines (`python -m bouncer submit`)" % format(submit_lines, ","),
+                     submit_seconds, 0, submit_rss, "%.0f lines/s" % (submit_lines / submit_seconds)))
+    print("\n#### %s, in-process (stub Bouncer), %d cores\n" % (backend, os.cpu_count()))
     print("| measure | seconds | SQL statements | peak RSS (MB) | ratio |")
     print("|---|---:|---:|---:|---|")
     for name, seconds, statements, rss, note in rows:

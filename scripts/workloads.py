@@ -1,0 +1,249 @@
+"""What the benchmark feeds the service, and the floors it is compared with.
+
+- address files like a user's: repeats, Gmail spellings, a few invalid lines;
+- a queue's worth of distinct addresses;
+- fresh databases (a SQLite file, a PostgreSQL schema) for each measure;
+- rows written the way a host application writes them, with plain SQL in committed slices;
+- the floor of a bulk write: one raw multi-row INSERT on SQLite, COPY on PostgreSQL, through
+  the drivers themselves, so no layer of ours or Peewee's is in it.
+
+Only the standard library and the database drivers: a child process that imports this stays
+small.
+"""
+import contextlib
+import datetime
+import io
+import os
+from urllib.parse import unquote, urlsplit
+
+HOST_SLICE = 10000          # rows a host commits at once
+SQLITE_ROWS_PER_INSERT = 2000
+
+
+def submitted_line(i):
+    """Line `i` of a user's file: mostly distinct addresses, every tenth a Gmail spelling (dots,
+    a +tag; two lines in a row reach the same mailbox), one in a thousand invalid."""
+    if i % 1000 == 999:
+        return "not an address %d" % i
+    if i % 10 == 0:
+        return "First.Last%d+tag@gmail.com" % (i // 20)
+    return "user%d@example-%d.com" % (i, i % 50)
+
+
+def queued_address(i):
+    """Address `i` of a queue: every one a mailbox of its own, so 15 batches hold 150,000."""
+    if i % 10 == 0:
+        return "First.Last%d@gmail.com" % i
+    return "q%d@example-%d.com" % (i, i % 50)
+
+
+def write_file(path, lines, start=0, line=submitted_line):
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(start, start + lines):
+            f.write(line(i) + "\n")
+    return path
+
+
+def write_files(directory, files, lines_per_file, line=submitted_line):
+    """`files` files of `lines_per_file` lines each, numbered on from one to the next."""
+    os.makedirs(directory, exist_ok=True)
+    return [write_file(os.path.join(directory, "part-%03d.txt" % n), lines_per_file,
+                       n * lines_per_file, line) for n in range(files)]
+
+
+# -- databases --------------------------------------------------------------------------------
+
+def is_postgres_url(url):
+    return url.startswith("postgres")
+
+
+def sqlite_path(url):
+    return unquote(urlsplit(url).path[1:])
+
+
+def connect(url):
+    """A plain DB-API connection to `url`, as a host application would open one."""
+    if is_postgres_url(url):
+        import psycopg2
+        parts = urlsplit(url)
+        return psycopg2.connect(host=parts.hostname, port=parts.port or 5432,
+                                user=parts.username or "postgres", password=parts.password,
+                                dbname=parts.path.lstrip("/"), connect_timeout=10)
+    import sqlite3
+    return sqlite3.connect(sqlite_path(url), timeout=30)
+
+
+def fresh_database(url):
+    """Empty the database at `url`: a SQLite file removed, a PostgreSQL schema made anew."""
+    if not is_postgres_url(url):
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sqlite_path(url) + suffix)
+        return
+    connection = connect(url)
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute("DROP SCHEMA IF EXISTS public CASCADE")
+        cursor.execute("CREATE SCHEMA public")
+    connection.close()
+
+
+def analyze(url):
+    """PostgreSQL: the statistics autovacuum would have gathered within a minute of a large
+    write, gathered now, so that no measure depends on whether it came by yet. SQLite keeps
+    none unless told to, and the service never tells it: nothing to do."""
+    if is_postgres_url(url):
+        connection = connect(url)
+        connection.autocommit = True
+        connection.cursor().execute("ANALYZE")
+        connection.close()
+
+
+def snapshot(url, copy_url):
+    """Copy the database at `url` to `copy_url` (nothing may be connected to it)."""
+    copy_database(url, copy_url)
+
+
+def restore(copy_url, url):
+    """Make the database at `url` what `copy_url` holds (nothing may be connected to either)."""
+    copy_database(copy_url, url)
+
+
+def copy_database(source, target):
+    if not is_postgres_url(source):
+        import shutil
+        import sqlite3
+        connection = sqlite3.connect(sqlite_path(source))
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        connection.close()
+        fresh_database(target)
+        shutil.copyfile(sqlite_path(source), sqlite_path(target))
+        return
+    admin = connect(urlsplit(source)._replace(path="/postgres").geturl())
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % urlsplit(target).path.lstrip("/"))
+        cursor.execute('CREATE DATABASE "%s" TEMPLATE "%s"' % (
+            urlsplit(target).path.lstrip("/"), urlsplit(source).path.lstrip("/")))
+    admin.close()
+
+
+def side_url(url, name):
+    """The URL of a database of its own for `name`, beside the one at `url`: another SQLite
+    file in the same directory, another database on the same PostgreSQL server (created when
+    missing)."""
+    if not is_postgres_url(url):
+        stem = os.path.splitext(sqlite_path(url))[0]
+        return "sqlite:///%s_%s.db" % (stem, name)
+    parts = urlsplit(url)
+    database = "%s_%s" % (parts.path.lstrip("/"), name)
+    admin = connect(parts._replace(path="/postgres").geturl())
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
+        if cursor.fetchone() is None:
+            cursor.execute('CREATE DATABASE "%s"' % database)
+    admin.close()
+    return parts._replace(path="/" + database).geturl()
+
+
+def drop_database(url):
+    """Remove the database at `url`: its SQLite files, or the PostgreSQL database."""
+    if not is_postgres_url(url):
+        fresh_database(url)
+        return
+    parts = urlsplit(url)
+    admin = connect(parts._replace(path="/postgres").geturl())
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % parts.path.lstrip("/"))
+    admin.close()
+
+
+# -- the SQL door -----------------------------------------------------------------------------
+
+def host_write_batch(url, user_id, addresses, check_type="deliverable"):
+    """One user batch written as the README tells a host to write a large one: `loading`, the
+    rows in committed slices, then `new`. Returns the batch id."""
+    connection = connect(url)
+    mark = "%s" if is_postgres_url(url) else "?"
+    try:
+        cursor = connection.cursor()
+        cursor.execute("INSERT INTO user_batches (user_id, check_type, status) VALUES (%s, %s, 'loading')"
+                       " RETURNING id" % (mark, mark), (user_id, check_type))
+        (batch_id,) = cursor.fetchone()
+        connection.commit()
+        rows = ((batch_id, position, email) for position, email in enumerate(addresses, start=1))
+        while True:
+            part = [row for _, row in zip(range(HOST_SLICE), rows)]
+            if not part:
+                break
+            insert_host_rows(connection, cursor, part, mark)
+            connection.commit()
+        cursor.execute("UPDATE user_batches SET status = 'new' WHERE id = %s" % mark, (batch_id,))
+        connection.commit()
+        return batch_id
+    finally:
+        connection.close()
+
+
+def insert_host_rows(connection, cursor, rows, mark):
+    sql = "INSERT INTO user_batch_emails (batch_id, position, email) VALUES "
+    if mark == "%s":
+        from psycopg2.extras import execute_values
+        execute_values(cursor, sql + "%s", rows, page_size=len(rows))
+        return
+    for start in range(0, len(rows), SQLITE_ROWS_PER_INSERT):
+        part = rows[start:start + SQLITE_ROWS_PER_INSERT]
+        cursor.execute(sql + ",".join(["(?, ?, ?)"] * len(part)), [v for row in part for v in row])
+
+
+# -- floors -----------------------------------------------------------------------------------
+
+SUBMIT_COLUMNS = (("batch_id", "INTEGER"), ("position", "INTEGER"), ("email", "TEXT"))
+RESULT_COLUMNS = (("email_global_id", "INTEGER PRIMARY KEY"), ("status", "TEXT"), ("reason", "TEXT"),
+                  ("score", "INTEGER"), ("accept_all", "TEXT"), ("disposable", "TEXT"),
+                  ("free", "TEXT"), ("role", "TEXT"), ("disabled", "TEXT"),
+                  ("full_mailbox", "TEXT"), ("provider", "TEXT"), ("raw", "TEXT"),
+                  ("checked_at", "TIMESTAMP"))
+
+
+def submitted_rows(lines):
+    return [(1, i + 1, submitted_line(i)) for i in range(lines)]
+
+
+def result_rows(count):
+    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    return [(i + 1, "deliverable", "accepted_email", 90, "no", "no", "no", "no", "no", "no",
+             "example.com", '{"email": "q%d@example.com", "status": "deliverable"}' % i, now)
+            for i in range(count)]
+
+
+def raw_bulk_insert(url, columns, rows):
+    """Seconds to write `rows` into a new table of `columns` in one transaction, by the fastest
+    plain path: multi-row INSERTs on SQLite, COPY on PostgreSQL."""
+    import time
+    connection = connect(url)
+    try:
+        cursor = connection.cursor()
+        cursor.execute("DROP TABLE IF EXISTS bench_floor")
+        cursor.execute("CREATE TABLE bench_floor (%s)" % ", ".join("%s %s" % c for c in columns))
+        connection.commit()
+        started = time.perf_counter()
+        if is_postgres_url(url):
+            text = "".join("\t".join(str(v) for v in row) + "\n" for row in rows)
+            cursor.copy_expert("COPY bench_floor FROM STDIN", io.StringIO(text))
+        else:
+            marks = "(%s)" % ",".join("?" * len(columns))
+            per_insert = max(1, 30000 // len(columns))
+            for start in range(0, len(rows), per_insert):
+                part = rows[start:start + per_insert]
+                cursor.execute("INSERT INTO bench_floor VALUES " + ",".join([marks] * len(part)),
+                               [v for row in part for v in row])
+        connection.commit()
+        seconds = time.perf_counter() - started
+        cursor.execute("DROP TABLE bench_floor")
+        connection.commit()
+        return seconds
+    finally:
+        connection.close()
