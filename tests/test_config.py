@@ -1,4 +1,8 @@
 """Settings: design.md's defaults, and loud, actionable refusals of values the service cannot use."""
+import re
+from dataclasses import fields
+from pathlib import Path
+
 import pytest
 
 from bouncer.config import ConfigError, Settings, load_settings
@@ -322,3 +326,31 @@ def test_load_settings_too_short_secret_refused(name):
     message = config_error({name: "k", "PUBLIC_URL": "https://x.example.com", "CALLBACK_SECRET": "c" * 32}
                            if name == "BOUNCER_API_KEY" else {name: "k"})
     assert name in message and "too short" in message
+
+
+def documented_settings():
+    """Each setting's name and default as the README's Settings table and .env.example give them."""
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    table = readme[readme.index("## Settings"):readme.index("## Deploying")]
+    in_readme = dict(re.findall(r"^\| `([A-Z_]+)` \| ([^|]+) \|", table, re.M))
+    in_example = dict(re.findall(r"^# ([A-Z_]+)=(\S*)", (root / ".env.example").read_text(), re.M))
+    return in_readme, in_example
+
+
+def test_every_setting_is_documented_with_its_default():
+    in_readme, in_example = documented_settings()
+    for f in fields(Settings):
+        env, default = f.metadata["env"], f.default
+        assert env in in_readme, f"{env} is missing from the README's Settings"
+        assert env in in_example, f"{env} is missing from .env.example"
+        if isinstance(default, int) and not isinstance(default, bool):
+            assert in_readme[env].strip() == str(default), env
+            assert in_example[env] == str(default), env
+        elif isinstance(default, tuple) and default:
+            shown = ",".join(map(str, default))
+            assert in_readme[env].strip() == f"`{shown}`" and in_example[env] == shown, env
+        elif isinstance(default, str):
+            assert in_readme[env].strip() == f"`{default}`" and in_example[env] == default, env
+    known = {f.metadata["env"] for f in fields(Settings)}
+    assert set(in_readme) <= known and set(in_example) <= known
