@@ -160,7 +160,7 @@ class ResultBase(BaseModel):
     provider = TextField(null=True)
     raw = TextField()
     checked_at = DateTimeField()
-    bouncer_batch_id = IntegerField(null=True, index=True)
+    bouncer_batch_id = IntegerField(null=True)   # which batch brought it (not indexed: read by no query)
 
 
 class DeliverableResult(ResultBase):

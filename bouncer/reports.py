@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from peewee import JOIN, Case, fn
 
 from .config import CHECK_TYPES
-from .db import database, utcnow
+from .db import among, database, utcnow
 from .errors import NotFound
 from .ledger import count_in_flight, count_outstanding, count_possible_orphans
 from .models import (
@@ -85,7 +85,7 @@ def count_outcomes_of(batches):
         query = (Row.select(Row.batch, Row.status, Result.status, fn.COUNT(Row.id))
                  .join(Result, JOIN.LEFT_OUTER, on=(
                      (Result.email_global == Row.email_global) & (Row.status == DONE)))
-                 .where(Row.batch.in_([b.id for b in batches if b.check_type == check_type]))
+                 .where(among(Row.batch, [b.id for b in batches if b.check_type == check_type]))
                  .group_by(Row.batch, Row.status, Result.status))
         for batch_id, row_status, verdict, n in query.tuples():
             counts[batch_id][outcome(row_status, verdict)] += n

@@ -153,6 +153,7 @@ def create_schema():
         version = current_version()
         if version == VERSION:
             database.create_tables(INTERNAL_MODELS, safe=True)   # any the version gained since
+            drop_retired_indexes()
             return "schema up to date (version %d)" % VERSION
         if version is None:
             create_all()
@@ -193,6 +194,15 @@ def upgrade_from(version):
         upgrade_postgres_from_1()
     else:
         upgrade_sqlite_from_1()
+
+
+# Indexes no query reads any more, which only cost every write: dropped where they exist.
+RETIRED_INDEXES = ("email_deliverable_results_bouncer_batch_id", "email_catchall_results_bouncer_batch_id")
+
+
+def drop_retired_indexes():
+    for name in RETIRED_INDEXES:
+        database.execute_sql('DROP INDEX IF EXISTS "%s"' % name)
 
 
 V1_INDEXES = ("user_batches_status_id", "user_batch_emails_batch_id_position",
@@ -267,6 +277,7 @@ def finish_upgrade():
     for statement in (*INDEXES, *host_triggers(), RESULTS_VIEW):
         database.execute_sql(render(statement))
     database.create_tables(INTERNAL_MODELS, safe=True)
+    drop_retired_indexes()
     last = database.execute_sql("SELECT COALESCE(MAX(fifo_order), 0) FROM user_batches").fetchone()[0]
     FifoCounter.create(last=last)
     SchemaVersion.create(version=VERSION)

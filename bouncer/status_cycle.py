@@ -9,9 +9,16 @@ Steps, each recoverable if the process dies right after it:
 3. 405 on download waits for the next cycle; 5xx and timeouts skip to the next batch; 429, 402
    and 401 end the cycle.
 The cycle also ends between two batches when it must stop (a lost lock, a shutdown request).
+
+A download is fetched and parsed on a thread of its own while the batch before it is ingested
+(the database works while Python parses), one ahead at most; batches are still ingested one
+at a time, in the order they were checked. A download not yet ingested when the cycle stops is
+simply downloaded again next cycle.
 """
 import datetime
 import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 from . import ledger
 from .db import utcnow
@@ -22,6 +29,7 @@ from .ratelimit import take_request_slot
 log = logging.getLogger(__name__)
 
 WAITING_STATUSES = ("queued", "processing")
+FETCH_AHEAD = 1     # downloads fetched while the batch before them is ingested
 
 
 def parse_time(value):
@@ -41,15 +49,51 @@ def check_batches(cycle, now=None):
     settings, check_type, report = cycle.settings, cycle.check_type, cycle.report
     now = now or utcnow()
     fail_overdue(cycle, now)
-    for batch in ledger.batches_to_check(check_type):
-        report.stopped = cycle.stop_reason()
-        if report.stopped:
-            return
-        if not take_request_slot("status", settings.rate_limit_buffer, check_type):
-            report.stopped = "request budget used up (%d in 60 s)" % settings.rate_limit_buffer
-            return
-        if not follow_batch(cycle, batch):
-            return
+    with Downloads(cycle.app.client) as downloads:
+        for batch in ledger.batches_to_check(check_type):
+            report.stopped = cycle.stop_reason()
+            if report.stopped:
+                return
+            if not take_request_slot("status", settings.rate_limit_buffer, check_type):
+                report.stopped = "request budget used up (%d in 60 s)" % settings.rate_limit_buffer
+                return
+            if not follow_batch(cycle, batch, downloads):
+                return
+            while len(downloads) > FETCH_AHEAD:
+                if not ingest_next(cycle, downloads):
+                    return
+        while downloads:
+            report.stopped = cycle.stop_reason()
+            if report.stopped or not ingest_next(cycle, downloads):
+                return
+
+
+class Downloads:
+    """Downloads under way, in the order they were started, each fetched and parsed by one
+    thread while the cycle ingests the one before it."""
+
+    def __init__(self, client):
+        self.client, self.waiting = client, deque()
+
+    def __enter__(self):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="download")
+        return self
+
+    def __exit__(self, *exc):
+        # What was not ingested is left for the next cycle; a fetch under way ends by its timeout.
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __len__(self):
+        return len(self.waiting)
+
+    def start(self, batch):
+        self.waiting.append((batch, self.pool.submit(self.client.download_batch, batch.check_type,
+                                                     batch.bouncer_id)))
+
+    def next(self):
+        """(batch, fetch) of the oldest download: `fetch.result()` waits for its records, or
+        raises the BouncerError it met."""
+        return self.waiting.popleft()
 
 
 def fail_overdue(cycle, now):
@@ -62,8 +106,9 @@ def fail_overdue(cycle, now):
             cycle.slot_freed()
 
 
-def follow_batch(cycle, batch):
-    """Check one batch and act on its status. False when the cycle must stop."""
+def follow_batch(cycle, batch, downloads):
+    """Check one batch and act on its status (a completed one's download is started). False
+    when the cycle must stop."""
     try:
         answer = cycle.app.client.get_batch(batch.check_type, batch.bouncer_id)
     except BouncerError as exc:
@@ -74,7 +119,11 @@ def follow_batch(cycle, batch):
     # Documented: queued, processing, completed. Read leniently (case, spaces).
     status = status.strip().lower() if isinstance(status, str) else status
     if status == "completed":
-        return download_and_ingest(cycle, batch)
+        if not take_request_slot("download", cycle.settings.rate_limit_buffer, batch.check_type):
+            cycle.report.stopped = "request budget used up before a download"
+            return False
+        downloads.start(batch)
+        return True
     if status not in WAITING_STATUSES:
         log.warning("Bouncer batch %s (%s) has status %r, which Bouncer does not document; "
                     "checking again next cycle", batch.bouncer_id, batch.id, status,
@@ -83,12 +132,11 @@ def follow_batch(cycle, batch):
     return True
 
 
-def download_and_ingest(cycle, batch):
-    if not take_request_slot("download", cycle.settings.rate_limit_buffer, batch.check_type):
-        cycle.report.stopped = "request budget used up before a download"
-        return False
+def ingest_next(cycle, downloads):
+    """Ingest the oldest download under way, once it has arrived. False when the cycle must stop."""
+    batch, fetch = downloads.next()
     try:
-        records = cycle.app.client.download_batch(batch.check_type, batch.bouncer_id)
+        records = fetch.result()
     except BouncerError as exc:
         if exc.is_results_gone:
             return fail_for_good(cycle, batch, "Bouncer removed the results of batch %s: %s"

@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 
-from .db import utcnow, write_transaction
+from .db import among, chunked, insert_tuples, utcnow, write_transaction
 from .logs import ids
 from .models import (
     DELIVERED, GIVEN_UP, NO_TARGET, PENDING, UserBatch, WebhookAttempt, WebhookDelivery,
@@ -28,20 +28,26 @@ SENDER_BUDGET = 60           # seconds one sender run delivers before it leaves 
 SENDER_THREADS = 8           # deliveries under way at once
 CLAIM_LIMIT = 50
 MAX_ERROR = 300
+ENDINGS_PER_STATEMENT = 1000   # user batches whose endings are written by one statement
+DELIVERY_COLUMNS = ("batch_id", "event", "message_id", "payload", "next_attempt_at", "created_at")
 
 
 def record_endings(ended, now):
     """Inside the transaction that ended them: one delivery for each (batch, status) that ended,
-    its payload the status object at that moment."""
-    from .reports import status_object
-    for batch_id, status in ended:
-        batch = UserBatch.get_by_id(batch_id)
-        payload = {"type": "batch.%s" % status, "timestamp": now.isoformat(timespec="seconds") + "Z",
-                   "data": status_object(batch)}
-        WebhookDelivery.create(batch_id=batch_id, event=payload["type"],
-                               message_id="msg_%s" % secrets.token_hex(12),
-                               payload=json.dumps(payload, separators=(",", ":")), next_attempt_at=now,
-                               created_at=now)
+    its payload the status object at that moment. A few statements for any number of endings."""
+    from .reports import count_outcomes_of, status_object
+    timestamp = now.isoformat(timespec="seconds") + "Z"
+    for part in chunked(ended, ENDINGS_PER_STATEMENT):
+        status_of = dict(part)
+        batches = list(UserBatch.select().where(among(UserBatch.id, status_of)).order_by(UserBatch.id))
+        counts = count_outcomes_of(batches)
+        rows = []
+        for batch in batches:
+            event = "batch.%s" % status_of[batch.id]
+            payload = {"type": event, "timestamp": timestamp, "data": status_object(batch, counts[batch.id])}
+            rows.append((batch.id, event, "msg_%s" % secrets.token_hex(12),
+                         json.dumps(payload, separators=(",", ":")), now, now))
+        insert_tuples(WebhookDelivery, DELIVERY_COLUMNS, rows)
 
 
 def target_of(delivery, settings):

@@ -1,6 +1,7 @@
 """The status cycle: ingest completed batches, fail lost or overdue ones, wait on the rest."""
 import datetime
 import json
+import time
 
 import pytest
 import requests
@@ -241,3 +242,55 @@ def test_check_respects_the_request_budget(app, bouncer):
     report = run_cycle(small, STATUS, "deliverable")
     assert "budget" in report.stopped
     assert bouncer.count("status") + bouncer.count("download") == 2
+
+
+def test_the_next_download_is_fetched_while_the_batch_before_it_is_ingested(app, bouncer, monkeypatch):
+    send_all(app, "alice", addresses("a", 25))   # three Bouncer batches
+    bouncer.complete_now()
+    import bouncer.ledger as ledger
+    real, seen = ledger.complete_with_results, []
+
+    def ingest(ledger_id, records, now=None):
+        if not seen:   # the first ingest: the second download comes in meanwhile, the third not yet
+            deadline = time.monotonic() + 10
+            while bouncer.count("download") < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)
+            seen.append(bouncer.count("download"))
+        else:
+            seen.append(None)
+        return real(ledger_id, records, now)
+    monkeypatch.setattr(ledger, "complete_with_results", ingest)
+    order = [b.id for b in ledger.batches_to_check("deliverable")]
+    report = run_cycle(app, STATUS, "deliverable")
+    assert seen[0] == 2 and [r.ledger_id for r in report.ingested] == order
+
+
+def test_a_failed_download_fetched_ahead_skips_that_batch_alone(app, bouncer):
+    send_all(app, "alice", addresses("a", 25))
+    bouncer.complete_now()
+    bouncer.fail_next(503, kind="download")   # the first download fails; the others go on
+    report = run_cycle(app, STATUS, "deliverable")
+    assert report.errors == 1 and len(report.ingested) == 2
+    assert len(run_cycle(app, STATUS, "deliverable").ingested) == 1
+
+
+def test_downloads_under_way_when_the_cycle_stops_are_ingested_next_cycle(app, bouncer, monkeypatch):
+    batch = send_all(app, "alice", addresses("a", 25))
+    bouncer.complete_now()
+    import bouncer.ledger as ledger
+    from bouncer.cycles import SHUTDOWN
+    real = ledger.complete_with_results
+
+    def ingest_then_stop(ledger_id, records, now=None):
+        SHUTDOWN.set()
+        return real(ledger_id, records, now)
+    monkeypatch.setattr(ledger, "complete_with_results", ingest_then_stop)
+    try:
+        report = run_cycle(app, STATUS, "deliverable")
+    finally:
+        SHUTDOWN.clear()
+    assert report.stopped == "shutdown requested" and len(report.ingested) == 1
+    monkeypatch.undo()
+    assert len(run_cycle(app, STATUS, "deliverable").ingested) == 2
+    assert statuses(batch) == {DONE: 25}

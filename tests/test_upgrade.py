@@ -8,10 +8,10 @@ import pytest
 from bouncer.app import App
 from bouncer.client import BouncerClient
 from bouncer.cycles import CREATION, STATUS, run_cycle
-from bouncer.db import open_database
+from bouncer.db import is_postgres, open_database
 from bouncer.models import BouncerBatch, UserBatch, UserBatchEmail, database
 from bouncer.reports import batch_status, iter_results
-from bouncer.schema import VERSION, create_schema, current_version
+from bouncer.schema import RETIRED_INDEXES, VERSION, create_schema, current_version
 
 from conftest import POSTGRES_URL, make_settings, postgres_admin
 
@@ -132,3 +132,23 @@ def test_upgraded_database_takes_host_rows_and_carries_on(v1_database, redis_con
     bouncer.complete_now()
     run_cycle(app, STATUS, "catchall")
     assert batch_status(3)["status"] == batch_status(erin.id)["status"] == "completed"
+
+
+def result_indexes():
+    """Index names on the results tables, from the database's own catalogue."""
+    tables = ("email_deliverable_results", "email_catchall_results")
+    if is_postgres():
+        return {name for table in tables for (name,) in database.execute_sql(
+            "SELECT indexname FROM pg_indexes WHERE tablename = %s", (table,)).fetchall()}
+    return {name for table in tables for (name,) in database.execute_sql(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?", (table,)).fetchall()}
+
+
+def test_an_index_no_query_reads_is_dropped_by_init_db(v1_database):
+    with database.connection_context():
+        create_schema()
+        assert not result_indexes() & set(RETIRED_INDEXES)    # gone from an upgraded database
+        database.execute_sql('CREATE INDEX "%s" ON email_deliverable_results (bouncer_batch_id)'
+                             % RETIRED_INDEXES[0])
+        assert create_schema() == "schema up to date (version %d)" % VERSION
+        assert not result_indexes() & set(RETIRED_INDEXES)    # and from one made before it retired
