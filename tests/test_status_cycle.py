@@ -244,26 +244,28 @@ def test_check_respects_the_request_budget(app, bouncer):
     assert bouncer.count("status") + bouncer.count("download") == 2
 
 
-def test_the_next_download_is_fetched_while_the_batch_before_it_is_ingested(app, bouncer, monkeypatch):
+def test_the_next_download_is_fetched_while_the_batch_before_it_is_ingested(app, bouncer, monkeypatch,
+                                                                             database_url):
+    """On PostgreSQL one download ahead, never two; on SQLite none (see the module's note)."""
+    ahead = 1 if database_url.startswith("postgres") else 0
     send_all(app, "alice", addresses("a", 25))   # three Bouncer batches
     bouncer.complete_now()
     import bouncer.ledger as ledger
     real, seen = ledger.complete_with_results, []
 
     def ingest(ledger_id, records, now=None):
-        if not seen:   # the first ingest: the second download comes in meanwhile, the third not yet
+        if not seen:   # the first ingest: the next download comes in meanwhile, the third not yet
             deadline = time.monotonic() + 10
-            while bouncer.count("download") < 2 and time.monotonic() < deadline:
+            while bouncer.count("download") < 1 + ahead and time.monotonic() < deadline:
                 time.sleep(0.01)
             time.sleep(0.2)
-            seen.append(bouncer.count("download"))
-        else:
-            seen.append(None)
+        seen.append(bouncer.count("download"))
         return real(ledger_id, records, now)
     monkeypatch.setattr(ledger, "complete_with_results", ingest)
     order = [b.id for b in ledger.batches_to_check("deliverable")]
     report = run_cycle(app, STATUS, "deliverable")
-    assert seen[0] == 2 and [r.ledger_id for r in report.ingested] == order
+    assert seen[0] == 1 + ahead and (ahead or seen == [1, 2, 3])
+    assert [r.ledger_id for r in report.ingested] == order
 
 
 def test_a_failed_download_fetched_ahead_skips_that_batch_alone(app, bouncer):
