@@ -1,6 +1,7 @@
 """Throughput against the physical limit, and credits per mailbox, with the real processes.
 
     python -m scripts.throughput [--processing-time 20] [--duration 90] [--skip-slots] [--skip-credits]
+    python -m scripts.throughput --latency [--batches 6] [--batch-size 300]
 
 Slot use: the sandbox completes every batch in exactly T seconds; a worker and a scheduler run
 with time compressed by 600/T (a Bouncer batch taken to last 10 minutes): the status interval
@@ -8,6 +9,16 @@ is 30 s / compression, and the request budget per minute is multiplied by it too
 binds as it would in real time; emails verified per second in steady state are compared with the
 limit BOUNCER_MAX_OUTSTANDING x BOUNCER_BATCH_SIZE / T, first polling only, then with the
 callback.
+
+Latency (--latency, about 2 minutes, run alone): how long a user waits for results once Bouncer has
+finished. Real time, the default intervals (creation every 5 s, status every 30 s), a worker pair
+and a scheduler, polling only and then with the callback (PUBLIC_URL, CALLBACK_SECRET and the web
+process). One user batch at a time arrives, is sent, and is completed by the sandbox at a chosen
+moment, (30 + 5) / batches seconds after the previous one, so the completions fall at evenly spread
+phases of both intervals. Per batch: the ledger's finished_at minus Bouncer's own `completed` time
+(stored by the status cycle; checked to be the sandbox's completion moment, both naive UTC), and
+the first moment a reader polling the database every 50 ms saw the user batch completed. Prints
+mean and worst per mode; the per-batch values go to stderr.
 
 Credits: user batches with cross-user repeats, Gmail spellings and case variants go through the
 cycles against the sandbox; credits spent (Bouncer's count: distinct addresses per batch) are
