@@ -92,9 +92,12 @@ def trigger_webhook_sender(redis):
 
 
 def enqueue_cycle(queue, kind, check_type, run_id):
-    """Queue one run of a cycle now, with the scheduled runs' timeout (the lock is sized to it)."""
+    """Queue one run of a cycle now, with the scheduled runs' timeout (the lock is sized to it).
+    It goes to the front of the queue: a trigger (Bouncer's callback, a freed slot) is work
+    known to be waiting, while the routine runs queued before it mostly find nothing to do, and
+    the scheduler queues them all in the same instant."""
     queue.enqueue(JOB_FUNCTIONS[kind], check_type, job_id=run_id, job_timeout=JOB_TIMEOUT,
-                  failure_ttl=NOW_FAILURE_TTL)
+                  failure_ttl=NOW_FAILURE_TTL, at_front=True)
 
 
 def run_job(kind, check_type):

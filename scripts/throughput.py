@@ -1,6 +1,7 @@
 """Throughput against the physical limit, and credits per mailbox, with the real processes.
 
     python -m scripts.throughput [--processing-time 20] [--duration 90] [--skip-slots] [--skip-credits]
+    python -m scripts.throughput --latency [--batches 6] [--batch-size 300]
 
 Slot use: the sandbox completes every batch in exactly T seconds; a worker and a scheduler run
 with time compressed by 600/T (a Bouncer batch taken to last 10 minutes): the status interval
@@ -9,11 +10,22 @@ binds as it would in real time; emails verified per second in steady state are c
 limit BOUNCER_MAX_OUTSTANDING x BOUNCER_BATCH_SIZE / T, first polling only, then with the
 callback.
 
+Latency (--latency, about 2 minutes, run alone): how long a user waits for results once Bouncer has
+finished. Real time, the default intervals (creation every 5 s, status every 30 s), a worker pair
+and a scheduler, polling only and then with the callback (PUBLIC_URL, CALLBACK_SECRET and the web
+process). One user batch at a time arrives, is sent, and is completed by the sandbox at a chosen
+moment, (30 + 5) / batches seconds after the previous one, so the completions fall at evenly spread
+phases of both intervals. Per batch: the ledger's finished_at minus Bouncer's own `completed` time
+(stored by the status cycle; checked to be the sandbox's completion moment, both naive UTC), and
+the first moment a reader polling the database every 50 ms saw the user batch completed. Prints
+mean and worst per mode; the per-batch values go to stderr.
+
 Credits: user batches with cross-user repeats, Gmail spellings and case variants go through the
 cycles against the sandbox; credits spent (Bouncer's count: distinct addresses per batch) are
 divided by the distinct stripped addresses. Then a batch of already-verified addresses: 0.
 """
 import argparse
+import datetime
 import os
 import secrets
 import sys
@@ -27,7 +39,7 @@ from bouncer.config import Settings
 from bouncer.cycles import CREATION, STATUS, run_cycle
 from bouncer.db import open_database
 from bouncer.intake import create_user_batch
-from bouncer.models import BouncerBatch, EmailGlobal, UserBatchEmail
+from bouncer.models import BouncerBatch, EmailGlobal, UserBatch, UserBatchEmail
 from bouncer.sandbox import Sandbox
 from bouncer.schema import create_schema
 from support.ports import free_port, wait_for_port
@@ -38,6 +50,11 @@ REAL_BATCH_SECONDS = 600   # what T stands for in real time
 WORKERS = 2
 STOP_GRACE = 15            # seconds after SIGTERM before what is left of a process is killed
 API_KEY = "sk-throughput-" + secrets.token_hex(8)
+# Latency runs in real time with the default intervals.
+LATENCY_CREATE_INTERVAL, LATENCY_STATUS_INTERVAL = 5, 30
+LATENCY_WARM_UP = 15       # seconds for the processes to start and the scheduler to register
+LATENCY_LEAD = 10          # a user batch is submitted this long before its Bouncer batch completes
+READ_INTERVAL = 0.05       # how often the measurement reads, as a user would, whether results are in
 
 
 def measure_slot_use(processing_time, duration, callback, redis_url, workdir):
@@ -76,6 +93,100 @@ def measure_slot_use(processing_time, duration, callback, redis_url, workdir):
     finally:
         processes.stop_all(grace=STOP_GRACE)
     return SLOTS * BATCH / mean_slot_turnover(skip=SLOTS), SLOTS * BATCH / processing_time, status_interval
+
+
+def measure_latency(callback, batches, size, redis_url, workdir):
+    """Seconds from Bouncer completing a batch to its results being readable, for each batch:
+    [(ledger finished_at - Bouncer's completed time, first moment a reader saw the user batch
+    completed - Bouncer's completed time)], in real time with the default intervals."""
+    name = "latency-%s" % ("callback" if callback else "polling")
+    url = "sqlite:///%s" % os.path.join(workdir, name + ".db")
+    web_port = free_port()
+    # Batches complete only when told to: each at a moment chosen to fall at its own phase of
+    # the status and creation intervals.
+    sandbox = Sandbox(port=0, processing_time=3600).start()
+    env = service_env(url, redis_url, sandbox.url, API_KEY, PORT=str(web_port),
+                      BATCH_CREATE_INTERVAL=str(LATENCY_CREATE_INTERVAL),
+                      STATUS_CHECK_INTERVAL=str(LATENCY_STATUS_INTERVAL),
+                      LOG_LEVEL=os.environ.get("LOG_LEVEL", "INFO"))
+    if callback:
+        env.update(PUBLIC_URL="http://127.0.0.1:%d" % web_port, CALLBACK_SECRET=secrets.token_hex(16))
+    open_database(url)
+    create_schema()
+    redis.Redis.from_url(redis_url).flushdb()
+    logs = os.path.join(workdir, name)
+    os.makedirs(logs, exist_ok=True)
+    processes = Supervisor(logs, env)
+    # Completions (LATENCY_STATUS_INTERVAL + LATENCY_CREATE_INTERVAL) / batches apart: their
+    # phases spread evenly over both intervals.
+    spacing = (LATENCY_STATUS_INTERVAL + LATENCY_CREATE_INTERVAL) / batches
+    pending = {}        # user batch id: (bouncer id, completed at, epoch)
+    seen = {}           # user batch id: epoch a reader first saw it completed
+    try:
+        names = ["worker"] * WORKERS + ["scheduler"] + (["web"] if callback else [])
+        for i, process in enumerate(names):
+            processes.start("%s-%d" % (process, i), process)
+        if callback:
+            wait_for_port(web_port, processes.running["web-%d" % (len(names) - 1)])
+        first = time.time() + LATENCY_WARM_UP
+        for k in range(batches):
+            due = first + k * spacing
+            sleep_reading(due - LATENCY_LEAD, pending, seen)
+            known = set(sandbox.batches)
+            summary = create_user_batch("latency", "deliverable",
+                                        ("lat%d-%d@example.com" % (k, i) for i in range(size)))
+            bouncer_id = wait_for_new_batch(sandbox, known, pending, seen)
+            sleep_reading(due, pending, seen)
+            sandbox.complete_now(bouncer_id)
+            pending[summary.batch_id] = (bouncer_id, sandbox.batches[bouncer_id]["completed_at"])
+        deadline = time.time() + LATENCY_STATUS_INTERVAL + 15
+        while len(seen) < len(pending) and time.time() < deadline:
+            sleep_reading(time.time() + 0.5, pending, seen)
+    finally:
+        processes.stop_all(grace=STOP_GRACE)
+        sandbox.stop()
+    if len(seen) < len(pending):
+        raise RuntimeError("%d batch(es) not readable %ds after completing; logs in %s"
+                           % (len(pending) - len(seen), LATENCY_STATUS_INTERVAL + 15, logs))
+    latencies = []
+    for user_batch_id, (bouncer_id, completed) in pending.items():
+        ledger = BouncerBatch.get(BouncerBatch.bouncer_id == bouncer_id)
+        # Bouncer's own completed time, as the status cycle stored it, is the sandbox's moment
+        # (to its millisecond), in the same clock (naive UTC) as finished_at.
+        as_utc = datetime.datetime.fromtimestamp(completed, datetime.timezone.utc).replace(tzinfo=None)
+        if abs((ledger.bouncer_completed_at - as_utc).total_seconds()) > 0.001:
+            raise RuntimeError("stored completion %s is not the sandbox's %s" % (ledger.bouncer_completed_at, as_utc))
+        latencies.append(((ledger.finished_at - ledger.bouncer_completed_at).total_seconds(),
+                          seen[user_batch_id] - completed))
+    return latencies
+
+
+def wait_for_new_batch(sandbox, known, pending, seen, timeout=30):
+    """The Bouncer id of the batch created after `known`, once the creation cycle sent it."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        new = set(sandbox.batches) - known
+        if new:
+            (bouncer_id,) = new
+            return bouncer_id
+        sleep_reading(time.time() + 0.05, pending, seen)
+    raise RuntimeError("no Bouncer batch created within %ds" % timeout)
+
+
+def sleep_reading(until, pending, seen):
+    """Until `until` (epoch), reading the user batches whose Bouncer batch completed, as a
+    user would, every READ_INTERVAL: `seen` gets the moment each is first read completed."""
+    while True:
+        waiting = [b for b in pending if b not in seen]
+        if waiting:
+            now = time.time()
+            for (batch_id,) in (UserBatch.select(UserBatch.id).where(
+                    UserBatch.id.in_(waiting) & (UserBatch.status == "completed")).tuples()):
+                seen[batch_id] = now
+        left = until - time.time()
+        if left <= 0:
+            return
+        time.sleep(min(READ_INTERVAL, left))
 
 
 def mean_slot_turnover(skip):
@@ -141,8 +252,16 @@ def main():
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6390/13")
     parser.add_argument("--skip-slots", action="store_true")
     parser.add_argument("--skip-credits", action="store_true")
+    parser.add_argument("--latency", action="store_true",
+                        help="measure only the latency from Bouncer completing a batch to its results")
+    parser.add_argument("--batches", type=int, default=6, help="batches per latency run")
+    parser.add_argument("--batch-size", type=int, default=300, help="addresses per latency batch")
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="bouncer-throughput-")
+    print("logs and databases in %s" % workdir, file=sys.stderr)
+    if args.latency:
+        print_latency(args.batches, args.batch_size, args.redis_url, workdir)
+        return
     print("| measure | value | target |")
     print("|---|---|---|")
     if not args.skip_credits:
@@ -157,6 +276,21 @@ def main():
                 "with callbacks" if callback else "polling", args.processing_time, interval, WORKERS,
                 achieved, limit, 100 * achieved / limit, ">= 99%" if callback else ">= 95%"))
             sys.stdout.flush()
+
+
+def print_latency(batches, size, redis_url, workdir):
+    print("| mode | batches | mean | worst | worst seen by a reader |")
+    print("|---|---|---|---|---|")
+    for callback in (False, True):
+        latencies = measure_latency(callback, batches, size, redis_url, workdir)
+        stored = [stored for stored, _ in latencies]
+        read = [read for _, read in latencies]
+        print("| %s (status every %ds, creation every %ds) | %d x %d addresses | %.2f s | %.2f s | %.2f s |" % (
+            "with the callback" if callback else "polling only", LATENCY_STATUS_INTERVAL,
+            LATENCY_CREATE_INTERVAL, len(latencies), size, sum(stored) / len(stored), max(stored), max(read)))
+        print("%s, per batch (stored/read, s): %s" % ("callback" if callback else "polling",
+                                   ", ".join("%.2f/%.2f" % pair for pair in latencies)), file=sys.stderr)
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

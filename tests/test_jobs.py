@@ -76,6 +76,18 @@ def test_run_now_queues_once_for_a_burst_of_triggers(app, bouncer):
     assert Queue(QUEUE_NAME, connection=app.redis).count == 1
 
 
+def test_run_now_goes_ahead_of_the_routine_runs_already_queued(app, bouncer):
+    # The scheduler queues its routine runs all at once; a trigger (a callback, a freed slot)
+    # is work known to be waiting and must not wait behind them.
+    from bouncer.cycles import CREATION, STATUS, run_now
+    queue = Queue(QUEUE_NAME, connection=app.redis)
+    for routine in ("batch_creator_catchall", "status_checker_catchall", "status_checker_deliverable"):
+        queue.enqueue(check_batches_job, "catchall", job_id=routine)
+    assert run_now(app.redis, STATUS, "deliverable") is True
+    assert run_now(app.redis, CREATION, "deliverable") is True
+    assert queue.job_ids[:2] == ["batch_creator_deliverable_now", "status_checker_deliverable_now"]
+
+
 def test_job_runs_its_cycle_again_when_triggered_while_running(app, bouncer, monkeypatch):
     import bouncer.cycles as cycles
     runs = []
