@@ -35,7 +35,9 @@ DELIVERY_COLUMNS = ("batch_id", "event", "message_id", "payload", "next_attempt_
 def record_endings(ended, now):
     """Inside the transaction that ended them: one delivery for each (batch, status) that ended,
     its payload the status object at that moment. A few statements for any number of endings."""
-    from .reports import count_outcomes_of, status_object
+    if not ended:
+        return
+    from .reports import count_outcomes_of, status_object   # here: most transactions end nothing
     timestamp = now.isoformat(timespec="seconds") + "Z"
     for part in chunked(ended, ENDINGS_PER_STATEMENT):
         status_of = dict(part)

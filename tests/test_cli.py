@@ -281,3 +281,15 @@ def test_python_m_bouncer_help_subprocess():
     for name in ("init-db", "submit", "status", "results", "create-batches", "check-batches"):
         assert name in completed.stdout
     assert completed.stderr == ""
+
+
+@pytest.mark.parametrize("url, loaded", [("sqlite:///x.db", False), ("", False),
+                                         ("postgresql://u@127.0.0.1/db", True)])
+def test_a_command_on_sqlite_does_not_load_the_postgres_driver(url, loaded):
+    probe = ("import sys; from bouncer.cli import skip_unused_postgres_driver as skip; skip(); "
+             "import peewee; print(peewee.psycopg2 is not None)")
+    env = dict(os.environ, DATABASE_URL=url)
+    completed = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True,
+                               text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == str(loaded)
