@@ -58,7 +58,8 @@ def troubled_queue(app, bouncer):
     """busy_queue, plus a pause, a Bouncer batch failed by hand and a possible orphan."""
     ids = busy_queue(app, bouncer)
     pause("deliverable", "quota review", "operator")
-    fail_bouncer_batch(BouncerBatch.get(BouncerBatch.status == "outstanding").id, "stuck")
+    fail_bouncer_batch(BouncerBatch.get((BouncerBatch.status == "outstanding")
+                                        & (BouncerBatch.check_type == "deliverable")).id, "stuck")
     submit("grace", addresses("grace", 3), check_type="catchall")
     bouncer.fail_next("timeout", kind="create")
     run_cycle(app, CREATION, "catchall")
