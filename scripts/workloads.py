@@ -247,3 +247,96 @@ def raw_bulk_insert(url, columns, rows):
         return seconds
     finally:
         connection.close()
+
+
+# -- the queue's own writes, in plain SQL ----------------------------------------------------
+
+def queue_write_floors(url, batches=15, batch=10000):
+    """Seconds of the writes a claim and an ingest cannot do without in this schema, done in
+    plain SQL on a database made by `init-db` (the same tables and indexes), a statement or two
+    per batch of `batch` rows, each batch committed: (claim: rows marked sent and their in-flight
+    addresses written; ingest: verdicts written, rows marked done, in-flight addresses removed).
+    What the cycles add to these is the service's own work: planning, checks, parsing, calls."""
+    import time
+    connection = connect(url)
+    pg = is_postgres_url(url)
+    mark = "%s" if pg else "?"
+    total = batches * batch
+    try:
+        cursor = connection.cursor()
+        seed_queued_rows(connection, cursor, total, batches, mark)
+        claim = ingest = 0.0
+        results = result_rows(total)
+        for b in range(batches):
+            low, high = b * batch + 1, (b + 1) * batch
+            started = time.perf_counter()
+            cursor.execute("UPDATE user_batch_emails SET status = 'sent', bouncer_batch_id = %s"
+                           " WHERE id BETWEEN %s AND %s AND status = 'queued'" % (mark, mark, mark),
+                           (b + 1, low, high))
+            write_rows(cursor, pg, "bouncer_batch_emails", ("bouncer_batch_id", "email_global_id",
+                                                            "check_type", "email_sent"),
+                       [(b + 1, i, "deliverable", "q%d@example.com" % i) for i in range(low, high + 1)])
+            connection.commit()
+            claim += time.perf_counter() - started
+        for b in range(batches):
+            low, high = b * batch + 1, (b + 1) * batch
+            started = time.perf_counter()
+            write_rows(cursor, pg, "email_deliverable_results", RESULT_NAMES + ("bouncer_batch_id",),
+                       [row + (b + 1,) for row in results[low - 1:high]])
+            cursor.execute("UPDATE user_batch_emails SET status = 'done', completed_at = %s"
+                           " WHERE bouncer_batch_id = %s AND status = 'sent'" % (mark, mark),
+                           (results[0][-1], b + 1))
+            cursor.execute("DELETE FROM bouncer_batch_emails WHERE bouncer_batch_id = %s" % mark, (b + 1,))
+            connection.commit()
+            ingest += time.perf_counter() - started
+        return claim, ingest
+    finally:
+        connection.close()
+
+
+RESULT_NAMES = tuple(name for name, _ in RESULT_COLUMNS)
+
+
+def seed_queued_rows(connection, cursor, total, batches, mark):
+    """`total` queued rows of distinct addresses in user batches of 10k, and `batches` ledger rows."""
+    now = datetime.datetime(2026, 12, 1)
+    per = total // batches
+    cursor.execute("INSERT INTO emails_global (id, email, created_at) SELECT i, 'q' || i || '@example.com', %s"
+                   " FROM (%s) AS s" % (mark, numbers(total, mark)), (now,))
+    for b in range(batches):
+        cursor.execute("INSERT INTO user_batches (id, user_id, check_type, status, fifo_order, total)"
+                       " VALUES (%s, %s, 'deliverable', 'processing', %s, %s)" % ((mark,) * 4),
+                       (b + 1, "user%d" % b, b + 1, per))
+        cursor.execute("INSERT INTO bouncer_batches (id, check_type, status, quantity, reserved_at)"
+                       " VALUES (%s, 'deliverable', 'reserved', %s, %s)" % ((mark,) * 3), (b + 1, per, now))
+    cursor.execute("INSERT INTO user_batch_emails (id, batch_id, position, email, status, email_global_id,"
+                   " check_type, fifo_order) SELECT i, (i - 1) / %d + 1, (i - 1) %% %d + 1,"
+                   " 'q' || i || '@example.com', 'queued', i, 'deliverable', (i - 1) / %d + 1"
+                   " FROM (%s) AS s" % (per, per, per, numbers(total, mark)))
+    connection.commit()
+    analyze_connection(connection, cursor)
+
+
+def numbers(total, mark):
+    """A subquery of the integers 1..total, as column i."""
+    return "SELECT generate_series(1, %d) AS i" % total if mark == "%s" else (
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < %d) SELECT i FROM n" % total)
+
+
+def analyze_connection(connection, cursor):
+    cursor.execute("ANALYZE")
+    connection.commit()
+
+
+def write_rows(cursor, pg, table, names, rows):
+    """The fastest plain path: COPY on PostgreSQL, multi-row INSERTs on SQLite."""
+    if pg:
+        text = "".join("\t".join("\\N" if v is None else str(v) for v in row) + "\n" for row in rows)
+        cursor.copy_expert("COPY %s (%s) FROM STDIN" % (table, ", ".join(names)), io.StringIO(text))
+        return
+    marks = "(%s)" % ",".join("?" * len(names))
+    per_insert = max(1, 30000 // len(names))
+    for start in range(0, len(rows), per_insert):
+        part = rows[start:start + per_insert]
+        cursor.execute("INSERT INTO %s (%s) VALUES %s" % (table, ", ".join(names), ",".join([marks] * len(part))),
+                       [v for row in part for v in row])
