@@ -277,8 +277,8 @@ def test_a_failed_download_fetched_ahead_skips_that_batch_alone(app, bouncer):
     assert len(run_cycle(app, STATUS, "deliverable").ingested) == 1
 
 
-def test_downloads_under_way_when_the_cycle_stops_are_ingested_next_cycle(app, bouncer, monkeypatch):
-    batch = send_all(app, "alice", addresses("a", 25))
+def test_a_cycle_told_to_stop_ingests_what_it_downloaded_and_leaves_the_rest(app, bouncer, monkeypatch):
+    batch = send_all(app, "alice", addresses("a", 25))   # three Bouncer batches
     bouncer.complete_now()
     import bouncer.ledger as ledger
     from bouncer.cycles import SHUTDOWN
@@ -292,7 +292,26 @@ def test_downloads_under_way_when_the_cycle_stops_are_ingested_next_cycle(app, b
         report = run_cycle(app, STATUS, "deliverable")
     finally:
         SHUTDOWN.clear()
-    assert report.stopped == "shutdown requested" and len(report.ingested) == 1
+    assert report.stopped == "shutdown requested" and 1 <= len(report.ingested) < 3
+    assert bouncer.count("download") == len(report.ingested)   # no download asked for in vain
     monkeypatch.undo()
-    assert len(run_cycle(app, STATUS, "deliverable").ingested) == 2
+    assert len(run_cycle(app, STATUS, "deliverable").ingested) == 3 - len(report.ingested)
     assert statuses(batch) == {DONE: 25}
+
+
+@pytest.mark.parametrize("status", [429, 401])
+def test_a_status_call_that_ends_the_cycle_still_lets_the_download_before_it_be_ingested(
+        app, bouncer, monkeypatch, status):
+    send_all(app, "alice", addresses("a", 25))   # three Bouncer batches
+    bouncer.complete_now()
+    real, calls = app.client.get_batch, []
+
+    def get_batch(check_type, bouncer_id):
+        calls.append(bouncer_id)
+        if len(calls) == 2:      # the second batch's status call is refused
+            bouncer.fail_next(status, kind="status")
+        return real(check_type, bouncer_id)
+    monkeypatch.setattr(app.client, "get_batch", get_batch)
+    report = run_cycle(app, STATUS, "deliverable")
+    assert report.stopped and len(calls) == 2
+    assert len(report.ingested) == 1 and bouncer.count("download") == 1
