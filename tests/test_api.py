@@ -291,3 +291,17 @@ def test_openapi_description_validates_and_lists_every_route(client):
         "application/json", "text/plain", "text/csv"}
     for code in ("201", "400", "401", "409", "413", "422", "503"):
         assert code in spec["paths"]["/api/v1/batches"]["post"]["responses"], code
+
+
+@pytest.mark.parametrize("path, method", [("/api/v1/batches", "get"), ("/api/v1/batches/1", "get"),
+                                          ("/api/v1/batches/1/cancel", "post")])
+def test_a_database_without_its_schema_is_a_one_line_503_saying_what_to_run(api_app, db, path, method):
+    db.execute_sql("ALTER TABLE user_batches RENAME TO user_batches_away")   # as if init-db never ran
+    try:
+        response = getattr(create_web_app(api_app).test_client(), method)(path, headers=auth())
+    finally:
+        db.execute_sql("ALTER TABLE user_batches_away RENAME TO user_batches")
+    assert response.status_code == 503, response.get_data(as_text=True)
+    message = response.get_json()["error"]
+    assert message.startswith("the database has no schema yet: run `python -m bouncer init-db`")
+    assert "\n" not in message and TOKEN not in message

@@ -1,8 +1,10 @@
 """The APIFlask application: its blueprints, JSON errors everywhere, one log line per request
 with secrets masked, a database connection per request."""
 import logging
+import re
 
 from flask import current_app, request
+from peewee import PeeweeException
 
 from ..db import utcnow
 from ..masking import MASK, mask_secrets
@@ -12,6 +14,7 @@ log = logging.getLogger("bouncer.web")
 
 MAX_LOGGED_PATH = 200       # a 250 KB path must not become a 250 KB log line
 CALLBACK_PREFIX = "/bouncer/callback/"
+NO_SCHEMA = re.compile(r"no such table|relation .* does not exist")
 
 
 def create_web_app(app, started_at=None):
@@ -33,6 +36,7 @@ def create_web_app(app, started_at=None):
     web.extensions["bouncer"] = app
     web.extensions["bouncer.started_at"] = started_at or utcnow()
     web.error_processor(json_error)
+    web.register_error_handler(PeeweeException, database_unavailable)
     web.teardown_request(close_connection)
     web.after_request(log_request)
     web.after_request(never_cache)
@@ -56,6 +60,18 @@ def json_error(error):
     body = {"error": message}
     body.update(error.extra_data or {})
     return body, error.status_code, error.headers
+
+
+def database_unavailable(error):
+    """A database that does not answer, or has no schema yet, is a one-line 503 on every route."""
+    from ..health import describe_error
+    message = describe_error(error, bouncer_app().settings)
+    if NO_SCHEMA.search(message):
+        message = "the database has no schema yet: run `python -m bouncer init-db` (%s)" % message
+    else:
+        message = "the database does not answer: %s" % message
+    log.warning("%s %s: %s", request.method, masked_path(request.path, bouncer_app().settings), message)
+    return {"error": message}, 503
 
 
 def close_connection(exc):

@@ -22,13 +22,12 @@ from flask import (
 )
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from markupsafe import Markup
-from peewee import PeeweeException
 
 from .. import pauses, reports
 from ..config import CHECK_TYPES
 from ..db import utcnow
 from ..errors import Conflict, NotFound
-from ..health import describe_error, service_state
+from ..health import service_state
 from ..history import DEFAULT_HOURS, WINDOWS, chart_series
 from ..logs import ids
 from ..masking import mask_secrets
@@ -98,13 +97,6 @@ def csrf_on_posts():
 @blueprint.errorhandler(CSRFError)
 def csrf_refused(error):
     return {"error": "refused: %s" % error.description.rstrip(".").lower()}, 400
-
-
-@blueprint.errorhandler(PeeweeException)
-def database_unavailable(error):
-    message = describe_error(error, bouncer_app().settings)
-    log.warning("Console: the database does not answer (%s)", message)
-    return {"error": "the database does not answer: %s" % message}, 503
 
 
 @auth.verify_password
