@@ -230,16 +230,7 @@ def raw_bulk_insert(url, columns, rows):
         cursor.execute("CREATE TABLE bench_floor (%s)" % ", ".join("%s %s" % c for c in columns))
         connection.commit()
         started = time.perf_counter()
-        if is_postgres_url(url):
-            text = "".join("\t".join(str(v) for v in row) + "\n" for row in rows)
-            cursor.copy_expert("COPY bench_floor FROM STDIN", io.StringIO(text))
-        else:
-            marks = "(%s)" % ",".join("?" * len(columns))
-            per_insert = max(1, 30000 // len(columns))
-            for start in range(0, len(rows), per_insert):
-                part = rows[start:start + per_insert]
-                cursor.execute("INSERT INTO bench_floor VALUES " + ",".join([marks] * len(part)),
-                               [v for row in part for v in row])
+        write_rows(cursor, is_postgres_url(url), "bench_floor", tuple(name for name, _ in columns), rows)
         connection.commit()
         seconds = time.perf_counter() - started
         cursor.execute("DROP TABLE bench_floor")
@@ -314,18 +305,14 @@ def seed_queued_rows(connection, cursor, total, batches, mark):
                    " 'q' || i || '@example.com', 'queued', i, 'deliverable', (i - 1) / %d + 1"
                    " FROM (%s) AS s" % (per, per, per, numbers(total, mark)))
     connection.commit()
-    analyze_connection(connection, cursor)
+    cursor.execute("ANALYZE")
+    connection.commit()
 
 
 def numbers(total, mark):
     """A subquery of the integers 1..total, as column i."""
     return "SELECT generate_series(1, %d) AS i" % total if mark == "%s" else (
         "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < %d) SELECT i FROM n" % total)
-
-
-def analyze_connection(connection, cursor):
-    cursor.execute("ANALYZE")
-    connection.commit()
 
 
 def write_rows(cursor, pg, table, names, rows):
