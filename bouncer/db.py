@@ -201,12 +201,16 @@ def copy_rows(table, columns, rows, tail=""):
             cursor.execute("CREATE TEMP TABLE %s ON COMMIT DROP AS SELECT %s FROM %s WITH NO DATA"
                            % (quote(target), column_list, quote(table)))
         cursor.copy_expert("COPY %s (%s) FROM STDIN" % (quote(target), column_list),
-                           io.StringIO(copy_text(rows)))
+                           io.StringIO(copy_text(rows)), size=COPY_CHUNK)
         if tail:
             cursor.execute("INSERT INTO %s (%s) SELECT %s FROM %s%s" % (
                 quote(table), column_list, column_list, quote(target), tail))
 
 
+# psycopg2 reads the COPY text a chunk at a time and takes Python's lock back for each one; with
+# its 8 KB default a 60 MB ingest waited for the lock thousands of times while the download
+# thread parsed (measured: 150k verdicts upserted in 3.9 s beside the thread, 1.4 s alone).
+COPY_CHUNK = 1 << 20
 COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 NULL = "\\N"
 
