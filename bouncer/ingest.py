@@ -32,40 +32,66 @@ class IngestReport:
     malformed: int = 0    # records without a usable email or verdict (ignored)
 
 
-def match_records(sent, records, report, now):
-    """{email_global id: result row} for each record of an address this batch sent; a row is a
-    tuple in RESULT_COLUMNS order."""
-    by_sent, by_stripped = sent
-    verdicts = {}
+@dataclass
+class Download:
+    """A download read into the columns it stores, before any address is matched: `(email,
+    columns)` of each usable record, and how many records were not usable. Reading needs no
+    database, so on PostgreSQL it is done on the download's own thread."""
+    records: list
+    malformed: int = 0
+
+
+def read_download(records):
+    """A Download of Bouncer's records (parsed JSON objects)."""
+    usable = []
     for record in records:
-        parsed = parse_record(record)
-        if parsed is None:
-            report.malformed += 1
-            continue
-        email = record["email"]
-        global_id = by_sent.get(email) or by_stripped.get(strip_email_modifiers(email))
+        columns = parse_record(record)
+        if columns is not None:
+            usable.append((record["email"], columns))
+    return Download(usable, len(records) - len(usable))
+
+
+def match_records(ledger_id, download, report, now):
+    """{email_global id: result row} for each record of an address this batch sent (a row is a
+    tuple in RESULT_COLUMNS order), and the ids of every address it sent. Bouncer answers with
+    the spelling sent; an address it normalised is matched by its stripped form, looked up only
+    when some record needs it."""
+    by_sent = sent_spellings(ledger_id)
+    verdicts, unmatched, tail = {}, [], (now, report.ledger_id)
+    for email, columns in download.records:
+        global_id = by_sent.get(email)
         if global_id is None:
-            report.extra += 1
-            continue
-        verdicts[global_id] = (global_id,) + parsed + (now, report.ledger_id)
+            unmatched.append((email, columns))
+        else:
+            verdicts[global_id] = (global_id,) + columns + tail
+    if unmatched:
+        by_stripped = stripped_addresses(ledger_id)
+        for email, columns in unmatched:
+            global_id = by_stripped.get(strip_email_modifiers(email))
+            if global_id is None:
+                report.extra += 1
+            else:
+                verdicts[global_id] = (global_id,) + columns + tail
+    report.malformed = download.malformed
     if report.malformed or report.extra:
         log.warning("Bouncer batch %s: %s malformed and %s unexpected records in the download",
                     report.ledger_id, report.malformed, report.extra)
-    return verdicts
+    return verdicts, set(by_sent.values())
 
 
-def sent_addresses(ledger_id):
-    """Two maps to each sent address's global id: by the spelling sent (Bouncer answers with
-    it), and by stripped address (in case Bouncer normalised the spelling)."""
-    by_sent, by_stripped = {}, {}
-    query = (BouncerBatchEmail
-             .select(BouncerBatchEmail.email_sent, EmailGlobal.email, BouncerBatchEmail.email_global)
+def sent_spellings(ledger_id):
+    """{spelling sent: email_global id} of the batch's addresses."""
+    query = (BouncerBatchEmail.select(BouncerBatchEmail.email_sent, BouncerBatchEmail.email_global)
+             .where(BouncerBatchEmail.bouncer_batch == ledger_id))
+    return dict(database.execute_sql(*query.sql()).fetchall())
+
+
+def stripped_addresses(ledger_id):
+    """{stripped address: email_global id} of the batch's addresses."""
+    query = (BouncerBatchEmail.select(EmailGlobal.email, BouncerBatchEmail.email_global)
              .join(EmailGlobal)
              .where(BouncerBatchEmail.bouncer_batch == ledger_id))
-    for sent, stripped, global_id in database.execute_sql(*query.sql()):
-        by_sent[sent] = global_id
-        by_stripped[stripped] = global_id
-    return by_sent, by_stripped
+    return dict(database.execute_sql(*query.sql()).fetchall())
 
 
 def parse_record(record):

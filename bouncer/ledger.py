@@ -248,8 +248,8 @@ def claim_outstanding(ledger_id):
     return lock_rows_for_update(query).first()
 
 
-def complete_with_results(ledger_id, records, now=None):
-    """Ingest the download of a completed Bouncer batch, in one transaction: verdicts upserted,
+def complete_with_results(ledger_id, download, now=None):
+    """Ingest the download of a completed Bouncer batch (an ingest.Download), in one transaction: verdicts upserted,
     the rows of every address completed, addresses Bouncer left out failed with that reason,
     the batch out of flight, and each user batch with nothing pending completed. Returns an
     IngestReport, or None when the batch is no longer outstanding (already ingested or
@@ -260,10 +260,9 @@ def complete_with_results(ledger_id, records, now=None):
         if ledger is None:
             return None
         report = ingest.IngestReport(ledger_id)
-        sent = ingest.sent_addresses(ledger_id)
-        verdicts = ingest.match_records(sent, records, report, now)
+        verdicts, sent = ingest.match_records(ledger_id, download, report, now)
         ingest.upsert_results(ledger.check_type, list(verdicts.values()))
-        missing = set(sent[0].values()) - verdicts.keys()
+        missing = sent - verdicts.keys()
         report.missing = progress.fail_sent_rows(
             ledger_id, "not in Bouncer's results for batch %s" % ledger.bouncer_id, now, missing)
         report.verified = progress.complete_sent_rows(ledger_id, now)

@@ -10,9 +10,9 @@ Steps, each recoverable if the process dies right after it:
    and 401 end the cycle.
 The cycle also ends between two batches when it must stop (a lost lock, a shutdown request).
 
-On PostgreSQL a download is fetched and parsed on a thread of its own while the batch before
-it is ingested, one ahead at most (psycopg2 gives Python's lock up for a whole statement, so
-the database works while the thread parses); batches are still ingested one at a time, in the
+On PostgreSQL a download is fetched, parsed and read into its columns on a thread of its own
+while the batch before it is ingested, one ahead at most (psycopg2 gives Python's lock up for
+a whole statement, so the database works while the thread parses); batches are still ingested one at a time, in the
 order they were checked, and one already fetched when the cycle must stop is still ingested.
 On SQLite the cycle downloads each batch itself: sqlite3 takes the lock back at every row, and
 a thread fetching or parsing beside it slowed the ingest more than it saved (measured on 150k
@@ -23,7 +23,7 @@ import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from . import ledger
+from . import ingest, ledger
 from .db import is_postgres, utcnow
 from .errors import BouncerError
 from .logs import ids
@@ -97,20 +97,23 @@ class Downloads:
         return len(self.waiting) > self.ahead
 
     def start(self, batch):
-        args = (batch.check_type, batch.bouncer_id)
         if self.pool is not None:
-            fetch = self.pool.submit(self.client.download_batch, *args)
+            fetch = self.pool.submit(self.fetch, batch)
         else:
             fetch = Future()
             try:
-                fetch.set_result(self.client.download_batch(*args))
+                fetch.set_result(self.fetch(batch))
             except BouncerError as exc:
                 fetch.set_exception(exc)
         self.waiting.append((batch, fetch))
 
+    def fetch(self, batch):
+        """The batch's download, read into the columns it stores."""
+        return ingest.read_download(self.client.download_batch(batch.check_type, batch.bouncer_id))
+
     def next(self):
-        """(batch, fetch) of the oldest download: `fetch.result()` waits for its records, or
-        raises the BouncerError met."""
+        """(batch, fetch) of the oldest download: `fetch.result()` waits for its ingest.Download,
+        or raises the BouncerError met."""
         return self.waiting.popleft()
 
 
@@ -154,7 +157,7 @@ def ingest_next(cycle, downloads):
     """Ingest the oldest download under way, once it has arrived. False when the cycle must stop."""
     batch, fetch = downloads.next()
     try:
-        records = fetch.result()
+        download = fetch.result()
     except BouncerError as exc:
         if exc.is_results_gone:
             return fail_for_good(cycle, batch, "Bouncer removed the results of batch %s: %s"
@@ -165,7 +168,7 @@ def ingest_next(cycle, downloads):
             cycle.report.waiting += 1
             return True
         return call_failed(cycle, batch, exc)
-    result = ledger.complete_with_results(batch.id, records)
+    result = ledger.complete_with_results(batch.id, download)
     if result is not None:
         cycle.report.ingested.append(result)
         cycle.slot_freed()

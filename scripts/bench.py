@@ -34,6 +34,7 @@ from bouncer.config import Settings
 from bouncer.creation_cycle import create_batches
 from bouncer.cycles import CREATION, Cycle
 from bouncer.db import bulk_insert, copy_rows, is_postgres, open_database, utcnow
+from bouncer.ingest import read_download
 from bouncer.ledger import batches_to_check, complete_with_results
 from bouncer.models import (
     BATCH_QUEUED,
@@ -171,7 +172,7 @@ def ingest_outstanding_batches(url):
         body = json.dumps(download_for(ledger.id)).encode()
         with StatementCounter(database.obj) as counter:
             started = time.perf_counter()
-            verified += complete_with_results(ledger.id, parse_records(body)).verified
+            verified += complete_with_results(ledger.id, read_download(parse_records(body))).verified
             seconds += time.perf_counter() - started
         statements += counter.count
         del body

@@ -95,6 +95,17 @@ def test_check_ignores_extra_and_malformed_records(app, bouncer):
     assert statuses(batch) == {DONE: 2}
 
 
+def test_check_matches_a_record_bouncer_respelled_by_its_stripped_address(app, bouncer):
+    batch = send_all(app, "alice", ["Jane.Doe+news@gmail.com", "b@example.com"])
+    respelled = {"Jane.Doe+news@gmail.com": "JaneDoe@GMail.com"}
+    bouncer.alter_downloads(lambda records: [dict(r, email=respelled.get(r["email"], r["email"]))
+                                             for r in records])
+    bouncer.complete_now()
+    report = run_cycle(app, STATUS, "deliverable")
+    assert (report.ingested[0].verified, report.ingested[0].missing, report.ingested[0].extra) == (2, 0, 0)
+    assert statuses(batch) == {DONE: 2}
+
+
 def test_check_keeps_the_record_leniently(app, bouncer):
     batch = send_all(app, "alice", ["a@example.com"])
     bouncer.alter_downloads(lambda records: [{"email": "a@example.com", "status": "risky",
