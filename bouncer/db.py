@@ -169,11 +169,7 @@ def insert_tuples(model, names, rows, replace_on=None, ignore_existing=False):
     if fixed:
         rows = [row + fixed for row in rows]
     table = model._meta.table_name
-    tail = " ON CONFLICT DO NOTHING" if ignore_existing else ""
-    if replace_on is not None:
-        key = replace_on.column_name
-        tail = " ON CONFLICT (%s) DO UPDATE SET %s" % (quote(key), ", ".join(
-            "%s = excluded.%s" % (quote(c), quote(c)) for c in columns if c != key))
+    tail = conflict_clause(columns, replace_on, ignore_existing)
     if is_postgres():
         # A replace goes through a scratch table and INSERT ... ON CONFLICT (measured on 150k
         # verdicts: 1.1 s, against 1.3 s for deleting the keys first and COPYing straight in).
@@ -186,11 +182,28 @@ def insert_tuples(model, names, rows, replace_on=None, ignore_existing=False):
         database.execute_sql(head + ", ".join([row_marks] * len(part)) + tail, params)
 
 
-def copy_rows(table, columns, rows, tail=""):
+def conflict_clause(columns, replace_on=None, ignore_existing=False):
+    if replace_on is not None:
+        key = replace_on.column_name
+        return " ON CONFLICT (%s) DO UPDATE SET %s" % (quote(key), ", ".join(
+            "%s = excluded.%s" % (quote(c), quote(c)) for c in columns if c != key))
+    return " ON CONFLICT DO NOTHING" if ignore_existing else ""
+
+
+def insert_copy_lines(model, names, lines, replace_on=None):
+    """Postgres: insert_tuples for rows already in COPY's text format (`copy_lines`), every
+    field of the model among `names`."""
+    if lines:
+        columns = [model._meta.fields[name].column_name for name in names]
+        copy_rows(model._meta.table_name, columns, tail=conflict_clause(columns, replace_on),
+                  text="\n".join(lines) + "\n")
+
+
+def copy_rows(table, columns, rows=None, tail="", text=None):
     """Postgres: COPY the rows in (straight into `table`, or through a scratch table when
     conflicts must be handled). psycopg2 quotes every parameter into the SQL text on the client,
     which costs more than the server's work; COPY sends plain text (measured: 150k results in
-    1.2 s by COPY, 5.5 s by multi-row INSERT)."""
+    1.2 s by COPY, 5.5 s by multi-row INSERT). `text`: the rows already in COPY's format."""
     column_list = ", ".join(quote(c) for c in columns)
     with database.atomic():
         cursor = database.cursor()
@@ -201,7 +214,7 @@ def copy_rows(table, columns, rows, tail=""):
             cursor.execute("CREATE TEMP TABLE %s ON COMMIT DROP AS SELECT %s FROM %s WITH NO DATA"
                            % (quote(target), column_list, quote(table)))
         cursor.copy_expert("COPY %s (%s) FROM STDIN" % (quote(target), column_list),
-                           io.StringIO(copy_text(rows)), size=COPY_CHUNK)
+                           io.StringIO(copy_text(rows) if text is None else text), size=COPY_CHUNK)
         if tail:
             cursor.execute("INSERT INTO %s (%s) SELECT %s FROM %s%s" % (
                 quote(table), column_list, column_list, quote(target), tail))
@@ -219,10 +232,14 @@ def copy_text(rows):
     """The rows in COPY's text format, built a column at a time: a column of text needing no
     escape (checked once over the whole column) is taken as it is, so the cost per value is a
     join, not a function call (measured: 150k result rows in 0.3 s instead of 1.1 s)."""
-    if not rows:
-        return ""
+    lines = copy_lines(rows)
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def copy_lines(rows):
+    """Each row as one line of COPY's text format, without its newline (see copy_text)."""
     columns = [copy_column(values) for values in zip(*rows)]
-    return "\n".join(map("\t".join, zip(*columns))) + "\n"
+    return list(map("\t".join, zip(*columns)))
 
 
 def copy_column(values):

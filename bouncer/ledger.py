@@ -260,8 +260,8 @@ def complete_with_results(ledger_id, download, now=None):
         if ledger is None:
             return None
         report = ingest.IngestReport(ledger_id)
-        verdicts, sent = ingest.match_records(ledger_id, download, report, now)
-        ingest.upsert_results(ledger.check_type, list(verdicts.values()))
+        verdicts, sent = ingest.match_records(ledger_id, download, report)
+        ingest.upsert_results(ledger.check_type, download, verdicts, now, ledger_id)
         missing = sent - verdicts.keys()
         report.missing = progress.fail_sent_rows(
             ledger_id, "not in Bouncer's results for batch %s" % ledger.bouncer_id, now, missing)
