@@ -2,21 +2,36 @@
 import json
 import os
 import sys
-from dataclasses import fields
 
 import click
 
 from . import __version__
 from .config import CHECK_TYPES
 from .errors import ConfigError, DatabaseUnavailable, InputError, NotFound
-from .sandbox.options import SandboxOptions, describe_range, flag_of
 
 EXPECTED_ERRORS = (InputError, NotFound, ConfigError, DatabaseUnavailable)
 MAX_INVALID_SHOWN = 5
 
 
 class BouncerGroup(click.Group):
-    """Turns expected failures into one clean line and exit code 1, never a traceback."""
+    """Turns expected failures into one clean line and exit code 1, never a traceback. The
+    commands of LAZY_COMMANDS are built only when a name is not one of the others (theirs, or a
+    typo whose suggestions must name them too) or when every command is listed, so that no other
+    command pays for what builds them."""
+
+    def list_commands(self, ctx):
+        self.add_lazy_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx, name):
+        if name not in self.commands:
+            self.add_lazy_commands()
+        return super().get_command(ctx, name)
+
+    def add_lazy_commands(self):
+        for name, build in LAZY_COMMANDS.items():
+            if name not in self.commands:
+                self.add_command(build(), name)
 
     def invoke(self, ctx):
         try:
@@ -318,6 +333,10 @@ def options_from(dataclass):
     """A decorator adding one click option per field of `dataclass` (SandboxOptions' shape:
     help, kind, range and environment variable in each field's metadata). Ranges are checked by
     the dataclass itself, so a value out of range is one clean line, as every expected failure."""
+    from dataclasses import fields
+
+    from .sandbox.options import flag_of
+
     def decorate(command):
         for f in reversed(fields(dataclass)):
             command = click.option(flag_of(f), **click_settings(f))(command)
@@ -326,6 +345,7 @@ def options_from(dataclass):
 
 
 def click_settings(f):
+    from .sandbox.options import describe_range
     meta = f.metadata
     span = describe_range(f)
     settings = {"type": CLICK_TYPES[meta["kind"]], "default": f.default,
@@ -336,18 +356,27 @@ def click_settings(f):
     return settings
 
 
-@cli.command()
-@options_from(SandboxOptions)
-def sandbox(**values):
-    """A local Bouncer speaking the documented batch API, for running with no account.
+def sandbox_command():
+    """The `sandbox` command, its options made from SandboxOptions' fields: built only when it
+    is named or listed, as no other command needs the sandbox's options."""
+    from .sandbox.options import SandboxOptions
 
-    Example: python -m bouncer sandbox --port 8025 --processing-time 5 --fail-rate 0.02 --seed 7
-    """
-    from .logs import setup_logging
-    from .sandbox import Sandbox
-    options = SandboxOptions(**values)
-    setup_logging()
-    Sandbox(options).serve_forever()
+    @click.command("sandbox")
+    @options_from(SandboxOptions)
+    def sandbox(**values):
+        """A local Bouncer speaking the documented batch API, for running with no account.
+
+        Example: python -m bouncer sandbox --port 8025 --processing-time 5 --fail-rate 0.02 --seed 7
+        """
+        from .logs import setup_logging
+        from .sandbox import Sandbox
+        options = SandboxOptions(**values)
+        setup_logging()
+        Sandbox(options).serve_forever()
+    return sandbox
+
+
+LAZY_COMMANDS = {"sandbox": sandbox_command}
 
 
 @cli.command()

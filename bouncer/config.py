@@ -13,6 +13,8 @@ from .errors import ConfigError
 from .masking import redact_url
 
 CHECK_TYPES = ("deliverable", "catchall")
+# The two kinds of cycle (cycles.py), each run for every check type by a repeating job (jobs.py).
+CREATION, STATUS = "creation", "status"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 MIN_SECRET_LENGTH = 8

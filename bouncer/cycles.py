@@ -19,12 +19,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from .config import CREATION, STATUS
 from .db import connection
 from .logs import ids
 
 log = logging.getLogger(__name__)
 
-CREATION, STATUS = "creation", "status"
 KINDS = (CREATION, STATUS)
 # Set while a cycle runs by a trigger that came too late for it: the cycle runs once more.
 AGAIN_KEY = "bouncer:again:%s:%s"

@@ -13,8 +13,7 @@ import time
 from collections import namedtuple
 
 from .app import current_app
-from .config import CHECK_TYPES
-from .cycles import CREATION, STATUS, run_until_quiet
+from .config import CHECK_TYPES, CREATION, STATUS
 from .db import connection, utcnow
 from .logs import ids
 from .models import JobRun
@@ -103,6 +102,8 @@ def enqueue_cycle(queue, kind, check_type, run_id):
 def run_job(kind, check_type):
     """Run one cycle (again, as long as a trigger asked for it while it ran); log and record."""
     from rq import get_current_job
+
+    from .cycles import run_until_quiet   # here: status and /health read job_definitions, run no cycle
     name = job_id(kind, check_type)
     app = current_app()
     job = get_current_job()

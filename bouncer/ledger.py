@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from peewee import fn
 
-from . import ingest, packing, progress
+from . import progress
 from .db import (
     insert_tuples, lock_rows_for_share, lock_rows_for_update, serialize_on, utcnow, write_transaction,
 )
@@ -90,6 +90,7 @@ def reserve_next_batch(check_type, batch_size, cache_days, max_outstanding, now=
 
     Returns a Reservation (ledger_id None when nothing needs sending; `no_slot` when
     `max_outstanding` batches are in flight already), or None if the queue is empty."""
+    from . import packing   # here: reading the ledger (`status`, the reports) never packs
     now = now or utcnow()
     cutoff = now - datetime.timedelta(days=cache_days) if cache_days else None
     with write_transaction():
@@ -254,6 +255,7 @@ def complete_with_results(ledger_id, download, now=None):
     the batch out of flight, and each user batch with nothing pending completed. Returns an
     IngestReport, or None when the batch is no longer outstanding (already ingested or
     failed)."""
+    from . import ingest   # here: reading the ledger never ingests
     now = now or utcnow()
     with write_transaction():
         ledger = claim_outstanding(ledger_id)

@@ -13,7 +13,6 @@ The totals (credits spent, emails verified, Bouncer batches ended, possible orph
 from the ledger, whose rows are never removed once sent: they never go down, whatever the
 service prunes, so /metrics may call them counters.
 """
-import csv
 import datetime
 import io
 from urllib.parse import urlsplit
@@ -349,6 +348,7 @@ def iter_results(batch_id):
 def results_csv(rows, flush_at=64 * 1024):
     """The CSV of `results`, spreadsheet-safe, in pieces of about `flush_at` characters (the
     CLI writes them to a file, the API and the console stream them)."""
+    import csv   # here: only an export writes CSV
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS, lineterminator="\r\n")
     writer.writeheader()

@@ -12,7 +12,6 @@ sender's queue, never a cycle.
 import datetime
 import json
 import logging
-import secrets
 import time
 
 from .db import among, chunked, insert_tuples, utcnow, write_transaction
@@ -37,7 +36,9 @@ def record_endings(ended, now):
     its payload the status object at that moment. A few statements for any number of endings."""
     if not ended:
         return
-    from .reports import count_outcomes_of, status_object   # here: most transactions end nothing
+    # Imported here: most transactions end no batch.
+    import secrets
+    from .reports import count_outcomes_of, status_object
     timestamp = now.isoformat(timespec="seconds") + "Z"
     for part in chunked(ended, ENDINGS_PER_STATEMENT):
         status_of = dict(part)

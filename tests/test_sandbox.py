@@ -878,7 +878,7 @@ def test_options_repr_hides_the_key():
 
 
 def test_cli_sandbox_options_come_from_the_dataclass():
-    command = cli.commands["sandbox"]
+    command = cli.get_command(None, "sandbox")
     params = {p.name: p for p in command.params if p.name != "help"}
 
     assert list(params) == [f.name for f in fields(SandboxOptions)]
