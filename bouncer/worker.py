@@ -74,7 +74,7 @@ def preload(app):
     """Load, once in the worker, what every horse would otherwise import at each job."""
     import email_validator  # noqa: F401 (admission's syntax check)
 
-    from . import creation_cycle, locks, reports, status_cycle, webhooks  # noqa: F401
+    from . import creation_cycle, ingest, locks, packing, reports, status_cycle, webhooks  # noqa: F401
     app.client  # noqa: B018 (a requests.Session, no connection yet)
 
 
