@@ -14,6 +14,9 @@ Steps, each recoverable if the process dies right after it:
 4. a failed call rejects its reservation; its emails wait for the next cycle. 429, 402 and 401
    end the cycle.
 The cycle also ends between two slots when it must stop (a lost lock, a shutdown request).
+Steps 0 and 1 find by reads when they have nothing to do (nearly always), so the first write
+lock a cycle takes is its first reservation's: on SQLite each one waits for an ingest's
+transaction to end, and a refill used to wait for four of them before it sent anything.
 """
 import datetime
 import logging

@@ -12,7 +12,9 @@ middle of a Bouncer call, and the report says why.
 
 Triggers: `run_now` queues a cycle at once (Bouncer's callback, a slot freed by an ingest); a
 burst of triggers costs one run, and a trigger that arrives while the cycle runs makes it run
-once more (`run_until_quiet`) instead of being lost.
+once more (`run_until_quiet`) instead of being lost. Bouncer's callback also names the batch
+(its URL carries the reservation's ledger id): `note_called_back` keeps that id, and the status
+cycle checks the batches so named before the others (`Cycle.called_back`).
 """
 import logging
 import threading
@@ -29,6 +31,9 @@ KINDS = (CREATION, STATUS)
 # Set while a cycle runs by a trigger that came too late for it: the cycle runs once more.
 AGAIN_KEY = "bouncer:again:%s:%s"
 AGAIN_TTL = 300             # a request to run again outlives no job (jobs.JOB_TIMEOUT)
+# Ledger ids Bouncer's callback named, per check type, until a status cycle takes them.
+CALLED_KEY = "bouncer:called:%s"
+CALLED_TAKE = 100           # ids taken at a time (there are at most BOUNCER_MAX_OUTSTANDING)
 # Set by the worker when the platform asks it to stop (SIGTERM): cycles end at their next step.
 SHUTDOWN = threading.Event()
 
@@ -129,6 +134,16 @@ class Cycle:
         if self.refill:
             run_now(self.app.redis, CREATION, self.check_type)
 
+    def called_back(self):
+        """Ledger ids Bouncer's callback named since the last time a status cycle asked, each
+        given once. Only a hint for the order of the checks: Redis away, there are none."""
+        from redis.exceptions import RedisError
+        try:
+            taken = self.app.redis.spop(CALLED_KEY % self.check_type, CALLED_TAKE)
+        except RedisError:
+            return []
+        return [int(ledger_id) for ledger_id in taken or ()]
+
     def run_again(self):
         """Work is left that this cycle stopped short of: have it run again as it ends."""
         if self.lock is not None:
@@ -170,6 +185,16 @@ def run_until_quiet(app, kind, check_type, on_report=None):
         if report.skipped or report.stopped == "shutdown requested" \
                 or not app.redis.delete(AGAIN_KEY % (kind, check_type)):
             return report
+
+
+def note_called_back(redis, check_type, ledger_id):
+    """Bouncer's callback named this batch: the next status cycle of `check_type` (or the one
+    running) checks it before the others."""
+    key = CALLED_KEY % check_type
+    pipe = redis.pipeline(transaction=False)
+    pipe.sadd(key, ledger_id)
+    pipe.expire(key, AGAIN_TTL)
+    pipe.execute()
 
 
 def run_now(redis, kind, check_type):

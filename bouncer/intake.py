@@ -339,11 +339,14 @@ def admit_batch(batch_id, now=None, heartbeat=False):
 
 def notice_new_batches(check_type, report, now):
     """Batches a host made visible (status `new`) take their place in line, oldest first; one
-    without a single row ends failed."""
+    without a single row ends failed. With none to notice, a read says so and no write lock is
+    taken."""
+    new = UserBatch.select(UserBatch.id).where(
+        (UserBatch.status == BATCH_NEW) & (UserBatch.check_type == check_type)).order_by(UserBatch.id)
+    if not new.exists():
+        return 0
     with write_transaction():
-        fresh = [b for (b,) in UserBatch.select(UserBatch.id).where(
-            (UserBatch.status == BATCH_NEW) & (UserBatch.check_type == check_type))
-            .order_by(UserBatch.id).tuples()]
+        fresh = [b for (b,) in new.tuples()]
         if not fresh:
             return 0
         for batch_id, place in zip(fresh, take_places(len(fresh))):

@@ -205,9 +205,13 @@ def reject_reservation(ledger_id, reason, possible_orphan=False, now=None):
 
 
 def requeue_rejected_emails(check_type):
-    """Queue again the emails of rejected or abandoned attempts. Returns how many."""
+    """Queue again the emails of rejected or abandoned attempts. Returns how many. Almost always
+    there are none: that is found by a read, so the cycle takes no write lock for it (on SQLite
+    it would wait for an ingest's transaction to end)."""
     dead = BouncerBatch.select(BouncerBatch.id).where(
         (BouncerBatch.check_type == check_type) & BouncerBatch.status.in_((REJECTED, ABANDONED)))
+    if not progress.any_riding_on(dead):
+        return 0
     with write_transaction():
         return progress.requeue_rows_of(dead)
 
@@ -215,11 +219,15 @@ def requeue_rejected_emails(check_type):
 def release_stale_reservations(check_type, older_than):
     """Abandon reservations that never got a Bouncer id by `older_than`: their cycle died.
     Bouncer may still have accepted the batch (the process died between its answer and the
-    commit): each one is logged as a possible orphan. Returns [(ledger id, addresses)]."""
+    commit): each one is logged as a possible orphan. Returns [(ledger id, addresses)]. When
+    there is none (nearly always), a read says so and no write lock is taken."""
+    query = BouncerBatch.select(BouncerBatch.id, BouncerBatch.quantity).where(
+        (BouncerBatch.check_type == check_type) & (BouncerBatch.status == RESERVED)
+        & (BouncerBatch.reserved_at < older_than))
+    if not query.exists():
+        return []
     with write_transaction():
-        stale = list(BouncerBatch.select(BouncerBatch.id, BouncerBatch.quantity).where(
-            (BouncerBatch.check_type == check_type) & (BouncerBatch.status == RESERVED)
-            & (BouncerBatch.reserved_at < older_than)).tuples())
+        stale = list(query.tuples())
         for ledger_id, quantity in stale:
             (BouncerBatch.update(status=ABANDONED, finished_at=utcnow(), failure_reason=ABANDONED_REASON)
              .where(BouncerBatch.id == ledger_id).execute())

@@ -64,8 +64,16 @@ def unsend_rows(ledger_id):
 def requeue_rows_of(ledger_ids):
     """Rows riding on failed attempts (`ledger_ids`: ids or a subquery) are queued again;
     `bouncer_batch` keeps naming the last attempt that carried them."""
-    return (Row.update(status=QUEUED)
-            .where((Row.status == SENT) & is_one_of(Row.bouncer_batch, ledger_ids)).execute())
+    return Row.update(status=QUEUED).where(riding_on(ledger_ids)).execute()
+
+
+def any_riding_on(ledger_ids):
+    """Whether a row still rides on one of `ledger_ids` (what `requeue_rows_of` would queue)."""
+    return Row.select().where(riding_on(ledger_ids)).exists()
+
+
+def riding_on(ledger_ids):
+    return (Row.status == SENT) & is_one_of(Row.bouncer_batch, ledger_ids)
 
 
 # -- user batches --

@@ -1,5 +1,6 @@
 """The creation cycle: greedy FIFO packing, limits, dedupe, cache, and what failures leave."""
 import datetime
+import logging
 
 import pytest
 import requests
@@ -185,6 +186,51 @@ def test_create_releases_reservations_of_a_dead_cycle_and_logs_possible_orphan(a
     assert "possible orphan" in caplog.text
     assert BouncerBatch.get_by_id(reservation.ledger_id).status == ABANDONED
     assert len(report.created) == 1 and sorted(bouncer.sent_addresses()) == sorted(addresses("a", 5))
+
+
+def test_create_sends_a_dead_cycles_reserved_emails_before_newer_ones(app, bouncer):
+    submit("alice", addresses("a", 5))
+    long_ago = utcnow() - datetime.timedelta(seconds=app.settings.reservation_timeout + 1)
+    reservation = reserve_next_batch("deliverable", 10, 30, 3, now=long_ago)
+    BouncerBatch.update(reserved_at=long_ago).where(BouncerBatch.id == reservation.ledger_id).execute()
+    submit("bob", addresses("b", 20))
+    report = run_cycle(app, CREATION, "deliverable")
+    assert report.abandoned == [(reservation.ledger_id, 5)]
+    # FIFO: the released emails are the oldest pending, so they lead the first batch.
+    assert bouncer.sent_addresses() == addresses("a", 5) + addresses("b", 20)
+
+
+def test_create_sends_the_emails_of_an_earlier_cycles_failed_call_first(app, bouncer):
+    # A cycle whose call failed and that died before queueing its emails again leaves them
+    # parked on the rejected attempt: the next cycle queues them before it packs anything.
+    from bouncer.ledger import reject_reservation
+    submit("alice", addresses("a", 10))
+    reservation = reserve_next_batch("deliverable", 10, 30, 3)
+    reject_reservation(reservation.ledger_id, "Bouncer answered 500")
+    submit("bob", addresses("b", 10))
+    assert statuses(UserBatch.get(UserBatch.user_id == "alice").id) == {SENT: 10}
+    report = run_cycle(app, CREATION, "deliverable")
+    assert report.requeued == 10
+    assert bouncer.sent_addresses() == addresses("a", 10) + addresses("b", 10)
+
+
+def test_create_with_nothing_to_tidy_writes_first_its_reservation(app, bouncer, caplog):
+    """Admission, the rate-limit history, failed attempts and dead reservations are looked at
+    with reads: with nothing to do there, the first write of a cycle (on SQLite, the first
+    write lock it waits for, behind an ingest) is its reservation."""
+    submit("alice", addresses("a", 40))
+    run_cycle(app, CREATION, "deliverable")
+    bouncer.complete_now(next(iter(bouncer.batches)))
+    run_cycle(app, STATUS, "deliverable")
+    with caplog.at_level(logging.DEBUG, logger="peewee"):
+        report = run_cycle(app, CREATION, "deliverable")
+    assert len(report.created) == 1
+    statements = [" ".join(str(r.msg[0] if isinstance(r.msg, tuple) else r.msg).split())
+                  for r in caplog.records if r.name == "peewee"]
+    first = next(i for i, sql in enumerate(statements) if sql.startswith('INSERT INTO "bouncer_batches"'))
+    writes = ("BEGIN", "INSERT", "UPDATE", "DELETE")
+    # PostgreSQL: none; SQLite: the reservation's own BEGIN IMMEDIATE.
+    assert [sql for sql in statements[:first] if sql.startswith(writes)] in ([], ["BEGIN IMMEDIATE"])
 
 
 def test_create_keeps_a_young_reservation_of_a_live_cycle(app, bouncer):

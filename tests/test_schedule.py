@@ -219,6 +219,52 @@ def test_worker_closes_database_before_fork(redis_conn, db, monkeypatch):
     assert database.is_closed()
 
 
+HORSE = """
+import sys
+from bouncer.app import App
+from bouncer.config import Settings
+from bouncer.cycles import CREATION, STATUS, run_cycle
+from bouncer.db import connection, open_database
+from bouncer.models import database
+from bouncer.schema import create_schema
+from bouncer.worker import preload
+database_url, redis_url, api_url, api_key = sys.argv[1:]
+open_database(database_url)
+create_schema()
+app = App(Settings(database_url=database_url, redis_url=redis_url, api_url=api_url, api_key=api_key,
+                   public_url="http://127.0.0.1:9", callback_secret="s" * 32).validate())
+preload(app)
+loaded = set(sys.modules)
+with connection():
+    # A host's rows, so the cycle admits them (the syntax check) before it sends them.
+    (batch_id,) = database.execute_sql(
+        "INSERT INTO user_batches (user_id, check_type) VALUES ('host', 'deliverable') RETURNING id").fetchone()
+    database.execute_sql("INSERT INTO user_batch_emails (batch_id, position, email) VALUES (?, 1, 'a@example.com'), "
+                         "(?, 2, 'B.c+x@gmail.com'), (?, 3, 'not-an-address')", (batch_id,) * 3)
+created = run_cycle(app, CREATION, "deliverable")
+assert len(created.created) == 1, created.summary()
+run_cycle(app, STATUS, "deliverable")
+print(" ".join(sorted(set(sys.modules) - loaded)))
+"""
+
+
+def test_worker_preloads_what_a_cycle_imports(tmp_path, redis_conn):
+    """A horse forked from the worker finds the cycles' modules loaded (a creation cycle that
+    admits and sends, a status cycle that ingests): a job never pays for those imports."""
+    import subprocess
+    import sys
+
+    from support.processes import ROOT
+    with Sandbox(port=0, processing_time=0) as sandbox:
+        done = subprocess.run([sys.executable, "-c", HORSE, "sqlite:///%s" % (tmp_path / "horse.db"),
+                               REDIS_URL, sandbox.url, API_KEY],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    imported = done.stdout.split()
+    heavy = ("bouncer", "requests", "urllib3", "email_validator", "idna", "charset_normalizer")
+    assert [m for m in imported if m.split(".")[0] in heavy] == []
+
+
 # -- real processes --
 
 def run_ok(processes, *args, stdin=None):

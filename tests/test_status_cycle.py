@@ -6,7 +6,7 @@ import time
 import pytest
 import requests
 
-from bouncer.cycles import CREATION, STATUS, run_cycle
+from bouncer.cycles import CREATION, STATUS, note_called_back, run_cycle
 from bouncer.db import utcnow
 from bouncer.models import (
     COMPLETED, DONE, FAILED, OUTSTANDING, SENT, BouncerBatch, BouncerBatchEmail,
@@ -226,8 +226,47 @@ def test_check_polls_least_recently_checked_first(app, bouncer):
     BouncerBatch.update(last_checked_at=utcnow()).where(BouncerBatch.bouncer_id == order[0]).execute()
     seen = len(bouncer.requests)
     run_cycle(app, STATUS, "deliverable")
-    polled = [r["path"].split("/batch/")[1] for r in bouncer.requests[seen:] if r["kind"] == "status"]
-    assert polled == [order[1], order[2], order[0]]
+    assert polled_since(bouncer, seen) == [order[1], order[2], order[0]]
+
+
+def polled_since(bouncer, seen):
+    return [r["path"].split("/batch/")[1] for r in bouncer.requests[seen:] if r["kind"] == "status"]
+
+
+def test_check_goes_first_to_the_batch_bouncers_callback_named(app, bouncer):
+    send_all(app, "alice", addresses("a", 25))
+    first, second, third = BouncerBatch.select().order_by(BouncerBatch.id)
+    bouncer.complete_now(third.bouncer_id)
+    note_called_back(app.redis, "deliverable", third.id)
+    note_called_back(app.redis, "deliverable", 999)       # no such batch: no request for it
+    seen = len(bouncer.requests)
+    report = run_cycle(app, STATUS, "deliverable")
+    assert polled_since(bouncer, seen) == [third.bouncer_id, first.bouncer_id, second.bouncer_id]
+    assert [r.ledger_id for r in report.ingested] == [third.id] and report.waiting == 2
+    # Each named batch is taken once: the next cycle goes least recently checked first.
+    seen = len(bouncer.requests)
+    run_cycle(app, STATUS, "deliverable")
+    assert polled_since(bouncer, seen) == [first.bouncer_id, second.bouncer_id]
+
+
+def test_check_again_a_batch_named_after_this_cycle_found_it_running(app, bouncer, monkeypatch):
+    send_all(app, "alice", addresses("a", 25))
+    first, second, third = BouncerBatch.select().order_by(BouncerBatch.id)
+    import bouncer.ledger as ledger
+    real = ledger.note_checked
+
+    def completes_right_after_its_check(ledger_id, status, **kwargs):
+        real(ledger_id, status, **kwargs)
+        if ledger_id == first.id and status in ("queued", "processing"):
+            bouncer.complete_now(first.bouncer_id)    # and Bouncer calls back
+            note_called_back(app.redis, "deliverable", first.id)
+    monkeypatch.setattr(ledger, "note_checked", completes_right_after_its_check)
+    seen = len(bouncer.requests)
+    report = run_cycle(app, STATUS, "deliverable")
+    assert polled_since(bouncer, seen) == [first.bouncer_id, first.bouncer_id, second.bouncer_id,
+                                           third.bouncer_id]
+    assert [r.ledger_id for r in report.ingested] == [first.id] and report.waiting == 2
+    assert bouncer.count("download") == 1
 
 
 def test_check_a_crash_mid_ingest_rolls_back_and_the_next_cycle_redoes_it(app, bouncer, monkeypatch):

@@ -46,8 +46,9 @@ class Response:
 
 def call(wsgi, method, path, body=b""):
     """One request straight through the WSGI application."""
-    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "CONTENT_LENGTH": str(len(body)),
-               "wsgi.input": io.BytesIO(body)}
+    path, _, query = path.partition("?")
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
+               "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body)}
     setup_testing_defaults(environ)
     started = {}
 
@@ -211,6 +212,17 @@ def test_callback_queues_one_status_check(web, redis_conn):
     job = Queue(QUEUE_NAME, connection=redis_conn).fetch_job("status_checker_deliverable_now")
     assert job.func_name == "bouncer.jobs.check_batches_job" and job.args == ("deliverable",)
     assert job.timeout == JOB_TIMEOUT
+
+
+def test_callback_names_its_batch_for_the_status_cycle_to_check_first(web, redis_conn):
+    path = "/bouncer/callback/%s/deliverable" % SECRET
+    assert call(web, "POST", path + "?reservation=42", b'{"batchId": "x"}').status == 202
+    assert call(web, "POST", path + "?reservation=7").status == 202
+    for odd in ("abc", "%C2%B2", "9" * 40, ""):   # letters, a superscript two, too long, none
+        assert call(web, "POST", path + "?reservation=" + odd).status == 202
+    assert redis_conn.smembers("bouncer:called:deliverable") == {b"42", b"7"}
+    assert redis_conn.ttl("bouncer:called:deliverable") > 0
+    assert queued_job_ids(redis_conn) == ["status_checker_deliverable_now"]
 
 
 def test_callback_while_queued_does_not_queue_again(web, redis_conn):

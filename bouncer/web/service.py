@@ -10,13 +10,14 @@ from apiflask import APIBlueprint, abort
 from flask import request
 
 from ..config import CHECK_TYPES
-from ..cycles import STATUS, run_now
+from ..cycles import STATUS, note_called_back, run_now
 from ..health import describe_error, service_health
 from .application import bouncer_app
 
 log = logging.getLogger(__name__)
 
 MAX_CALLBACK_BODY = 64 * 1024
+MAX_ID_DIGITS = 18          # a ledger id fits a signed 64-bit integer
 blueprint = APIBlueprint("service", __name__, enable_openapi=False)
 
 
@@ -34,9 +35,10 @@ def health():
 
 @blueprint.route("/bouncer/callback/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 def callback(rest):
-    """Bouncer says a batch is done: run a status cycle now instead of at the next poll. The
-    payload is undocumented, so it is only a hint: the cycle asks Bouncer about every
-    outstanding batch anyway, and polling still covers a callback that never comes."""
+    """Bouncer says a batch is done: run a status cycle now instead of at the next poll, checking
+    first the batch the URL names (the reservation our create gave it). The payload is
+    undocumented, so it is only a hint: the cycle asks Bouncer about every outstanding batch
+    anyway, and polling still covers a callback that never comes."""
     app = bouncer_app()
     secret, _, tail = rest.partition("/")
     check_types = callback_check_types(tail)
@@ -44,9 +46,12 @@ def callback(rest):
         abort(404)
     if request.method not in ("POST", "GET"):
         abort(405, headers={"Allow": "POST, GET"})
-    recognise_reservation(request.stream.read(MAX_CALLBACK_BODY))
+    reservation = reservation_named()
+    recognise_reservation(reservation, request.stream.read(MAX_CALLBACK_BODY))
     try:
         for check_type in check_types:
+            if reservation is not None:
+                note_called_back(app.redis, check_type, reservation)
             run_now(app.redis, STATUS, check_type)
     except Exception as exc:
         if not is_redis_error(exc):
@@ -57,14 +62,21 @@ def callback(rest):
     return {"queued": list(check_types)}, 202
 
 
-def recognise_reservation(body):
+def reservation_named():
+    """The ledger id in the callback URL's `reservation` (our create put it there), or None."""
+    text = request.args.get("reservation", "")
+    if text.isascii() and text.isdigit() and len(text) <= MAX_ID_DIGITS:
+        return int(text)
+    return None
+
+
+def recognise_reservation(reservation, body):
     """A callback naming a reservation whose create went unanswered tells its batch id: the
     batch is followed rather than sent again. The payload is undocumented, so it is read
     leniently (a JSON object with a batch id under a likely name) and ignored otherwise."""
     import json
     from ..ledger import recognise_from_callback
-    reservation = request.args.get("reservation", "")
-    if not reservation.isdigit():
+    if reservation is None:
         return
     try:
         payload = json.loads(body)
@@ -74,7 +86,7 @@ def recognise_reservation(body):
         return
     bouncer_id = next((payload[k] for k in ("batchId", "batch_id", "id") if isinstance(payload.get(k), str)), None)
     if bouncer_id and len(bouncer_id) <= 100:
-        recognise_from_callback(int(reservation), bouncer_id.strip())
+        recognise_from_callback(reservation, bouncer_id.strip())
 
 
 def is_redis_error(exc):
