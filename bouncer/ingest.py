@@ -155,7 +155,8 @@ def upsert_results(check_type, download, verdicts, now, ledger_id):
                                                    for global_id, index in verdicts.items()],
                           replace_on=Result.email_global)
         return
-    records, tail = download.records, (now, ledger_id)
+    # The time as SQLite's adapter would write it, once rather than for each of 10k rows.
+    records, tail = download.records, (now.isoformat(" "), ledger_id)
     insert_tuples(Result, RESULT_COLUMNS, [(global_id,) + records[index][1] + tail
                                            for global_id, index in verdicts.items()],
                   replace_on=Result.email_global)
