@@ -258,11 +258,11 @@ def claim_outstanding(ledger_id):
 
 
 def complete_with_results(ledger_id, download, now=None):
-    """Ingest the download of a completed Bouncer batch (an ingest.Download), in one transaction: verdicts upserted,
-    the rows of every address completed, addresses Bouncer left out failed with that reason,
-    the batch out of flight, and each user batch with nothing pending completed. Returns an
-    IngestReport, or None when the batch is no longer outstanding (already ingested or
-    failed)."""
+    """Ingest the download of a completed Bouncer batch (an ingest.Download), in one
+    transaction: verdicts upserted, the rows of every address completed, addresses Bouncer left
+    out failed with that reason, the batch out of flight, and each user batch with nothing
+    pending completed. Returns an IngestReport, or None when the batch is no longer outstanding
+    (already ingested or failed)."""
     from . import ingest   # here: reading the ledger never ingests
     now = now or utcnow()
     with write_transaction():

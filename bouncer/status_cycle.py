@@ -14,8 +14,9 @@ The cycle also ends between two batches when it must stop (a lost lock, a shutdo
 
 On PostgreSQL a download is fetched, parsed and read into its columns on a thread of its own
 while the batch before it is ingested, one ahead at most (psycopg2 gives Python's lock up for
-a whole statement, so the database works while the thread parses); batches are still ingested one at a time, in the
-order they were checked, and one already fetched when the cycle must stop is still ingested.
+a whole statement, so the database works while the thread parses); batches are still
+ingested one at a time, in the order they were checked, and one already fetched when the
+cycle must stop is still ingested.
 On SQLite the cycle downloads each batch itself: sqlite3 takes the lock back at every row, and
 a thread fetching or parsing beside it slowed the ingest more than it saved (measured on 150k
 results: 4.3-4.4 s alone, 4.6-5.8 s with the thread fetching ahead).
