@@ -7,7 +7,7 @@ import json
 from itertools import islice
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from peewee import SQL, PeeweeException, PostgresqlDatabase, SqliteDatabase, Value, fn
+from peewee import SQL, PeeweeException, PostgresqlDatabase, SqliteDatabase, fn
 
 from .errors import DatabaseUnavailable
 from .masking import mask_secrets, redact_url
@@ -17,6 +17,7 @@ from .models import database
 # SQLite's 32,766 bound parameters and Postgres's 65,535.
 CHUNK = 10000
 MAX_PARAMS = 30000
+INT4 = 2 ** 31
 
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",        # readers never block the one writer
@@ -130,8 +131,21 @@ def among(field, values):
     (measured: 2 of the 3 s of a creation cycle)."""
     values = list(values)
     if is_postgres():
-        return field == fn.ANY(Value(values, converter=False, unpack=False))
+        return field == fn.ANY(SQL(*postgres_array(values)))
     return field.in_(SQL("(SELECT value FROM json_each(?))", [json.dumps(values)]))
+
+
+def postgres_array(values):
+    """An array parameter as one literal ('{1,2,3}'::bigint[]): the server reads it in one pass,
+    where the driver's ARRAY[1, 2, 3] is an expression of 10,000 terms for the planner (measured:
+    22 ms against 2 ms for 10,000 ids, 45 of them in a creation cycle)."""
+    if all(type(value) is int for value in values):
+        # integer[] where it can be: against an integer column, a bigint[] would be searched
+        # element by element, not hashed, in a sequential scan.
+        kind = "integer[]" if all(-INT4 <= value < INT4 for value in values) else "bigint[]"
+        return "%s::" + kind, ["{%s}" % ",".join(map(str, values))]
+    quoted = ('"%s"' % str(value).replace("\\", "\\\\").replace('"', '\\"') for value in values)
+    return "%s::text[]", ["{%s}" % ",".join(quoted)]
 
 
 def chunked(iterable, size=CHUNK):

@@ -1,10 +1,10 @@
 """Bulk writes (multi-row INSERT on SQLite, COPY on PostgreSQL) store every value as given:
 text with the characters COPY's format escapes, None, integers, times; a replace keeps one row
-per key, the new one."""
+per key, the new one. A lookup of many values at once (`among`) finds exactly those values."""
 import datetime
 
-from bouncer.db import insert_tuples
-from bouncer.models import DeliverableResult, WebhookDelivery
+from bouncer.db import among, insert_tuples
+from bouncer.models import DeliverableResult, EmailGlobal, WebhookDelivery
 
 COLUMNS = ("email_global", "status", "reason", "score", "raw", "checked_at")
 TRICKY = ["tab\there", "line\nbreak", "carriage\rreturn", "back\\slash", "\\N", "all \\\t\n\r",
@@ -49,3 +49,22 @@ def test_fields_left_out_take_their_defaults(db):
                                     "created_at"), [(7, "batch.completed", "msg_1", "{}", when, when)])
     delivery = WebhookDelivery.get()
     assert (delivery.state, delivery.attempts, delivery.url) == ("pending", 0, None)
+
+
+def test_among_finds_text_with_the_characters_an_array_literal_quotes(db):
+    when = datetime.datetime(2026, 12, 1)
+    texts = TRICKY[:1] + TRICKY[3:] + ['quo"te', "it's", "com,ma", "{brace}", "NULL", 'x\\"y']
+    insert_tuples(EmailGlobal, ("email", "created_at"), [(text, when) for text in texts + ["other"]])
+    found = [email for (email,) in EmailGlobal.select(EmailGlobal.email)
+             .where(among(EmailGlobal.email, texts)).tuples()]
+    assert sorted(found) == sorted(texts)
+
+
+def test_among_takes_ids_past_the_32_bit_range_and_an_empty_list(db):
+    when = datetime.datetime(2026, 12, 1)
+    ids = [1, 2 ** 31 - 1]
+    insert_tuples(DeliverableResult, COLUMNS, [(i, "risky", None, None, "{}", when) for i in ids + [7]])
+    found = [gid for (gid,) in DeliverableResult.select(DeliverableResult.email_global)
+             .where(among(DeliverableResult.email_global, ids + [2 ** 31, 2 ** 40])).tuples()]
+    assert sorted(found) == ids
+    assert not DeliverableResult.select().where(among(DeliverableResult.email_global, [])).exists()
