@@ -429,13 +429,14 @@ def register_global_emails(addresses, now):
 
 
 def queue_rows(batch, rows):
-    """Rows (id, email_global id) still new become queued, in the batch's place in line."""
+    """Rows (id, email_global id) still new become queued, in the batch's place in line, and
+    join the line."""
     if not rows:
         return 0
     return update_new_rows(
         rows, ("email_global_id",),
         "status = 'queued', check_type = %s, fifo_order = %s" % (database.param, database.param),
-        (batch.check_type, batch.fifo_order))
+        (batch.check_type, batch.fifo_order), into_line=True)
 
 
 def mark_invalid(batch, rows, now):
@@ -447,22 +448,35 @@ def mark_invalid(batch, rows, now):
                            (batch.check_type, now))
 
 
-def update_new_rows(rows, columns, assignments, params):
+# What the line keeps of a row, as the UPDATE that admits it returns it.
+LINE_SOURCE = "id, batch_id, check_type, fifo_order, position, email_global_id, email"
+
+
+def update_new_rows(rows, columns, assignments, params, into_line=False):
     """One UPDATE of the rows `(id, value...)` that are still new: `columns` take the values,
-    `assignments` (SQL with placeholders for `params`) the rest. Returns how many changed."""
+    `assignments` (SQL with placeholders for `params`) the rest. `into_line`: the rows it
+    changed join the line. Returns how many changed."""
     if is_postgres():
         arrays = ", ".join("unnest(%%s::%s[])" % ("int" if c.endswith("_id") else "text") for c in columns)
         names = ", ".join(columns)
         sql = ("UPDATE user_batch_emails AS e SET %s, %s FROM (SELECT unnest(%%s::int[]) AS id, %s) AS v(id, %s)"
                " WHERE e.id = v.id AND e.status = 'new'"
                % (assignments, ", ".join("%s = v.%s" % (c, c) for c in columns), arrays, names))
+        if into_line:
+            sql = ("WITH admitted AS (%s RETURNING %s) INSERT INTO queued_emails (row_id, %s) SELECT * FROM admitted"
+                   % (sql, ", ".join("e." + c for c in LINE_SOURCE.split(", ")), LINE_SOURCE.split(", ", 1)[1]))
         values = list(params) + [[r[0] for r in rows]] + [[r[i + 1] for r in rows] for i in range(len(columns))]
         return database.execute_sql(sql, values).rowcount
     picks = ", ".join("value ->> %d AS %s" % (i + 1, c) for i, c in enumerate(columns))
     sql = ("UPDATE user_batch_emails SET %s, %s FROM (SELECT value ->> 0 AS id, %s FROM json_each(?)) AS v"
            " WHERE user_batch_emails.id = v.id AND user_batch_emails.status = 'new'"
            % (assignments, ", ".join("%s = v.%s" % (c, c) for c in columns), picks))
-    return database.execute_sql(sql, list(params) + [json.dumps(rows)]).rowcount
+    if not into_line:
+        return database.execute_sql(sql, list(params) + [json.dumps(rows)]).rowcount
+    admitted = database.execute_sql(sql + " RETURNING " + ", ".join(
+        "user_batch_emails." + c for c in LINE_SOURCE.split(", ")), list(params) + [json.dumps(rows)]).fetchall()
+    progress.join_line(admitted)
+    return len(admitted)
 
 
 def cancel_new_rows(row_ids, now):

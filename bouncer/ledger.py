@@ -113,14 +113,14 @@ def reserve_next_batch(check_type, batch_size, cache_days, max_outstanding, now=
 def attach_to_in_flight(attach):
     """Join rows to the in-flight batch that already holds their address. The ledger rows are
     locked first (FOR SHARE), so a concurrent ingest either finished before (the batch is no
-    longer in flight: the rows stay queued) or waits until these rows are attached."""
+    longer in flight: the rows stay in line) or waits until these rows are attached."""
     if not attach:
         return 0
     live = {batch_id for (batch_id,) in lock_rows_for_share(
         BouncerBatch.select(BouncerBatch.id).where(
             BouncerBatch.id.in_(list(attach)) & BouncerBatch.status.in_(IN_FLIGHT_STATES))).tuples()}
-    return sum(progress.send_rows(row_ids, ledger_id)
-               for ledger_id, row_ids in attach.items() if ledger_id in live)
+    return sum(progress.send_rows(rows, ledger_id)
+               for ledger_id, rows in attach.items() if ledger_id in live)
 
 
 def write_reservation(check_type, plan, now):
@@ -280,6 +280,7 @@ def complete_with_results(ledger_id, download, now=None):
         (BouncerBatch.update(status=COMPLETED, finished_at=now, bouncer_status="completed")
          .where(BouncerBatch.id == ledger_id).execute())
         progress.complete_finished_batches(progress.batches_of_bouncer_batch(ledger_id), now)
+        progress.forget_riders(ledger_id)
     log.info("Bouncer batch %s (%s) ingested: %s emails verified, %s missing, %s extra and %s "
              "malformed records ignored", ledger.bouncer_id, ledger_id, report.verified,
              report.missing, report.extra, report.malformed,
@@ -302,6 +303,7 @@ def fail_bouncer_batch(ledger_id, reason, now=None):
         (BouncerBatch.update(status=FAILED, failure_reason=reason, finished_at=now)
          .where(BouncerBatch.id == ledger_id).execute())
         progress.fail_batches(user_batches, reason, now)
+        progress.forget_riders(ledger_id)
     log.error("Bouncer batch %s (%s) failed: %s; %s emails and %s user batches marked failed",
               ledger.bouncer_id, ledger_id, reason, failed, len(user_batches),
               extra=ids(ledger_id=ledger_id, bouncer_id=ledger.bouncer_id))

@@ -9,12 +9,15 @@ A user batch (`UserBatch.status`):
     -> completed | failed (with a reason) | cancelled
 A submitted row (`UserBatchEmail.status`):
     new (written, not yet admitted) -> queued | invalid (failed the syntax check, never sent)
-    queued -> sent (riding on a Bouncer batch of the ledger) -> done | failed
+    queued -> done | failed
     new | queued -> cancelled (its batch was cancelled before it was sent)
-A `sent` row whose ledger batch is rejected or abandoned goes back to `queued`.
+A queued row is either waiting in line (`QueuedEmail`) or riding on a Bouncer batch of the
+ledger (`RidingEmail`); one whose batch is rejected or abandoned goes back in line. (`sent` is
+what schema version 2 wrote for a riding row; no row is in it any more.)
 """
 from peewee import (
-    DatabaseProxy, DateTimeField, FloatField, ForeignKeyField, IntegerField, Model, TextField,
+    CompositeKey, DatabaseProxy, DateTimeField, FloatField, ForeignKeyField, IntegerField, Model,
+    TextField,
 )
 
 from .config import CHECK_TYPES
@@ -113,18 +116,19 @@ class BouncerBatch(BaseModel):
 
 class BouncerBatchEmail(BaseModel):
     """One stripped address of a Bouncer batch in flight (reserved or outstanding), with the
-    spelling that was sent. The rows of a batch are deleted when it ends, so the unique index
-    over (check_type, email_global) is the database itself refusing a second in-flight batch of
-    the same check type holding the same address."""
+    spelling that was sent. The rows of a batch are deleted when it ends, so the primary key
+    (check_type, email_global) is the database itself refusing a second in-flight batch of the
+    same check type holding the same address. (No serial id: on PostgreSQL its index and
+    sequence were a third of the cost of writing a batch's addresses.)"""
     bouncer_batch = Reference(BouncerBatch, backref="emails")
-    # index=False: looked up only with its check type, through the unique index below.
+    # index=False: looked up only with its check type, through the primary key.
     email_global = Reference(EmailGlobal, index=False)
     check_type = TextField()
     email_sent = TextField()
 
     class Meta:
         table_name = "bouncer_batch_emails"
-        indexes = ((("check_type", "email_global"), True),)
+        primary_key = CompositeKey("check_type", "email_global")
 
 
 class UserBatchEmail(BaseModel):
@@ -143,6 +147,38 @@ class UserBatchEmail(BaseModel):
 
     class Meta:
         table_name = "user_batch_emails"
+
+
+class QueuedEmail(BaseModel):
+    """The line: one row per admitted email waiting to be sent, with what packing reads of it.
+    Written at admission, taken out (one DELETE) when a creation cycle sends, attaches, cancels
+    or completes it from the cache. Kept apart from `user_batch_emails` and narrow, so a claim
+    of 10,000 rows removes 10,000 small rows instead of rewriting 10,000 wide ones and their
+    five index entries (measured on PostgreSQL: 2.0 s of a 4.2 s creation cycle)."""
+    row = Reference(UserBatchEmail, primary_key=True, column_name="row_id")
+    batch_id = IntegerField()
+    check_type = TextField()
+    fifo_order = IntegerField()
+    position = IntegerField()
+    email_global = Reference(EmailGlobal, index=False)
+    email = TextField()
+
+    class Meta:
+        table_name = "queued_emails"
+        indexes = ((("check_type", "fifo_order", "position"), False),)
+
+
+class RidingEmail(BaseModel):
+    """A submitted row riding on a Bouncer batch: written when the row leaves the line, deleted
+    when the batch's verdicts (or its failure) reach the row, or when the row goes back in line
+    (its batch was rejected or abandoned, or never sent)."""
+    bouncer_batch = Reference(BouncerBatch, index=False)
+    row = Reference(UserBatchEmail, index=False, column_name="row_id")
+    batch_id = IntegerField()
+
+    class Meta:
+        table_name = "riding_emails"
+        primary_key = CompositeKey("bouncer_batch", "row")
 
 
 class ResultBase(BaseModel):
@@ -301,7 +337,7 @@ RESULT_MODELS = dict(zip(CHECK_TYPES, (DeliverableResult, CatchallResult)))
 
 # Created by Peewee from these definitions; the host-facing tables have SQL of their own.
 INTERNAL_MODELS = [
-    EmailGlobal, BouncerBatch, BouncerBatchEmail, DeliverableResult, CatchallResult,
+    EmailGlobal, BouncerBatch, BouncerBatchEmail, QueuedEmail, RidingEmail, DeliverableResult, CatchallResult,
     RateLimitTracker, IdempotencyKey, WebhookDelivery, WebhookAttempt, JobRun, Pause, AuditEntry,
     FifoCounter, SchemaVersion,
 ]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from peewee import Tuple
 
 from .db import among, database
-from .models import QUEUED, BouncerBatchEmail, UserBatchEmail, result_model
+from .models import BouncerBatchEmail, QueuedEmail, result_model
 
 MIN_PAGE = 1000
 
@@ -23,8 +23,8 @@ MIN_PAGE = 1000
 class Plan:
     """What the next Bouncer batch will be."""
     send: dict = field(default_factory=dict)          # email_global id -> spelling to send
-    send_rows: list = field(default_factory=list)     # row ids riding on those addresses
-    attach: dict = field(default_factory=lambda: defaultdict(list))  # in-flight ledger id -> row ids
+    send_rows: list = field(default_factory=list)     # (row id, user batch) riding on those addresses
+    attach: dict = field(default_factory=lambda: defaultdict(list))  # in-flight ledger id -> (row id, user batch)
     cached: list = field(default_factory=list)        # row ids a fresh verdict completes
     touched_batches: set = field(default_factory=set)  # user batches of attached/cached rows
 
@@ -34,7 +34,7 @@ class Plan:
 
 
 def plan_batch(pages, in_flight_of, fresh_of, batch_size):
-    """Plan one Bouncer batch from `pages` (lists of queued rows `(row id, user batch, email,
+    """Plan one Bouncer batch from `pages` (lists of rows in line `(row id, user batch, email,
     email_global id)` in FIFO order). `in_flight_of(global_ids)` gives {global id: ledger
     id} of addresses already in flight; `fresh_of(global_ids)` the subset with a fresh verdict.
     Reads pages only as far as it needs to."""
@@ -47,10 +47,10 @@ def plan_batch(pages, in_flight_of, fresh_of, batch_size):
             if global_id in cached:
                 plan.cached.append(row_id)
             elif global_id in flying:
-                plan.attach[flying[global_id]].append(row_id)
+                plan.attach[flying[global_id]].append((row_id, user_batch))
             elif global_id in plan.send or len(plan.send) < batch_size:
                 plan.send.setdefault(global_id, email)   # the oldest row's spelling is sent
-                plan.send_rows.append(row_id)
+                plan.send_rows.append((row_id, user_batch))
                 continue
             else:
                 return plan  # full: this row opens the next batch
@@ -69,8 +69,8 @@ def plan_next_batch(check_type, batch_size, cutoff):
 
 
 def queued_pages(check_type, page_size):
-    """Pages of queued rows in FIFO order: each user batch's place in line (taken when it became
-    visible), then the row's position. A walk of the FIFO index, which holds queued rows only."""
+    """Pages of the line in FIFO order: each user batch's place in line (taken when it became
+    visible), then the row's position. A walk of the line's index."""
     after = None
     while True:
         page = queued_page(check_type, after, page_size)
@@ -82,9 +82,9 @@ def queued_pages(check_type, page_size):
 
 
 def queued_page(check_type, after, limit):
-    Row = UserBatchEmail
-    query = (Row.select(Row.id, Row.batch, Row.email, Row.email_global, Row.fifo_order, Row.position)
-             .where((Row.check_type == check_type) & (Row.status == QUEUED)))
+    Row = QueuedEmail
+    query = (Row.select(Row.row, Row.batch_id, Row.email, Row.email_global, Row.fifo_order, Row.position)
+             .where(Row.check_type == check_type))
     if after:
         query = query.where(Tuple(Row.fifo_order, Row.position) > Tuple(*after))
     query = query.order_by(Row.fifo_order, Row.position).limit(limit)

@@ -1,10 +1,11 @@
 """The user side: submitted rows and user batches moving through their states.
 
-Row (`UserBatchEmail.status`): queued -> sent (riding on a Bouncer batch of the ledger) ->
-done | failed; invalid rows never move. A sent row whose Bouncer batch was rejected or
-abandoned is queued again. User batch: queued -> processing -> completed, or failed with a
-reason, or cancelled. Kept in step by the cycles, a few set-based statements at a time, so
-reading a batch's status never needs to scan its emails.
+Row (`UserBatchEmail.status`): queued -> done | failed; invalid rows never move. A queued row
+waits in line (`QueuedEmail`) until a creation cycle takes it out: it rides on a Bouncer batch
+of the ledger (`RidingEmail`), or is completed from a fresh verdict, or cancelled. A row riding
+on a batch that was rejected or abandoned goes back in line. User batch: queued -> processing ->
+completed, or failed with a reason, or cancelled. Kept in step by the cycles, a few set-based
+statements at a time, so reading a batch's status never needs to scan its emails.
 
 This is the one place a user batch ends: each function that ends batches takes the ids the
 database says it changed, and records those endings for their webhooks in the same
@@ -13,73 +14,109 @@ transaction.
 from peewee import Case, Query, fn
 
 from . import webhooks
-from .db import among, utcnow, write_transaction
+from .db import among, database, insert_tuples, utcnow, write_transaction
 from .errors import Conflict
 from .models import (
     BATCH_CANCELLED, BATCH_COMPLETED, BATCH_FAILED, BATCH_LOADING, BATCH_NEW, BATCH_PROCESSING,
     BATCH_QUEUED, CANCELLED, DONE,
-    ENDED_BATCH_STATES, FAILED, NEW, PENDING_STATES, QUEUED, SENT, UserBatch, UserBatchEmail,
+    ENDED_BATCH_STATES, FAILED, NEW, PENDING_STATES, QUEUED, QueuedEmail, RidingEmail, UserBatch,
+    UserBatchEmail,
 )
 
 Row = UserBatchEmail
+Line = QueuedEmail
+Riding = RidingEmail
+
+LINE_COLUMNS = ("row", "batch_id", "check_type", "fifo_order", "position", "email_global", "email")
 
 
 # -- rows --
 
-def send_rows(row_ids, ledger_id):
-    """Queued rows ride on Bouncer batch `ledger_id`. Returns how many."""
-    return (Row.update(status=SENT, bouncer_batch=ledger_id)
-            .where(among(Row.id, row_ids) & (Row.status == QUEUED)).execute())
+def join_line(rows):
+    """Admitted rows `(row id, user batch, check type, place in line, position, email_global id,
+    email)` wait in line."""
+    insert_tuples(Line, LINE_COLUMNS, rows)
+
+
+def leave_line(row_ids):
+    """Take rows out of the line; returns the ids that were in it (a concurrent cancel may have
+    taken some first)."""
+    if not row_ids:
+        return []
+    taken = Line.delete().where(among(Line.row, row_ids)).returning(Line.row)
+    return [r for (r,) in database.execute_sql(*taken.sql()).fetchall()]
+
+
+def send_rows(rows, ledger_id):
+    """Rows `(row id, user batch)` still in line leave it and ride on Bouncer batch `ledger_id`.
+    Returns how many."""
+    batch_of = dict(rows)
+    taken = leave_line(list(batch_of))
+    insert_tuples(Riding, ("bouncer_batch", "row", "batch_id"), [(ledger_id, r, batch_of[r]) for r in taken])
+    return len(taken)
 
 
 def complete_rows_from_cache(row_ids, now):
-    if row_ids:
-        (Row.update(status=DONE, completed_at=now)
-         .where(among(Row.id, row_ids) & (Row.status == QUEUED)).execute())
+    """Rows still in line are done: a fresh verdict of their address was already stored."""
+    taken = leave_line(row_ids)
+    if taken:
+        Row.update(status=DONE, completed_at=now).where(among(Row.id, taken) & (Row.status == QUEUED)).execute()
+
+
+def riding_rows(ledger_id):
+    return Riding.select(Riding.row).where(Riding.bouncer_batch == ledger_id)
 
 
 def complete_sent_rows(ledger_id, now):
     """Every row still riding on this batch has its verdict now (the missing ones failed)."""
-    return (Row.update(status=DONE, completed_at=now)
-            .where((Row.bouncer_batch == ledger_id) & (Row.status == SENT)).execute())
+    return (Row.update(status=DONE, completed_at=now, bouncer_batch=ledger_id)
+            .where(Row.id.in_(riding_rows(ledger_id)) & (Row.status == QUEUED)).execute())
 
 
 def fail_sent_rows(ledger_id, reason, now, only_addresses=None):
     """Fail the rows riding on this batch (of `only_addresses`, when given) with `reason`."""
-    riding = (Row.bouncer_batch == ledger_id) & (Row.status == SENT)
+    riding = Row.id.in_(riding_rows(ledger_id)) & (Row.status == QUEUED)
     if only_addresses is not None:
         if not only_addresses:
             return 0
         riding &= among(Row.email_global, only_addresses)
-    return (Row.update(status=FAILED, failure_reason=reason, completed_at=now)
+    return (Row.update(status=FAILED, failure_reason=reason, completed_at=now, bouncer_batch=ledger_id)
             .where(riding).execute())
 
 
+def forget_riders(ledger_id):
+    """The batch's verdicts or its failure have reached its rows: none rides on it any more."""
+    Riding.delete().where(Riding.bouncer_batch == ledger_id).execute()
+
+
 def unsend_rows(ledger_id):
-    """Rows of a reservation that was never sent go back to the queue where they were."""
-    return (Row.update(status=QUEUED, bouncer_batch=None)
-            .where((Row.bouncer_batch == ledger_id) & (Row.status == SENT)).execute())
+    """Rows of a reservation that was never sent go back in line where they were."""
+    return requeue_rows_of([ledger_id])
 
 
 def requeue_rows_of(ledger_ids):
-    """Rows riding on failed attempts (`ledger_ids`: ids or a subquery) are queued again;
-    `bouncer_batch` keeps naming the last attempt that carried them."""
-    return Row.update(status=QUEUED).where(riding_on(ledger_ids)).execute()
+    """Rows riding on failed attempts (`ledger_ids`: ids or a subquery) go back in line where
+    they were; `bouncer_batch` names the last attempt that carried them. Returns how many."""
+    on_them = is_one_of(Riding.bouncer_batch, ledger_ids)
+    back = (Row.select(Row.id, Row.batch, Row.check_type, Row.fifo_order, Row.position, Row.email_global, Row.email)
+            .join(Riding, on=(Riding.row == Row.id)).where(on_them & (Row.status == QUEUED)))
+    count = Line.insert_from(back, [getattr(Line, name) for name in LINE_COLUMNS]).as_rowcount().execute()
+    (Row.update(bouncer_batch=Riding.select(Riding.bouncer_batch).where(Riding.row == Row.id))
+     .where(Row.id.in_(Riding.select(Riding.row).where(on_them))).execute())
+    Riding.delete().where(on_them).execute()
+    return count
 
 
 def any_riding_on(ledger_ids):
     """Whether a row still rides on one of `ledger_ids` (what `requeue_rows_of` would queue)."""
-    return Row.select().where(riding_on(ledger_ids)).exists()
-
-
-def riding_on(ledger_ids):
-    return (Row.status == SENT) & is_one_of(Row.bouncer_batch, ledger_ids)
+    return Riding.select().where(is_one_of(Riding.bouncer_batch, ledger_ids)).exists()
 
 
 # -- user batches --
 
 def batches_of_bouncer_batch(ledger_id):
-    return Row.select(Row.batch).distinct().where(Row.bouncer_batch == ledger_id)
+    """The user batches with a row riding on this Bouncer batch."""
+    return Riding.select(Riding.batch_id).distinct().where(Riding.bouncer_batch == ledger_id)
 
 
 def mark_batches_processing(batch_ids=(), ledger_id=None):
@@ -130,8 +167,14 @@ def cancel_batch(batch_id, now=None):
             batch = UserBatch.get_by_id(batch_id)
             raise Conflict("user batch %s is %s: %s" % (batch_id, batch.status, "it is still being written"
                                                          if batch.status == BATCH_LOADING else "it has ended"))
+        batch = UserBatch.get_by_id(batch_id)
+        waiting = leave_line([r for (r,) in Line.select(Line.row).where(
+            (Line.check_type == batch.check_type) & (Line.fifo_order == batch.fifo_order)
+            & (Line.batch_id == batch_id)).tuples()]) if batch.fifo_order is not None else []
         cancelled = (Row.update(status=CANCELLED, completed_at=now)
-                     .where((Row.batch == batch_id) & Row.status.in_((NEW, QUEUED))).execute())
+                     .where((Row.batch == batch_id) & (Row.status == NEW)).execute())
+        cancelled += (Row.update(status=CANCELLED, completed_at=now)
+                      .where(among(Row.id, waiting) & (Row.status == QUEUED)).execute()) if waiting else 0
         complete_finished_batches([batch_id], now)
     return cancelled
 

@@ -26,7 +26,8 @@ from .ledger import count_in_flight, count_outstanding, count_possible_orphans
 from .models import (
     ABANDONED, BATCH_FAILED, BATCH_STATES, CANCELLED, COMPLETED, DELIVERED, DONE, FAILED, GIVEN_UP,
     IN_FLIGHT_STATES, INVALID, NEW, NO_TARGET, OUTSTANDING, PENDING, QUEUED, REJECTED, ROW_STATES, SENT, VERDICTS,
-    BouncerBatch, UserBatch, UserBatchEmail, WebhookAttempt, WebhookDelivery, result_model,
+    BouncerBatch, QueuedEmail, RidingEmail, UserBatch, UserBatchEmail, WebhookAttempt, WebhookDelivery,
+    result_model,
 )
 from .ratelimit import requests_in_window
 
@@ -133,7 +134,7 @@ def pending_counts(batch_ids):
     if not batch_ids:
         return {}
     query = (Row.select(Row.batch, fn.COUNT(Row.id))
-             .where(Row.batch.in_(batch_ids) & Row.status.in_((QUEUED, SENT)))
+             .where(Row.batch.in_(batch_ids) & (Row.status == QUEUED))
              .group_by(Row.batch))
     return dict(query.tuples())
 
@@ -144,9 +145,10 @@ def queue_overview(settings, now=None):
     batches ended by how; the request budget in use; possible orphans; user batches and webhook
     deliveries by state."""
     now = now or utcnow()
-    rows = {(t, s): n for t, s, n in (
-        Row.select(Row.check_type, Row.status, fn.COUNT(Row.id))
-        .where(Row.status.in_((QUEUED, SENT))).group_by(Row.check_type, Row.status).tuples())}
+    waiting = dict(QueuedEmail.select(QueuedEmail.check_type, fn.COUNT(QueuedEmail.row))
+                   .group_by(QueuedEmail.check_type).tuples())
+    riding = dict(RidingEmail.select(BouncerBatch.check_type, fn.COUNT(RidingEmail.row)).join(BouncerBatch)
+                  .group_by(BouncerBatch.check_type).tuples())
     new = dict(Row.select(UserBatch.check_type, fn.COUNT(Row.id)).join(UserBatch)
                .where(Row.status == NEW).group_by(UserBatch.check_type).tuples())
     ledger = ledger_totals(start_of_day(now))
@@ -154,8 +156,8 @@ def queue_overview(settings, now=None):
         "check_types": {
             check_type: {
                 "new_emails": new.get(check_type, 0),
-                "queued_emails": rows.get((check_type, QUEUED), 0),
-                "sent_emails": rows.get((check_type, SENT), 0),
+                "queued_emails": waiting.get(check_type, 0),
+                "sent_emails": riding.get(check_type, 0),
                 "outstanding_batches": count_outstanding(check_type),
                 "in_flight_batches": count_in_flight(check_type),
                 "max_outstanding": settings.max_outstanding,
@@ -234,9 +236,12 @@ def rq_backlog(redis):
 # -- the console's lists --
 
 def row_states(batch_id):
-    """{row state: rows} of one user batch, every state named."""
+    """{row state: rows} of one user batch, every state named: `queued` in line, `sent` riding
+    on a Bouncer batch."""
     found = dict(Row.select(Row.status, fn.COUNT(Row.id)).where(Row.batch == batch_id)
                  .group_by(Row.status).tuples())
+    found[SENT] = RidingEmail.select().where(RidingEmail.batch_id == batch_id).count()
+    found[QUEUED] = found.get(QUEUED, 0) - found[SENT]
     return {state: found.get(state, 0) for state in ROW_STATES}
 
 
@@ -264,11 +269,13 @@ def recent_bouncer_batches(ended=15, now=None):
 
 
 def bouncer_batches_of(batch_id, now=None):
-    """The Bouncer batches the rows of one user batch rode on (the last attempt of each row)."""
+    """The Bouncer batches the rows of one user batch ride or rode on (the last attempt of each
+    row)."""
     now = now or utcnow()
-    riding = Row.select(Row.bouncer_batch).distinct().where((Row.batch == batch_id) & Row.bouncer_batch.is_null(False))
-    return [ledger_entry(b, now) for b in BouncerBatch.select().where(BouncerBatch.id.in_(riding))
-            .order_by(BouncerBatch.id)]
+    rode = Row.select(Row.bouncer_batch).distinct().where((Row.batch == batch_id) & Row.bouncer_batch.is_null(False))
+    riding = RidingEmail.select(RidingEmail.bouncer_batch).distinct().where(RidingEmail.batch_id == batch_id)
+    return [ledger_entry(b, now) for b in BouncerBatch.select().where(
+        BouncerBatch.id.in_(rode) | BouncerBatch.id.in_(riding)).order_by(BouncerBatch.id)]
 
 
 def delivery_entry(d, attempts=None):

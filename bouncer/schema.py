@@ -9,7 +9,10 @@ exist). The view `user_batch_results` is what `results` prints, one row per subm
 The queue's own tables are created by Peewee from bouncer/models.py.
 
 Versions (table `schema_version`): 1, the first release (`user_batches.user`, no defaults, rows
-numbered from 0); 2, this one.
+numbered from 0); 2, the host tables with their defaults and checks, a row `sent` while it rides
+on a Bouncer batch; 3, this one: the line (`queued_emails`) and the rows riding on Bouncer
+batches (`riding_emails`) are tables of their own, so a claim no longer rewrites the rows it
+takes.
 """
 import logging
 
@@ -18,7 +21,7 @@ from .models import ALL_MODELS, BATCH_STATES, INTERNAL_MODELS, ROW_STATES, FifoC
 
 log = logging.getLogger(__name__)
 
-VERSION = 2
+VERSION = 3
 
 
 def sql_list(values):
@@ -80,17 +83,14 @@ CREATE TABLE user_batch_emails (
     completed_at {time}
 )"""
 
-# A row is in a partial index only while it is in that state, so completing a sent email (150k
-# rows per status cycle at full load) touches none of them, and each walk sees only its rows.
+# A row is in a partial index only while it is in that state, so completing a riding email (150k
+# rows per status cycle at full load) only leaves them, and each walk sees only its rows.
 INDEXES = [
     "CREATE INDEX user_batches_status ON user_batches (status, id)",
     "CREATE INDEX user_batches_user ON user_batches (user_id, id)",
     "CREATE UNIQUE INDEX user_batch_emails_batch_position ON user_batch_emails (batch_id, position)",
     # One Bouncer batch's rows and their user batches.
     "CREATE INDEX user_batch_emails_bouncer_batch ON user_batch_emails (bouncer_batch_id, batch_id)",
-    # The FIFO walk of the packer: a batch's place in line, then the row's position.
-    "CREATE INDEX user_batch_emails_fifo ON user_batch_emails (check_type, fifo_order, position)"
-    " WHERE status = 'queued'",
     # Admission: rows nobody has looked at yet.
     "CREATE INDEX user_batch_emails_new ON user_batch_emails (batch_id, position) WHERE status = 'new'",
     # Is this user batch finished?
@@ -190,10 +190,51 @@ def host_triggers():
 
 def upgrade_from(version):
     log.warning("Upgrading the schema from version %d to %d", version, VERSION)
-    if is_postgres():
+    if version == 2:
+        upgrade_from_2()
+    elif is_postgres():
         upgrade_postgres_from_1()
     else:
         upgrade_sqlite_from_1()
+
+
+def upgrade_from_2():
+    """Version 2 walked the queued rows of `user_batch_emails` itself and marked the rows it sent
+    `sent`: its queued rows join the line, its sent rows ride on their Bouncer batch."""
+    with write_transaction():
+        upgrade_queue_tables()
+        database.execute_sql('DROP INDEX IF EXISTS "user_batch_emails_fifo"')
+        drop_retired_indexes()
+        SchemaVersion.update(version=VERSION).execute()
+
+
+def upgrade_queue_tables():
+    """From version 1 or 2: the addresses in flight keyed by (check type, address) with no serial
+    id, the line and the riding rows filled from the rows' states."""
+    for name in ("bouncer_batch_emails_check_type_email_global_id", "bouncer_batch_emails_bouncer_batch_id"):
+        database.execute_sql('DROP INDEX IF EXISTS "%s"' % name)
+    database.execute_sql("ALTER TABLE bouncer_batch_emails RENAME TO bouncer_batch_emails_v2")
+    database.create_tables(INTERNAL_MODELS, safe=True)
+    columns = "bouncer_batch_id, email_global_id, check_type, email_sent"
+    database.execute_sql("INSERT INTO bouncer_batch_emails (%s) SELECT %s FROM bouncer_batch_emails_v2"
+                         % (columns, columns))
+    database.execute_sql("DROP TABLE bouncer_batch_emails_v2")
+    move_rows_into_line()
+
+
+def move_rows_into_line():
+    """Rows of an earlier version: queued ones join the line, sent ones ride on their batch (and
+    are `queued`, as every pending row is now)."""
+    for statement in (
+        "INSERT INTO queued_emails (row_id, batch_id, check_type, fifo_order, position, email_global_id, email)"
+        " SELECT id, batch_id, check_type, fifo_order, position, email_global_id, email FROM user_batch_emails"
+        " WHERE status = 'queued' OR (status = 'sent' AND bouncer_batch_id IS NULL)",
+        "INSERT INTO riding_emails (bouncer_batch_id, row_id, batch_id)"
+        " SELECT bouncer_batch_id, id, batch_id FROM user_batch_emails"
+        " WHERE status = 'sent' AND bouncer_batch_id IS NOT NULL",
+        "UPDATE user_batch_emails SET status = 'queued' WHERE status = 'sent'",
+    ):
+        database.execute_sql(statement)
 
 
 # Indexes no query reads any more, which only cost every write: dropped where they exist.
@@ -276,7 +317,7 @@ def upgrade_postgres_from_1():
 def finish_upgrade():
     for statement in (*INDEXES, *host_triggers(), RESULTS_VIEW):
         database.execute_sql(render(statement))
-    database.create_tables(INTERNAL_MODELS, safe=True)
+    upgrade_queue_tables()
     drop_retired_indexes()
     last = database.execute_sql("SELECT COALESCE(MAX(fifo_order), 0) FROM user_batches").fetchone()[0]
     FifoCounter.create(last=last)

@@ -39,16 +39,17 @@ from bouncer.ledger import batches_to_check, complete_with_results
 from bouncer.models import (
     BATCH_QUEUED,
     QUEUED,
-    SENT,
     BouncerBatch,
     BouncerBatchEmail,
     DeliverableResult,
     EmailGlobal,
+    QueuedEmail,
+    RidingEmail,
     UserBatch,
     UserBatchEmail,
     database,
 )
-from bouncer.schema import create_schema
+from bouncer.schema import create_schema, move_rows_into_line
 from scripts import endtoend, workloads
 from support.processes import ROOT, bouncer_command
 
@@ -124,6 +125,7 @@ def seed_queue(total, user_batches):
                 bulk_insert(UserBatchEmail, chunk)
                 chunk = []
         bulk_insert(UserBatchEmail, chunk)
+        move_rows_into_line()
     analyze()
 
 
@@ -263,7 +265,8 @@ def measure_submit(url, lines):
 
 
 def measure_naive_claim(url, queued):
-    """One batch of 10k claimed the naive way: per row, find the oldest queued row, mark it."""
+    """One batch of 10k claimed the naive way: per row, find the oldest row in line, take it out
+    and record it riding."""
     reset_database(url)
     in_child_process(seed_in_child, url, queued)
     with StatementCounter(database.obj) as counter:
@@ -271,11 +274,10 @@ def measure_naive_claim(url, queued):
         with database.atomic():
             ledger = BouncerBatch.create(check_type="deliverable", quantity=BATCH, reserved_at=utcnow())
             for _ in range(BATCH):
-                row = (UserBatchEmail.select().where(
-                    (UserBatchEmail.check_type == "deliverable") & (UserBatchEmail.status == QUEUED))
-                    .order_by(UserBatchEmail.fifo_order, UserBatchEmail.position).first())
-                row.status, row.bouncer_batch = SENT, ledger.id
-                row.save()
+                row = (QueuedEmail.select().where(QueuedEmail.check_type == "deliverable")
+                       .order_by(QueuedEmail.fifo_order, QueuedEmail.position).first())
+                QueuedEmail.delete().where(QueuedEmail.row == row.row_id).execute()
+                RidingEmail.create(bouncer_batch=ledger.id, row=row.row_id, batch_id=row.batch_id)
         seconds = time.perf_counter() - started
     return seconds, counter.count
 

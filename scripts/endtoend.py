@@ -322,12 +322,13 @@ class Bench:
 
 FLOOR_ROWS = (CREATE_FLOOR, CLAIM_FLOOR, DOWNLOAD_FLOOR, PARSE_FLOOR, INSERT_FLOOR, INGEST_FLOOR) = (
     "floor: 15 creates of 10k addresses over loopback (encode and POST)",
-    "floor: this schema's writes of 15 claims in plain SQL (150k rows marked sent, 150k addresses in flight)",
+    "floor: this schema's writes of 15 claims in plain SQL (150k rows out of the line, 150k addresses "
+    "in flight, 150k rows riding)",
     "floor: the 15 downloads alone over loopback",
     "floor: `json.loads` of the 15 download bodies",
     "floor: raw bulk insert of 150k result rows (into a bare table)",
     "floor: this schema's writes of 15 ingests in plain SQL (150k verdicts, 150k rows marked done, "
-    "150k addresses out of flight)")
+    "150k addresses out of flight, 150k rows no longer riding)")
 # A cycle's floor: what it must send and receive, plus what its own schema makes it write.
 CREATION_FLOORS = (CREATE_FLOOR, CLAIM_FLOOR)
 STATUS_FLOORS = (DOWNLOAD_FLOOR, PARSE_FLOOR, INGEST_FLOOR)

@@ -245,8 +245,9 @@ def raw_bulk_insert(url, columns, rows):
 def queue_write_floors(url, batches=15, batch=10000):
     """Seconds of the writes a claim and an ingest cannot do without in this schema, done in
     plain SQL on a database made by `init-db` (the same tables and indexes), a statement or two
-    per batch of `batch` rows, each batch committed: (claim: rows marked sent and their in-flight
-    addresses written; ingest: verdicts written, rows marked done, in-flight addresses removed).
+    per batch of `batch` rows, each batch committed: (claim: rows out of the line, their in-flight
+    addresses and the rows riding on them written; ingest: verdicts written, rows marked done,
+    in-flight addresses and riding rows removed).
     What the cycles add to these is the service's own work: planning, checks, parsing, calls."""
     import time
     connection = connect(url)
@@ -261,12 +262,12 @@ def queue_write_floors(url, batches=15, batch=10000):
         for b in range(batches):
             low, high = b * batch + 1, (b + 1) * batch
             started = time.perf_counter()
-            cursor.execute("UPDATE user_batch_emails SET status = 'sent', bouncer_batch_id = %s"
-                           " WHERE id BETWEEN %s AND %s AND status = 'queued'" % (mark, mark, mark),
-                           (b + 1, low, high))
+            cursor.execute("DELETE FROM queued_emails WHERE row_id BETWEEN %s AND %s" % (mark, mark), (low, high))
             write_rows(cursor, pg, "bouncer_batch_emails", ("bouncer_batch_id", "email_global_id",
                                                             "check_type", "email_sent"),
                        [(b + 1, i, "deliverable", "q%d@example.com" % i) for i in range(low, high + 1)])
+            write_rows(cursor, pg, "riding_emails", ("bouncer_batch_id", "row_id", "batch_id"),
+                       [(b + 1, i, b + 1) for i in range(low, high + 1)])
             connection.commit()
             claim += time.perf_counter() - started
         for b in range(batches):
@@ -274,10 +275,11 @@ def queue_write_floors(url, batches=15, batch=10000):
             started = time.perf_counter()
             write_rows(cursor, pg, "email_deliverable_results", RESULT_NAMES + ("bouncer_batch_id",),
                        [row + (b + 1,) for row in results[low - 1:high]])
-            cursor.execute("UPDATE user_batch_emails SET status = 'done', completed_at = %s"
-                           " WHERE bouncer_batch_id = %s AND status = 'sent'" % (mark, mark),
-                           (results[0][-1], b + 1))
+            cursor.execute("UPDATE user_batch_emails SET status = 'done', completed_at = %s, bouncer_batch_id = %s"
+                           " WHERE id IN (SELECT row_id FROM riding_emails WHERE bouncer_batch_id = %s)"
+                           " AND status = 'queued'" % (mark, mark, mark), (results[0][-1], b + 1, b + 1))
             cursor.execute("DELETE FROM bouncer_batch_emails WHERE bouncer_batch_id = %s" % mark, (b + 1,))
+            cursor.execute("DELETE FROM riding_emails WHERE bouncer_batch_id = %s" % mark, (b + 1,))
             connection.commit()
             ingest += time.perf_counter() - started
         return claim, ingest
@@ -304,6 +306,9 @@ def seed_queued_rows(connection, cursor, total, batches, mark):
                    " check_type, fifo_order) SELECT i, (i - 1) / %d + 1, (i - 1) %% %d + 1,"
                    " 'q' || i || '@example.com', 'queued', i, 'deliverable', (i - 1) / %d + 1"
                    " FROM (%s) AS s" % (per, per, per, numbers(total, mark)))
+    cursor.execute("INSERT INTO queued_emails (row_id, batch_id, check_type, fifo_order, position, email_global_id,"
+                   " email) SELECT id, batch_id, check_type, fifo_order, position, email_global_id, email"
+                   " FROM user_batch_emails")
     connection.commit()
     cursor.execute("ANALYZE")
     connection.commit()

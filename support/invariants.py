@@ -18,6 +18,8 @@ from bouncer.models import (
     REJECTED,
     BouncerBatch,
     BouncerBatchEmail,
+    QueuedEmail,
+    RidingEmail,
     UserBatchEmail,
     result_model,
 )
@@ -27,14 +29,14 @@ def no_address_in_two_in_flight_batches():
     """Invariant 2: per check type, a stripped address is in at most one in-flight batch, and a
     batch holds each stripped address once."""
     Item = BouncerBatchEmail
-    in_flight = (Item.select(Item.check_type, Item.email_global, fn.COUNT(Item.id))
+    in_flight = (Item.select(Item.check_type, Item.email_global, fn.COUNT(Item.email_global))
                  .join(BouncerBatch)
                  .where(BouncerBatch.status.in_(IN_FLIGHT_STATES))
                  .group_by(Item.check_type, Item.email_global)
-                 .having(fn.COUNT(Item.id) > 1))
-    per_batch = (Item.select(Item.bouncer_batch, Item.email_global, fn.COUNT(Item.id))
+                 .having(fn.COUNT(Item.email_global) > 1))
+    per_batch = (Item.select(Item.bouncer_batch, Item.email_global, fn.COUNT(Item.email_global))
                  .group_by(Item.bouncer_batch, Item.email_global)
-                 .having(fn.COUNT(Item.id) > 1))
+                 .having(fn.COUNT(Item.email_global) > 1))
     return (["address %s in %d in-flight %s batches" % (g, n, t) for t, g, n in in_flight.tuples()]
             + ["address %s %d times in batch %s" % (g, n, b) for b, g, n in per_batch.tuples()])
 
@@ -65,7 +67,24 @@ def every_email_finished():
                           & Result.email_global.is_null()).count())
         if orphans:
             problems.append("%d done %s emails without a stored result" % (orphans, check_type))
-    return problems
+    return problems + queue_matches_rows()
+
+
+def queue_matches_rows():
+    """Every queued row is either in line or riding on one Bouncer batch, never both; no other
+    row is in either (invariants 1 and 2 rest on it)."""
+    Row = UserBatchEmail
+    waiting = Row.id.in_(QueuedEmail.select(QueuedEmail.row))
+    riding = Row.id.in_(RidingEmail.select(RidingEmail.row))
+    neither = Row.select().where((Row.status == QUEUED) & ~waiting & ~riding).count()
+    both = Row.select().where(waiting & riding).count()
+    ended = Row.select().where((Row.status != QUEUED) & (waiting | riding)).count()
+    twice = (RidingEmail.select(RidingEmail.row).group_by(RidingEmail.row)
+             .having(fn.COUNT(RidingEmail.row) > 1).count())
+    return (["%d queued rows neither in line nor riding" % neither] if neither else []) \
+        + (["%d rows in line and riding" % both] if both else []) \
+        + (["%d rows not queued but in line or riding" % ended] if ended else []) \
+        + (["%d rows riding on two Bouncer batches" % twice] if twice else [])
 
 
 def fifo_key(row):
@@ -89,14 +108,22 @@ def sent_out_of_fifo_order(before_ledger_id, check_type):
     # the same address only ride along.
     oldest = {}
     for gid, place, position in (Row.select(Row.email_global, Row.fifo_order, Row.position)
-                                 .where(Row.bouncer_batch.in_(sent)).tuples()):
+                                 .where(rows_of_ledgers(sent)).tuples()):
         oldest[gid] = min(oldest.get(gid, (place, position)), (place, position))
     newest_sent = max(oldest.values())
-    queued = Row.select().where((Row.check_type == check_type) & (Row.status == QUEUED))
+    waiting = (Row.select().join(QueuedEmail, on=(QueuedEmail.row == Row.id))
+               .where(Row.check_type == check_type))
     # A requeued email keeps the id of the attempt that carried it: excused if that attempt
     # failed in this very cycle.
     return ["queued email %s (%s) is older than sent %s" % (r.id, fifo_key(r), newest_sent)
-            for r in queued if fifo_key(r) < newest_sent and r.bouncer_batch_id not in rejected_now]
+            for r in waiting if fifo_key(r) < newest_sent and r.bouncer_batch_id not in rejected_now]
+
+
+def rows_of_ledgers(ledger_ids):
+    """The rows riding on one of these Bouncer batches, or brought to an end by one."""
+    Row = UserBatchEmail
+    riding = RidingEmail.select(RidingEmail.row).where(RidingEmail.bouncer_batch.in_(ledger_ids))
+    return ((Row.bouncer_batch.in_(ledger_ids) & Row.status.in_((DONE, FAILED))) | Row.id.in_(riding))
 
 
 # -- checks over a whole run, for the soak (support/soak) -------------------------------------
@@ -201,7 +228,7 @@ def youngest_sent_key(ledger_id):
     Row = UserBatchEmail
     oldest = {}
     for global_id, place, position in (Row.select(Row.email_global, Row.fifo_order, Row.position)
-                                       .where(Row.bouncer_batch == ledger_id).tuples()):
+                                       .where(rows_of_ledgers([ledger_id])).tuples()):
         key = (place, position)
         if global_id not in oldest or key < oldest[global_id]:
             oldest[global_id] = key
@@ -211,8 +238,14 @@ def youngest_sent_key(ledger_id):
 def rows_waiting_at(check_type, moment, before_key):
     """(row id, FIFO key, address id, user batch) of the valid rows of user batches up to
     `before_key`'s place that were still waiting at `moment`: queued or parked now, taken by a
-    batch reserved after it, or completed after it by a cached verdict."""
+    batch reserved after it, or completed after it by a cached verdict. A queued row is in line,
+    or riding (on the batch that took it, or parked on the failed attempt that did); an ended
+    row names the batch that ended it, a requeued one the attempt that parked it."""
     Row, Taken = UserBatchEmail, BouncerBatch.alias()
+    in_line = {r for (r,) in QueuedEmail.select(QueuedEmail.row).where(QueuedEmail.check_type == check_type).tuples()}
+    riding = {r: (taken_status, taken_at) for r, taken_status, taken_at in RidingEmail.select(
+        RidingEmail.row, BouncerBatch.status, BouncerBatch.reserved_at).join(BouncerBatch)
+        .where(BouncerBatch.check_type == check_type).tuples()}
     query = (Row.select(Row.id, Row.batch, Row.fifo_order, Row.position, Row.email_global, Row.status,
                         Row.completed_at, Taken.status, Taken.reserved_at)
              .join(Taken, JOIN.LEFT_OUTER, on=(Row.bouncer_batch == Taken.id))
@@ -222,7 +255,9 @@ def rows_waiting_at(check_type, moment, before_key):
                        | (Row.completed_at > moment) | Taken.status.in_(FAILED_ATTEMPTS))))
     waiting = []
     for row_id, batch, place, position, global_id, status, completed, taken_status, taken_at in query.tuples():
-        if status == QUEUED or (taken_status in FAILED_ATTEMPTS and status not in (DONE, FAILED)):
+        if status == QUEUED and row_id not in in_line:
+            taken_status, taken_at = riding[row_id]
+        if row_id in in_line or (taken_status in FAILED_ATTEMPTS and status not in (DONE, FAILED)):
             still = True
         elif taken_status is not None and taken_status not in FAILED_ATTEMPTS:
             still = taken_at > moment
@@ -248,6 +283,10 @@ def addresses_held_around(check_type, global_ids, moment, same_cycle, other_than
                      .join(BouncerBatch, on=(model.bouncer_batch == BouncerBatch.id))
                      .where((model.check_type == check_type) & model.email_global.in_(part) & around))
             held.update(global_id for (global_id,) in query.tuples())
+        riding = (RidingEmail.select(Row.email_global).join(Row, on=(RidingEmail.row == Row.id))
+                  .join(BouncerBatch, on=(RidingEmail.bouncer_batch == BouncerBatch.id))
+                  .where((Row.check_type == check_type) & Row.email_global.in_(part) & around))
+        held.update(global_id for (global_id,) in riding.tuples())
     return held
 
 

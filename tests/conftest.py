@@ -18,7 +18,7 @@ from bouncer.client import BouncerClient
 from bouncer.config import Settings
 from bouncer.db import open_database
 from bouncer.intake import create_user_batch
-from bouncer.models import UserBatchEmail, database
+from bouncer.models import QUEUED, SENT, QueuedEmail, RidingEmail, UserBatchEmail, database
 from bouncer.sandbox import Sandbox
 from bouncer.schema import create_schema, empty_tables
 from support.servers import RedisClaims
@@ -212,11 +212,46 @@ def addresses(prefix, n, domain="example.com"):
     return ["%s%d@%s" % (prefix, i, domain) for i in range(n)]
 
 
-def statuses(batch_id):
-    """{row status: count} of one user batch."""
+def row_states(batch_id=None):
+    """{row id: state} of every row (of one user batch), as the queue sees it: a queued row
+    riding on a Bouncer batch is `sent`. Checks on the way that every queued row is either in
+    line or riding, never both, and that no other row is in either."""
+    Row = UserBatchEmail
+    rows, waiting, riding = Row.select(Row.id, Row.status), QueuedEmail.select(QueuedEmail.row), \
+        RidingEmail.select(RidingEmail.row)
+    if batch_id is not None:
+        rows, waiting, riding = (rows.where(Row.batch == batch_id), waiting.where(QueuedEmail.batch_id == batch_id),
+                                 riding.where(RidingEmail.batch_id == batch_id))
+    waiting, riding = {r for (r,) in waiting.tuples()}, [r for (r,) in riding.tuples()]
+    assert len(riding) == len(set(riding)), "a row rides on two Bouncer batches"
+    riding = set(riding)
+    states = {}
+    for row_id, status in rows.tuples():
+        if status == QUEUED:
+            assert (row_id in waiting) != (row_id in riding), "queued row %s is %s" % (
+                row_id, "in line and riding" if row_id in waiting else "neither in line nor riding")
+            status = SENT if row_id in riding else QUEUED
+        else:
+            assert row_id not in waiting and row_id not in riding, \
+                "%s row %s is still in line or riding" % (status, row_id)
+        states[row_id] = status
+    return states
+
+
+def statuses(batch_id=None):
+    """{row state: count} of one user batch (of every row), as the queue sees it."""
     counts = {}
-    for (status,) in UserBatchEmail.select(UserBatchEmail.status).where(
-            UserBatchEmail.batch == batch_id).tuples():
+    for status in row_states(batch_id).values():
         counts[status] = counts.get(status, 0) + 1
     return counts
+
+
+def rode_on():
+    """{row id: ledger id} of every row riding on a Bouncer batch, or brought to an end by one."""
+    ended = UserBatchEmail.select(UserBatchEmail.id, UserBatchEmail.bouncer_batch).where(
+        UserBatchEmail.bouncer_batch.is_null(False) & UserBatchEmail.status.in_(("done", "failed")))
+    found = dict(ended.tuples())
+    riding = RidingEmail.select(RidingEmail.bouncer_batch, RidingEmail.row).tuples()
+    found.update((row, ledger) for ledger, row in riding)
+    return found
 

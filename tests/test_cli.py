@@ -142,8 +142,8 @@ def test_commands_on_database_without_schema_say_run_init_db(tmp_path):
             result = CliRunner().invoke(cli, args, env=env)
             assert_clean_failure(result, "init-db")
         result = CliRunner().invoke(cli, ["init-db"], env=env)
-        assert ok(result) == "schema created (version 2)\n"
-        assert ok(CliRunner().invoke(cli, ["init-db"], env=env)) == "schema up to date (version 2)\n"
+        assert ok(result) == "schema created (version 3)\n"
+        assert ok(CliRunner().invoke(cli, ["init-db"], env=env)) == "schema up to date (version 3)\n"
         assert "requests in the last 60 s: 0" in ok(CliRunner().invoke(cli, ["status"], env=env))
     finally:
         set_current_app(None)

@@ -1,5 +1,6 @@
-"""`init-db` on a database made by the first release (schema version 1, frozen in tests/data)
-upgrades it in place: every row of every state is kept, and the queue carries on with them."""
+"""`init-db` on a database made by an earlier release (schema versions 1 and 2, frozen in
+tests/data) upgrades it in place: every row of every state is kept, and the queue carries on
+with them."""
 import datetime
 from pathlib import Path
 
@@ -9,11 +10,11 @@ from bouncer.app import App
 from bouncer.client import BouncerClient
 from bouncer.cycles import CREATION, STATUS, run_cycle
 from bouncer.db import is_postgres, open_database
-from bouncer.models import BouncerBatch, UserBatch, UserBatchEmail, database
+from bouncer.models import BouncerBatch, BouncerBatchEmail, QueuedEmail, UserBatch, UserBatchEmail, database
 from bouncer.reports import batch_status, iter_results
 from bouncer.schema import RETIRED_INDEXES, VERSION, create_schema, current_version
 
-from conftest import POSTGRES_URL, make_settings, postgres_admin
+from conftest import POSTGRES_URL, make_settings, postgres_admin, rode_on, row_states, statuses
 
 DATA = Path(__file__).parent / "data"
 T = "2026-11-20 10:00:00"
@@ -101,10 +102,12 @@ def test_init_db_upgrades_a_version_1_database_keeping_every_row(v1_database):
                            2: ("bob", "deliverable", "processing", 3, 0, 1, 2),
                            3: ("carol", "catchall", "queued", 1, 0, 0, 3),
                            4: ("dave", "deliverable", "failed", 1, 0, 0, 4)}
-        rows = [(r.batch_id, r.position, r.status, r.fifo_order) for r in
+        states = row_states()
+        rows = [(r.batch_id, r.position, states[r.id], r.fifo_order) for r in
                 UserBatchEmail.select().order_by(UserBatchEmail.batch, UserBatchEmail.position)]
         assert rows == [(1, 1, "done", 1), (1, 2, "invalid", 1), (2, 1, "sent", 2), (2, 2, "sent", 2),
                         (2, 3, "sent", 2), (3, 1, "queued", 3), (4, 1, "failed", 4)]
+        assert set(rode_on().values()) == {1, 2, 5}
         assert batch_status(1)["counts"]["deliverable"] == 1
         assert [r["status"] for r in iter_results(1)] == ["deliverable", "invalid"]
         assert batch_status(4)["failure_reason"].startswith("Bouncer no longer knows")
@@ -152,3 +155,92 @@ def test_an_index_no_query_reads_is_dropped_by_init_db(v1_database):
                              % RETIRED_INDEXES[0])
         assert create_schema() == "schema up to date (version %d)" % VERSION
         assert not result_indexes() & set(RETIRED_INDEXES)    # and from one made before it retired
+
+
+# Release 2's rows of the states it had and 3 keeps apart: bob's batch has two rows waiting in
+# line, two riding on an outstanding Bouncer batch (a repeat of one address among them), one
+# parked on a rejected attempt and one done.
+V2_ROWS = [
+    "INSERT INTO schema_version (version) VALUES (2)",
+    "INSERT INTO fifo_counter (last) VALUES (1)",
+    "INSERT INTO emails_global (id, email, created_at) VALUES (1, 'a@example.com', '%(t)s'),"
+    " (2, 'b@example.com', '%(t)s'), (3, 'c@example.com', '%(t)s'), (4, 'd@example.com', '%(t)s'),"
+    " (5, 'e@example.com', '%(t)s')",
+    "INSERT INTO user_batches (id, user_id, check_type, status, total, fifo_order, source, created_at)"
+    " VALUES (1, 'bob', 'deliverable', 'processing', 6, 1, 'cli', '%(t)s')",
+    "INSERT INTO bouncer_batches (id, check_type, status, bouncer_id, quantity, reserved_at, sent_at,"
+    " finished_at) VALUES (1, 'deliverable', 'completed', 'bz-1', 1, '%(t)s', '%(t)s', '%(t)s'),"
+    " (2, 'deliverable', 'outstanding', 'bz-2', 1, '%(t)s', '%(t)s', NULL),"
+    " (3, 'deliverable', 'rejected', NULL, 1, '%(t)s', NULL, '%(t)s')",
+    "INSERT INTO bouncer_batch_emails (bouncer_batch_id, email_global_id, check_type, email_sent)"
+    " VALUES (2, 2, 'deliverable', 'b@example.com')",
+    "INSERT INTO user_batch_emails (batch_id, position, email, status, email_global_id, check_type,"
+    " fifo_order, bouncer_batch_id, completed_at) VALUES"
+    " (1, 1, 'a@example.com', 'done', 1, 'deliverable', 1, 1, '%(t)s'),"
+    " (1, 2, 'b@example.com', 'sent', 2, 'deliverable', 1, 2, NULL),"
+    " (1, 3, 'B@example.com', 'sent', 2, 'deliverable', 1, 2, NULL),"
+    " (1, 4, 'c@example.com', 'sent', 3, 'deliverable', 1, 3, NULL),"
+    " (1, 5, 'd@example.com', 'queued', 4, 'deliverable', 1, NULL, NULL),"
+    " (1, 6, 'e@example.com', 'queued', 5, 'deliverable', 1, NULL, NULL)",
+    "INSERT INTO email_deliverable_results (email_global_id, status, raw, checked_at, bouncer_batch_id)"
+    " VALUES (1, 'deliverable', '{}', '%(t)s', 1)",
+]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def v2_database(request, tmp_path):
+    """A database made by release 2, with rows of every state."""
+    if request.param == "sqlite":
+        url = "sqlite:///%s" % (tmp_path / "v2.db")
+    else:
+        url = POSTGRES_URL + "_v2"
+        postgres_admin(url, 'DROP DATABASE IF EXISTS "%(name)s" WITH (FORCE)')
+        postgres_admin(url, 'CREATE DATABASE "%(name)s"')
+    open_database(url)
+    lines = (DATA / ("schema_v2_%s.sql" % request.param)).read_text().splitlines()
+    with database.connection_context():
+        for statement in (line.rstrip(";") for line in lines if line and not line.startswith("--")):
+            database.execute_sql(statement)
+        for statement in V2_ROWS:
+            database.execute_sql(statement % {"t": T})
+        if request.param == "postgres":
+            for table in ("emails_global", "user_batches", "user_batch_emails", "bouncer_batches"):
+                database.execute_sql("SELECT setval(pg_get_serial_sequence('%s', 'id'), (SELECT max(id) FROM %s))"
+                                     % (table, table))
+    yield url
+    database.close()
+    if request.param == "postgres":
+        postgres_admin(url, 'DROP DATABASE IF EXISTS "%(name)s" WITH (FORCE)')
+
+
+def test_init_db_upgrades_a_version_2_database_into_the_line_and_the_riding_rows(v2_database):
+    with database.connection_context():
+        assert current_version() == 2
+        assert create_schema() == "schema upgraded from version 2 to %d" % VERSION
+        assert create_schema() == "schema up to date (version %d)" % VERSION
+        states = row_states()   # every queued row is in line or riding, never both
+        assert [states[r] for (r,) in UserBatchEmail.select(UserBatchEmail.id).order_by(UserBatchEmail.position)
+                .tuples()] == ["done", "sent", "sent", "sent", "queued", "queued"]
+        assert sorted(rode_on().values()) == [1, 2, 2, 3]
+        assert [q.email for q in QueuedEmail.select().order_by(QueuedEmail.position)] == ["d@example.com",
+                                                                                          "e@example.com"]
+        assert [(a.bouncer_batch_id, a.email_global_id) for a in BouncerBatchEmail.select()] == [(2, 2)]
+        assert batch_status(1)["counts"]["pending"] == 5
+
+
+def test_upgraded_version_2_database_carries_on_to_the_end(v2_database, redis_conn, bouncer):
+    settings = make_settings(v2_database)
+    app = App(settings, redis=redis_conn, client=BouncerClient(settings.api_url, settings.api_key))
+    with database.connection_context():
+        create_schema()
+    database.connect(reuse_if_open=True)
+    # The row parked on the rejected attempt goes back in line first, where it was, then the two
+    # waiting ones; the rows on the outstanding batch wait for it.
+    run_cycle(app, CREATION, "deliverable")
+    assert bouncer.sent_addresses() == ["c@example.com", "d@example.com", "e@example.com"]
+    assert statuses(1) == {"done": 1, "sent": 5}
+    bouncer.complete_now()
+    run_cycle(app, STATUS, "deliverable")
+    # bz-2 was made by another Bouncer than this sandbox: it answers 404, and its two rows fail.
+    assert statuses(1) == {"done": 4, "failed": 2}
+    assert batch_status(1)["status"] == "failed"
