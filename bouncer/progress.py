@@ -2,7 +2,7 @@
 
 Row (`UserBatchEmail.status`): queued -> done | failed; invalid rows never move. A queued row
 waits in line (`QueuedEmail`) until a creation cycle takes it out: it rides on a Bouncer batch
-of the ledger (`RidingEmail`), or is completed from a fresh verdict, or cancelled. A row riding
+of the ledger (`RidingRows`), or is completed from a fresh verdict, or cancelled. A row riding
 on a batch that was rejected or abandoned goes back in line. User batch: queued -> processing ->
 completed, or failed with a reason, or cancelled. Kept in step by the cycles, a few set-based
 statements at a time, so reading a batch's status never needs to scan its emails.
@@ -11,21 +11,23 @@ This is the one place a user batch ends: each function that ends batches takes t
 database says it changed, and records those endings for their webhooks in the same
 transaction.
 """
-from peewee import Case, Query, fn
+import json
+
+from peewee import SQL, Case, Query, fn
 
 from . import webhooks
-from .db import among, database, insert_tuples, utcnow, write_transaction
+from .db import among, chunked, database, insert_tuples, is_postgres, utcnow, write_transaction
 from .errors import Conflict
 from .models import (
     BATCH_CANCELLED, BATCH_COMPLETED, BATCH_FAILED, BATCH_LOADING, BATCH_NEW, BATCH_PROCESSING,
     BATCH_QUEUED, CANCELLED, DONE,
-    ENDED_BATCH_STATES, FAILED, NEW, PENDING_STATES, QUEUED, QueuedEmail, RidingEmail, UserBatch,
+    ENDED_BATCH_STATES, FAILED, NEW, PENDING_STATES, QUEUED, QueuedEmail, RidingRows, UserBatch,
     UserBatchEmail,
 )
 
 Row = UserBatchEmail
 Line = QueuedEmail
-Riding = RidingEmail
+Riding = RidingRows
 
 LINE_COLUMNS = ("row", "batch_id", "check_type", "fifo_order", "position", "email_global", "email")
 
@@ -51,9 +53,12 @@ def send_rows(rows, ledger_id):
     """Rows `(row id, user batch)` still in line leave it and ride on Bouncer batch `ledger_id`.
     Returns how many."""
     batch_of = dict(rows)
-    taken = leave_line(list(batch_of))
-    insert_tuples(Riding, ("bouncer_batch", "row", "batch_id"), [(ledger_id, r, batch_of[r]) for r in taken])
-    return len(taken)
+    by_batch = {}
+    for row_id in leave_line(list(batch_of)):
+        by_batch.setdefault(batch_of[row_id], []).append(row_id)
+    insert_tuples(Riding, ("bouncer_batch", "batch_id", "row_ids", "rows"),
+                  [(ledger_id, batch, "[%s]" % ",".join(map(str, ids)), len(ids)) for batch, ids in by_batch.items()])
+    return sum(map(len, by_batch.values()))
 
 
 def complete_rows_from_cache(row_ids, now):
@@ -64,7 +69,21 @@ def complete_rows_from_cache(row_ids, now):
 
 
 def riding_rows(ledger_id):
-    return Riding.select(Riding.row).where(Riding.bouncer_batch == ledger_id)
+    """The ids of the rows riding on this Bouncer batch, as a subquery."""
+    if is_postgres():
+        sql = "(SELECT json_array_elements_text(r.row_ids::json)::int FROM riding_rows r WHERE r.bouncer_batch_id = %s)"
+    else:
+        sql = "(SELECT j.value FROM riding_rows r, json_each(r.row_ids) j WHERE r.bouncer_batch_id = ?)"
+    return SQL(sql, [ledger_id])
+
+
+def riders_of(ledger_ids):
+    """{ledger id: [row ids]} of the rows riding on `ledger_ids` (ids or a subquery)."""
+    found = {}
+    for ledger_id, row_ids in (Riding.select(Riding.bouncer_batch, Riding.row_ids)
+                               .where(is_one_of(Riding.bouncer_batch, ledger_ids)).tuples()):
+        found.setdefault(ledger_id, []).extend(json.loads(row_ids))
+    return found
 
 
 def complete_sent_rows(ledger_id, now):
@@ -97,13 +116,16 @@ def unsend_rows(ledger_id):
 def requeue_rows_of(ledger_ids):
     """Rows riding on failed attempts (`ledger_ids`: ids or a subquery) go back in line where
     they were; `bouncer_batch` names the last attempt that carried them. Returns how many."""
-    on_them = is_one_of(Riding.bouncer_batch, ledger_ids)
-    back = (Row.select(Row.id, Row.batch, Row.check_type, Row.fifo_order, Row.position, Row.email_global, Row.email)
-            .join(Riding, on=(Riding.row == Row.id)).where(on_them & (Row.status == QUEUED)))
-    count = Line.insert_from(back, [getattr(Line, name) for name in LINE_COLUMNS]).as_rowcount().execute()
-    (Row.update(bouncer_batch=Riding.select(Riding.bouncer_batch).where(Riding.row == Row.id))
-     .where(Row.id.in_(Riding.select(Riding.row).where(on_them))).execute())
-    Riding.delete().where(on_them).execute()
+    count = 0
+    for ledger_id, row_ids in riders_of(ledger_ids).items():
+        for part in chunked(row_ids):
+            back = (Row.select(Row.id, Row.batch, Row.check_type, Row.fifo_order, Row.position, Row.email_global,
+                               Row.email).where(among(Row.id, part) & (Row.status == QUEUED)).tuples())
+            back = database.execute_sql(*back.sql()).fetchall()
+            join_line(back)
+            Row.update(bouncer_batch=ledger_id).where(among(Row.id, part)).execute()
+            count += len(back)
+    Riding.delete().where(is_one_of(Riding.bouncer_batch, ledger_ids)).execute()
     return count
 
 

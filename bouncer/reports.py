@@ -26,7 +26,7 @@ from .ledger import count_in_flight, count_outstanding, count_possible_orphans
 from .models import (
     ABANDONED, BATCH_FAILED, BATCH_STATES, CANCELLED, COMPLETED, DELIVERED, DONE, FAILED, GIVEN_UP,
     IN_FLIGHT_STATES, INVALID, NEW, NO_TARGET, OUTSTANDING, PENDING, QUEUED, REJECTED, ROW_STATES, SENT, VERDICTS,
-    BouncerBatch, QueuedEmail, RidingEmail, UserBatch, UserBatchEmail, WebhookAttempt, WebhookDelivery,
+    BouncerBatch, QueuedEmail, RidingRows, UserBatch, UserBatchEmail, WebhookAttempt, WebhookDelivery,
     result_model,
 )
 from .ratelimit import requests_in_window
@@ -147,7 +147,7 @@ def queue_overview(settings, now=None):
     now = now or utcnow()
     waiting = dict(QueuedEmail.select(QueuedEmail.check_type, fn.COUNT(QueuedEmail.row))
                    .group_by(QueuedEmail.check_type).tuples())
-    riding = dict(RidingEmail.select(BouncerBatch.check_type, fn.COUNT(RidingEmail.row)).join(BouncerBatch)
+    riding = dict(RidingRows.select(BouncerBatch.check_type, fn.SUM(RidingRows.rows)).join(BouncerBatch)
                   .group_by(BouncerBatch.check_type).tuples())
     new = dict(Row.select(UserBatch.check_type, fn.COUNT(Row.id)).join(UserBatch)
                .where(Row.status == NEW).group_by(UserBatch.check_type).tuples())
@@ -240,7 +240,8 @@ def row_states(batch_id):
     on a Bouncer batch."""
     found = dict(Row.select(Row.status, fn.COUNT(Row.id)).where(Row.batch == batch_id)
                  .group_by(Row.status).tuples())
-    found[SENT] = RidingEmail.select().where(RidingEmail.batch_id == batch_id).count()
+    found[SENT] = (RidingRows.select(fn.COALESCE(fn.SUM(RidingRows.rows), 0))
+                   .where(RidingRows.batch_id == batch_id).scalar())
     found[QUEUED] = found.get(QUEUED, 0) - found[SENT]
     return {state: found.get(state, 0) for state in ROW_STATES}
 
@@ -273,7 +274,7 @@ def bouncer_batches_of(batch_id, now=None):
     row)."""
     now = now or utcnow()
     rode = Row.select(Row.bouncer_batch).distinct().where((Row.batch == batch_id) & Row.bouncer_batch.is_null(False))
-    riding = RidingEmail.select(RidingEmail.bouncer_batch).distinct().where(RidingEmail.batch_id == batch_id)
+    riding = RidingRows.select(RidingRows.bouncer_batch).distinct().where(RidingRows.batch_id == batch_id)
     return [ledger_entry(b, now) for b in BouncerBatch.select().where(
         BouncerBatch.id.in_(rode) | BouncerBatch.id.in_(riding)).order_by(BouncerBatch.id)]
 

@@ -11,7 +11,7 @@ The queue's own tables are created by Peewee from bouncer/models.py.
 Versions (table `schema_version`): 1, the first release (`user_batches.user`, no defaults, rows
 numbered from 0); 2, the host tables with their defaults and checks, a row `sent` while it rides
 on a Bouncer batch; 3, this one: the line (`queued_emails`) and the rows riding on Bouncer
-batches (`riding_emails`) are tables of their own, so a claim no longer rewrites the rows it
+batches (`riding_rows`) are tables of their own, so a claim no longer rewrites the rows it
 takes.
 """
 import logging
@@ -229,9 +229,10 @@ def move_rows_into_line():
         "INSERT INTO queued_emails (row_id, batch_id, check_type, fifo_order, position, email_global_id, email)"
         " SELECT id, batch_id, check_type, fifo_order, position, email_global_id, email FROM user_batch_emails"
         " WHERE status = 'queued' OR (status = 'sent' AND bouncer_batch_id IS NULL)",
-        "INSERT INTO riding_emails (bouncer_batch_id, row_id, batch_id)"
-        " SELECT bouncer_batch_id, id, batch_id FROM user_batch_emails"
-        " WHERE status = 'sent' AND bouncer_batch_id IS NOT NULL",
+        "INSERT INTO riding_rows (bouncer_batch_id, batch_id, row_ids, rows)"
+        " SELECT bouncer_batch_id, batch_id, %s, count(*) FROM user_batch_emails"
+        " WHERE status = 'sent' AND bouncer_batch_id IS NOT NULL GROUP BY bouncer_batch_id, batch_id"
+        % ("json_agg(id ORDER BY id)::text" if is_postgres() else "json_group_array(id)"),
         "UPDATE user_batch_emails SET status = 'queued' WHERE status = 'sent'",
     ):
         database.execute_sql(statement)

@@ -44,7 +44,7 @@ from bouncer.models import (
     DeliverableResult,
     EmailGlobal,
     QueuedEmail,
-    RidingEmail,
+    RidingRows,
     UserBatch,
     UserBatchEmail,
     database,
@@ -277,7 +277,7 @@ def measure_naive_claim(url, queued):
                 row = (QueuedEmail.select().where(QueuedEmail.check_type == "deliverable")
                        .order_by(QueuedEmail.fifo_order, QueuedEmail.position).first())
                 QueuedEmail.delete().where(QueuedEmail.row == row.row_id).execute()
-                RidingEmail.create(bouncer_batch=ledger.id, row=row.row_id, batch_id=row.batch_id)
+                RidingRows.create(bouncer_batch=ledger.id, batch_id=row.batch_id, row_ids="[%d]" % row.row_id, rows=1)
         seconds = time.perf_counter() - started
     return seconds, counter.count
 

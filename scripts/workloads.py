@@ -266,8 +266,9 @@ def queue_write_floors(url, batches=15, batch=10000):
             write_rows(cursor, pg, "bouncer_batch_emails", ("bouncer_batch_id", "email_global_id",
                                                             "check_type", "email_sent"),
                        [(b + 1, i, "deliverable", "q%d@example.com" % i) for i in range(low, high + 1)])
-            write_rows(cursor, pg, "riding_emails", ("bouncer_batch_id", "row_id", "batch_id"),
-                       [(b + 1, i, b + 1) for i in range(low, high + 1)])
+            cursor.execute("INSERT INTO riding_rows (bouncer_batch_id, batch_id, row_ids, rows)"
+                           " VALUES (%s, %s, %s, %s)" % ((mark,) * 4),
+                           (b + 1, b + 1, "[%s]" % ",".join(map(str, range(low, high + 1))), batch))
             connection.commit()
             claim += time.perf_counter() - started
         for b in range(batches):
@@ -276,10 +277,10 @@ def queue_write_floors(url, batches=15, batch=10000):
             write_rows(cursor, pg, "email_deliverable_results", RESULT_NAMES + ("bouncer_batch_id",),
                        [row + (b + 1,) for row in results[low - 1:high]])
             cursor.execute("UPDATE user_batch_emails SET status = 'done', completed_at = %s, bouncer_batch_id = %s"
-                           " WHERE id IN (SELECT row_id FROM riding_emails WHERE bouncer_batch_id = %s)"
-                           " AND status = 'queued'" % (mark, mark, mark), (results[0][-1], b + 1, b + 1))
+                           " WHERE id IN (%s)" % (mark, mark, RIDING_IDS[pg])
+                           + " AND status = 'queued'", (results[0][-1], b + 1, b + 1))
             cursor.execute("DELETE FROM bouncer_batch_emails WHERE bouncer_batch_id = %s" % mark, (b + 1,))
-            cursor.execute("DELETE FROM riding_emails WHERE bouncer_batch_id = %s" % mark, (b + 1,))
+            cursor.execute("DELETE FROM riding_rows WHERE bouncer_batch_id = %s" % mark, (b + 1,))
             connection.commit()
             ingest += time.perf_counter() - started
         return claim, ingest
@@ -288,6 +289,9 @@ def queue_write_floors(url, batches=15, batch=10000):
 
 
 RESULT_NAMES = tuple(name for name, _ in RESULT_COLUMNS)
+# The ids of the rows riding on one Bouncer batch (as bouncer/progress.py reads them).
+RIDING_IDS = {True: "SELECT json_array_elements_text(row_ids::json)::int FROM riding_rows WHERE bouncer_batch_id = %s",
+              False: "SELECT j.value FROM riding_rows, json_each(riding_rows.row_ids) j WHERE bouncer_batch_id = ?"}
 
 
 def seed_queued_rows(connection, cursor, total, batches, mark):

@@ -4,9 +4,11 @@ Each check returns a list of violations (empty when the invariant holds), so a c
 assert on it or report it; the `max_*` functions measure what a report shows beside a limit.
 """
 import datetime
+import json
 
 from peewee import JOIN, fn
 
+from bouncer.db import among
 from bouncer.models import (
     FINAL_ROW_STATES,
     ABANDONED,
@@ -19,7 +21,7 @@ from bouncer.models import (
     BouncerBatch,
     BouncerBatchEmail,
     QueuedEmail,
-    RidingEmail,
+    RidingRows,
     UserBatchEmail,
     result_model,
 )
@@ -70,17 +72,27 @@ def every_email_finished():
     return problems + queue_matches_rows()
 
 
+def riding(where=None):
+    """(ledger id, row id) of every row riding on a Bouncer batch (of the riding rows `where`
+    holds for)."""
+    query = RidingRows.select(RidingRows.bouncer_batch, RidingRows.row_ids)
+    if where is not None:
+        query = query.where(where)
+    return [(ledger_id, row_id) for ledger_id, row_ids in query.tuples() for row_id in json.loads(row_ids)]
+
+
 def queue_matches_rows():
     """Every queued row is either in line or riding on one Bouncer batch, never both; no other
     row is in either (invariants 1 and 2 rest on it)."""
     Row = UserBatchEmail
-    waiting = Row.id.in_(QueuedEmail.select(QueuedEmail.row))
-    riding = Row.id.in_(RidingEmail.select(RidingEmail.row))
-    neither = Row.select().where((Row.status == QUEUED) & ~waiting & ~riding).count()
-    both = Row.select().where(waiting & riding).count()
-    ended = Row.select().where((Row.status != QUEUED) & (waiting | riding)).count()
-    twice = (RidingEmail.select(RidingEmail.row).group_by(RidingEmail.row)
-             .having(fn.COUNT(RidingEmail.row) > 1).count())
+    queued = {r for (r,) in Row.select(Row.id).where(Row.status == QUEUED).tuples()}
+    waiting = {r for (r,) in QueuedEmail.select(QueuedEmail.row).tuples()}
+    riders = [row_id for _, row_id in riding()]
+    twice = len(riders) - len(set(riders))
+    riders = set(riders)
+    neither = len(queued - waiting - riders)
+    both = len(waiting & riders)
+    ended = len((waiting | riders) - queued)
     return (["%d queued rows neither in line nor riding" % neither] if neither else []) \
         + (["%d rows in line and riding" % both] if both else []) \
         + (["%d rows not queued but in line or riding" % ended] if ended else []) \
@@ -122,8 +134,8 @@ def sent_out_of_fifo_order(before_ledger_id, check_type):
 def rows_of_ledgers(ledger_ids):
     """The rows riding on one of these Bouncer batches, or brought to an end by one."""
     Row = UserBatchEmail
-    riding = RidingEmail.select(RidingEmail.row).where(RidingEmail.bouncer_batch.in_(ledger_ids))
-    return ((Row.bouncer_batch.in_(ledger_ids) & Row.status.in_((DONE, FAILED))) | Row.id.in_(riding))
+    riders = [row_id for _, row_id in riding(RidingRows.bouncer_batch.in_(ledger_ids))]
+    return (Row.bouncer_batch.in_(ledger_ids) & Row.status.in_((DONE, FAILED))) | among(Row.id, riders)
 
 
 # -- checks over a whole run, for the soak (support/soak) -------------------------------------
@@ -243,9 +255,9 @@ def rows_waiting_at(check_type, moment, before_key):
     row names the batch that ended it, a requeued one the attempt that parked it."""
     Row, Taken = UserBatchEmail, BouncerBatch.alias()
     in_line = {r for (r,) in QueuedEmail.select(QueuedEmail.row).where(QueuedEmail.check_type == check_type).tuples()}
-    riding = {r: (taken_status, taken_at) for r, taken_status, taken_at in RidingEmail.select(
-        RidingEmail.row, BouncerBatch.status, BouncerBatch.reserved_at).join(BouncerBatch)
-        .where(BouncerBatch.check_type == check_type).tuples()}
+    taken = {b.id: (b.status, b.reserved_at)
+             for b in BouncerBatch.select().where(BouncerBatch.check_type == check_type)}
+    riders = {row_id: taken[ledger_id] for ledger_id, row_id in riding() if ledger_id in taken}
     query = (Row.select(Row.id, Row.batch, Row.fifo_order, Row.position, Row.email_global, Row.status,
                         Row.completed_at, Taken.status, Taken.reserved_at)
              .join(Taken, JOIN.LEFT_OUTER, on=(Row.bouncer_batch == Taken.id))
@@ -256,7 +268,7 @@ def rows_waiting_at(check_type, moment, before_key):
     waiting = []
     for row_id, batch, place, position, global_id, status, completed, taken_status, taken_at in query.tuples():
         if status == QUEUED and row_id not in in_line:
-            taken_status, taken_at = riding[row_id]
+            taken_status, taken_at = riders[row_id]
         if row_id in in_line or (taken_status in FAILED_ATTEMPTS and status not in (DONE, FAILED)):
             still = True
         elif taken_status is not None and taken_status not in FAILED_ATTEMPTS:
@@ -277,16 +289,16 @@ def addresses_held_around(check_type, global_ids, moment, same_cycle, other_than
               & (BouncerBatch.reserved_at <= moment)
               & (BouncerBatch.finished_at.is_null() | (BouncerBatch.finished_at >= moment - same_cycle)))
     held = set()
+    riders = [row_id for _, row_id in riding(RidingRows.bouncer_batch.in_(
+        BouncerBatch.select(BouncerBatch.id).where(around)))]
     for part in chunks(sorted(global_ids), 500):
         for model in (Row, Item):
             query = (model.select(model.email_global)
                      .join(BouncerBatch, on=(model.bouncer_batch == BouncerBatch.id))
                      .where((model.check_type == check_type) & model.email_global.in_(part) & around))
             held.update(global_id for (global_id,) in query.tuples())
-        riding = (RidingEmail.select(Row.email_global).join(Row, on=(RidingEmail.row == Row.id))
-                  .join(BouncerBatch, on=(RidingEmail.bouncer_batch == BouncerBatch.id))
-                  .where((Row.check_type == check_type) & Row.email_global.in_(part) & around))
-        held.update(global_id for (global_id,) in riding.tuples())
+        query = Row.select(Row.email_global).where(among(Row.id, riders) & Row.email_global.in_(part))
+        held.update(global_id for (global_id,) in query.tuples())
     return held
 
 

@@ -18,9 +18,10 @@ from bouncer.client import BouncerClient
 from bouncer.config import Settings
 from bouncer.db import open_database
 from bouncer.intake import create_user_batch
-from bouncer.models import QUEUED, SENT, QueuedEmail, RidingEmail, UserBatchEmail, database
+from bouncer.models import QUEUED, SENT, QueuedEmail, RidingRows, UserBatchEmail, database
 from bouncer.sandbox import Sandbox
 from bouncer.schema import create_schema, empty_tables
+from support import invariants
 from support.servers import RedisClaims
 
 # Each pytest session gets its own Redis database number and PostgreSQL database, so that
@@ -217,12 +218,11 @@ def row_states(batch_id=None):
     riding on a Bouncer batch is `sent`. Checks on the way that every queued row is either in
     line or riding, never both, and that no other row is in either."""
     Row = UserBatchEmail
-    rows, waiting, riding = Row.select(Row.id, Row.status), QueuedEmail.select(QueuedEmail.row), \
-        RidingEmail.select(RidingEmail.row)
+    rows, waiting = Row.select(Row.id, Row.status), QueuedEmail.select(QueuedEmail.row)
     if batch_id is not None:
-        rows, waiting, riding = (rows.where(Row.batch == batch_id), waiting.where(QueuedEmail.batch_id == batch_id),
-                                 riding.where(RidingEmail.batch_id == batch_id))
-    waiting, riding = {r for (r,) in waiting.tuples()}, [r for (r,) in riding.tuples()]
+        rows, waiting = rows.where(Row.batch == batch_id), waiting.where(QueuedEmail.batch_id == batch_id)
+    waiting = {r for (r,) in waiting.tuples()}
+    riding = [r for _, r in invariants.riding(None if batch_id is None else RidingRows.batch_id == batch_id)]
     assert len(riding) == len(set(riding)), "a row rides on two Bouncer batches"
     riding = set(riding)
     states = {}
@@ -251,7 +251,6 @@ def rode_on():
     ended = UserBatchEmail.select(UserBatchEmail.id, UserBatchEmail.bouncer_batch).where(
         UserBatchEmail.bouncer_batch.is_null(False) & UserBatchEmail.status.in_(("done", "failed")))
     found = dict(ended.tuples())
-    riding = RidingEmail.select(RidingEmail.bouncer_batch, RidingEmail.row).tuples()
-    found.update((row, ledger) for ledger, row in riding)
+    found.update((row, ledger) for ledger, row in invariants.riding())
     return found
 

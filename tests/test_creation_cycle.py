@@ -9,7 +9,7 @@ from bouncer.cycles import CREATION, STATUS, run_cycle
 from bouncer.db import utcnow
 from bouncer.models import (
     ABANDONED, OUTSTANDING, QUEUED, REJECTED, RESERVED, SENT, BouncerBatch, BouncerBatchEmail,
-    DeliverableResult, EmailGlobal, QueuedEmail, RidingEmail, UserBatch, UserBatchEmail,
+    DeliverableResult, EmailGlobal, QueuedEmail, RidingRows, UserBatch, UserBatchEmail,
 )
 from bouncer.models import database
 from bouncer.ledger import count_possible_orphans, reserve_next_batch
@@ -59,10 +59,10 @@ def test_a_claim_takes_rows_out_of_the_line_without_rewriting_them(app, bouncer)
     run_cycle(app, CREATION, "deliverable")
     assert list(UserBatchEmail.select().order_by(UserBatchEmail.id).tuples()) == before
     assert statuses(batch) == {SENT: 6}
-    assert QueuedEmail.select().count() == 0 and RidingEmail.select().count() == 6
+    assert QueuedEmail.select().count() == 0 and RidingRows.select().count() == 1   # one row for the six
     bouncer.complete_now()
     run_cycle(app, STATUS, "deliverable")
-    assert statuses(batch) == {"done": 6} and RidingEmail.select().count() == 0
+    assert statuses(batch) == {"done": 6} and RidingRows.select().count() == 0
     assert set(rode_on().values()) == {BouncerBatch.get().id}
 
 
