@@ -139,10 +139,10 @@ def postgres_array(values):
     """An array parameter as one literal ('{1,2,3}'::bigint[]): the server reads it in one pass,
     where the driver's ARRAY[1, 2, 3] is an expression of 10,000 terms for the planner (measured:
     22 ms against 2 ms for 10,000 ids, 45 of them in a creation cycle)."""
-    if all(type(value) is int for value in values):
+    if set(map(type, values)) <= {int}:
         # integer[] where it can be: against an integer column, a bigint[] would be searched
         # element by element, not hashed, in a sequential scan.
-        kind = "integer[]" if all(-INT4 <= value < INT4 for value in values) else "bigint[]"
+        kind = "integer[]" if not values or -INT4 <= min(values) and max(values) < INT4 else "bigint[]"
         return "%s::" + kind, ["{%s}" % ",".join(map(str, values))]
     quoted = ('"%s"' % str(value).replace("\\", "\\\\").replace('"', '\\"') for value in values)
     return "%s::text[]", ["{%s}" % ",".join(quoted)]
