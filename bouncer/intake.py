@@ -448,8 +448,9 @@ def mark_invalid(batch, rows, now):
                            (batch.check_type, now))
 
 
-# What the line keeps of a row, as the UPDATE that admits it returns it.
-LINE_SOURCE = "id, batch_id, check_type, fifo_order, position, email_global_id, email"
+# What the line keeps of a row: its columns in user_batch_emails, and their names in the line.
+LINE_SOURCE = ("id", "batch_id", "check_type", "fifo_order", "position", "email_global_id", "email")
+LINE_TARGET = ("row_id",) + LINE_SOURCE[1:]
 
 
 def update_new_rows(rows, columns, assignments, params, into_line=False):
@@ -463,8 +464,8 @@ def update_new_rows(rows, columns, assignments, params, into_line=False):
                " WHERE e.id = v.id AND e.status = 'new'"
                % (assignments, ", ".join("%s = v.%s" % (c, c) for c in columns), arrays, names))
         if into_line:
-            sql = ("WITH admitted AS (%s RETURNING %s) INSERT INTO queued_emails (row_id, %s) SELECT * FROM admitted"
-                   % (sql, ", ".join("e." + c for c in LINE_SOURCE.split(", ")), LINE_SOURCE.split(", ", 1)[1]))
+            sql = ("WITH admitted AS (%s RETURNING %s) INSERT INTO queued_emails (%s) SELECT * FROM admitted"
+                   % (sql, ", ".join("e." + c for c in LINE_SOURCE), ", ".join(LINE_TARGET)))
         values = list(params) + [[r[0] for r in rows]] + [[r[i + 1] for r in rows] for i in range(len(columns))]
         return database.execute_sql(sql, values).rowcount
     picks = ", ".join("value ->> %d AS %s" % (i + 1, c) for i, c in enumerate(columns))
@@ -474,7 +475,7 @@ def update_new_rows(rows, columns, assignments, params, into_line=False):
     if not into_line:
         return database.execute_sql(sql, list(params) + [json.dumps(rows)]).rowcount
     admitted = database.execute_sql(sql + " RETURNING " + ", ".join(
-        "user_batch_emails." + c for c in LINE_SOURCE.split(", ")), list(params) + [json.dumps(rows)]).fetchall()
+        "user_batch_emails." + c for c in LINE_SOURCE), list(params) + [json.dumps(rows)]).fetchall()
     progress.join_line(admitted)
     return len(admitted)
 

@@ -49,6 +49,16 @@ def leave_line(row_ids):
     return [r for (r,) in database.execute_sql(*taken.sql()).fetchall()]
 
 
+def leave_line_of_batch(batch):
+    """Take every row of one user batch out of the line (through the line's index: a batch's
+    rows share its place in line); returns their ids."""
+    if batch.fifo_order is None:
+        return []
+    taken = Line.delete().where((Line.check_type == batch.check_type) & (Line.fifo_order == batch.fifo_order)
+                                & (Line.batch_id == batch.id)).returning(Line.row)
+    return [r for (r,) in database.execute_sql(*taken.sql()).fetchall()]
+
+
 def send_rows(rows, ledger_id):
     """Rows `(row id, user batch)` still in line leave it and ride on Bouncer batch `ledger_id`.
     Returns how many."""
@@ -109,11 +119,12 @@ def forget_riders(ledger_id):
 
 
 def unsend_rows(ledger_id):
-    """Rows of a reservation that was never sent go back in line where they were."""
-    return requeue_rows_of([ledger_id])
+    """Rows of a reservation that was never sent go back in line where they were (the ledger
+    keeps no trace of it, so the rows do not name it)."""
+    return requeue_rows_of([ledger_id], name_attempt=False)
 
 
-def requeue_rows_of(ledger_ids):
+def requeue_rows_of(ledger_ids, name_attempt=True):
     """Rows riding on failed attempts (`ledger_ids`: ids or a subquery) go back in line where
     they were; `bouncer_batch` names the last attempt that carried them. Returns how many."""
     count = 0
@@ -123,7 +134,8 @@ def requeue_rows_of(ledger_ids):
                                Row.email).where(among(Row.id, part) & (Row.status == QUEUED)).tuples())
             back = database.execute_sql(*back.sql()).fetchall()
             join_line(back)
-            Row.update(bouncer_batch=ledger_id).where(among(Row.id, part)).execute()
+            if name_attempt:
+                Row.update(bouncer_batch=ledger_id).where(among(Row.id, part)).execute()
             count += len(back)
     Riding.delete().where(is_one_of(Riding.bouncer_batch, ledger_ids)).execute()
     return count
@@ -189,14 +201,11 @@ def cancel_batch(batch_id, now=None):
             batch = UserBatch.get_by_id(batch_id)
             raise Conflict("user batch %s is %s: %s" % (batch_id, batch.status, "it is still being written"
                                                          if batch.status == BATCH_LOADING else "it has ended"))
-        batch = UserBatch.get_by_id(batch_id)
-        waiting = leave_line([r for (r,) in Line.select(Line.row).where(
-            (Line.check_type == batch.check_type) & (Line.fifo_order == batch.fifo_order)
-            & (Line.batch_id == batch_id)).tuples()]) if batch.fifo_order is not None else []
         cancelled = (Row.update(status=CANCELLED, completed_at=now)
                      .where((Row.batch == batch_id) & (Row.status == NEW)).execute())
-        cancelled += (Row.update(status=CANCELLED, completed_at=now)
-                      .where(among(Row.id, waiting) & (Row.status == QUEUED)).execute()) if waiting else 0
+        for part in chunked(leave_line_of_batch(UserBatch.get_by_id(batch_id))):
+            cancelled += (Row.update(status=CANCELLED, completed_at=now)
+                          .where(among(Row.id, part) & (Row.status == QUEUED)).execute())
         complete_finished_batches([batch_id], now)
     return cancelled
 

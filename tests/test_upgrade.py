@@ -139,7 +139,11 @@ def test_upgraded_database_takes_host_rows_and_carries_on(v1_database, redis_con
 
 def result_indexes():
     """Index names on the results tables, from the database's own catalogue."""
-    tables = ("email_deliverable_results", "email_catchall_results")
+    return indexes_of("email_deliverable_results", "email_catchall_results")
+
+
+def indexes_of(*tables):
+    """Index names on `tables`, from the database's own catalogue."""
     if is_postgres():
         return {name for table in tables for (name,) in database.execute_sql(
             "SELECT indexname FROM pg_indexes WHERE tablename = %s", (table,)).fetchall()}
@@ -226,6 +230,7 @@ def test_init_db_upgrades_a_version_2_database_into_the_line_and_the_riding_rows
                                                                                           "e@example.com"]
         assert [(a.bouncer_batch_id, a.email_global_id) for a in BouncerBatchEmail.select()] == [(2, 2)]
         assert batch_status(1)["counts"]["pending"] == 5
+        assert "user_batch_emails_bouncer_batch" not in indexes_of("user_batch_emails")
 
 
 def test_upgraded_version_2_database_carries_on_to_the_end(v2_database, redis_conn, bouncer):
