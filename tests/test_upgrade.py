@@ -56,31 +56,37 @@ V1_ROWS = [
 ]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def v1_database(request, tmp_path):
-    """A database made by the first release, with rows of every state."""
-    if request.param == "sqlite":
-        url = "sqlite:///%s" % (tmp_path / "v1.db")
+def frozen_database(kind, tmp_path, version, statements, rows):
+    """A database as release `version` made it (its schema's `statements`), holding `rows`;
+    yields its URL and drops it after."""
+    if kind == "sqlite":
+        url = "sqlite:///%s" % (tmp_path / ("v%d.db" % version))
     else:
-        url = POSTGRES_URL + "_v1"
+        url = POSTGRES_URL + "_v%d" % version
         postgres_admin(url, 'DROP DATABASE IF EXISTS "%(name)s" WITH (FORCE)')
         postgres_admin(url, 'CREATE DATABASE "%(name)s"')
     open_database(url)
-    lines = (DATA / ("schema_v1_%s.sql" % request.param)).read_text().splitlines()
-    schema = "\n".join(line for line in lines if not line.startswith("--"))
     with database.connection_context():
-        for statement in [s for s in schema.split(";") if s.strip()]:
+        for statement in statements:
             database.execute_sql(statement)
-        for statement in V1_ROWS:
+        for statement in rows:
             database.execute_sql(statement % {"t": T})
-        if request.param == "postgres":   # as the release's own inserts would have left them
+        if kind == "postgres":   # as the release's own inserts would have left them
             for table in ("emails_global", "user_batches", "user_batch_emails", "bouncer_batches"):
                 database.execute_sql("SELECT setval(pg_get_serial_sequence('%s', 'id'), (SELECT max(id) FROM %s))"
                                      % (table, table))
     yield url
     database.close()
-    if request.param == "postgres":
+    if kind == "postgres":
         postgres_admin(url, 'DROP DATABASE IF EXISTS "%(name)s" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def v1_database(request, tmp_path):
+    """A database made by the first release, with rows of every state."""
+    lines = (DATA / ("schema_v1_%s.sql" % request.param)).read_text().splitlines()
+    schema = "\n".join(line for line in lines if not line.startswith("--"))
+    yield from frozen_database(request.param, tmp_path, 1, [s for s in schema.split(";") if s.strip()], V1_ROWS)
 
 
 def counts():
@@ -115,12 +121,18 @@ def test_init_db_upgrades_a_version_1_database_keeping_every_row(v1_database):
             "completed", "outstanding", "rejected", "abandoned", "failed"]
 
 
-def test_upgraded_database_takes_host_rows_and_carries_on(v1_database, redis_conn, bouncer):
-    settings = make_settings(v1_database)
+def upgraded_app(url, redis_conn):
+    """The service on the database at `url` after `init-db` upgraded it."""
+    settings = make_settings(url)
     app = App(settings, redis=redis_conn, client=BouncerClient(settings.api_url, settings.api_key))
     with database.connection_context():
         create_schema()
     database.connect(reuse_if_open=True)
+    return app
+
+
+def test_upgraded_database_takes_host_rows_and_carries_on(v1_database, redis_conn, bouncer):
+    app = upgraded_app(v1_database, redis_conn)
     # The new defaults hold for a host's plain insert.
     database.execute_sql("INSERT INTO user_batches (user_id, check_type) VALUES ('erin', 'catchall')")
     erin = UserBatch.select().order_by(UserBatch.id.desc()).get()
@@ -193,28 +205,11 @@ V2_ROWS = [
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def v2_database(request, tmp_path):
-    """A database made by release 2, with rows of every state."""
-    if request.param == "sqlite":
-        url = "sqlite:///%s" % (tmp_path / "v2.db")
-    else:
-        url = POSTGRES_URL + "_v2"
-        postgres_admin(url, 'DROP DATABASE IF EXISTS "%(name)s" WITH (FORCE)')
-        postgres_admin(url, 'CREATE DATABASE "%(name)s"')
-    open_database(url)
+    """A database made by release 2, with rows of every state (one statement a line: its
+    trigger holds a semicolon)."""
     lines = (DATA / ("schema_v2_%s.sql" % request.param)).read_text().splitlines()
-    with database.connection_context():
-        for statement in (line.rstrip(";") for line in lines if line and not line.startswith("--")):
-            database.execute_sql(statement)
-        for statement in V2_ROWS:
-            database.execute_sql(statement % {"t": T})
-        if request.param == "postgres":
-            for table in ("emails_global", "user_batches", "user_batch_emails", "bouncer_batches"):
-                database.execute_sql("SELECT setval(pg_get_serial_sequence('%s', 'id'), (SELECT max(id) FROM %s))"
-                                     % (table, table))
-    yield url
-    database.close()
-    if request.param == "postgres":
-        postgres_admin(url, 'DROP DATABASE IF EXISTS "%(name)s" WITH (FORCE)')
+    statements = [line.rstrip(";") for line in lines if line and not line.startswith("--")]
+    yield from frozen_database(request.param, tmp_path, 2, statements, V2_ROWS)
 
 
 def test_init_db_upgrades_a_version_2_database_into_the_line_and_the_riding_rows(v2_database):
@@ -234,11 +229,7 @@ def test_init_db_upgrades_a_version_2_database_into_the_line_and_the_riding_rows
 
 
 def test_upgraded_version_2_database_carries_on_to_the_end(v2_database, redis_conn, bouncer):
-    settings = make_settings(v2_database)
-    app = App(settings, redis=redis_conn, client=BouncerClient(settings.api_url, settings.api_key))
-    with database.connection_context():
-        create_schema()
-    database.connect(reuse_if_open=True)
+    app = upgraded_app(v2_database, redis_conn)
     # The row parked on the rejected attempt goes back in line first, where it was, then the two
     # waiting ones; the rows on the outstanding batch wait for it.
     run_cycle(app, CREATION, "deliverable")
