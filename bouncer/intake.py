@@ -448,11 +448,6 @@ def mark_invalid(batch, rows, now):
                            (batch.check_type, now))
 
 
-# What the line keeps of a row: its columns in user_batch_emails, and their names in the line.
-LINE_SOURCE = ("id", "batch_id", "check_type", "fifo_order", "position", "email_global_id", "email")
-LINE_TARGET = ("row_id",) + LINE_SOURCE[1:]
-
-
 def update_new_rows(rows, columns, assignments, params, into_line=False):
     """One UPDATE of the rows `(id, value...)` that are still new: `columns` take the values,
     `assignments` (SQL with placeholders for `params`) the rest. `into_line`: the rows it
@@ -465,7 +460,7 @@ def update_new_rows(rows, columns, assignments, params, into_line=False):
                % (assignments, ", ".join("%s = v.%s" % (c, c) for c in columns), arrays, names))
         if into_line:
             sql = ("WITH admitted AS (%s RETURNING %s) INSERT INTO queued_emails (%s) SELECT * FROM admitted"
-                   % (sql, ", ".join("e." + c for c in LINE_SOURCE), ", ".join(LINE_TARGET)))
+                   % (sql, ", ".join("e." + c for c in progress.LINE_SOURCE), ", ".join(progress.LINE_TARGET)))
         values = list(params) + [[r[0] for r in rows]] + [[r[i + 1] for r in rows] for i in range(len(columns))]
         return database.execute_sql(sql, values).rowcount
     picks = ", ".join("value ->> %d AS %s" % (i + 1, c) for i, c in enumerate(columns))
@@ -479,8 +474,8 @@ def update_new_rows(rows, columns, assignments, params, into_line=False):
     admitted = [r for (r,) in database.execute_sql(sql + " RETURNING user_batch_emails.id",
                                                    list(params) + [json.dumps(rows)]).fetchall()]
     database.execute_sql("INSERT INTO queued_emails (%s) SELECT %s FROM user_batch_emails WHERE id IN"
-                         " (SELECT value FROM json_each(?))" % (", ".join(LINE_TARGET), ", ".join(LINE_SOURCE)),
-                         [json.dumps(admitted)])
+                         " (SELECT value FROM json_each(?))"
+                         % (", ".join(progress.LINE_TARGET), ", ".join(progress.LINE_SOURCE)), [json.dumps(admitted)])
     return len(admitted)
 
 

@@ -29,24 +29,25 @@ Row = UserBatchEmail
 Line = QueuedEmail
 Riding = RidingRows
 
-LINE_COLUMNS = ("row", "batch_id", "check_type", "fifo_order", "position", "email_global", "email")
+# What the line keeps of a row: each field of the line, and the field of the row it copies.
+LINE_COPIES = ((Line.row, Row.id), (Line.batch_id, Row.batch), (Line.check_type, Row.check_type),
+               (Line.fifo_order, Row.fifo_order), (Line.position, Row.position),
+               (Line.email_global, Row.email_global), (Line.email, Row.email))
+LINE_TARGET = tuple(line.column_name for line, _ in LINE_COPIES)
+LINE_SOURCE = tuple(row.column_name for _, row in LINE_COPIES)
 
 
 # -- rows --
 
 def join_line(rows):
-    """Admitted rows `(row id, user batch, check type, place in line, position, email_global id,
-    email)` wait in line."""
-    insert_tuples(Line, LINE_COLUMNS, rows)
+    """Rows, as `LINE_SOURCE` columns of `user_batch_emails`, wait in line."""
+    insert_tuples(Line, [line.name for line, _ in LINE_COPIES], rows)
 
 
 def leave_line(row_ids):
     """Take rows out of the line; returns the ids that were in it (a concurrent cancel may have
     taken some first)."""
-    if not row_ids:
-        return []
-    taken = Line.delete().where(among(Line.row, row_ids)).returning(Line.row)
-    return [r for (r,) in database.execute_sql(*taken.sql()).fetchall()]
+    return take_out_of_line(among(Line.row, row_ids)) if row_ids else []
 
 
 def leave_line_of_batch(batch):
@@ -54,8 +55,14 @@ def leave_line_of_batch(batch):
     rows share its place in line); returns their ids."""
     if batch.fifo_order is None:
         return []
-    taken = Line.delete().where((Line.check_type == batch.check_type) & (Line.fifo_order == batch.fifo_order)
-                                & (Line.batch_id == batch.id)).returning(Line.row)
+    return take_out_of_line((Line.check_type == batch.check_type) & (Line.fifo_order == batch.fifo_order)
+                            & (Line.batch_id == batch.id))
+
+
+def take_out_of_line(where):
+    """Delete the line's rows `where` holds for; returns their ids, so that a claim and a cancel
+    racing for a row each act only on the rows they removed."""
+    taken = Line.delete().where(where).returning(Line.row)
     return [r for (r,) in database.execute_sql(*taken.sql()).fetchall()]
 
 
@@ -130,8 +137,8 @@ def requeue_rows_of(ledger_ids, name_attempt=True):
     count = 0
     for ledger_id, row_ids in riders_of(ledger_ids).items():
         for part in chunked(row_ids):
-            back = (Row.select(Row.id, Row.batch, Row.check_type, Row.fifo_order, Row.position, Row.email_global,
-                               Row.email).where(among(Row.id, part) & (Row.status == QUEUED)).tuples())
+            back = (Row.select(*[row for _, row in LINE_COPIES])
+                    .where(among(Row.id, part) & (Row.status == QUEUED)).tuples())
             back = database.execute_sql(*back.sql()).fetchall()
             join_line(back)
             if name_attempt:
