@@ -9,10 +9,16 @@ Steps, each recoverable if the process dies right after it:
    most once a minute and creation resumes by itself), the cycle ends here;
 2. capacity = BOUNCER_MAX_OUTSTANDING - batches in flight;
 3. per free slot: reserve the next batch (ledger row and emails attached, committed; the
-   database refuses a reservation beyond the cap), take a request slot of the rate limit (none
-   left: the reservation is cancelled, the cycle ends), call Bouncer, store its batch id;
+   database refuses a reservation beyond the cap); take a request slot of the rate limit and
+   mark the reservation as sent, in one transaction (no slot left: the reservation is
+   cancelled, the cycle ends); call Bouncer; store its batch id;
 4. a failed call rejects its reservation; its emails wait for the next cycle. 429, 402 and 401
    end the cycle.
+Each call runs on a thread of its own while the cycle reserves the next batch; it is answered
+(its id stored, or its failure handled) before the next call goes out, so one call at most is
+ever under way. A reservation made while the call before it ended the cycle is cancelled. A
+dead cycle leaves at most one reservation marked as sent without an id (the possible orphan)
+and one never called, which the next cycles tell apart (step 1).
 The cycle also ends between two slots when it must stop (a lost lock, a shutdown request).
 Steps 0 and 1 find by reads when they have nothing to do (nearly always), so the first write
 lock a cycle takes is its first reservation's: on SQLite each one waits for an ingest's
@@ -21,9 +27,10 @@ transaction to end, and a refill used to wait for four of them before it sent an
 import datetime
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from . import intake, ledger, pauses
-from .db import utcnow
+from .db import utcnow, write_transaction
 from .errors import BouncerError
 from .logs import ids
 from .ratelimit import forget_old_requests, take_request_slot
@@ -41,7 +48,7 @@ def create_batches(cycle, now=None):
     admit_new_rows(cycle, now)
     forget_old_requests(now)
     report.requeued = ledger.requeue_rejected_emails(check_type)
-    report.abandoned = ledger.release_stale_reservations(
+    report.abandoned, report.released = ledger.release_stale_reservations(
         check_type, now - datetime.timedelta(seconds=settings.reservation_timeout))
     if is_paused(cycle, now):
         return
@@ -86,39 +93,92 @@ def check_credits(cycle, now):
 def fill_free_slots(cycle):
     settings, check_type, report = cycle.settings, cycle.check_type, cycle.report
     attempts = 0
-    while attempts < report.free_slots:
-        report.stopped = cycle.stop_reason()
-        if report.stopped:
-            return
-        reservation = ledger.reserve_next_batch(check_type, settings.batch_size,
-                                                settings.result_cache_days, settings.max_outstanding)
-        if reservation is None or reservation.no_slot:
-            return
-        report.cached += reservation.cached
-        report.attached += reservation.attached
-        if reservation.ledger_id is None:
-            continue  # only cached verdicts and repeats this round: nothing to send
-        # The request slot is taken last, right before the call, so that the time recorded is
-        # the time Bouncer sees (within the limiter's transit margin).
-        if not take_request_slot("create", settings.rate_limit_buffer, check_type):
-            ledger.cancel_reservation(reservation.ledger_id)
-            report.stopped = "request budget used up (%d in 60 s)" % settings.rate_limit_buffer
-            return
-        attempts += 1
-        if not send_reservation(cycle, reservation):
-            return
+    with Calls(cycle) as calls:
+        while attempts < report.free_slots:
+            if must_stop(cycle):
+                return
+            reservation = ledger.reserve_next_batch(check_type, settings.batch_size,
+                                                    settings.result_cache_days, settings.max_outstanding)
+            # The call before this reservation was answered meanwhile; a reservation that is not
+            # to be sent (that answer, a lost lock or a shutdown request ends the cycle) is undone.
+            if not calls.answer() or must_stop(cycle):
+                if reservation is not None and reservation.ledger_id is not None:
+                    ledger.cancel_reservation(reservation.ledger_id)
+                return
+            if reservation is None or reservation.no_slot:
+                return
+            report.cached += reservation.cached
+            report.attached += reservation.attached
+            if reservation.ledger_id is None:
+                continue  # only cached verdicts and repeats this round: nothing to send
+            # The request slot is taken last, right before the call, so that the time recorded is
+            # the time Bouncer sees (within the limiter's transit margin).
+            if not take_call_slot(cycle, reservation.ledger_id):
+                return
+            attempts += 1
+            calls.start(reservation)
 
 
-def send_reservation(cycle, reservation):
-    """Call Bouncer for one reservation. False when the cycle must stop."""
-    app, check_type, report = cycle.app, cycle.check_type, cycle.report
-    ledger_id = reservation.ledger_id
-    try:
-        answer = app.client.create_batch(check_type, reservation.emails,
-                                         callback_url=app.callback_url(check_type, reservation=ledger_id))
-    except BouncerError as exc:
-        return call_failed(cycle, reservation, exc)
-    bouncer_id = answer["batchId"]
+def must_stop(cycle):
+    cycle.report.stopped = cycle.stop_reason()
+    return bool(cycle.report.stopped)
+
+
+def take_call_slot(cycle, ledger_id):
+    """Take a request slot for the reservation's create and mark it as sent, in one transaction.
+    False when it must not be sent and the cycle stops: no slot left (the reservation is
+    cancelled), or it was released meanwhile (this cycle outlived RESERVATION_TIMEOUT)."""
+    settings, report = cycle.settings, cycle.report
+    with write_transaction():
+        if not ledger.note_calling(ledger_id):
+            report.stopped = "reservation %s was released before its call" % ledger_id
+            return False
+        if take_request_slot("create", settings.rate_limit_buffer, cycle.check_type):
+            return True
+        ledger.cancel_reservation(ledger_id)
+    report.stopped = "request budget used up (%d in 60 s)" % settings.rate_limit_buffer
+    return False
+
+
+class Calls:
+    """The cycle's create calls, one under way at most, each on a thread while the cycle reserves
+    the next batch. `answer` waits for the one under way and stores what Bouncer said."""
+
+    def __init__(self, cycle):
+        self.cycle, self.under_way = cycle, None
+
+    def __enter__(self):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="create")
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.answer()   # a call already made has its id stored before the cycle ends
+        finally:
+            self.pool.shutdown(wait=True)
+
+    def start(self, reservation):
+        app, check_type = self.cycle.app, self.cycle.check_type
+        callback_url = app.callback_url(check_type, reservation=reservation.ledger_id)
+        self.under_way = (reservation, self.pool.submit(app.client.create_batch, check_type,
+                                                        reservation.emails, callback_url=callback_url))
+
+    def answer(self):
+        """Act on the answer of the call under way, if any. False when the cycle must stop."""
+        if self.under_way is None:
+            return True
+        reservation, call = self.under_way
+        self.under_way = None
+        try:
+            answer = call.result()
+        except BouncerError as exc:
+            return call_failed(self.cycle, reservation, exc)
+        store_batch_id(self.cycle, reservation, answer["batchId"])
+        return True
+
+
+def store_batch_id(cycle, reservation, bouncer_id):
+    check_type, report, ledger_id = cycle.check_type, cycle.report, reservation.ledger_id
     if ledger.confirm_sent(ledger_id, bouncer_id):
         report.created.append((ledger_id, bouncer_id, len(reservation.emails)))
         log.info("Bouncer batch %s created for reservation %s (%s, %d addresses)",
@@ -129,7 +189,6 @@ def send_reservation(cycle, reservation):
                   "batch at Bouncer (%d addresses); its emails were queued again",
                   bouncer_id, ledger_id, len(reservation.emails),
                   extra=ids(ledger_id=ledger_id, bouncer_id=bouncer_id, check_type=check_type))
-    return True
 
 
 def call_failed(cycle, reservation, exc):

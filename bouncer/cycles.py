@@ -65,6 +65,7 @@ class CreationReport(CycleReport):
     attached: int = 0
     requeued: int = 0
     abandoned: list = field(default_factory=list)      # (ledger id, addresses): possible orphans
+    released: list = field(default_factory=list)       # (ledger id, addresses): a dead cycle's, never sent
     admission: object = None                           # intake.AdmissionReport
 
     def done(self):
@@ -81,6 +82,8 @@ class CreationReport(CycleReport):
             parts.append("%d email(s) joined batches in flight" % self.attached)
         if self.abandoned:
             parts.append("%d abandoned reservation(s) released (possible orphans)" % len(self.abandoned))
+        if self.released:
+            parts.append("%d unsent reservation(s) of a dead cycle released" % len(self.released))
         parts.append("%d free slot(s) at start" % self.free_slots)
         return "; ".join(parts)
 

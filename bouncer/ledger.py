@@ -4,8 +4,13 @@
         |                           '--fail_bouncer_batch--> failed (404, BATCH_TIMEOUT)
         |--reject_reservation--> rejected (Bouncer refused the call)
         |                    '-> abandoned (the call went unanswered: a possible orphan)
-        |--release_stale_reservations--> abandoned (the cycle died before storing an id)
+        |--release_stale_reservations--> abandoned (the cycle died during the call: a possible orphan)
+        |                            '-> (deleted: the cycle died before calling)
         '--cancel_reservation--> (deleted: never sent, no request budget left)
+
+`note_calling` marks a reservation as sent (`sent_at`) in the transaction that takes the call's
+request slot, before the call goes out, so a dead cycle's reservations tell which may be at
+Bouncer and which never left.
 
 A batch is reserved (ledger row, its addresses, its rows attached) in one transaction before
 Bouncer is called, so whatever a dead cycle leaves behind is recoverable from these rows alone.
@@ -32,7 +37,7 @@ from .models import (
 
 log = logging.getLogger(__name__)
 
-ABANDONED_REASON = "reservation abandoned: its cycle died before storing a Bouncer batch id"
+ABANDONED_REASON = "reservation abandoned: its cycle died during the call, before storing a Bouncer batch id"
 
 
 @dataclass
@@ -140,8 +145,9 @@ def end_flight(ledger_id):
 
 
 def cancel_reservation(ledger_id):
-    """Undo a reservation that was never sent (no request budget left): its emails are queued
-    again where they were, and the ledger keeps no trace of it."""
+    """Undo a reservation that was never sent (no request budget left, the call before it ended
+    the cycle, or its cycle died before calling): its emails are queued again where they were,
+    and the ledger keeps no trace of it."""
     with write_transaction():
         progress.unsend_rows(ledger_id)
         end_flight(ledger_id)
@@ -150,6 +156,16 @@ def cancel_reservation(ledger_id):
 
 
 # -- reserved -> outstanding, rejected or abandoned --
+
+def note_calling(ledger_id, now=None):
+    """The reservation's create is about to go out (inside the transaction that takes its request
+    slot): if its cycle dies before storing Bouncer's id, it is a possible orphan. False when it
+    is no longer waiting to be sent (released meanwhile): then it must not be sent."""
+    return (BouncerBatch.update(sent_at=now or utcnow())
+            .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == RESERVED)
+                   & BouncerBatch.sent_at.is_null())
+            .execute()) == 1
+
 
 def confirm_sent(ledger_id, bouncer_id, now=None):
     """Store Bouncer's id: from here on the batch is followed to the end. False when the
@@ -217,27 +233,37 @@ def requeue_rejected_emails(check_type):
 
 
 def release_stale_reservations(check_type, older_than):
-    """Abandon reservations that never got a Bouncer id by `older_than`: their cycle died.
-    Bouncer may still have accepted the batch (the process died between its answer and the
-    commit): each one is logged as a possible orphan. Returns [(ledger id, addresses)]. When
-    there is none (nearly always), a read says so and no write lock is taken."""
-    query = BouncerBatch.select(BouncerBatch.id, BouncerBatch.quantity).where(
+    """Release the reservations that never got a Bouncer id by `older_than`: their cycle died.
+    One whose call had gone out (`note_calling`) is abandoned: Bouncer may have accepted the
+    batch (the process died between the call and the commit of its id), so it is logged as a
+    possible orphan. One never called is cancelled: its emails go back in line where they were.
+    Returns ([(ledger id, addresses)] abandoned, [(ledger id, addresses)] cancelled). When there
+    is none (nearly always), a read says so and no write lock is taken."""
+    query = BouncerBatch.select(BouncerBatch.id, BouncerBatch.quantity, BouncerBatch.sent_at).where(
         (BouncerBatch.check_type == check_type) & (BouncerBatch.status == RESERVED)
         & (BouncerBatch.reserved_at < older_than))
     if not query.exists():
-        return []
+        return [], []
+    abandoned, cancelled = [], []
     with write_transaction():
-        stale = list(query.tuples())
-        for ledger_id, quantity in stale:
+        for ledger_id, quantity, sent_at in query.tuples():
+            where = ids(ledger_id=ledger_id, check_type=check_type)
+            if sent_at is None:
+                cancel_reservation(ledger_id)
+                cancelled.append((ledger_id, quantity))
+                log.warning("Reservation %s (%s, %s addresses) released: its cycle died before calling "
+                            "Bouncer; its emails are queued again where they were", ledger_id, check_type,
+                            quantity, extra=where)
+                continue
             (BouncerBatch.update(status=ABANDONED, finished_at=utcnow(), failure_reason=ABANDONED_REASON)
              .where(BouncerBatch.id == ledger_id).execute())
             end_flight(ledger_id)
+            abandoned.append((ledger_id, quantity))
             log.warning("Reservation %s (%s, %s addresses) abandoned: possible orphan batch at "
-                        "Bouncer; its emails are queued again", ledger_id, check_type, quantity,
-                        extra=ids(ledger_id=ledger_id, check_type=check_type))
-    if stale:
+                        "Bouncer; its emails are queued again", ledger_id, check_type, quantity, extra=where)
+    if abandoned:
         requeue_rejected_emails(check_type)
-    return stale
+    return abandoned, cancelled
 
 
 # -- outstanding -> completed or failed --

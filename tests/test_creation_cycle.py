@@ -1,6 +1,7 @@
 """The creation cycle: greedy FIFO packing, limits, dedupe, cache, and what failures leave."""
 import datetime
 import logging
+import time
 
 import pytest
 import requests
@@ -166,6 +167,62 @@ def test_create_rate_limit_credits_or_auth_error_ends_the_cycle(app, bouncer, ca
     assert bouncer.count("create") == 1 and report.created == []
     assert words in report.stopped and words in caplog.text
     assert statuses(UserBatch.get().id) == {QUEUED: 30}
+    # The batch reserved during the refused call was cancelled: only the refused attempt is left.
+    assert [b.status for b in BouncerBatch.select()] == [REJECTED]
+    assert BouncerBatchEmail.select().count() == 0 and rode_on() == {}
+
+
+def test_create_reserves_the_next_batch_while_bouncer_answers_the_call_before(app, bouncer):
+    """Each create call goes out on a thread while the cycle reserves the next batch; the call
+    is answered before the next one goes out."""
+    import threading
+    submit("alice", addresses("a", 30))
+    real, seen, lock = app.client.create_batch, [], threading.Lock()
+
+    def create_batch(check_type, emails, callback_url=None):
+        with lock:
+            seen.append(("call", emails[0]))
+        if len(seen) == 1:   # the first call waits for the next reservation to be written
+            deadline = time.monotonic() + 10
+            while reserved_now() < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen.append(("reserved beside it", reserved_now()))
+            database.close()
+        return real(check_type, emails, callback_url=callback_url)
+
+    app.client.create_batch = create_batch
+    report = run_cycle(app, CREATION, "deliverable")
+    assert len(report.created) == 3 and bouncer.sent_addresses() == addresses("a", 30)
+    assert seen == [("call", "a0@example.com"), ("reserved beside it", 2),
+                    ("call", "a10@example.com"), ("call", "a20@example.com")]
+
+
+def test_a_shutdown_during_a_call_stores_its_answer_and_sends_nothing_more(app, bouncer):
+    from bouncer.cycles import SHUTDOWN
+    submit("alice", addresses("a", 30))
+    real = app.client.create_batch
+
+    def create_batch(check_type, emails, callback_url=None):
+        SHUTDOWN.set()      # a SIGTERM while the call is on the wire
+        time.sleep(0.2)     # the cycle goes on reserving the next batch meanwhile
+        return real(check_type, emails, callback_url=callback_url)
+
+    app.client.create_batch = create_batch
+    try:
+        report = run_cycle(app, CREATION, "deliverable")
+    finally:
+        SHUTDOWN.clear()
+        app.client.create_batch = real
+    assert report.stopped == "shutdown requested"
+    assert [(b.status, b.quantity) for b in BouncerBatch.select()] == [(OUTSTANDING, 10)]
+    assert bouncer.sent_addresses() == addresses("a", 10)
+    assert statuses(UserBatch.get().id) == {SENT: 10, QUEUED: 20}
+    again = run_cycle(app, CREATION, "deliverable")
+    assert bouncer.sent_addresses() == addresses("a", 30), again.summary()
+
+
+def reserved_now():
+    return BouncerBatch.select().where(BouncerBatch.status == RESERVED).count()
 
 
 def test_create_stops_when_the_request_budget_is_used_up(app, bouncer):
@@ -191,27 +248,46 @@ def test_create_skips_when_another_cycle_holds_the_lock(app, bouncer):
     assert report.skipped and bouncer.count("create") == 0
 
 
-def test_create_releases_reservations_of_a_dead_cycle_and_logs_possible_orphan(app, bouncer, caplog):
-    submit("alice", addresses("a", 5))
-    # A cycle that reserved and died before storing Bouncer's id (or before calling).
+def dead_cycles_reservation(app, emails, called):
+    """What a cycle that died leaves: a reservation past RESERVATION_TIMEOUT without a Bouncer id,
+    marked as sent if it died during its call."""
+    from bouncer.ledger import note_calling
     long_ago = utcnow() - datetime.timedelta(seconds=app.settings.reservation_timeout + 1)
     reservation = reserve_next_batch("deliverable", 10, 30, 3, now=long_ago)
-    BouncerBatch.update(reserved_at=long_ago).where(BouncerBatch.id == reservation.ledger_id).execute()
+    assert len(reservation.emails) == emails
+    if called:
+        assert note_calling(reservation.ledger_id, now=long_ago)
+    return reservation
+
+
+def test_create_abandons_a_dead_cycles_reservation_whose_call_went_out_as_a_possible_orphan(app, bouncer, caplog):
+    submit("alice", addresses("a", 5))
+    reservation = dead_cycles_reservation(app, 5, called=True)
     report = run_cycle(app, CREATION, "deliverable")
-    assert report.abandoned == [(reservation.ledger_id, 5)]
-    assert "possible orphan" in caplog.text
+    assert report.abandoned == [(reservation.ledger_id, 5)] and report.released == []
+    assert "possible orphan" in caplog.text and count_possible_orphans("deliverable") == 1
     assert BouncerBatch.get_by_id(reservation.ledger_id).status == ABANDONED
     assert len(report.created) == 1 and sorted(bouncer.sent_addresses()) == sorted(addresses("a", 5))
 
 
-def test_create_sends_a_dead_cycles_reserved_emails_before_newer_ones(app, bouncer):
+def test_create_cancels_a_dead_cycles_reservation_that_was_never_called(app, bouncer, caplog):
     submit("alice", addresses("a", 5))
-    long_ago = utcnow() - datetime.timedelta(seconds=app.settings.reservation_timeout + 1)
-    reservation = reserve_next_batch("deliverable", 10, 30, 3, now=long_ago)
-    BouncerBatch.update(reserved_at=long_ago).where(BouncerBatch.id == reservation.ledger_id).execute()
+    reservation = dead_cycles_reservation(app, 5, called=False)
+    report = run_cycle(app, CREATION, "deliverable")
+    assert report.released == [(reservation.ledger_id, 5)] and report.abandoned == []
+    assert "possible orphan" not in caplog.text and count_possible_orphans("deliverable") == 0
+    # The ledger keeps no trace of it (SQLite may give its id to the batch sent now).
+    assert [b.status for b in BouncerBatch.select()] == ["outstanding"]
+    assert len(report.created) == 1 and bouncer.sent_addresses() == addresses("a", 5)
+
+
+@pytest.mark.parametrize("called", [True, False])
+def test_create_sends_a_dead_cycles_reserved_emails_before_newer_ones(app, bouncer, called):
+    submit("alice", addresses("a", 5))
+    reservation = dead_cycles_reservation(app, 5, called)
     submit("bob", addresses("b", 20))
     report = run_cycle(app, CREATION, "deliverable")
-    assert report.abandoned == [(reservation.ledger_id, 5)]
+    assert (report.abandoned if called else report.released) == [(reservation.ledger_id, 5)]
     # FIFO: the released emails are the oldest pending, so they lead the first batch.
     assert bouncer.sent_addresses() == addresses("a", 5) + addresses("b", 20)
 
