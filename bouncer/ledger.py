@@ -6,7 +6,8 @@
         |                    '-> abandoned (the call went unanswered: a possible orphan)
         |--release_stale_reservations--> abandoned (the cycle died during the call: a possible orphan)
         |                            '-> (deleted: the cycle died before calling)
-        '--cancel_reservation--> (deleted: never sent, no request budget left)
+        '--cancel_reservation--> (deleted: never sent; no request budget left, or the call
+                                  before it ended the cycle)
 
 `note_calling` marks a reservation as sent (`sent_at`) in the transaction that takes the call's
 request slot, before the call goes out, so a dead cycle's reservations tell which may be at
@@ -246,7 +247,7 @@ def release_stale_reservations(check_type, older_than):
         return [], []
     abandoned, cancelled = [], []
     with write_transaction():
-        for ledger_id, quantity, sent_at in query.tuples():
+        for ledger_id, quantity, sent_at in list(query.tuples()):   # read whole: the loop deletes
             where = ids(ledger_id=ledger_id, check_type=check_type)
             if sent_at is None:
                 cancel_reservation(ledger_id)
