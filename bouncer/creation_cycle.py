@@ -95,13 +95,13 @@ def fill_free_slots(cycle):
     attempts = 0
     with Calls(cycle) as calls:
         while attempts < report.free_slots:
-            if must_stop(cycle):
+            if cycle.must_stop():
                 return
             reservation = ledger.reserve_next_batch(check_type, settings.batch_size,
                                                     settings.result_cache_days, settings.max_outstanding)
             # The call before this reservation was answered meanwhile; a reservation that is not
             # to be sent (that answer, a lost lock or a shutdown request ends the cycle) is undone.
-            if not calls.answer() or must_stop(cycle):
+            if not calls.answer() or cycle.must_stop():
                 if reservation is not None and reservation.ledger_id is not None:
                     ledger.cancel_reservation(reservation.ledger_id)
                 return
@@ -117,11 +117,6 @@ def fill_free_slots(cycle):
                 return
             attempts += 1
             calls.start(reservation)
-
-
-def must_stop(cycle):
-    cycle.report.stopped = cycle.stop_reason()
-    return bool(cycle.report.stopped)
 
 
 def take_call_slot(cycle, ledger_id):

@@ -132,6 +132,11 @@ class Cycle:
             return "lost its lock (%s); another cycle may be running" % self.lock.name
         return None
 
+    def must_stop(self):
+        """Whether the cycle must end before its next step; the report says why."""
+        self.report.stopped = self.stop_reason()
+        return self.report.stopped is not None
+
     def slot_freed(self):
         """A Bouncer batch ended: have a creation cycle fill its slot now, when asked to."""
         if self.refill:

@@ -58,8 +58,7 @@ def check_batches(cycle, now=None):
     turns = Turns(cycle, ledger.batches_to_check(check_type))
     with Downloads(cycle.app.client) as downloads:
         for batch in turns:
-            report.stopped = cycle.stop_reason()
-            if report.stopped:
+            if cycle.must_stop():
                 break
             if not take_request_slot("status", settings.rate_limit_buffer, check_type):
                 report.stopped = "request budget used up (%d in 60 s)" % settings.rate_limit_buffer
