@@ -108,15 +108,15 @@ def reserve_next_batch(check_type, batch_size, cache_days, max_outstanding, now=
         plan = packing.plan_next_batch(check_type, batch_size, cutoff)
         if plan.is_empty:
             return None
-        attached = attach_to_in_flight(plan.attach)
-        progress.complete_rows_from_cache(plan.cached, now)
+        attached = attach_to_in_flight(plan.attach, plan.span)
+        progress.complete_rows_from_cache(plan.cached, now, plan.span)
         ledger_id = write_reservation(check_type, plan, now) if plan.send else None
         progress.mark_batches_processing(plan.touched_batches, ledger_id)
         progress.complete_finished_batches(plan.touched_batches, now)
     return Reservation(ledger_id, list(plan.send.values()), len(plan.cached), attached)
 
 
-def attach_to_in_flight(attach):
+def attach_to_in_flight(attach, span):
     """Join rows to the in-flight batch that already holds their address. The ledger rows are
     locked first (FOR SHARE), so a concurrent ingest either finished before (the batch is no
     longer in flight: the rows stay in line) or waits until these rows are attached."""
@@ -125,7 +125,7 @@ def attach_to_in_flight(attach):
     live = {batch_id for (batch_id,) in lock_rows_for_share(
         BouncerBatch.select(BouncerBatch.id).where(
             BouncerBatch.id.in_(list(attach)) & BouncerBatch.status.in_(IN_FLIGHT_STATES))).tuples()}
-    return sum(progress.send_rows(rows, ledger_id)
+    return sum(progress.send_rows(rows, ledger_id, span)
                for ledger_id, rows in attach.items() if ledger_id in live)
 
 
@@ -136,7 +136,7 @@ def write_reservation(check_type, plan, now):
                                  reserved_at=now)
     insert_tuples(BouncerBatchEmail, ("bouncer_batch", "email_global", "check_type", "email_sent"),
                   [(ledger.id, global_id, check_type, email) for global_id, email in plan.send.items()])
-    progress.send_rows(plan.send_rows, ledger.id)
+    progress.send_rows(plan.send_rows, ledger.id, plan.span)
     return ledger.id
 
 

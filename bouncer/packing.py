@@ -27,23 +27,27 @@ class Plan:
     attach: dict = field(default_factory=lambda: defaultdict(list))  # in-flight ledger id -> (row id, user batch)
     cached: list = field(default_factory=list)        # row ids a fresh verdict completes
     touched_batches: set = field(default_factory=set)  # user batches of attached/cached rows
+    span: tuple = None  # (check type, first place, last place): the stretch of the line walked
 
     @property
     def is_empty(self):
         return not (self.send or self.attach or self.cached)
 
 
-def plan_batch(pages, in_flight_of, fresh_of, batch_size):
+def plan_batch(check_type, pages, in_flight_of, fresh_of, batch_size):
     """Plan one Bouncer batch from `pages` (lists of rows in line `(row id, user batch, email,
-    email_global id)` in FIFO order). `in_flight_of(global_ids)` gives {global id: ledger
-    id} of addresses already in flight; `fresh_of(global_ids)` the subset with a fresh verdict.
-    Reads pages only as far as it needs to."""
+    email_global id, fifo order, position)` in FIFO order). `in_flight_of(global_ids)` gives
+    {global id: ledger id} of addresses already in flight; `fresh_of(global_ids)` the subset
+    with a fresh verdict. Reads pages only as far as it needs to."""
     plan = Plan()
     for page in pages:
         global_ids = {row[3] for row in page}
         flying = in_flight_of(global_ids)
         cached = fresh_of(global_ids - flying.keys())
-        for row_id, user_batch, email, global_id in page:
+        if plan.span is None:
+            plan.span = (check_type, page[0][4:], None)
+        for row in page:
+            row_id, user_batch, email, global_id, _, _ = row
             if global_id in cached:
                 plan.cached.append(row_id)
             elif global_id in flying:
@@ -53,16 +57,23 @@ def plan_batch(pages, in_flight_of, fresh_of, batch_size):
                 plan.send_rows.append((row_id, user_batch))
                 continue
             else:
-                return plan  # full: this row opens the next batch
+                return walked_to(plan, row)  # full: this row opens the next batch
             plan.touched_batches.add(user_batch)
         if len(plan.send) >= batch_size:
-            return plan
+            return walked_to(plan, row)
+    return walked_to(plan, row) if plan.span else plan
+
+
+def walked_to(plan, row):
+    """The plan, its span ending at `row` (the last row it read; it may not take it)."""
+    check_type, first, _ = plan.span
+    plan.span = (check_type, first, row[4:])
     return plan
 
 
 def plan_next_batch(check_type, batch_size, cutoff):
     """The plan for `check_type`'s queue as it stands (inside the reserving transaction)."""
-    return plan_batch(queued_pages(check_type, max(batch_size, MIN_PAGE)),
+    return plan_batch(check_type, queued_pages(check_type, max(batch_size, MIN_PAGE)),
                       lambda ids: in_flight_batches_of(check_type, ids),
                       lambda ids: fresh_verdicts_of(check_type, ids, cutoff),
                       batch_size)
@@ -75,7 +86,7 @@ def queued_pages(check_type, page_size):
     while True:
         page = queued_page(check_type, after, page_size)
         if page:
-            yield [row[:4] for row in page]
+            yield page
         if len(page) < page_size:
             return
         after = page[-1][4:]
