@@ -487,3 +487,39 @@ def test_bouncer_error_defaults_and_pickling():
     assert copy.is_not_found
     bare = BouncerError("boom")
     assert bare.status is None and bare.operation == "" and bare.is_transient and str(bare) == "boom"
+
+
+# -- download bodies --
+
+RECORD = {"email": "a@x.com", "status": "deliverable", "domain": {"name": "x.com", "acceptAll": "no"},
+          "reason": "a ], a , and a \" in a string", "tags": [1, [2, {"k": "]"}]], "none": None}
+RECORDS_BODIES = [
+    "[]", " [ ] ", "\t[\r\n]\n",
+    json.dumps([RECORD]), json.dumps([RECORD, RECORD]), json.dumps([RECORD], indent=2),
+    json.dumps([RECORD, 3, "text", None, [RECORD]], separators=(",", ":")),
+    "\n [ %s ,\t%s\r\n] \n" % (json.dumps(RECORD), json.dumps(dict(RECORD, email="b@x.com"))),
+    json.dumps([{"email": "é@x.com"}], ensure_ascii=False), json.dumps([{"email": "é@x.com"}]),
+    json.dumps({"not": "a list"}), "42", '"text"',
+]
+
+
+@pytest.mark.parametrize("body", RECORDS_BODIES)
+def test_parse_records_reads_what_json_reads_and_keeps_each_record_text(body):
+    from bouncer.client import parse_records
+    records = parse_records(body.encode())
+    assert records == json.loads(body)
+    for record in records if isinstance(records, list) else ():
+        if isinstance(record, dict):
+            assert json.loads(record.raw) == record
+            assert record.raw in body and record.raw.strip() == record.raw
+
+
+@pytest.mark.parametrize("body", [
+    "[", "[1,]", "[1 2]", "[1,,2]", "[,1]", "[1] 2", "[1]]", '[{"a": 1}', '[{"a": }]', "[1,\n",
+    '[{"a": 1} {"b": 2}]', "", "   "])
+def test_parse_records_refuses_what_json_refuses(body):
+    from bouncer.client import parse_records
+    with pytest.raises(ValueError):
+        json.loads(body)
+    with pytest.raises(ValueError):
+        parse_records(body.encode())
