@@ -1,9 +1,16 @@
-"""`python -m bouncer <command>`: a thin layer over the library; every command has an example."""
+"""`python -m bouncer <command>`: a thin layer over the library; every command has an example.
+
+The command line is read by the standard library's argparse: a command starts without paying
+for a parser library (click took 10-18 ms of each command's imports, measured beside peewee and
+email-validator), and each command imports only what it uses. Expected failures are one line on
+stderr, `Error: ...`, and exit code 1; a command line that does not parse gets argparse's usage
+line and exit code 2.
+"""
+import argparse
 import json
 import os
 import sys
-
-import click
+from textwrap import dedent
 
 from . import __version__
 from .config import CHECK_TYPES
@@ -11,55 +18,116 @@ from .errors import ConfigError, DatabaseUnavailable, InputError, NotFound
 
 EXPECTED_ERRORS = (InputError, NotFound, ConfigError, DatabaseUnavailable)
 MAX_INVALID_SHOWN = 5
+COMMANDS = {}   # name -> Command, in the order `--help` lists them
 
 
-class BouncerGroup(click.Group):
-    """Turns expected failures into one clean line and exit code 1, never a traceback. The
-    commands of LAZY_COMMANDS are built only when a name is not one of the others (theirs, or a
-    typo whose suggestions must name them too) or when every command is listed, so that no other
-    command pays for what builds them."""
+class Command:
+    """One command: its function (the docstring is its help, the first line its summary) and
+    its arguments, `(flags, argparse settings)` pairs, or a function giving them when they cost
+    something to build (the sandbox's come from its options' dataclass)."""
 
-    def list_commands(self, ctx):
-        self.add_lazy_commands()
-        return super().list_commands(ctx)
+    def __init__(self, name, run, arguments):
+        self.name, self.run, self.arguments = name, run, arguments
+        self.help = cleandoc(run.__doc__)
+        self.summary = self.help.split("\n\n", 1)[0].replace("\n", " ")
 
-    def get_command(self, ctx, name):
-        if name not in self.commands:
-            self.add_lazy_commands()
-        return super().get_command(ctx, name)
-
-    def add_lazy_commands(self):
-        for name, build in LAZY_COMMANDS.items():
-            if name not in self.commands:
-                self.add_command(build(), name)
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except EXPECTED_ERRORS as exc:
-            raise click.ClickException(str(exc)) from None
-        except Exception as exc:
-            message = describe_failure(exc)
-            if message is None:
-                raise
-            raise click.ClickException(message) from None
+    def add_to(self, subparsers):
+        parser = subparsers.add_parser(self.name, help=shortened(self.summary), description=self.help,
+                                       formatter_class=Formatter)
+        arguments = self.arguments() if callable(self.arguments) else self.arguments
+        for flags, settings in arguments:
+            parser.add_argument(*flags, **settings)
+        parser.set_defaults(command=self)
+        return parser
 
 
-def json_errors(command):
-    """A command run with --json also prints `{"error": "..."}` on stdout when it fails, for
-    the program reading its output; the line on stderr is the group's."""
-    import functools
+def cleandoc(doc):
+    """A docstring without its indentation (inspect's cleandoc would cost its import, 9 ms)."""
+    first, _, rest = doc.strip("\n").partition("\n")
+    return (first.strip() + "\n" + dedent(rest)).strip()
 
-    @functools.wraps(command)
-    def run(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except Exception as exc:
-            message = str(exc) if isinstance(exc, EXPECTED_ERRORS) else describe_failure(exc)
-            if kwargs.get("as_json") and message is not None:
-                click.echo(json.dumps({"error": message}))
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help as written in the docstrings, as wide as the terminal. The width is read here, not
+    by argparse's default (which imports shutil for it when any argument is added: 4 ms)."""
+
+    def __init__(self, prog, **settings):
+        settings.setdefault("width", terminal_width() - 2)
+        super().__init__(prog, **settings)
+
+
+def terminal_width():
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 80
+
+
+def command(name, *arguments):
+    """Register the decorated function as the command `name`, taking `arguments`."""
+    def register(run):
+        COMMANDS[name] = Command(name, run, arguments[0] if arguments and callable(arguments[0]) else arguments)
+        return run
+    return register
+
+
+def argument(*flags, **settings):
+    return flags, settings
+
+
+def shortened(summary, width=60):
+    return summary if len(summary) <= width else summary[:width - 3].rsplit(" ", 1)[0] + "..."
+
+
+def build_parser(prog, wanted=None):
+    """The parser; only the command `wanted` gets its arguments built (the others are listed,
+    by name and summary), so that no command pays for building another's."""
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=Formatter,
+        description=cleandoc("""
+            Bouncer verification queue: greedy batches out, verdicts back.
+
+            Settings come from the environment (see README); `.env` is read by honcho."""))
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for name, each in COMMANDS.items():
+        if name == wanted:
+            each.add_to(subparsers)
+        else:
+            subparsers.add_parser(name, help=shortened(each.summary), formatter_class=Formatter)
+    return parser
+
+
+def main(args=None):
+    """Run the command line `args` (sys.argv's when None); exits with the command's code."""
+    skip_unused_postgres_driver()
+    args = sys.argv[1:] if args is None else [str(a) for a in args]
+    prog = "bouncer" if os.path.basename(sys.argv[0]) == "bouncer" else "python -m bouncer"
+    wanted = next((a for a in args if not a.startswith("-")), None)
+    parser = build_parser(prog, wanted if wanted in COMMANDS else None)
+    options = vars(parser.parse_args(args))
+    chosen = options.pop("command", None)
+    if chosen is None:
+        parser.print_help()
+        sys.exit(0 if not args else 2)
+    try:
+        chosen.run(**options)
+    except KeyboardInterrupt:
+        print("Aborted.", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        message = str(exc) if isinstance(exc, EXPECTED_ERRORS) else describe_failure(exc)
+        if message is None:
             raise
-    return run
+        if options.get("as_json"):
+            # For the program reading --json output: the error on stdout too.
+            print(json.dumps({"error": message}))
+        print("Error: %s" % message, file=sys.stderr)
+        sys.exit(1)
 
 
 def describe_failure(exc):
@@ -91,21 +159,12 @@ def app_from_env():
     return app
 
 
-check_type_option = click.option(
-    "--check-type", "check_types", type=click.Choice(CHECK_TYPES), multiple=True,
-    help="Check type (repeatable); all of them when omitted.")
+CHECK_TYPE_CHOICE = argument("--check-type", dest="check_types", action="append", choices=CHECK_TYPES,
+                             help="Check type (repeatable); all of them when omitted.")
+JSON_FLAG = argument("--json", dest="as_json", action="store_true", help="Print one JSON object only.")
 
 
-@click.group(cls=BouncerGroup)
-@click.version_option(__version__, message="%(prog)s %(version)s")
-def cli():
-    """Bouncer verification queue: greedy batches out, verdicts back.
-
-    Settings come from the environment (see README); `.env` is read by honcho.
-    """
-
-
-@cli.command("init-db")
+@command("init-db")
 def init_db():
     """Create or migrate the schema; safe to run any number of times.
 
@@ -113,10 +172,10 @@ def init_db():
     """
     from .schema import create_schema
     app_from_env()
-    click.echo(create_schema())
+    print(create_schema())
 
 
-@cli.command()
+@command("release")
 def release():
     """The Procfile's release step: create or migrate the schema. In Heroku's release phase
     (DYNO=release.*) it then ends, as Heroku waits for it to; anywhere else (`honcho start`, which
@@ -128,10 +187,10 @@ def release():
     import signal
     from .schema import create_schema
     app_from_env()
-    click.echo(create_schema())
+    print(create_schema(), flush=True)
     if os.environ.get("DYNO", "").startswith("release"):
         return
-    click.echo("release: schema ready; staying up while the other processes run (Ctrl-C stops)")
+    print("release: schema ready; staying up while the other processes run (Ctrl-C stops)", flush=True)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
         signal.pause()
@@ -139,12 +198,11 @@ def release():
         pass
 
 
-@cli.command()
-@click.argument("file")
-@click.option("--user", required=True, help="Who the batch belongs to.")
-@click.option("--check-type", required=True, type=click.Choice(CHECK_TYPES))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object only.")
-@json_errors
+@command("submit",
+         argument("file", help="The file; `-` reads stdin."),
+         argument("--user", required=True, help="Who the batch belongs to."),
+         argument("--check-type", required=True, choices=CHECK_TYPES),
+         JSON_FLAG)
 def submit(file, user, check_type, as_json):
     """Create one user batch from FILE: one address a line, or a CSV with an `email` column.
     `-` reads stdin.
@@ -158,26 +216,26 @@ def submit(file, user, check_type, as_json):
     with submit_progress(file) as advance:
         summary = create_user_batch(user, check_type, rows, on_progress=advance, source="cli")
     if as_json:
-        click.echo(json.dumps(summary.as_json()))
+        print(json.dumps(summary.as_json()))
     else:
-        click.echo("batch %s" % summary.batch_id)
-        click.echo("accepted %s" % summary.accepted)
-        click.echo("invalid %s" % summary.invalid)
-        click.echo("duplicates %s" % summary.duplicates)
+        print("batch %s\naccepted %s\ninvalid %s\nduplicates %s" % (
+            summary.batch_id, summary.accepted, summary.invalid, summary.duplicates))
     for line, text, problem in summary.invalid_examples[:MAX_INVALID_SHOWN]:
-        click.echo("invalid: %s: line %s: %r: %s" % (file, line, text, problem), err=True)
+        print("invalid: %s: line %s: %r: %s" % (file, line, text, problem), file=sys.stderr)
     shown = min(len(summary.invalid_examples), MAX_INVALID_SHOWN)
     if summary.invalid > shown:
-        click.echo("invalid: ... and %d more" % (summary.invalid - shown), err=True)
+        print("invalid: ... and %d more" % (summary.invalid - shown), file=sys.stderr)
 
 
 class submit_progress:
-    """A progress bar on stderr when it is a terminal and the input a regular file."""
+    """A progress bar on stderr when it is a terminal and the input a regular file (click's, so
+    only a submit at a terminal imports click)."""
 
     def __init__(self, file):
         self.bar = None
         if file != "-" and sys.stderr.isatty() and os.path.isfile(file):
-            self.bar = click.progressbar(length=count_lines(file), label="submitting", file=sys.stderr)
+            from click import progressbar
+            self.bar = progressbar(length=count_lines(file), label="submitting", file=sys.stderr)
 
     def __enter__(self):
         if self.bar is None:
@@ -198,14 +256,13 @@ def count_lines(path):
 
 def cycle_command(name, kind, summary):
     """A command running one cycle of `kind` now, the very code the scheduled job runs."""
-    @cli.command(name, help="%s\n\nExample: python -m bouncer %s --check-type deliverable" % (summary, name))
-    @check_type_option
-    def command(check_types):
+    def run(check_types):
         from .cycles import run_cycle
         app = app_from_env()
         for check_type in check_types or CHECK_TYPES:
-            click.echo(run_cycle(app, kind, check_type).summary())
-    return command
+            print(run_cycle(app, kind, check_type).summary(), flush=True)
+    run.__doc__ = "%s\n\nExample: python -m bouncer %s --check-type deliverable" % (summary, name)
+    return command(name, CHECK_TYPE_CHOICE)(run)
 
 
 create_batches = cycle_command("create-batches", "creation",
@@ -214,10 +271,9 @@ check_batches = cycle_command("check-batches", "status", "Run one status cycle n
                               "Bouncer batches, ingest completed ones.")
 
 
-@cli.command()
-@click.argument("batch_id", type=int, required=False)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
-@json_errors
+@command("status",
+         argument("batch_id", type=int, nargs="?", help="One user batch's status instead."),
+         argument("--json", dest="as_json", action="store_true", help="Machine-readable output on stdout."))
 def status(batch_id, as_json):
     """Progress of user batches, outstanding Bouncer batches, queued emails, rate-limit use, and
     the jobs' health with the reasons it is degraded (as /health says, Redis aside).
@@ -231,13 +287,13 @@ def status(batch_id, as_json):
     with connection():
         if batch_id is not None:
             answer = batch_status(batch_id)
-            click.echo(json.dumps(answer) if as_json else format_batch(answer))
+            print(json.dumps(answer) if as_json else format_batch(answer))
             return
         state = service_state(app.settings)
         overview = dict(state["overview"], status="degraded" if state["reasons"] else "ok",
                         reasons=state["reasons"], jobs=state["jobs"], paused=state["paused"],
                         user_batches=recent_batches())
-    click.echo(json.dumps(overview, indent=2) if as_json else format_overview(overview))
+    print(json.dumps(overview, indent=2) if as_json else format_overview(overview))
 
 
 def format_batch(b):
@@ -276,11 +332,10 @@ def format_overview(o):
     return "\n".join(lines)
 
 
-@cli.command()
-@click.argument("batch_id", type=int)
-@click.option("--format", "fmt", type=click.Choice(("csv", "json")), default="csv", show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
-              help="Write to this file (complete or not at all) instead of stdout.")
+@command("results",
+         argument("batch_id", type=int),
+         argument("--format", dest="fmt", choices=("csv", "json"), default="csv", help="Default: csv."),
+         argument("-o", "--output", help="Write to this file (complete or not at all) instead of stdout."))
 def results(batch_id, fmt, output):
     """One row per submitted row, in submission order, with its verdict.
 
@@ -312,6 +367,8 @@ def write_results(stream, rows, fmt):
 def write_atomically(path, write):
     import tempfile
     directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise InputError("%s: is a directory; name a file to write" % path)
     try:
         fd, temp = tempfile.mkstemp(dir=directory, prefix=".results-")
     except OSError as exc:
@@ -325,61 +382,47 @@ def write_atomically(path, write):
         raise
 
 
-CLICK_TYPES = {"int": click.INT, "float": click.FLOAT, "str": click.STRING,
-               "path": click.Path(dir_okay=False)}
+ARGUMENT_TYPES = {"int": int, "float": float, "str": str, "path": str}
 
 
-def options_from(dataclass):
-    """A decorator adding one click option per field of `dataclass` (SandboxOptions' shape:
-    help, kind, range and environment variable in each field's metadata). Ranges are checked by
-    the dataclass itself, so a value out of range is one clean line, as every expected failure."""
+def sandbox_arguments():
+    """One argument per field of SandboxOptions (help, kind, range and environment variable in
+    each field's metadata). Ranges are checked by the dataclass itself, so a value out of range
+    is one clean line, as every expected failure."""
     from dataclasses import fields
 
-    from .sandbox.options import flag_of
-
-    def decorate(command):
-        for f in reversed(fields(dataclass)):
-            command = click.option(flag_of(f), **click_settings(f))(command)
-        return command
-    return decorate
-
-
-def click_settings(f):
-    from .sandbox.options import describe_range
-    meta = f.metadata
-    span = describe_range(f)
-    settings = {"type": CLICK_TYPES[meta["kind"]], "default": f.default,
-                "show_default": f.default is not None,
-                "help": meta["help"] + (" Range: %s." % span if span else "")}
-    if meta["envvar"]:
-        settings.update(envvar=meta["envvar"], show_envvar=True)
-    return settings
+    from .sandbox.options import SandboxOptions, describe_range, flag_of
+    found = []
+    for f in fields(SandboxOptions):
+        meta, span = f.metadata, describe_range(f)
+        notes = ["Range: %s." % span] if span else []
+        default = f.default
+        if meta["envvar"]:
+            default = os.environ.get(meta["envvar"], default)
+            notes.append("[env var: %s]" % meta["envvar"])
+        if f.default is not None:
+            notes.append("[default: %s]" % f.default)
+        found.append(argument(flag_of(f), dest=f.name, type=ARGUMENT_TYPES[meta["kind"]], default=default,
+                              metavar=meta["kind"].upper(),
+                              help=" ".join([meta["help"]] + notes)))
+    return found
 
 
-def sandbox_command():
-    """The `sandbox` command, its options made from SandboxOptions' fields: built only when it
-    is named or listed, as no other command needs the sandbox's options."""
+@command("sandbox", sandbox_arguments)
+def sandbox(**values):
+    """A local Bouncer speaking the documented batch API, for running with no account.
+
+    Example: python -m bouncer sandbox --port 8025 --processing-time 5 --fail-rate 0.02 --seed 7
+    """
+    from .logs import setup_logging
+    from .sandbox import Sandbox
     from .sandbox.options import SandboxOptions
-
-    @click.command("sandbox")
-    @options_from(SandboxOptions)
-    def sandbox(**values):
-        """A local Bouncer speaking the documented batch API, for running with no account.
-
-        Example: python -m bouncer sandbox --port 8025 --processing-time 5 --fail-rate 0.02 --seed 7
-        """
-        from .logs import setup_logging
-        from .sandbox import Sandbox
-        options = SandboxOptions(**values)
-        setup_logging()
-        Sandbox(options).serve_forever()
-    return sandbox
+    options = SandboxOptions(**values)
+    setup_logging()
+    Sandbox(options).serve_forever()
 
 
-LAZY_COMMANDS = {"sandbox": sandbox_command}
-
-
-@cli.command()
+@command("worker")
 def worker():
     """Run an RQ worker on `bouncer-queue` (clean shutdown on SIGTERM, as Heroku and Render send).
 
@@ -389,7 +432,7 @@ def worker():
     run_worker(app_from_env())
 
 
-@cli.command()
+@command("scheduler")
 def scheduler():
     """Register the four repeating jobs (idempotently), then run the scheduler loop.
 
@@ -399,8 +442,7 @@ def scheduler():
     run_scheduler(app_from_env())
 
 
-@cli.command()
-@click.option("--port", type=int, help="Port to serve on; default $PORT or 8000.")
+@command("web", argument("--port", type=int, help="Port to serve on; default $PORT or 8000."))
 def web(port):
     """Serve the operator console (/), /metrics, the HTTP API (/api/v1), /health and the Bouncer
     completion callback.
@@ -410,12 +452,6 @@ def web(port):
     from .web.server import serve
     app = app_from_env()
     serve(app, port or app.settings.port)
-
-
-def main():
-    skip_unused_postgres_driver()
-    name = os.path.basename(sys.argv[0])
-    cli(prog_name="bouncer" if name == "bouncer" else "python -m bouncer")
 
 
 def skip_unused_postgres_driver():

@@ -3,9 +3,8 @@ with something in every state, and `status --json` as the CLI prints it."""
 import base64
 import json
 
-from click.testing import CliRunner
+from clirun import invoke
 
-from bouncer.cli import cli
 from bouncer.cycles import CREATION, STATUS, run_cycle
 from bouncer.db import utcnow
 from bouncer.jobs import job_definitions, record_run
@@ -38,7 +37,7 @@ def basic(user="operator", password=PASSWORD):
 
 def status_json(*args):
     """`python -m bouncer status [args] --json`, parsed (the CLI runs with the test's App)."""
-    result = CliRunner().invoke(cli, ["status", *map(str, args), "--json"])
+    result = invoke(["status", *map(str, args), "--json"])
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 

@@ -7,10 +7,9 @@ import re
 from dataclasses import replace
 
 import pytest
-from click.testing import CliRunner
+from clirun import invoke
 
 from bouncer.app import App
-from bouncer.cli import cli
 from bouncer.db import open_database
 from bouncer.cycles import CREATION, run_cycle
 from bouncer.ledger import fail_bouncer_batch
@@ -217,7 +216,7 @@ def test_results_csv_is_the_clis(client, app, bouncer):
     response = client.get("/batches/%d/results.csv" % ids["alice"], headers=basic())
     assert response.status_code == 200 and response.mimetype == "text/csv"
     assert 'filename="batch-%d-results.csv"' % ids["alice"] in response.headers["Content-Disposition"]
-    cli_csv = CliRunner().invoke(cli, ["results", str(ids["alice"])]).stdout_bytes
+    cli_csv = invoke(["results", str(ids["alice"])]).stdout_bytes
     assert response.get_data() == cli_csv
     assert b"'=cmd@example.com" in cli_csv            # spreadsheet-safe, as the CLI's
 

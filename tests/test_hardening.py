@@ -6,9 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
+from clirun import invoke
 
-from bouncer.cli import cli
 from bouncer.models import UserBatch, UserBatchEmail
 from support.processes import ROOT
 
@@ -16,7 +15,7 @@ from conftest import assert_clean_failure
 
 
 def run(database_url, *args, input=None, **env):
-    return CliRunner().invoke(cli, list(args), input=input, env={"DATABASE_URL": database_url, **env})
+    return invoke(list(args), input=input, env={"DATABASE_URL": database_url, **env})
 
 
 def test_a_5_mb_line_is_neither_echoed_whole_nor_stored_whole(db, database_url, tmp_path):

@@ -14,10 +14,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from clirun import invoke
 
 from bouncer import __version__
-from bouncer.cli import cli
 from support.ports import free_port, wait_for_port
 
 from conftest import REDIS_URL
@@ -59,7 +58,7 @@ def test_the_wheel_holds_the_package_its_pages_and_the_command(tmp_path):
 
 
 def test_version():
-    result = CliRunner().invoke(cli, ["--version"])
+    result = invoke(["--version"])
     assert result.exit_code == 0 and result.output.strip().endswith(__version__)
 
 

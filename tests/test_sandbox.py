@@ -11,10 +11,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import requests
-from click.testing import CliRunner
+from clirun import invoke
 from conftest import assert_clean_failure
 
-from bouncer.cli import cli
+from bouncer.cli import COMMANDS, build_parser
 from bouncer.errors import ConfigError
 from bouncer.sandbox import Sandbox, SandboxOptions, simulator
 
@@ -877,17 +877,20 @@ def test_options_repr_hides_the_key():
     assert "s3cret" not in repr(SandboxOptions(api_key="s3cret-key-123"))
 
 
-def test_cli_sandbox_options_come_from_the_dataclass():
-    command = cli.get_command(None, "sandbox")
-    params = {p.name: p for p in command.params if p.name != "help"}
+def test_cli_sandbox_options_come_from_the_dataclass(monkeypatch):
+    monkeypatch.delenv("SANDBOX_API_KEY", raising=False)
+    parser = build_parser("bouncer", "sandbox")
+    command = parser._subparsers._group_actions[0].choices["sandbox"]
+    params = {a.dest: a for a in command._actions if a.dest != "help"}
 
     assert list(params) == [f.name for f in fields(SandboxOptions)]
     for f in fields(SandboxOptions):
-        assert params[f.name].opts == ["--" + f.name.replace("_", "-")]
+        assert params[f.name].option_strings == ["--" + f.name.replace("_", "-")]
         assert params[f.name].default == f.default
         assert f.metadata["help"] in params[f.name].help
-    assert params["api_key"].envvar == "SANDBOX_API_KEY"
-    result = CliRunner().invoke(cli, ["sandbox", "--help"])
+    assert "[env var: SANDBOX_API_KEY]" in params["api_key"].help
+    assert COMMANDS["sandbox"].summary.startswith("A local Bouncer")
+    result = invoke(["sandbox", "--help"])
     for f in fields(SandboxOptions):
         assert "--" + f.name.replace("_", "-") in result.output
 
@@ -896,8 +899,8 @@ def test_cli_sandbox_builds_its_options_from_the_command_line(monkeypatch):
     served = []
     monkeypatch.setattr(Sandbox, "serve_forever", lambda box: served.append(box.options))
 
-    result = CliRunner().invoke(
-        cli, ["sandbox", "--port", "0", "--processing-time", "0", "--fail-rate", "0.1",
+    result = invoke(
+        ["sandbox", "--port", "0", "--processing-time", "0", "--fail-rate", "0.1",
               "--seed", "7", "--credits", "5"], env={"SANDBOX_API_KEY": "from-the-env"})
 
     assert result.exit_code == 0, result.output
@@ -914,6 +917,6 @@ def test_cli_sandbox_builds_its_options_from_the_command_line(monkeypatch):
 def test_cli_sandbox_out_of_range_is_one_clean_line(monkeypatch, args, flag):
     monkeypatch.setattr(Sandbox, "serve_forever", lambda box: pytest.fail("must not serve"))
 
-    result = CliRunner().invoke(cli, ["sandbox", *args])
+    result = invoke(["sandbox", *args])
 
     assert_clean_failure(result, flag)

@@ -2,12 +2,15 @@
 counts, file formats, invalid rows, and bad input that writes nothing (invariant 8)."""
 import datetime
 import json
+import os
+import pty
+import subprocess
+import sys
 
 import pytest
-from click.testing import CliRunner
+from clirun import invoke
 
 import bouncer.db
-from bouncer.cli import cli
 from bouncer.cycles import CREATION, run_cycle
 from bouncer.errors import InputError
 from bouncer.models import INVALID, QUEUED, EmailGlobal, UserBatch, UserBatchEmail
@@ -31,8 +34,7 @@ def stored_rows(batch_id):
 
 
 def run_submit(database_url, *args, input=None):
-    runner = CliRunner()
-    return runner.invoke(cli, ["submit", *args], input=input, env={"DATABASE_URL": database_url})
+    return invoke(["submit", *args], input=input, env={"DATABASE_URL": database_url})
 
 
 def submit_file(database_url, path, *extra, user="alice", check_type="deliverable"):
@@ -405,3 +407,31 @@ def test_submit_20000_lines_in_a_bounded_number_of_statements(app, db, database_
     monkeypatch.undo()
     assert UserBatchEmail.select().count() == 20001
     assert EmailGlobal.select().count() == 20000
+
+
+def test_submit_at_a_terminal_shows_a_progress_bar_on_stderr(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, DATABASE_URL="sqlite:///%s" % (tmp_path / "x.db"))
+    subprocess.run([sys.executable, "-m", "bouncer", "init-db"], cwd=root, env=env, check=True,
+                   capture_output=True, timeout=60)
+    path = write_bytes(tmp_path, b"".join(b"a%d@example.com\n" % i for i in range(50)))
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run([sys.executable, "-m", "bouncer", "submit", str(path), "--user", "u",
+                               "--check-type", "deliverable", "--json"], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=follower, timeout=60)
+        os.close(follower)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:   # the terminal's other end is closed: everything was read
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(leader)
+    assert done.returncode == 0
+    assert json.loads(done.stdout)["accepted"] == 50
+    assert b"submitting" in shown and b"100%" in shown
