@@ -76,11 +76,19 @@ def command(name, *arguments):
 
 
 def argument(*flags, **settings):
+    if "help" in settings:
+        settings["help"] = literal(settings["help"])
     return flags, settings
 
 
+def literal(text):
+    """Help text as argparse prints it: it %-formats help, so a `%` of ours is doubled."""
+    return text.replace("%", "%%")
+
+
 def shortened(summary, width=60):
-    return summary if len(summary) <= width else summary[:width - 3].rsplit(" ", 1)[0] + "..."
+    summary = summary if len(summary) <= width else summary[:width - 3].rsplit(" ", 1)[0] + "..."
+    return literal(summary)
 
 
 def build_parser(prog, wanted=None):

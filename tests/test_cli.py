@@ -343,3 +343,15 @@ def test_a_command_loads_only_what_it_uses(tmp_path, args, loaded, not_loaded):
     assert set(loaded) <= modules
     unwanted = set(NOT_FOR_THESE_COMMANDS) | set(not_loaded)
     assert sorted(m for m in modules if m in unwanted or m.split(".")[0] in unwanted) == []
+
+
+def test_a_help_text_with_a_percent_sign_prints_as_written():
+    import argparse
+
+    from bouncer.cli import Formatter, argument, shortened
+    parser = argparse.ArgumentParser(prog="p", formatter_class=Formatter)
+    flags, settings = argument("--share", help="50% of the requests")
+    parser.add_argument(*flags, **settings)
+    parser.add_subparsers().add_parser("x", help=shortened("100% of it"))
+    shown = parser.format_help()
+    assert "50% of the requests" in shown and "100% of it" in shown
