@@ -119,9 +119,9 @@ def main(args=None):
     parser = build_parser(prog, wanted if wanted in COMMANDS else None)
     options = vars(parser.parse_args(args))
     chosen = options.pop("command", None)
-    if chosen is None:
+    if chosen is None:   # no command named: what there is to run
         parser.print_help()
-        sys.exit(0 if not args else 2)
+        return
     try:
         chosen.run(**options)
     except KeyboardInterrupt:
