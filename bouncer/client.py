@@ -56,6 +56,11 @@ class BouncerClient:
         return "BouncerClient(base_url=%r, api_key=%s, timeout=%r, catchall_path=%r)" % (
             self.base_url, "set" if self._api_key else "unset", self.timeout, self.catchall_path)
 
+    def use_own_connections(self):
+        """In a forked process: a session of its own, so that no pooled connection of the
+        parent's is ever shared."""
+        self.session = requests.Session()
+
     def batch_path(self, check_type: str) -> str:
         if check_type == "deliverable":
             return DEFAULT_BATCH_PATH

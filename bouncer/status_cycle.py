@@ -12,22 +12,24 @@ Steps, each recoverable if the process dies right after it:
    and 401 end the cycle.
 The cycle also ends between two batches when it must stop (a lost lock, a shutdown request).
 
-On PostgreSQL a download is fetched, parsed and read into its columns on a thread of its own
-while the batch before it is ingested, one ahead at most (psycopg2 gives Python's lock up for
-a whole statement, so the database works while the thread parses); batches are still
-ingested one at a time, in the order they were checked, and one already fetched when the
-cycle must stop is still ingested.
-On SQLite the cycle downloads each batch itself: sqlite3 takes the lock back at every row, and
-a thread fetching or parsing beside it slowed the ingest more than it saved (measured on 150k
-results: 4.3-4.4 s alone, 4.6-5.8 s with the thread fetching ahead).
+A large download (APART_FROM addresses or more) is fetched and read into its columns by a
+process of its own, forked when its batch is found completed, while the cycle ingests the batch
+before it: one ahead at most. The reading is Python work, so a thread would take turns with the
+ingest at Python's lock; a process runs beside it on another core and sends back what it read
+(measured on 150k results: pickling and unpickling a download costs about a fifth of reading
+it). Batches are still ingested one at a time, in the order they were checked, and one already
+fetched when the cycle must stop is still ingested. A small download is fetched by the cycle
+itself when its batch is checked. A process that ends without an answer (killed, say) is a
+failed download: its batch waits for the next cycle.
 """
 import datetime
 import logging
+import multiprocessing
+import signal
 from collections import OrderedDict, deque
-from concurrent.futures import Future, ThreadPoolExecutor
 
 from . import ingest, ledger
-from .db import is_postgres, utcnow
+from .db import utcnow
 from .errors import BouncerError
 from .logs import ids
 from .ratelimit import take_request_slot
@@ -35,7 +37,8 @@ from .ratelimit import take_request_slot
 log = logging.getLogger(__name__)
 
 WAITING_STATUSES = ("queued", "processing")
-FETCH_AHEAD = 1     # downloads fetched while the batch before them is ingested (PostgreSQL)
+FETCH_AHEAD = 1     # downloads fetched while the batch before them is ingested
+APART_FROM = 2000   # addresses: a download this large is fetched by a process of its own
 
 
 def parse_time(value):
@@ -108,48 +111,129 @@ class Turns:
 
 
 class Downloads:
-    """Downloads under way, in the order they were started: on PostgreSQL each fetched and parsed
-    by one thread while the cycle ingests the one before it; on SQLite fetched at once."""
+    """Downloads under way, in the order they were started: a large one fetched and read by a
+    process of its own (FetchedApart) while the cycle ingests the one before it, a small one
+    fetched by the cycle at once (Fetched)."""
 
     def __init__(self, client):
         self.client, self.waiting = client, deque()
-        self.ahead = FETCH_AHEAD if is_postgres() else 0
 
     def __enter__(self):
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="download") if self.ahead else None
         return self
 
     def __exit__(self, *exc):
-        # What was not ingested is left for the next cycle; a fetch under way ends by its timeout.
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+        # What was not ingested is left for the next cycle.
+        for _, fetch in self.waiting:
+            fetch.abandon()
 
     def __len__(self):
         return len(self.waiting)
 
     @property
     def full(self):
-        return len(self.waiting) > self.ahead
+        """Time to ingest: more than FETCH_AHEAD under way, or the newest already here."""
+        return len(self.waiting) > FETCH_AHEAD or (self.waiting and isinstance(self.waiting[-1][1], Fetched))
 
     def start(self, batch):
-        if self.pool is not None:
-            fetch = self.pool.submit(self.fetch, batch)
-        else:
-            fetch = Future()
+        fetch = None
+        if batch.quantity >= APART_FROM:
             try:
-                fetch.set_result(self.fetch(batch))
-            except BouncerError as exc:
-                fetch.set_exception(exc)
-        self.waiting.append((batch, fetch))
-
-    def fetch(self, batch):
-        """The batch's download, read into the columns it stores."""
-        return ingest.read_download(self.client.download_batch(batch.check_type, batch.bouncer_id))
+                fetch = FetchedApart(self.client, batch)
+            except OSError as exc:   # no process to be had (memory, process limit): fetch here
+                log.warning("Bouncer batch %s (%s): downloading it in the cycle itself: %s", batch.bouncer_id,
+                            batch.id, exc, extra=ids(ledger_id=batch.id, bouncer_id=batch.bouncer_id))
+        self.waiting.append((batch, fetch or Fetched(self.client, batch)))
 
     def next(self):
         """(batch, fetch) of the oldest download: `fetch.result()` waits for its ingest.Download,
         or raises the BouncerError met."""
         return self.waiting.popleft()
+
+
+def read_batch_download(client, batch):
+    """The batch's download, read into the columns it stores."""
+    return ingest.read_download(client.download_batch(batch.check_type, batch.bouncer_id))
+
+
+class Fetched:
+    """A download the cycle fetched itself."""
+
+    def __init__(self, client, batch):
+        self.download = self.error = None
+        try:
+            self.download = read_batch_download(client, batch)
+        except BouncerError as exc:
+            self.error = exc
+
+    def result(self):
+        if self.error is not None:
+            raise self.error
+        return self.download
+
+    def abandon(self):
+        pass
+
+
+class FetchedApart:
+    """A download fetched and read by a forked process, which sends back the ingest.Download (or
+    the BouncerError it met) through a pipe and ends."""
+
+    def __init__(self, client, batch):
+        self.batch = batch
+        context = multiprocessing.get_context("fork")
+        self.answers, answer = context.Pipe(duplex=False)
+        # Not a daemon: a cycle may run in a daemonic process itself; it ends its children itself.
+        self.process = context.Process(target=fetch_apart, args=(client, batch, answer),
+                                       name="download-%s" % batch.id)
+        try:
+            self.process.start()
+        finally:
+            answer.close()   # the child's end: the pipe ends when the child does
+
+    def result(self):
+        try:
+            outcome, value = self.answers.recv()
+        except (EOFError, OSError):
+            outcome, value = "error", BouncerError(
+                "Bouncer download of batch %s: the process fetching it ended without an answer (exit %s)"
+                % (self.batch.bouncer_id, self.wait()), operation="download")
+        finally:
+            self.answers.close()
+            self.wait()
+        if outcome == "failed":
+            raise RuntimeError("Bouncer download of batch %s failed in its process: %s"
+                               % (self.batch.bouncer_id, value))
+        if outcome == "error":
+            raise value
+        return value
+
+    def wait(self):
+        self.process.join()
+        return self.process.exitcode
+
+    def abandon(self):
+        self.process.kill()
+        self.answers.close()
+        self.wait()
+
+
+def fetch_apart(client, batch, answer):
+    """In the forked process: fetch and read one download, send what came of it."""
+    # SIGTERM ends this process (the cycle's handler would only ask it to stop between batches);
+    # Ctrl-C is the cycle's to handle, which ends this process when it no longer needs it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    client.use_own_connections()
+    try:
+        outcome = ("download", read_batch_download(client, batch))
+    except BouncerError as exc:
+        outcome = ("error", exc)
+    except Exception as exc:
+        outcome = ("failed", "%s: %s" % (type(exc).__name__, exc))
+    try:
+        answer.send(outcome)
+    except OSError:
+        pass   # the cycle is gone (killed): nobody is waiting for this download
 
 
 def fail_overdue(cycle, now):

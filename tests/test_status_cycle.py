@@ -294,37 +294,130 @@ def test_check_respects_the_request_budget(app, bouncer):
     assert bouncer.count("status") + bouncer.count("download") == 2
 
 
-def test_the_next_download_is_fetched_while_the_batch_before_it_is_ingested(app, bouncer, monkeypatch,
-                                                                             database_url):
-    """On PostgreSQL one download ahead, never two; on SQLite none (see the module's note)."""
-    ahead = 1 if database_url.startswith("postgres") else 0
-    send_all(app, "alice", addresses("a", 25))   # three Bouncer batches
-    bouncer.complete_now()
+def ingests_waiting_for_downloads(monkeypatch, count_downloads, ahead):
+    """Ingest stand-in: the first ingest waits until `1 + ahead` downloads were asked for (and a
+    little longer, so that one more would show); records the count seen by each ingest."""
     import bouncer.ledger as ledger
     real, seen = ledger.complete_with_results, []
 
     def ingest(ledger_id, records, now=None):
-        if not seen:   # the first ingest: the next download comes in meanwhile, the third not yet
+        if not seen:
             deadline = time.monotonic() + 10
-            while bouncer.count("download") < 1 + ahead and time.monotonic() < deadline:
+            while count_downloads() < 1 + ahead and time.monotonic() < deadline:
                 time.sleep(0.01)
             time.sleep(0.2)
-        seen.append(bouncer.count("download"))
+        seen.append(count_downloads())
         return real(ledger_id, records, now)
     monkeypatch.setattr(ledger, "complete_with_results", ingest)
+    return seen
+
+
+def downloads_read_in(monkeypatch, tmp_path):
+    """The pid of each process that read a download (the forked ones write it to a file)."""
+    import os
+    from bouncer import status_cycle
+    real, pids = status_cycle.read_batch_download, tmp_path / "pids"
+
+    def read(client, batch):
+        with open(pids, "a") as f:
+            f.write("%d\n" % os.getpid())
+        return real(client, batch)
+    monkeypatch.setattr(status_cycle, "read_batch_download", read)
+    return lambda: [int(pid) for pid in pids.read_text().split()] if pids.exists() else []
+
+
+def test_a_small_download_is_fetched_and_ingested_by_the_cycle_itself(app, bouncer, monkeypatch, tmp_path):
+    import os
+    import bouncer.ledger as ledger
+    send_all(app, "alice", addresses("a", 25))   # three Bouncer batches of 10: below APART_FROM
+    bouncer.complete_now()
+    seen = ingests_waiting_for_downloads(monkeypatch, lambda: bouncer.count("download"), ahead=0)
+    readers = downloads_read_in(monkeypatch, tmp_path)
     order = [b.id for b in ledger.batches_to_check("deliverable")]
     report = run_cycle(app, STATUS, "deliverable")
-    assert seen[0] == 1 + ahead and (ahead or seen == [1, 2, 3])
-    assert [r.ledger_id for r in report.ingested] == order
+    assert seen == [1, 2, 3] and [r.ledger_id for r in report.ingested] == order
+    assert readers() == [os.getpid()] * 3
 
 
-def test_a_failed_download_fetched_ahead_skips_that_batch_alone(app, bouncer):
-    send_all(app, "alice", addresses("a", 25))
-    bouncer.complete_now()
-    bouncer.fail_next(503, kind="download")   # the first download fails; the others go on
-    report = run_cycle(app, STATUS, "deliverable")
+def test_a_large_download_is_fetched_by_a_process_of_its_own_while_the_batch_before_it_is_ingested(
+        sandbox_app, sandbox, monkeypatch, tmp_path):
+    """One download ahead, never two, each read by a forked process; ingested in order."""
+    import multiprocessing
+    import os
+    import bouncer.ledger as ledger
+    from bouncer import status_cycle
+    monkeypatch.setattr(status_cycle, "APART_FROM", 10)
+    batch = send_all(sandbox_app, "alice", addresses("a", 25))   # batches of 10, 10 and 5
+    sandbox.complete_now()
+    seen = ingests_waiting_for_downloads(monkeypatch, lambda: sandbox.count("download"), ahead=1)
+    readers = downloads_read_in(monkeypatch, tmp_path)
+    order = [b.id for b in ledger.batches_to_check("deliverable")]
+    report = run_cycle(sandbox_app, STATUS, "deliverable")
+    assert seen[0] == 2 and [r.ledger_id for r in report.ingested] == order
+    pids = readers()
+    assert len(pids) == 3 and pids[2] == os.getpid() and os.getpid() not in pids[:2] and pids[0] != pids[1]
+    assert statuses(batch) == {DONE: 25} and sum(r.verified for r in report.ingested) == 25
+    assert multiprocessing.active_children() == []
+
+
+def test_a_failed_download_fetched_ahead_skips_that_batch_alone(sandbox_app, sandbox, monkeypatch):
+    from bouncer import status_cycle
+    monkeypatch.setattr(status_cycle, "APART_FROM", 1)
+    send_all(sandbox_app, "alice", addresses("a", 25))
+    sandbox.complete_now()
+    sandbox.fail_next(503, kind="download")   # the first download fails; the others go on
+    report = run_cycle(sandbox_app, STATUS, "deliverable")
     assert report.errors == 1 and len(report.ingested) == 2
-    assert len(run_cycle(app, STATUS, "deliverable").ingested) == 1
+    assert len(run_cycle(sandbox_app, STATUS, "deliverable").ingested) == 1
+
+
+def test_a_download_process_that_dies_leaves_its_batch_for_the_next_cycle(sandbox_app, sandbox, monkeypatch,
+                                                                           caplog):
+    import os
+    from bouncer import status_cycle
+    monkeypatch.setattr(status_cycle, "APART_FROM", 1)
+    batch = send_all(sandbox_app, "alice", addresses("a", 25))
+    sandbox.complete_now()
+    cycle_pid, real = os.getpid(), status_cycle.read_batch_download
+
+    def killed(client, b):
+        if os.getpid() != cycle_pid and b.quantity == 5:
+            os.kill(os.getpid(), 9)   # the last batch's process, as the OOM killer would
+        return real(client, b)
+    monkeypatch.setattr(status_cycle, "read_batch_download", killed)
+    report = run_cycle(sandbox_app, STATUS, "deliverable")
+    assert report.errors == 1 and len(report.ingested) == 2
+    assert "ended without an answer (exit -9)" in caplog.text
+    monkeypatch.setattr(status_cycle, "read_batch_download", real)
+    assert len(run_cycle(sandbox_app, STATUS, "deliverable").ingested) == 1
+    assert statuses(batch) == {DONE: 25}
+
+
+def test_a_cycle_that_ends_early_ends_the_download_process_it_will_not_ingest(sandbox_app, sandbox,
+                                                                              monkeypatch):
+    import multiprocessing
+    import os
+    from bouncer import status_cycle
+    monkeypatch.setattr(status_cycle, "APART_FROM", 1)
+    batch = send_all(sandbox_app, "alice", addresses("a", 25))
+    sandbox.complete_now()
+    import bouncer.ledger as ledger
+    second = [b.id for b in ledger.batches_to_check("deliverable")][1]
+    cycle_pid, real = os.getpid(), status_cycle.read_batch_download
+
+    def slow_second(client, b):
+        if os.getpid() != cycle_pid and b.id == second:
+            time.sleep(30)   # still under way when the cycle ends
+        return real(client, b)
+    monkeypatch.setattr(status_cycle, "read_batch_download", slow_second)
+    sandbox.fail_next(401, kind="download")   # the first download ends the cycle
+    started = time.monotonic()
+    report = run_cycle(sandbox_app, STATUS, "deliverable")
+    assert report.refused[0] == 401 and report.ingested == []
+    assert multiprocessing.active_children() == [] and time.monotonic() - started < 20
+    monkeypatch.undo()
+    assert len(run_cycle(sandbox_app, STATUS, "deliverable").ingested) == 3
+    assert statuses(batch) == {DONE: 25}
 
 
 def test_a_cycle_told_to_stop_ingests_what_it_downloaded_and_leaves_the_rest(app, bouncer, monkeypatch):
