@@ -4,6 +4,7 @@ import datetime
 import hashlib
 import io
 import json
+import os
 from itertools import islice
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -289,6 +290,15 @@ def copy_value(value):
 
 def quote(identifier):
     return '"%s"' % identifier
+
+
+def let_go_after_fork():
+    """In a forked process that never queries: close its copy of the parent's PostgreSQL
+    socket, without a word to the server (the parent's own stays open). The server then sees
+    the parent end when it ends, and rolls back what it left open, rather than when this
+    process does. SQLite needs nothing: its locks belong to the process that took them."""
+    if is_postgres() and not database.is_closed():
+        os.close(database.connection().fileno())
 
 
 @contextlib.contextmanager

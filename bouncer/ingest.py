@@ -36,9 +36,9 @@ class IngestReport:
 class Download:
     """A download read into the columns it stores, before any address is matched: `(email,
     columns)` of each usable record, and how many records were not usable; on PostgreSQL also
-    each record's columns as a line of COPY text. Reading needs no database, so on PostgreSQL
-    it is done on the download's own thread, and the cycle's own thread only matches and writes
-    (measured on 150k verdicts: the COPY text took 0.8 s of that thread, beside the parsing)."""
+    each record's columns as a line of COPY text. Reading needs no database, so a large
+    download is read by the process that fetched it, and the cycle only matches and writes
+    (measured on 150k verdicts: the COPY text took 0.8 s of that reading, beside the parsing)."""
     records: list
     malformed: int = 0
     lines: list = None

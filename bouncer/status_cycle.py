@@ -29,7 +29,7 @@ import signal
 from collections import OrderedDict, deque
 
 from . import ingest, ledger
-from .db import utcnow
+from .db import let_go_after_fork, utcnow
 from .errors import BouncerError
 from .logs import ids
 from .ratelimit import take_request_slot
@@ -139,7 +139,7 @@ class Downloads:
         if batch.quantity >= APART_FROM:
             try:
                 fetch = FetchedApart(self.client, batch)
-            except OSError as exc:   # no process to be had (memory, process limit): fetch here
+            except (OSError, ValueError) as exc:   # no process to be had (memory, limits, no fork)
                 log.warning("Bouncer batch %s (%s): downloading it in the cycle itself: %s", batch.bouncer_id,
                             batch.id, exc, extra=ids(ledger_id=batch.id, bouncer_id=batch.bouncer_id))
         self.waiting.append((batch, fetch or Fetched(self.client, batch)))
@@ -223,6 +223,7 @@ def fetch_apart(client, batch, answer):
     # Ctrl-C is the cycle's to handle, which ends this process when it no longer needs it.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    let_go_after_fork()
     client.use_own_connections()
     try:
         outcome = ("download", read_batch_download(client, batch))

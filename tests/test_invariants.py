@@ -193,7 +193,37 @@ def install_kill_switch(step, marker):
         "stored": lambda: after(ledger, "confirm_sent"),
         "downloading": lambda: before(client.BouncerClient, "download_batch"),
         "ingesting": lambda: after(ingest, "upsert_results"),
+        "ingesting_beside_a_download": lambda: (after(ingest, "upsert_results"), download_apart_slowly()),
     }[step]()
+
+
+DOWNLOAD_OUTLIVES_CYCLE = 10   # seconds
+
+
+def download_apart_slowly():
+    """Every download in a process of its own, and the second one still under way when the
+    cycle has ingested the first."""
+    from bouncer import status_cycle
+    status_cycle.APART_FROM = 1
+    real, seen = status_cycle.FetchedApart, []
+
+    class Slow(real):
+        def __init__(self, client, batch):
+            seen.append(batch.id)
+            if len(seen) == 2:
+                read = status_cycle.read_batch_download
+
+                def slow_read(client, b):
+                    time.sleep(DOWNLOAD_OUTLIVES_CYCLE)
+                    return read(client, b)
+                status_cycle.read_batch_download = slow_read   # in the process forked next
+                try:
+                    super().__init__(client, batch)
+                finally:
+                    status_cycle.read_batch_download = read
+            else:
+                super().__init__(client, batch)
+    status_cycle.FetchedApart = Slow
 
 
 def run_cycle_until_killed(database_url, redis_url, api_url, cycle, step, marker):
@@ -312,6 +342,56 @@ def test_invariant_6_kill_9_in_the_status_cycle_loses_nothing(sandbox_app, sandb
                                          & (UserBatchEmail.status == DONE)).count() == 25
     assert all(n == 1 for n in sends_per_address(sandbox).values())
     assert BouncerBatchEmail.select().count() == 0   # no address left in flight
+
+
+def test_invariant_6_a_download_process_outliving_a_killed_status_cycle_holds_none_of_its_locks(
+        sandbox_app, sandbox, tmp_path, database_url):
+    """The cycle dies (kill -9) mid-ingest while the next download's process is still at work:
+    the dead cycle's transaction is rolled back at once, not when that process ends (on
+    PostgreSQL the process let go of the connection it inherited)."""
+    app = sandbox_app
+    batch = submit("alice", addresses("k", 25))
+    run_cycle(app, CREATION, "deliverable")
+    sandbox.complete_now()
+    database.close()
+    child = multiprocessing.get_context("spawn").Process(target=run_cycle_until_killed, args=(
+        app.settings.database_url, app.settings.redis_url, sandbox.url, "check",
+        "ingesting_beside_a_download", str(tmp_path / "marker")))
+    child.start()
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)   # dead; reaped by join below
+    killed_at = time.monotonic()
+    wait_for(lambda: ledger_rows_unlocked(database_url), timeout=DOWNLOAD_OUTLIVES_CYCLE / 2)
+    assert time.monotonic() - killed_at < DOWNLOAD_OUTLIVES_CYCLE / 2   # the process still works
+    database.connect(reuse_if_open=True)
+    assert UserBatchEmail.select().where(UserBatchEmail.status == DONE).count() == 0
+    recover_and_finish(app, sandbox)
+    assert UserBatchEmail.select().where((UserBatchEmail.batch == batch)
+                                         & (UserBatchEmail.status == DONE)).count() == 25
+    child.join(timeout=60)
+    assert child.exitcode == -signal.SIGKILL
+
+
+def ledger_rows_unlocked(database_url):
+    """True when no transaction holds the ledger's rows (PostgreSQL) or the write lock (SQLite)."""
+    if database_url.startswith("postgres"):
+        import psycopg2
+        probe = psycopg2.connect(database_url)
+        try:
+            probe.cursor().execute("SELECT id FROM bouncer_batches FOR UPDATE NOWAIT")
+            return True
+        except psycopg2.errors.LockNotAvailable:
+            return False
+        finally:
+            probe.close()
+    import sqlite3
+    probe = sqlite3.connect(database_url[len("sqlite:///"):], timeout=0)
+    try:
+        probe.execute("BEGIN IMMEDIATE")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        probe.close()
 
 
 def hold_lock_and_die(redis_url):
