@@ -17,9 +17,8 @@ process of its own, forked when its batch is found completed, while the cycle in
 before it: one ahead at most. The reading is Python work, so a thread would take turns with the
 ingest at Python's lock; a process runs beside it on another core and sends back what it read
 (measured on 150k results: pickling and unpickling a download costs about a fifth of reading
-it). Batches are still ingested one at a time, in the order they were checked, as soon as
-their download has arrived (the checks of the batches still at Bouncer wait meanwhile), and one
-already fetched when the cycle must stop is still ingested. A small download is fetched by the cycle
+it). Batches are still ingested one at a time, in the order they were checked, and one already
+fetched when the cycle must stop is still ingested. A small download is fetched by the cycle
 itself when its batch is checked. A process that ends without an answer (killed, say) is a
 failed download: its batch waits for the next cycle.
 """
