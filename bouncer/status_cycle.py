@@ -131,9 +131,8 @@ class Downloads:
 
     @property
     def full(self):
-        """Time to ingest the oldest: more than FETCH_AHEAD under way, or it has arrived (the
-        checks of the batches still running need not hold up a download that is here)."""
-        return len(self.waiting) > FETCH_AHEAD or (self.waiting and self.waiting[0][1].arrived())
+        """Time to ingest: more than FETCH_AHEAD under way, or the newest already here."""
+        return len(self.waiting) > FETCH_AHEAD or (self.waiting and isinstance(self.waiting[-1][1], Fetched))
 
     def start(self, batch):
         fetch = None
@@ -166,9 +165,6 @@ class Fetched:
         except BouncerError as exc:
             self.error = exc
 
-    def arrived(self):
-        return True
-
     def result(self):
         if self.error is not None:
             raise self.error
@@ -193,10 +189,6 @@ class FetchedApart:
             self.process.start()
         finally:
             answer.close()   # the child's end: the pipe ends when the child does
-
-    def arrived(self):
-        """The process has answered (or ended): result() will not wait for the download."""
-        return self.answers.poll()
 
     def result(self):
         try:
