@@ -17,8 +17,10 @@ process of its own, forked when its batch is found completed, while the cycle in
 before it: one ahead at most. The reading is Python work, so a thread would take turns with the
 ingest at Python's lock; a process runs beside it on another core and sends back what it read
 (measured on 150k results: pickling and unpickling a download costs about a fifth of reading
-it). Batches are still ingested one at a time, in the order they were checked, and one already
-fetched when the cycle must stop is still ingested. A small download is fetched by the cycle
+it). Batches are still ingested one at a time, in the order they were checked; after a check
+that started no download, one that has arrived is ingested at once rather than after the checks
+of the batches still at Bouncer; and one already fetched when the cycle must stop is still
+ingested. A small download is fetched by the cycle
 itself when its batch is checked. A process that ends without an answer (killed, say) is a
 failed download: its batch waits for the next cycle.
 """
@@ -66,9 +68,10 @@ def check_batches(cycle, now=None):
             if not take_request_slot("status", settings.rate_limit_buffer, check_type):
                 report.stopped = "request budget used up (%d in 60 s)" % settings.rate_limit_buffer
                 break
+            started = downloads.started
             if not follow_batch(cycle, batch, downloads, turns):
                 break
-            while downloads.full:
+            while downloads.ingest_due(started_one=downloads.started > started):
                 if not ingest_next(cycle, downloads):
                     return
         # Whatever ended the checks, a download already asked for is ingested: its request is
@@ -117,6 +120,7 @@ class Downloads:
 
     def __init__(self, client):
         self.client, self.waiting = client, deque()
+        self.started = 0   # downloads started in this cycle
 
     def __enter__(self):
         return self
@@ -129,12 +133,18 @@ class Downloads:
     def __len__(self):
         return len(self.waiting)
 
-    @property
-    def full(self):
-        """Time to ingest: more than FETCH_AHEAD under way, or the newest already here."""
-        return len(self.waiting) > FETCH_AHEAD or (self.waiting and isinstance(self.waiting[-1][1], Fetched))
+    def ingest_due(self, started_one):
+        """Time to ingest the oldest download: more than FETCH_AHEAD are under way, or the newest
+        is already here, or the last check started none and the oldest has arrived (nothing
+        would run beside its ingest, and the checks of batches still at Bouncer need not hold
+        up a completed one's results)."""
+        if not self.waiting:
+            return False
+        return (len(self.waiting) > FETCH_AHEAD or isinstance(self.waiting[-1][1], Fetched)
+                or (not started_one and self.waiting[0][1].arrived()))
 
     def start(self, batch):
+        self.started += 1
         fetch = None
         if batch.quantity >= APART_FROM:
             try:
@@ -165,6 +175,9 @@ class Fetched:
         except BouncerError as exc:
             self.error = exc
 
+    def arrived(self):
+        return True
+
     def result(self):
         if self.error is not None:
             raise self.error
@@ -189,6 +202,10 @@ class FetchedApart:
             self.process.start()
         finally:
             answer.close()   # the child's end: the pipe ends when the child does
+
+    def arrived(self):
+        """The process has answered (or ended): result() will not wait for the download."""
+        return self.answers.poll()
 
     def result(self):
         try:

@@ -352,12 +352,46 @@ def test_a_large_download_is_fetched_by_a_process_of_its_own_while_the_batch_bef
     seen = ingests_waiting_for_downloads(monkeypatch, lambda: sandbox.count("download"), ahead=1)
     readers = downloads_read_in(monkeypatch, tmp_path)
     order = [b.id for b in ledger.batches_to_check("deliverable")]
+    cycle_pid, read = os.getpid(), status_cycle.read_batch_download
+
+    def slow_first(client, b):   # still under way when the next batch is checked
+        if b.id == order[0] and os.getpid() != cycle_pid:
+            time.sleep(0.5)
+        return read(client, b)
+    monkeypatch.setattr(status_cycle, "read_batch_download", slow_first)
     report = run_cycle(sandbox_app, STATUS, "deliverable")
     assert seen[0] == 2 and [r.ledger_id for r in report.ingested] == order
     pids = readers()
     assert len(pids) == 3 and pids[2] == os.getpid() and os.getpid() not in pids[:2] and pids[0] != pids[1]
     assert statuses(batch) == {DONE: 25} and sum(r.verified for r in report.ingested) == 25
     assert multiprocessing.active_children() == []
+
+
+def test_a_download_that_has_arrived_is_ingested_before_the_running_batches_are_checked(
+        sandbox_app, sandbox, monkeypatch):
+    """The checks of batches still at Bouncer (each a call) do not hold up a completed one."""
+    import bouncer.ledger as ledger
+    from bouncer import status_cycle
+    monkeypatch.setattr(status_cycle, "APART_FROM", 1)
+    send_all(sandbox_app, "alice", addresses("a", 25))   # three Bouncer batches
+    first = ledger.batches_to_check("deliverable")[0]
+    sandbox.complete_now(first.bouncer_id)                # only the first is done
+    events, get_batch, ingest = [], sandbox_app.client.get_batch, ledger.complete_with_results
+
+    def slow_status(check_type, bouncer_id):
+        if events:
+            time.sleep(0.5)   # Bouncer takes its time; the first download arrives meanwhile
+        events.append("status")
+        return get_batch(check_type, bouncer_id)
+
+    def ingesting(ledger_id, download, now=None):
+        events.append("ingest")
+        return ingest(ledger_id, download, now)
+    monkeypatch.setattr(sandbox_app.client, "get_batch", slow_status)
+    monkeypatch.setattr(ledger, "complete_with_results", ingesting)
+    report = run_cycle(sandbox_app, STATUS, "deliverable")
+    assert [r.ledger_id for r in report.ingested] == [first.id] and report.waiting == 2
+    assert events == ["status", "status", "ingest", "status"]
 
 
 def test_a_failed_download_fetched_ahead_skips_that_batch_alone(sandbox_app, sandbox, monkeypatch):
