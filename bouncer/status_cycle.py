@@ -20,9 +20,9 @@ ingest at Python's lock; a process runs beside it on another core and sends back
 it). Batches are still ingested one at a time, in the order they were checked; after a check
 that started no download, one that has arrived is ingested at once rather than after the checks
 of the batches still at Bouncer; and one already fetched when the cycle must stop is still
-ingested. A small download is fetched by the cycle
-itself when its batch is checked. A process that ends without an answer (killed, say) is a
-failed download: its batch waits for the next cycle.
+ingested. A small download is fetched by the cycle itself when its batch is checked. A process
+that ends without an answer (killed, say) is a failed download: its batch waits for the next
+cycle.
 """
 import datetime
 import logging

@@ -326,6 +326,21 @@ def downloads_read_in(monkeypatch, tmp_path):
     return lambda: [int(pid) for pid in pids.read_text().split()] if pids.exists() else []
 
 
+def in_each_download_process(monkeypatch, action):
+    """`action(batch)` runs in each forked download process before it reads its download;
+    returns the real reader."""
+    import os
+    from bouncer import status_cycle
+    cycle_pid, real = os.getpid(), status_cycle.read_batch_download
+
+    def read(client, batch):
+        if os.getpid() != cycle_pid:
+            action(batch)
+        return real(client, batch)
+    monkeypatch.setattr(status_cycle, "read_batch_download", read)
+    return real
+
+
 def test_a_small_download_is_fetched_and_ingested_by_the_cycle_itself(app, bouncer, monkeypatch, tmp_path):
     import os
     import bouncer.ledger as ledger
@@ -352,13 +367,8 @@ def test_a_large_download_is_fetched_by_a_process_of_its_own_while_the_batch_bef
     seen = ingests_waiting_for_downloads(monkeypatch, lambda: sandbox.count("download"), ahead=1)
     readers = downloads_read_in(monkeypatch, tmp_path)
     order = [b.id for b in ledger.batches_to_check("deliverable")]
-    cycle_pid, read = os.getpid(), status_cycle.read_batch_download
-
-    def slow_first(client, b):   # still under way when the next batch is checked
-        if b.id == order[0] and os.getpid() != cycle_pid:
-            time.sleep(0.5)
-        return read(client, b)
-    monkeypatch.setattr(status_cycle, "read_batch_download", slow_first)
+    # The first is still under way when the next batch is checked.
+    in_each_download_process(monkeypatch, lambda b: b.id == order[0] and time.sleep(0.5))
     report = run_cycle(sandbox_app, STATUS, "deliverable")
     assert seen[0] == 2 and [r.ledger_id for r in report.ingested] == order
     pids = readers()
@@ -412,13 +422,8 @@ def test_a_download_process_that_dies_leaves_its_batch_for_the_next_cycle(sandbo
     monkeypatch.setattr(status_cycle, "APART_FROM", 1)
     batch = send_all(sandbox_app, "alice", addresses("a", 25))
     sandbox.complete_now()
-    cycle_pid, real = os.getpid(), status_cycle.read_batch_download
-
-    def killed(client, b):
-        if os.getpid() != cycle_pid and b.quantity == 5:
-            os.kill(os.getpid(), 9)   # the last batch's process, as the OOM killer would
-        return real(client, b)
-    monkeypatch.setattr(status_cycle, "read_batch_download", killed)
+    # The last batch's process is killed, as the OOM killer would.
+    real = in_each_download_process(monkeypatch, lambda b: b.quantity == 5 and os.kill(os.getpid(), 9))
     report = run_cycle(sandbox_app, STATUS, "deliverable")
     assert report.errors == 1 and len(report.ingested) == 2
     assert "ended without an answer (exit -9)" in caplog.text
@@ -430,20 +435,14 @@ def test_a_download_process_that_dies_leaves_its_batch_for_the_next_cycle(sandbo
 def test_a_cycle_that_ends_early_ends_the_download_process_it_will_not_ingest(sandbox_app, sandbox,
                                                                               monkeypatch):
     import multiprocessing
-    import os
     from bouncer import status_cycle
     monkeypatch.setattr(status_cycle, "APART_FROM", 1)
     batch = send_all(sandbox_app, "alice", addresses("a", 25))
     sandbox.complete_now()
     import bouncer.ledger as ledger
     second = [b.id for b in ledger.batches_to_check("deliverable")][1]
-    cycle_pid, real = os.getpid(), status_cycle.read_batch_download
-
-    def slow_second(client, b):
-        if os.getpid() != cycle_pid and b.id == second:
-            time.sleep(30)   # still under way when the cycle ends
-        return real(client, b)
-    monkeypatch.setattr(status_cycle, "read_batch_download", slow_second)
+    # The second is still under way when the cycle ends.
+    in_each_download_process(monkeypatch, lambda b: b.id == second and time.sleep(30))
     sandbox.fail_next(401, kind="download")   # the first download ends the cycle
     started = time.monotonic()
     report = run_cycle(sandbox_app, STATUS, "deliverable")
