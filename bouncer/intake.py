@@ -376,20 +376,20 @@ def batches_with_new_rows(check_type, now=None):
 
 DISTINCT_NEW_BATCHES = """
 WITH RECURSIVE pending(batch_id) AS (
-    SELECT MIN(batch_id) FROM user_batch_emails WHERE status = 'new'
+    SELECT MIN(batch_id) FROM user_batch_emails WHERE %(new)s
     UNION ALL
-    SELECT (SELECT MIN(batch_id) FROM user_batch_emails WHERE status = 'new' AND batch_id > pending.batch_id)
+    SELECT (SELECT MIN(batch_id) FROM user_batch_emails WHERE %(new)s AND batch_id > pending.batch_id)
     FROM pending WHERE pending.batch_id IS NOT NULL
 )
 SELECT batch_id FROM pending WHERE batch_id IS NOT NULL
-"""
+""" % {"new": progress.NOT_ADMITTED_SQL}
 
 
 def admit_slice(batch_id, now, limit=SLICE, heartbeat=False):
     """Admit up to `limit` new rows of one batch, oldest position first. The addresses are
     checked before the write transaction opens, so it stays short."""
     report = AdmissionReport()
-    rows = (Row.select(Row.id, Row.email).where((Row.batch == batch_id) & (Row.status == NEW))
+    rows = (Row.select(Row.id, Row.email).where((Row.batch == batch_id) & progress.not_admitted())
             .order_by(Row.position).limit(limit).tuples())
     rows = database.execute_sql(*rows.sql()).fetchall()
     if not rows:
@@ -405,7 +405,7 @@ def admit_slice(batch_id, now, limit=SLICE, heartbeat=False):
     with write_transaction():
         batch = UserBatch.get_by_id(batch_id)
         if batch.status == BATCH_CANCELLED:
-            report.invalid = cancel_new_rows([r for r, _ in rows], now)
+            report.invalid = cancel_new_rows(batch, [r for r, _ in rows], now)
             return report
         global_ids = register_global_emails([address for _, address in valid], now)
         report.admitted = queue_rows(batch, [(r, global_ids[a]) for r, a in valid])
@@ -479,8 +479,8 @@ def update_new_rows(rows, columns, assignments, params, into_line=False):
     return len(admitted)
 
 
-def cancel_new_rows(row_ids, now):
-    return (Row.update(status=CANCELLED, completed_at=now)
+def cancel_new_rows(batch, row_ids, now):
+    return (Row.update(status=CANCELLED, completed_at=now, check_type=batch.check_type)
             .where(among(Row.id, row_ids) & (Row.status == NEW)).execute())
 
 

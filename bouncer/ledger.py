@@ -306,8 +306,9 @@ def complete_with_results(ledger_id, download, now=None):
         end_flight(ledger_id)
         (BouncerBatch.update(status=COMPLETED, finished_at=now, bouncer_status="completed")
          .where(BouncerBatch.id == ledger_id).execute())
-        progress.complete_finished_batches(progress.batches_of_bouncer_batch(ledger_id), now)
+        user_batches = [b for (b,) in progress.batches_of_bouncer_batch(ledger_id).tuples()]
         progress.forget_riders(ledger_id)
+        progress.complete_finished_batches(user_batches, now)
     log.info("Bouncer batch %s (%s) ingested: %s emails verified, %s missing, %s extra and %s "
              "malformed records ignored", ledger.bouncer_id, ledger_id, report.verified,
              report.missing, report.extra, report.malformed,

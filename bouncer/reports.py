@@ -19,13 +19,14 @@ from urllib.parse import urlsplit
 
 from peewee import JOIN, Case, fn
 
+from . import progress
 from .config import CHECK_TYPES
 from .db import among, database, utcnow
 from .errors import NotFound
 from .ledger import count_in_flight, count_outstanding, count_possible_orphans
 from .models import (
     ABANDONED, BATCH_FAILED, BATCH_STATES, CANCELLED, COMPLETED, DELIVERED, DONE, FAILED, GIVEN_UP,
-    IN_FLIGHT_STATES, INVALID, NEW, NO_TARGET, OUTSTANDING, PENDING, QUEUED, REJECTED, ROW_STATES, SENT, VERDICTS,
+    IN_FLIGHT_STATES, INVALID, NO_TARGET, OUTSTANDING, PENDING, QUEUED, REJECTED, ROW_STATES, SENT, VERDICTS,
     BouncerBatch, QueuedEmail, RidingRows, UserBatch, UserBatchEmail, WebhookAttempt, WebhookDelivery,
     result_model,
 )
@@ -103,7 +104,7 @@ def outcome(row_status, verdict):
 def recent_batches(limit=20, user_id=None, status=None, before=None):
     """The latest user batches with their progress, newest first (`before`: ids below it)."""
     batches = list(select_batches(limit, user_id, status, before))
-    pending = pending_counts([b.id for b in batches])
+    pending = pending_counts(batches)
     return [{"batch_id": b.id, "user_id": b.user_id, "check_type": b.check_type, "status": b.status,
              "total": b.total, "done": b.total - pending.get(b.id, 0),
              "created_at": iso(b.created_at)} for b in batches]
@@ -129,14 +130,26 @@ def page_of_batches(limit=20, user_id=None, status=None, before=None):
     return [status_object(b, counts[b.id]) for b in shown], shown[-1].id if len(batches) > limit else None
 
 
-def pending_counts(batch_ids):
-    """{batch id: rows admitted and not yet final}."""
-    if not batch_ids:
-        return {}
-    query = (Row.select(Row.batch, fn.COUNT(Row.id))
-             .where(Row.batch.in_(batch_ids) & (Row.status == QUEUED))
-             .group_by(Row.batch))
-    return dict(query.tuples())
+def pending_counts(batches):
+    """{batch id: rows admitted and not yet final}: those in line and those riding, each counted
+    through its own index (no index of the rows holds their status)."""
+    found = {}
+    if not batches:
+        return found
+    riding = (RidingRows.select(RidingRows.batch_id, fn.SUM(RidingRows.rows))
+              .where(RidingRows.batch_id.in_([b.id for b in batches])).group_by(RidingRows.batch_id))
+    for check_type in {b.check_type for b in batches}:
+        placed = [b for b in batches if b.check_type == check_type and b.fifo_order is not None]
+        if placed:
+            waiting = (QueuedEmail.select(QueuedEmail.batch_id, fn.COUNT(QueuedEmail.row))
+                       .where((QueuedEmail.check_type == check_type)
+                              & QueuedEmail.fifo_order.in_([b.fifo_order for b in placed])
+                              & QueuedEmail.batch_id.in_([b.id for b in placed]))
+                       .group_by(QueuedEmail.batch_id))
+            found.update(waiting.tuples())
+    for batch_id, rows in riding.tuples():
+        found[batch_id] = found.get(batch_id, 0) + int(rows)
+    return found
 
 
 def queue_overview(settings, now=None):
@@ -150,7 +163,7 @@ def queue_overview(settings, now=None):
     riding = dict(RidingRows.select(BouncerBatch.check_type, fn.SUM(RidingRows.rows)).join(BouncerBatch)
                   .group_by(BouncerBatch.check_type).tuples())
     new = dict(Row.select(UserBatch.check_type, fn.COUNT(Row.id)).join(UserBatch)
-               .where(Row.status == NEW).group_by(UserBatch.check_type).tuples())
+               .where(progress.not_admitted()).group_by(UserBatch.check_type).tuples())
     ledger = ledger_totals(start_of_day(now))
     return {
         "check_types": {

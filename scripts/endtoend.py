@@ -388,14 +388,15 @@ def admit_on_signal(url, go, ready, answers):
 def admitter(url):
     from bouncer.db import database, open_database
     from bouncer.intake import admit
-    from bouncer.models import NEW, UserBatchEmail
+    from bouncer.models import UserBatchEmail
+    from bouncer.progress import not_admitted
     open_database(url)
     database.connect()
 
     def admit_all():
         started = time.perf_counter()
         admit(CHECK_TYPE)
-        while UserBatchEmail.select().where(UserBatchEmail.status == NEW).exists():
+        while UserBatchEmail.select().where(not_admitted()).exists():
             time.sleep(0.01)   # what a creation cycle is admitting meanwhile
             admit(CHECK_TYPE)
         return time.perf_counter() - started, own_vm_hwm_mb()

@@ -176,6 +176,10 @@ def test_host_batch_created_at_is_utc_whatever_the_server_time_zone(host, db):
      "UNIQUE"),
     ("INSERT INTO user_batch_emails (batch_id, position, email) VALUES (?, ?, ?)", ("{batch}", 2, None),
      "email"),
+    # The check type of a row is its batch's, copied by admission: a new row that has one would
+    # never be found to admit.
+    ("INSERT INTO user_batch_emails (batch_id, position, email, check_type) VALUES (?, ?, ?, ?)",
+     ("{batch}", 2, "b@x.com", "deliverable"), "user_batch_emails_new_has_no_check_type"),
 ])
 def test_host_rows_that_break_the_contract_are_refused(host, statement, params, fragment):
     batch_id = host.write_batch("alice", "deliverable", [(1, "a@x.com")])

@@ -240,3 +240,78 @@ def test_upgraded_version_2_database_carries_on_to_the_end(v2_database, redis_co
     # bz-2 was made by another Bouncer than this sandbox: it answers 404, and its two rows fail.
     assert statuses(1) == {"done": 4, "failed": 2}
     assert batch_status(1)["status"] == "failed"
+
+
+# Release 3's rows: bob's batch has one row done and two waiting in line; carol's batch was
+# cancelled before it was admitted (its row kept no check type); dave's was written by a host and
+# not yet admitted, one valid row and one not.
+V3_ROWS = [
+    "INSERT INTO schema_version (version) VALUES (3)",
+    "INSERT INTO fifo_counter (last) VALUES (1)",
+    "INSERT INTO emails_global (id, email, created_at) VALUES (1, 'a@example.com', '%(t)s'),"
+    " (2, 'b@example.com', '%(t)s'), (3, 'c@example.com', '%(t)s')",
+    "INSERT INTO user_batches (id, user_id, check_type, status, total, fifo_order, source, created_at,"
+    " cancelled_at, completed_at) VALUES"
+    " (1, 'bob', 'deliverable', 'processing', 3, 1, 'cli', '%(t)s', NULL, NULL),"
+    " (2, 'carol', 'deliverable', 'cancelled', 0, NULL, 'api', '%(t)s', '%(t)s', '%(t)s'),"
+    " (3, 'dave', 'deliverable', 'new', 0, NULL, NULL, '%(t)s', NULL, NULL)",
+    "INSERT INTO bouncer_batches (id, check_type, status, bouncer_id, quantity, reserved_at, sent_at,"
+    " finished_at) VALUES (1, 'deliverable', 'completed', 'bz-1', 1, '%(t)s', '%(t)s', '%(t)s')",
+    "INSERT INTO user_batch_emails (id, batch_id, position, email, status, email_global_id, check_type,"
+    " fifo_order, bouncer_batch_id, completed_at) VALUES"
+    " (1, 1, 1, 'a@example.com', 'done', 1, 'deliverable', 1, 1, '%(t)s'),"
+    " (2, 1, 2, 'b@example.com', 'queued', 2, 'deliverable', 1, NULL, NULL),"
+    " (3, 1, 3, 'c@example.com', 'queued', 3, 'deliverable', 1, NULL, NULL),"
+    " (4, 2, 1, 'x@example.com', 'cancelled', NULL, NULL, NULL, NULL, '%(t)s'),"
+    " (5, 3, 1, 'd@example.com', 'new', NULL, NULL, NULL, NULL, NULL),"
+    " (6, 3, 2, 'not an address', 'new', NULL, NULL, NULL, NULL, NULL)",
+    "INSERT INTO queued_emails (row_id, batch_id, check_type, fifo_order, position, email_global_id, email)"
+    " VALUES (2, 1, 'deliverable', 1, 2, 2, 'b@example.com'), (3, 1, 'deliverable', 1, 3, 3, 'c@example.com')",
+    "INSERT INTO email_deliverable_results (email_global_id, status, raw, checked_at, bouncer_batch_id)"
+    " VALUES (1, 'deliverable', '{}', '%(t)s', 1)",
+]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def v3_database(request, tmp_path):
+    """A database made by release 3 (one statement a line, as its init-db ran them)."""
+    lines = (DATA / ("schema_v3_%s.sql" % request.param)).read_text().splitlines()
+    statements = [line.rstrip(";") for line in lines if line and not line.startswith("--")]
+    yield from frozen_database(request.param, tmp_path, 3, statements, V3_ROWS)
+
+
+def rows_fillfactor():
+    """The fillfactor of `user_batch_emails` on PostgreSQL (None: the default, every page full)."""
+    options = database.execute_sql("SELECT reloptions FROM pg_class WHERE relname = 'user_batch_emails'").fetchone()[0]
+    return next((int(o.split("=")[1]) for o in options or () if o.startswith("fillfactor=")), None)
+
+
+def test_init_db_upgrades_a_version_3_database_to_indexes_that_do_not_hold_a_rows_status(v3_database):
+    with database.connection_context():
+        before = counts()
+        assert create_schema() == "schema upgraded from version 3 to %d" % VERSION
+        assert create_schema() == "schema up to date (version %d)" % VERSION
+        assert counts() == before
+        indexes = indexes_of("user_batch_emails")
+        assert "user_batch_emails_unadmitted" in indexes
+        assert not indexes & {"user_batch_emails_new", "user_batch_emails_pending"}
+        # The row cancelled before admission took its batch's check type, as every row that left
+        # `new` has; the rows still to admit are the only ones without one.
+        assert UserBatchEmail.get_by_id(4).check_type == "deliverable"
+        assert [r.id for r in UserBatchEmail.select().where(UserBatchEmail.check_type.is_null())] == [5, 6]
+        if is_postgres():
+            assert rows_fillfactor() == 50
+        assert batch_status(1)["counts"]["pending"] == 2
+        assert [r["status"] for r in iter_results(3)] == ["pending", "pending"]
+
+
+def test_upgraded_version_3_database_admits_sends_and_ends_every_batch(v3_database, redis_conn, bouncer):
+    app = upgraded_app(v3_database, redis_conn)
+    run_cycle(app, CREATION, "deliverable")
+    assert bouncer.sent_addresses() == ["b@example.com", "c@example.com", "d@example.com"]
+    bouncer.complete_now()
+    run_cycle(app, STATUS, "deliverable")
+    assert statuses(1) == {"done": 3}
+    assert statuses(3) == {"done": 1, "invalid": 1}
+    assert batch_status(1)["status"] == batch_status(3)["status"] == "completed"
+    assert batch_status(2)["status"] == "cancelled"
