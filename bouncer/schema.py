@@ -10,10 +10,11 @@ The queue's own tables are created by Peewee from bouncer/models.py.
 
 Versions (table `schema_version`): 1, the first release (`user_batches.user`, no defaults, rows
 numbered from 0); 2, the host tables with their defaults and checks, a row `sent` while it rides
-on a Bouncer batch; 3, the line (`queued_emails`) and the rows riding on Bouncer batches (`riding_rows`) are tables
-of their own, so a claim no longer rewrites the rows it takes; 4, this one: no index of
-`user_batch_emails` depends on a row's status, and on PostgreSQL its pages keep room, so ending
-a row rewrites it in place (a HOT update) rather than adding an entry to each of its indexes.
+on a Bouncer batch; 3, the line (`queued_emails`) and the rows riding on Bouncer batches
+(`riding_rows`) are tables of their own, so a claim no longer rewrites the rows it takes; 4, this
+one: no index of `user_batch_emails` depends on a row's status, and on PostgreSQL its pages keep
+room, so ending a row rewrites it in place (a HOT update) rather than adding an entry to each of
+its indexes.
 """
 import logging
 
