@@ -205,11 +205,15 @@ V2_ROWS = [
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def v2_database(request, tmp_path):
-    """A database made by release 2, with rows of every state (one statement a line: its
-    trigger holds a semicolon)."""
-    lines = (DATA / ("schema_v2_%s.sql" % request.param)).read_text().splitlines()
-    statements = [line.rstrip(";") for line in lines if line and not line.startswith("--")]
-    yield from frozen_database(request.param, tmp_path, 2, statements, V2_ROWS)
+    """A database made by release 2, with rows of every state."""
+    yield from frozen_database(request.param, tmp_path, 2, statements_a_line(2, request.param), V2_ROWS)
+
+
+def statements_a_line(version, kind):
+    """The frozen schema of release `version`, one statement a line (its triggers hold a
+    semicolon)."""
+    lines = (DATA / ("schema_v%d_%s.sql" % (version, kind))).read_text().splitlines()
+    return [line.rstrip(";") for line in lines if line and not line.startswith("--")]
 
 
 def test_init_db_upgrades_a_version_2_database_into_the_line_and_the_riding_rows(v2_database):
@@ -274,10 +278,8 @@ V3_ROWS = [
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def v3_database(request, tmp_path):
-    """A database made by release 3 (one statement a line, as its init-db ran them)."""
-    lines = (DATA / ("schema_v3_%s.sql" % request.param)).read_text().splitlines()
-    statements = [line.rstrip(";") for line in lines if line and not line.startswith("--")]
-    yield from frozen_database(request.param, tmp_path, 3, statements, V3_ROWS)
+    """A database made by release 3 (its statements as its init-db ran them)."""
+    yield from frozen_database(request.param, tmp_path, 3, statements_a_line(3, request.param), V3_ROWS)
 
 
 def rows_fillfactor():
