@@ -32,7 +32,7 @@ from .errors import InputError
 from .logs import ids
 from .models import (
     BATCH_CANCELLED, BATCH_COMPLETED, BATCH_LOADING, BATCH_NEW, BATCH_PROCESSING, BATCH_QUEUED,
-    CANCELLED, NEW, EmailGlobal, FifoCounter, UserBatch, UserBatchEmail,
+    EmailGlobal, FifoCounter, UserBatch, UserBatchEmail,
 )
 
 log = logging.getLogger(__name__)
@@ -405,7 +405,7 @@ def admit_slice(batch_id, now, limit=SLICE, heartbeat=False):
     with write_transaction():
         batch = UserBatch.get_by_id(batch_id)
         if batch.status == BATCH_CANCELLED:
-            report.invalid = cancel_new_rows(batch, [r for r, _ in rows], now)
+            report.invalid = progress.cancel_unadmitted(batch, now, [r for r, _ in rows])
             return report
         global_ids = register_global_emails([address for _, address in valid], now)
         report.admitted = queue_rows(batch, [(r, global_ids[a]) for r, a in valid])
@@ -477,11 +477,6 @@ def update_new_rows(rows, columns, assignments, params, into_line=False):
                          " (SELECT value FROM json_each(?))"
                          % (", ".join(progress.LINE_TARGET), ", ".join(progress.LINE_SOURCE)), [json.dumps(admitted)])
     return len(admitted)
-
-
-def cancel_new_rows(batch, row_ids, now):
-    return (Row.update(status=CANCELLED, completed_at=now, check_type=batch.check_type)
-            .where(among(Row.id, row_ids) & (Row.status == NEW)).execute())
 
 
 def count_admitted(batch, report):

@@ -240,13 +240,21 @@ def cancel_batch(batch_id, now=None):
             raise Conflict("user batch %s is %s: %s" % (batch_id, batch.status, "it is still being written"
                                                          if batch.status == BATCH_LOADING else "it has ended"))
         batch = UserBatch.get_by_id(batch_id)
-        cancelled = (Row.update(status=CANCELLED, completed_at=now, check_type=batch.check_type)
-                     .where((Row.batch == batch_id) & not_admitted()).execute())
+        cancelled = cancel_unadmitted(batch, now)
         for part in chunked(leave_line_of_batch(batch)):
             cancelled += (Row.update(status=CANCELLED, completed_at=now)
                           .where(among(Row.id, part) & (Row.status == QUEUED)).execute())
         complete_finished_batches([batch_id], now)
     return cancelled
+
+
+def cancel_unadmitted(batch, now, row_ids=None):
+    """Rows of `batch` not yet admitted (of `row_ids`, when given) end cancelled, taking the
+    batch's check type as admission would have given them; returns how many."""
+    where = (Row.batch == batch.id) & not_admitted()
+    if row_ids is not None:
+        where &= among(Row.id, row_ids)
+    return Row.update(status=CANCELLED, completed_at=now, check_type=batch.check_type).where(where).execute()
 
 
 def record_endings(ended, now):
