@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 
 from .addresses import strip_email_modifiers
-from .db import copy_lines, database, insert_copy_lines, insert_tuples, is_postgres
+from .db import among, copy_lines, database, insert_copy_lines, insert_tuples, is_postgres
 from .models import VERDICTS, BouncerBatchEmail, EmailGlobal, result_model
 
 log = logging.getLogger(__name__)
@@ -158,12 +158,21 @@ def upsert_results(check_type, download, verdicts, now, ledger_id):
     Result = result_model(check_type)
     if download.lines is not None:
         lines, tail = download.lines, copy_lines([(now, ledger_id)])[0]
+        # Addresses verified for the first time (most of them) go straight into the table; an
+        # upsert goes through a scratch table, costing a second write of every row. No other
+        # transaction can write these addresses' verdicts meanwhile: only an ingest writes them,
+        # and an address is in flight on one batch of a check type at a time.
         insert_copy_lines(Result, RESULT_COLUMNS, ["%d\t%s\t%s" % (global_id, lines[index], tail)
                                                    for global_id, index in verdicts.items()],
-                          replace_on=Result.email_global)
+                          replace_on=Result.email_global if any_verdict_of(Result, verdicts) else None)
         return
     # The time as SQLite's adapter would write it, once rather than for each of 10k rows.
     rows, tail = download.rows, (now.isoformat(" "), ledger_id)
     insert_tuples(Result, RESULT_COLUMNS, [(global_id,) + rows[index] + tail
                                            for global_id, index in verdicts.items()],
                   replace_on=Result.email_global)
+
+
+def any_verdict_of(Result, global_ids):
+    """Whether one of these addresses has a verdict stored already."""
+    return Result.select().where(among(Result.email_global, global_ids)).exists()

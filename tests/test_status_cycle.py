@@ -63,6 +63,22 @@ def test_check_upserts_results_of_an_address_verified_again(app, bouncer):
     assert DeliverableResult.get().bouncer_batch_id != first.bouncer_batch_id
 
 
+def test_check_stores_new_verdicts_beside_addresses_verified_again(app, bouncer):
+    send_all(app, "alice", ["a@example.com"])
+    bouncer.complete_now()
+    run_cycle(app, STATUS, "deliverable")
+    first = DeliverableResult.get()
+    DeliverableResult.update(checked_at=utcnow() - datetime.timedelta(days=60)).execute()
+    batch = send_all(app, "bob", ["a@example.com", "b@example.com"])
+    bouncer.complete_now()
+    report = run_cycle(app, STATUS, "deliverable")
+    assert report.ingested[0].verified == 2 and statuses(batch) == {DONE: 2}
+    stored = {r.email_global.email: r for r in DeliverableResult.select()}
+    assert sorted(stored) == ["a@example.com", "b@example.com"]
+    assert stored["a@example.com"].checked_at > first.checked_at
+    assert stored["a@example.com"].bouncer_batch_id == stored["b@example.com"].bouncer_batch_id
+
+
 def test_check_catchall_results_go_to_their_own_table(app, bouncer):
     batch = send_all(app, "alice", ["c@example.com"], check_type="catchall")
     bouncer.complete_now()
