@@ -91,6 +91,7 @@ class Loader:
         self.rows = 0
         self.summary = None
         self.valid = 0
+        self.checked = bytearray()   # by position - 1: 1 where the row is a valid address
         self.invalid_examples = []
         self.invalid = 0
         now = now or utcnow()
@@ -128,6 +129,7 @@ class Loader:
 
     def classify(self, line, text):
         problem = row_problem(text)
+        self.checked.append(problem is None)
         if problem is None:
             self.valid += 1
             return
@@ -155,7 +157,7 @@ class Loader:
                 changes[UserBatch.callback_url] = callback_url
             (UserBatch.update(changes)
              .where((UserBatch.id == self.batch_id) & (UserBatch.status == BATCH_LOADING)).execute())
-        admit_batch(self.batch_id, now, heartbeat=True)
+        admit_batch(self.batch_id, now, heartbeat=True, checked=self.checked)
         UserBatch.update(loader_seen_at=None).where(UserBatch.id == self.batch_id).execute()
         batch = UserBatch.get_by_id(self.batch_id)
         self.summary = SubmitSummary(self.batch_id, accepted=batch.total - batch.invalid,
@@ -325,13 +327,13 @@ def admit(check_type, max_rows=None, deadline=None, now=None, report=None, shoul
     return report
 
 
-def admit_batch(batch_id, now=None, heartbeat=False):
+def admit_batch(batch_id, now=None, heartbeat=False, checked=None):
     """Admit every new row of one batch (a loader admitting what it just wrote, renewing its
-    heartbeat with each slice)."""
+    heartbeat with each slice; `checked`, see admit_slice)."""
     now = now or utcnow()
     report = AdmissionReport()
     while True:
-        admitted = admit_slice(batch_id, now, limit=SLICE, heartbeat=heartbeat)
+        admitted = admit_slice(batch_id, now, limit=SLICE, heartbeat=heartbeat, checked=checked)
         report.add(admitted)
         if admitted.admitted + admitted.invalid < SLICE:
             return report
@@ -385,19 +387,22 @@ SELECT batch_id FROM pending WHERE batch_id IS NOT NULL
 """ % {"new": progress.NOT_ADMITTED_SQL}
 
 
-def admit_slice(batch_id, now, limit=SLICE, heartbeat=False):
+def admit_slice(batch_id, now, limit=SLICE, heartbeat=False, checked=None):
     """Admit up to `limit` new rows of one batch, oldest position first. The addresses are
-    checked before the write transaction opens, so it stays short."""
+    checked before the write transaction opens, so it stays short. `checked`: what the loader
+    that wrote the rows found, by position (see Loader.classify), so a valid address is not
+    checked twice (an invalid one is checked again for its reason)."""
     report = AdmissionReport()
-    rows = (Row.select(Row.id, Row.email).where((Row.batch == batch_id) & progress.not_admitted())
+    rows = (Row.select(Row.id, Row.position, Row.email).where((Row.batch == batch_id) & progress.not_admitted())
             .order_by(Row.position).limit(limit).tuples())
     rows = database.execute_sql(*rows.sql()).fetchall()
     if not rows:
         return report
     valid, invalid = [], []
-    for row_id, text in rows:
+    known = len(checked) if checked is not None else 0
+    for row_id, position, text in rows:
         text = (text or "").strip()
-        problem = row_problem(text)
+        problem = None if 0 < position <= known and checked[position - 1] else row_problem(text)
         if problem is None:
             valid.append((row_id, strip_email_modifiers(text)))
         else:
@@ -405,7 +410,7 @@ def admit_slice(batch_id, now, limit=SLICE, heartbeat=False):
     with write_transaction():
         batch = UserBatch.get_by_id(batch_id)
         if batch.status == BATCH_CANCELLED:
-            report.invalid = progress.cancel_unadmitted(batch, now, [r for r, _ in rows])
+            report.invalid = progress.cancel_unadmitted(batch, now, [r for r, _, _ in rows])
             return report
         global_ids = register_global_emails([address for _, address in valid], now)
         report.admitted = queue_rows(batch, [(r, global_ids[a]) for r, a in valid])

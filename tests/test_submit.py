@@ -92,6 +92,20 @@ def test_create_user_batch_invalid_rows_stored_with_reason_and_line(db):
     assert all(r.check_type == "catchall" for r in rows)
 
 
+def test_create_user_batch_checks_each_valid_address_once(db, monkeypatch):
+    import bouncer.intake
+    checked = []
+    real = bouncer.intake.row_problem
+    monkeypatch.setattr(bouncer.intake, "row_problem", lambda text: checked.append(text) or real(text))
+    emails = ["a%d@example.com" % n for n in range(bouncer.intake.SLICE + 5)] + ["not an address"]
+    summary = create_user_batch("alice", "deliverable", emails)
+    assert (summary.accepted, summary.invalid) == (len(emails) - 1, 1)
+    # once each as it is written, and the invalid one again at admission for its reason
+    assert sorted(checked) == sorted(emails + ["not an address"])
+    assert UserBatchEmail.get(UserBatchEmail.email == "not an address").failure_reason
+    assert UserBatchEmail.select().where(UserBatchEmail.status == QUEUED).count() == len(emails) - 1
+
+
 def test_create_user_batch_global_rows_shared_across_batches(db):
     create_user_batch("alice", "deliverable", ["Shared@Example.com", "a@example.com"])
     create_user_batch("bob", "catchall", ["shared@example.com"])
