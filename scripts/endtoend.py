@@ -4,7 +4,8 @@ of the same contract (scripts/straightforward.py), on one database.
 Every step is a process of its own (`python -m bouncer ...`, `python -m scripts.straightforward
 ...`) talking to the sandbox over HTTP on loopback, answering at once; each row is measured for
 both sides in turn (A B A B ...) in one run, each side in a database of its own made anew for
-every repetition. Beside each row, its floor: what the same work costs at least (a raw bulk
+every repetition, and each timed on a quiet server (on PostgreSQL: checkpointed, no autovacuum
+running; see workloads.settle). Beside each row, its floor: what the same work costs at least (a raw bulk
 insert of the same rows, interpreter starts, the same HTTP requests and `json.loads` of the same
 bodies). A cycle's floor adds the writes this service's schema makes it do (rows marked sent,
 then done; addresses in and out of flight; verdicts), done in plain SQL on a database `init-db`
@@ -80,6 +81,7 @@ class Side:
     def fresh(self):
         workloads.fresh_database(self.url)
         self.run("init-db")
+        workloads.settle(self.url)
 
     @property
     def is_ours(self):
@@ -176,6 +178,7 @@ class Bench:
         for _ in range(self.plan.reps):
             for side in self.sides:
                 workloads.restore(seeded[side.name], side.url)
+                workloads.settle(side.url)
                 sandbox = self.sandbox()
                 try:
                     creation.add(side.name, self.creation_cycle(side, sandbox))

@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import io
 import os
+import time
 from urllib.parse import unquote, urlsplit
 
 HOST_SLICE = 10000          # rows a host commits at once
@@ -96,6 +97,28 @@ def analyze(url):
         connection = connect(url)
         connection.autocommit = True
         connection.cursor().execute("ANALYZE")
+        connection.close()
+
+
+def settle(url, timeout=60):
+    """PostgreSQL: the server quiet before a step is timed, so that no step pays for what an
+    earlier one (the other side's, say) left behind: its dirty pages written out by a
+    checkpoint, and no autovacuum worker running (waited for, up to `timeout` seconds).
+    SQLite does nothing in the background: nothing to do."""
+    if not is_postgres_url(url):
+        return
+    connection = connect(url)
+    connection.autocommit = True
+    try:
+        cursor = connection.cursor()
+        cursor.execute("CHECKPOINT")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'")
+            if cursor.fetchone()[0] == 0:
+                return
+            time.sleep(0.2)
+    finally:
         connection.close()
 
 
