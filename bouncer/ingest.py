@@ -156,6 +156,8 @@ def upsert_results(check_type, download, verdicts, now, ledger_id):
     """Insert or update the verdicts ({email_global id: record index}, from match_records), a
     few thousand per statement."""
     Result = result_model(check_type)
+    if not verdicts:
+        return
     if download.lines is not None:
         lines, tail = download.lines, copy_lines([(now, ledger_id)])[0]
         # Addresses verified for the first time (most of them) go straight into the table; an
