@@ -5,9 +5,9 @@ Every step is a process of its own (`python -m bouncer ...`, `python -m scripts.
 ...`) talking to the sandbox over HTTP on loopback, answering at once; each row is measured for
 both sides in turn (A B A B ...) in one run, each side in a database of its own made anew for
 every repetition, and each timed on a quiet server (on PostgreSQL: checkpointed, no autovacuum
-running; see workloads.settle). Beside each row, its floor: what the same work costs at least (a raw bulk
-insert of the same rows, interpreter starts, the same HTTP requests and `json.loads` of the same
-bodies). A cycle's floor adds the writes this service's schema makes it do (rows marked sent,
+running; see workloads.settle). Beside each row, its floor: what the same work costs at least
+(a raw bulk insert of the same rows, interpreter starts, the same HTTP requests and `json.loads`
+of the same bodies). A cycle's floor adds the writes this service's schema makes it do (rows marked sent,
 then done; addresses in and out of flight; verdicts), done in plain SQL on a database `init-db`
 made: the bound of this design, which the straightforward one (no state per row) does not share.
 """

@@ -49,12 +49,17 @@ def test_check_leaves_processing_batches_alone(app, bouncer):
     assert statuses(batch) == {SENT: 5}
 
 
-def test_check_upserts_results_of_an_address_verified_again(app, bouncer):
-    send_all(app, "alice", ["a@example.com"])
+def verified_long_ago(app, bouncer, address):
+    """`address` verified, its verdict then made too old to reuse; returns that verdict."""
+    send_all(app, "alice", [address])
     bouncer.complete_now()
     run_cycle(app, STATUS, "deliverable")
-    first = DeliverableResult.get()
     DeliverableResult.update(checked_at=utcnow() - datetime.timedelta(days=60)).execute()
+    return DeliverableResult.get()
+
+
+def test_check_upserts_results_of_an_address_verified_again(app, bouncer):
+    first = verified_long_ago(app, bouncer, "a@example.com")
     send_all(app, "bob", ["A@example.com"])
     bouncer.complete_now()
     run_cycle(app, STATUS, "deliverable")
@@ -64,11 +69,7 @@ def test_check_upserts_results_of_an_address_verified_again(app, bouncer):
 
 
 def test_check_stores_new_verdicts_beside_addresses_verified_again(app, bouncer):
-    send_all(app, "alice", ["a@example.com"])
-    bouncer.complete_now()
-    run_cycle(app, STATUS, "deliverable")
-    first = DeliverableResult.get()
-    DeliverableResult.update(checked_at=utcnow() - datetime.timedelta(days=60)).execute()
+    first = verified_long_ago(app, bouncer, "a@example.com")
     batch = send_all(app, "bob", ["a@example.com", "b@example.com"])
     bouncer.complete_now()
     report = run_cycle(app, STATUS, "deliverable")
