@@ -49,6 +49,13 @@ class BouncerWorker(HerokuWorker):
         # unexpected error, returning normally) can exit non-zero.
         if self.stop_signal is None:
             self.stop_signal = signum
+        # rq stops an idle worker by raising StopRequested out of this handler, and the code the
+        # signal interrupted may swallow it: logging does, when the signal lands while a line is
+        # written (a worker then ran on until it was killed). So the stop is also kept where rq's
+        # loop looks before taking each job, and a horse forked after it starts with its cycle
+        # told to stop: the job taken meanwhile ends at its first step.
+        self._stop_requested = True
+        SHUTDOWN.set()
         super().request_stop(signum, frame)
 
     def request_stop_sigrtmin(self, signum, frame):

@@ -3,7 +3,9 @@ real processes end to end (scheduler, worker, sandbox)."""
 import contextlib
 import dataclasses
 import datetime
+import io
 import json
+import logging
 import os
 import signal
 import time
@@ -217,6 +219,45 @@ def test_worker_closes_database_before_fork(redis_conn, db, monkeypatch):
     worker.fork_work_horse(job, worker.queues[0])
 
     assert database.is_closed()
+
+
+def cycle_told_to_stop():
+    """A job: what a cycle in this horse would see."""
+    return cycles.SHUTDOWN.is_set()
+
+
+def test_worker_stops_when_logging_swallowed_its_stop_request(redis_conn, monkeypatch):
+    """rq stops an idle worker by raising StopRequested out of its SIGTERM handler. A signal
+    that lands while the worker writes a log line has that exception swallowed by logging's
+    error handling; the worker must stop all the same: the job it had just taken runs with its
+    cycle told to stop, and no further job is taken."""
+    queue = Queue(QUEUE_NAME, connection=redis_conn)
+    taken = queue.enqueue(cycle_told_to_stop)
+    left = queue.enqueue(time.time)
+    worker = BouncerWorker([queue], connection=redis_conn)
+
+    class SignalMidLine(logging.StreamHandler):
+        def format(self, record):
+            if record.getMessage().startswith("Worker %s: %s: " % (worker.name, QUEUE_NAME)) \
+                    and worker.stop_signal is None:
+                worker.request_stop(signal.SIGTERM, None)   # as the worker logs the job it took
+            return super().format(record)
+
+    handler = SignalMidLine(io.StringIO())
+    monkeypatch.setattr(logging, "raiseExceptions", False)
+    monkeypatch.setattr(worker.log, "level", logging.INFO)
+    worker.log.addHandler(handler)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        worker.work(burst=True)
+    finally:
+        worker.log.removeHandler(handler)
+        for signum, previous in handlers.items():
+            signal.signal(signum, previous)
+        cycles.SHUTDOWN.clear()
+    assert worker.stop_signal == signal.SIGTERM
+    assert taken.get_status(refresh=True) == "finished" and taken.return_value() is True
+    assert left.get_status(refresh=True) == "queued"
 
 
 HORSE = """
