@@ -245,13 +245,15 @@ def test_worker_stops_when_logging_swallowed_its_stop_request(redis_conn, monkey
 
     handler = SignalMidLine(io.StringIO())
     monkeypatch.setattr(logging, "raiseExceptions", False)
-    monkeypatch.setattr(worker.log, "level", logging.INFO)
+    level = worker.log.level
+    worker.log.setLevel(logging.INFO)   # setLevel: the logger's cached answers are cleared too
     worker.log.addHandler(handler)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         worker.work(burst=True)
     finally:
         worker.log.removeHandler(handler)
+        worker.log.setLevel(level)
         for signum, previous in handlers.items():
             signal.signal(signum, previous)
         cycles.SHUTDOWN.clear()
