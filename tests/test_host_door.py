@@ -9,7 +9,7 @@ import psycopg2
 import pytest
 
 from bouncer.cycles import CREATION, STATUS, run_cycle
-from bouncer.intake import SLICE, admit, create_user_batch
+from bouncer.intake import SLICE, admit, admit_batch, create_user_batch
 from bouncer.models import UserBatch
 from bouncer.reports import batch_status, iter_results
 
@@ -247,19 +247,19 @@ def test_admission_works_a_slice_at_a_time_oldest_batch_first(host, db):
 
 def test_admission_gives_each_row_its_own_address_across_gaps_in_its_positions(host, db):
     rows = [(2, "two@example.com"), (5, "Five+tag@Gmail.com"), (6, "not an address"), (40, "forty@example.com"),
-            (41, ""), (1000, "thousand@example.com"), (7, "seven@example.com")]
+            (41, ""), (1000, "thousand@example.com"), (7, "seven@example.com"), (2 ** 31 - 1, "last@example.com")]
     batch_id = host.write_batch("alice", "deliverable", rows)
-    assert admit("deliverable").admitted == 5
+    assert admit("deliverable").admitted == 6
     found = dict((position, (status, email, reason)) for position, status, email, reason in host.run(
         "SELECT e.position, e.status, g.email, e.failure_reason FROM user_batch_emails e"
         " LEFT JOIN emails_global g ON g.id = e.email_global_id WHERE e.batch_id = ?", (batch_id,)))
     assert {p: (s, e) for p, (s, e, _) in found.items()} == {
         2: ("queued", "two@example.com"), 5: ("queued", "five@gmail.com"), 6: ("invalid", None),
         40: ("queued", "forty@example.com"), 41: ("invalid", None), 1000: ("queued", "thousand@example.com"),
-        7: ("queued", "seven@example.com")}
+        7: ("queued", "seven@example.com"), 2 ** 31 - 1: ("queued", "last@example.com")}
     assert "@-sign" in found[6][2] and found[41][2] == "the address is empty"
     assert sorted(p for (p,) in host.run("SELECT position FROM queued_emails WHERE batch_id = ?", (batch_id,))) \
-        == [2, 5, 7, 40, 1000]
+        == [2, 5, 7, 40, 1000, 2 ** 31 - 1]
 
 
 def rows_examined(node):
@@ -296,3 +296,34 @@ def test_admission_reads_only_its_own_rows_whatever_the_statistics_say(host, db,
     # 6,000). Joined to its values by id, planned from these statistics, the update read the
     # whole table (17,001); on a larger one it looped over every value for each row.
     assert max(map(rows_examined, plans)) <= 4 * 2000, [rows_examined(p) for p in plans]
+
+
+@pytest.mark.parametrize("admitter", ["cycle", "loader"])
+def test_each_slice_of_an_admission_reads_on_from_where_the_last_one_ended(host, db, admitter):
+    from bouncer.db import database, is_postgres
+    if not is_postgres():
+        pytest.skip("entries of admitted rows stay in PostgreSQL's index until a vacuum")
+
+    def pages_read():
+        database.execute_sql("SELECT pg_stat_force_next_flush()")   # flushed once this backend is idle
+        database.execute_sql("SELECT 1")
+        database.execute_sql("SELECT pg_stat_clear_snapshot()")
+        (read,) = database.execute_sql("SELECT idx_blks_hit + idx_blks_read FROM pg_statio_user_indexes"
+                                       " WHERE indexrelname = 'user_batch_emails_unadmitted'").fetchone()
+        return read
+
+    slices = 8
+    batch_id = host.write_batch("alice", "deliverable",
+                                [(p, "u%d@example.com" % p) for p in range(1, slices * SLICE + 1)])
+    (pages,) = database.execute_sql("SELECT pg_relation_size('user_batch_emails_unadmitted') / 8192").fetchone()
+    before = pages_read()
+    if admitter == "cycle":
+        assert admit("deliverable").admitted == slices * SLICE
+    else:   # as a loader admits the batch it wrote, once the batch took its place in line
+        host.run("UPDATE user_batches SET status = 'queued', fifo_order = 1 WHERE id = ?", (batch_id,))
+        assert admit_batch(batch_id).admitted == slices * SLICE
+    read = pages_read() - before
+    # A few passes over the index in all (each slice finds its rows, then updates them). Read
+    # from the batch's first position each time, each slice would also step over the entries
+    # of every row admitted before it (kept until a vacuum): about slices / 2 passes more.
+    assert read <= 5 * pages, (read, pages)
