@@ -440,9 +440,9 @@ def register_global_emails(addresses, now):
         # One statement creates the new rows and names them; only the addresses known before
         # are looked up (an address another admitter created meanwhile among them).
         array, params = postgres_array(unique)
-        ids = dict((email, gid) for gid, email in database.execute_sql(
+        ids = {email: gid for gid, email in database.execute_sql(
             "INSERT INTO emails_global (email, created_at) SELECT unnest(%s), %%s ON CONFLICT DO NOTHING"
-            " RETURNING id, email" % array, params + [now]).fetchall())
+            " RETURNING id, email" % array, params + [now]).fetchall()}
         unique = [address for address in unique if address not in ids]
     else:
         ids = {}

@@ -250,9 +250,9 @@ def test_admission_gives_each_row_its_own_address_across_gaps_in_its_positions(h
             (41, ""), (1000, "thousand@example.com"), (7, "seven@example.com"), (2 ** 31 - 1, "last@example.com")]
     batch_id = host.write_batch("alice", "deliverable", rows)
     assert admit("deliverable").admitted == 6
-    found = dict((position, (status, email, reason)) for position, status, email, reason in host.run(
+    found = {position: (status, email, reason) for position, status, email, reason in host.run(
         "SELECT e.position, e.status, g.email, e.failure_reason FROM user_batch_emails e"
-        " LEFT JOIN emails_global g ON g.id = e.email_global_id WHERE e.batch_id = ?", (batch_id,)))
+        " LEFT JOIN emails_global g ON g.id = e.email_global_id WHERE e.batch_id = ?", (batch_id,))}
     assert {p: (s, e) for p, (s, e, _) in found.items()} == {
         2: ("queued", "two@example.com"), 5: ("queued", "five@gmail.com"), 6: ("invalid", None),
         40: ("queued", "forty@example.com"), 41: ("invalid", None), 1000: ("queued", "thousand@example.com"),
