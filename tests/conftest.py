@@ -254,3 +254,12 @@ def rode_on():
     found.update((row, ledger) for ledger, row in invariants.riding())
     return found
 
+
+def postgres_statistics(query):
+    """One row of PostgreSQL's cumulative statistics, with this backend's own counts in them:
+    they are flushed only once it is idle, and a transaction reads a snapshot of them."""
+    from bouncer.models import database
+    database.execute_sql("SELECT pg_stat_force_next_flush()")
+    database.execute_sql("SELECT 1")
+    database.execute_sql("SELECT pg_stat_clear_snapshot()")
+    return database.execute_sql(query).fetchone()

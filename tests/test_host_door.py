@@ -12,6 +12,7 @@ from bouncer.cycles import CREATION, STATUS, run_cycle
 from bouncer.intake import SLICE, admit, admit_batch, create_user_batch
 from bouncer.models import UserBatch
 from bouncer.reports import batch_status, iter_results
+from conftest import postgres_statistics
 
 RESULT_VIEW_COLUMNS = ["batch_id", "position", "email", "status", "reason", "score", "accept_all",
                        "disposable", "free", "role", "disabled", "full_mailbox", "provider",
@@ -305,12 +306,8 @@ def test_each_slice_of_an_admission_reads_on_from_where_the_last_one_ended(host,
         pytest.skip("entries of admitted rows stay in PostgreSQL's index until a vacuum")
 
     def pages_read():
-        database.execute_sql("SELECT pg_stat_force_next_flush()")   # flushed once this backend is idle
-        database.execute_sql("SELECT 1")
-        database.execute_sql("SELECT pg_stat_clear_snapshot()")
-        (read,) = database.execute_sql("SELECT idx_blks_hit + idx_blks_read FROM pg_statio_user_indexes"
-                                       " WHERE indexrelname = 'user_batch_emails_unadmitted'").fetchone()
-        return read
+        return postgres_statistics("SELECT idx_blks_hit + idx_blks_read FROM pg_statio_user_indexes"
+                                   " WHERE indexrelname = 'user_batch_emails_unadmitted'")[0]
 
     slices = 8
     batch_id = host.write_batch("alice", "deliverable",

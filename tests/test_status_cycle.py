@@ -16,7 +16,7 @@ from bouncer.models import (
 
 from bouncer.sandbox.simulator import verdict_for
 
-from conftest import addresses, statuses, submit, with_settings
+from conftest import addresses, postgres_statistics, statuses, submit, with_settings
 
 
 def send_all(app, user="alice", emails=None, check_type="deliverable"):
@@ -549,16 +549,12 @@ def test_no_index_of_the_rows_reads_their_status_so_ending_one_touches_no_index(
 
 def test_rows_ended_by_an_ingest_are_rewritten_in_place_on_postgres(app, bouncer):
     from bouncer.db import is_postgres
-    from bouncer.models import database
     if not is_postgres():
         pytest.skip("HOT updates and fillfactor are PostgreSQL's")
 
     def updates():
-        database.execute_sql("SELECT pg_stat_force_next_flush()")   # flushed once this backend is idle
-        database.execute_sql("SELECT 1")
-        database.execute_sql("SELECT pg_stat_clear_snapshot()")
-        return database.execute_sql("SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables"
-                                    " WHERE relname = 'user_batch_emails'").fetchone()
+        return postgres_statistics("SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables"
+                                   " WHERE relname = 'user_batch_emails'")
 
     app = with_settings(app, batch_size=2000)
     send_all(app, "alice", addresses("a", 2000))
