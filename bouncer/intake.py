@@ -506,11 +506,11 @@ def update_new_rows_by_position(batch, rows, column, assignments, params, into_l
     rows = sorted(rows, key=lambda row: row[1])
     positions, position_params = postgres_array([position for _, position, _ in rows])
     values, value_params = postgres_array([value for _, _, value in rows])
-    place = "a.positions[width_bucket(e.position, a.positions)]"
-    sql = ("UPDATE user_batch_emails AS e SET %s, %s = a.given[width_bucket(e.position, a.positions)]"
+    index = "width_bucket(e.position, a.positions)"   # of the row's position among those given
+    sql = ("UPDATE user_batch_emails AS e SET %s, %s = a.given[%s]"
            " FROM (SELECT %s AS positions, %s AS given) AS a"
-           " WHERE e.batch_id = %%s AND e.position BETWEEN %%s AND %%s AND %s AND %s = e.position"
-           % (assignments, column, positions, values, progress.NOT_ADMITTED_SQL, place))
+           " WHERE e.batch_id = %%s AND e.position BETWEEN %%s AND %%s AND %s AND a.positions[%s] = e.position"
+           % (assignments, column, index, positions, values, progress.NOT_ADMITTED_SQL, index))
     sql_params = list(params) + position_params + value_params + [batch.id, rows[0][1], rows[-1][1]]
     if into_line:
         sql = ("WITH admitted AS (%s RETURNING %s) INSERT INTO queued_emails (%s) SELECT * FROM admitted"
