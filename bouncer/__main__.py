@@ -1,3 +1,3 @@
-from .cli import main
+from bouncer.cli import main
 
 main()

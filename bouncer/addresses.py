@@ -6,7 +6,6 @@ internationalised addresses), run without DNS: deliverability is what Bouncer is
 import re
 from functools import lru_cache
 
-
 GMAIL_DOMAINS = frozenset({"gmail.com", "googlemail.com"})
 
 # Providers where `local+tag@domain` reaches the same mailbox as `local@domain`.
@@ -19,8 +18,6 @@ PLUS_TAG_DOMAINS = frozenset({
 })
 # Microsoft also runs country domains (hotmail.co.uk, outlook.fr, live.de, ...).
 MICROSOFT_COUNTRY_DOMAIN = re.compile(r"^(hotmail|outlook|live)\.([a-z]{2,3}|co\.[a-z]{2}|com\.[a-z]{2})$")
-
-
 # A plain ASCII address: a dot-atom local part (RFC 5322 3.2.3, the pattern email-validator
 # itself tries first) and an ASCII host name. For such an address email-validator's verdict is
 # its verdict on the domain alone, once the whole is within 254 characters (it checks the local

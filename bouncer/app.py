@@ -1,10 +1,11 @@
 """What a cycle needs to run: settings, the database, Redis and the Bouncer client, built once
 per process from the environment (or handed in by a test)."""
+
 import logging
 from functools import cached_property
 
-from .config import load_settings
-from .db import open_database
+from bouncer.config import load_settings
+from bouncer.store.database import open_database
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ class App:
 
     @cached_property
     def client(self):
-        from .client import BouncerClient
+        from bouncer.client import BouncerClient
         s = self.settings
         return BouncerClient(s.api_url, s.api_key, timeout=s.bouncer_timeout,
                              connect_timeout=s.bouncer_connect_timeout, catchall_path=s.catchall_path)
@@ -56,3 +57,4 @@ def current_app():
 def set_current_app(app):
     global _current
     _current = app
+

@@ -12,9 +12,9 @@ import os
 import sys
 from textwrap import dedent
 
-from . import __version__
-from .config import CHECK_TYPES
-from .errors import ConfigError, DatabaseUnavailable, InputError, NotFound
+from bouncer import __version__
+from bouncer.errors import ConfigError, DatabaseUnavailable, InputError, NotFound
+from bouncer.names import CHECK_TYPES
 
 EXPECTED_ERRORS = (InputError, NotFound, ConfigError, DatabaseUnavailable)
 MAX_INVALID_SHOWN = 5
@@ -160,8 +160,8 @@ def describe_database_error(exc):
 
 
 def app_from_env():
-    from .app import current_app
-    from .logs import setup_logging
+    from bouncer.app import current_app
+    from bouncer.logs import setup_logging
     app = current_app()
     setup_logging(app.settings)
     return app
@@ -178,7 +178,7 @@ def init_db():
 
     Example: python -m bouncer init-db
     """
-    from .schema import create_schema
+    from bouncer.store.migrations import create_schema
     app_from_env()
     print(create_schema())
 
@@ -193,7 +193,8 @@ def release():
     Example: python -m bouncer release     (the Procfile's line: release: python -m bouncer release)
     """
     import signal
-    from .schema import create_schema
+
+    from bouncer.store.migrations import create_schema
     app_from_env()
     print(create_schema(), flush=True)
     if os.environ.get("DYNO", "").startswith("release"):
@@ -217,8 +218,8 @@ def submit(file, user, check_type, as_json):
 
     Example: python -m bouncer submit leads.csv --user alice --check-type deliverable
     """
-    from .intake import create_user_batch
-    from .reader import read_addresses
+    from bouncer.doors.loading import create_user_batch
+    from bouncer.doors.reader import read_addresses
     app_from_env()
     rows = read_addresses(file)
     with submit_progress(file) as advance:
@@ -265,7 +266,7 @@ def count_lines(path):
 def cycle_command(name, kind, summary):
     """A command running one cycle of `kind` now, the very code the scheduled job runs."""
     def run(check_types):
-        from .cycles import run_cycle
+        from bouncer.cycles.runner import run_cycle
         app = app_from_env()
         for check_type in check_types or CHECK_TYPES:
             print(run_cycle(app, kind, check_type).summary(), flush=True)
@@ -288,9 +289,9 @@ def status(batch_id, as_json):
 
     Example: python -m bouncer status 42 --json
     """
-    from .db import connection
-    from .health import service_state
-    from .reports import batch_status, recent_batches
+    from bouncer.reading.batches import batch_status, recent_batches
+    from bouncer.reading.health import service_state
+    from bouncer.store.database import connection
     app = app_from_env()
     with connection():
         if batch_id is not None:
@@ -349,8 +350,8 @@ def results(batch_id, fmt, output):
 
     Example: python -m bouncer results 42 --format csv -o results.csv
     """
-    from .db import connection
-    from .reports import get_user_batch, iter_results
+    from bouncer.reading.batches import get_user_batch, iter_results
+    from bouncer.store.database import connection
     app_from_env()
     with connection():
         get_user_batch(batch_id)  # a wrong id fails before any output is started
@@ -361,7 +362,7 @@ def results(batch_id, fmt, output):
 
 
 def write_results(stream, rows, fmt):
-    from .reports import results_csv
+    from bouncer.reading.batches import results_csv
     if fmt == "json":
         stream.write("[")
         for i, row in enumerate(rows):
@@ -399,7 +400,7 @@ def sandbox_arguments():
     is one clean line, as every expected failure."""
     from dataclasses import fields
 
-    from .sandbox.options import SandboxOptions, describe_range, flag_of
+    from bouncer.sandbox.options import SandboxOptions, describe_range, flag_of
     found = []
     for f in fields(SandboxOptions):
         meta, span = f.metadata, describe_range(f)
@@ -422,9 +423,9 @@ def sandbox(**values):
 
     Example: python -m bouncer sandbox --port 8025 --processing-time 5 --fail-rate 0.02 --seed 7
     """
-    from .logs import setup_logging
-    from .sandbox import Sandbox
-    from .sandbox.options import SandboxOptions
+    from bouncer.logs import setup_logging
+    from bouncer.sandbox import Sandbox
+    from bouncer.sandbox.options import SandboxOptions
     options = SandboxOptions(**values)
     setup_logging()
     Sandbox(options).serve_forever()
@@ -436,7 +437,7 @@ def worker():
 
     Example: python -m bouncer worker
     """
-    from .worker import run_worker
+    from bouncer.runtime.worker import run_worker
     run_worker(app_from_env())
 
 
@@ -446,7 +447,7 @@ def scheduler():
 
     Example: python -m bouncer scheduler
     """
-    from .schedule import run_scheduler
+    from bouncer.runtime.schedule import run_scheduler
     run_scheduler(app_from_env())
 
 
@@ -457,7 +458,7 @@ def web(port):
 
     Example: PORT=8000 python -m bouncer web
     """
-    from .web.server import serve
+    from bouncer.web.server import serve
     app = app_from_env()
     serve(app, port or app.settings.port)
 

@@ -14,9 +14,10 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import requests
 import urllib3
 
-from .config import CHECK_TYPES, MAX_BATCH_EMAILS
-from .errors import BouncerError
-from .masking import mask_secrets
+from bouncer.config import MAX_BATCH_EMAILS
+from bouncer.errors import BouncerError
+from bouncer.masking import mask_secrets
+from bouncer.names import CHECK_TYPES
 
 log = logging.getLogger(__name__)
 

@@ -4,23 +4,25 @@ Every setting is one field of `Settings`, declared with its environment variable
 `load_settings` reads them all from those declarations. Nothing else in the package reads
 os.environ. A value out of its range stops the process with one line naming the variable.
 """
+
 import os
 import re
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
-from .masking import redact_url
+from bouncer.errors import ConfigError
+from bouncer.masking import redact_url
 
-CHECK_TYPES = ("deliverable", "catchall")
-# The two kinds of cycle (cycles.py), each run for every check type by a repeating job (jobs.py).
-CREATION, STATUS = "creation", "status"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
+
+
 MIN_SECRET_LENGTH = 8
 # The longest interval rq-scheduler and Python's timers take without overflowing (2^31 ms).
 MAX_INTERVAL = 86400
 MAX_BATCH_EMAILS = 100_000          # Bouncer's own ceiling for one batch
+
+
 # Bouncer creates a batch within a few seconds; a read that takes longer than this is a timeout.
 # A worker stopped by the platform (SIGTERM, then SIGKILL 30 s later) lets a call in flight
 # finish, so no Bouncer call may outlast that grace (see bouncer.worker.SHUTDOWN_GRACE).
@@ -152,6 +154,8 @@ class Settings:
 
 URL_KINDS = ("url", "base_url")
 URL_SAFE_SECRET = re.compile(r"[A-Za-z0-9._~-]+")
+
+
 WEBHOOK_SECRET_FORM = re.compile(r"whsec_[A-Za-z0-9+/]{32,}={0,2}")
 
 
@@ -234,3 +238,4 @@ def load_settings(env=None):
     """Settings from `env` (default: the process environment), validated."""
     env = os.environ if env is None else env
     return Settings(**{f.name: read_value(f, env) for f in fields(Settings)}).validate()
+

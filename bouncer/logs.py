@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 
-from .masking import mask_secrets
+from bouncer.masking import mask_secrets
 
 ID_FIELDS = ("ledger_id", "bouncer_id", "user_batch_id", "job_id", "check_type", "cycle")
 # Per-request chatter from libraries is noise next to the cycle's own lines.

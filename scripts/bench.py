@@ -31,14 +31,16 @@ from peewee import fn
 from bouncer.app import App
 from bouncer.client import parse_records
 from bouncer.config import Settings
-from bouncer.creation_cycle import create_batches
-from bouncer.cycles import CREATION, Cycle
-from bouncer.db import bulk_insert, copy_rows, is_postgres, open_database, utcnow
-from bouncer.ingest import read_download
-from bouncer.ledger import batches_to_check, complete_with_results
-from bouncer.models import (
-    BATCH_QUEUED,
-    QUEUED,
+from bouncer.cycles.creation import create_batches
+from bouncer.cycles.ingest import ingest_download, read_download
+from bouncer.cycles.runner import Cycle
+from bouncer.names import CREATION
+from bouncer.queue.ledger import batches_to_check
+from bouncer.states import BATCH_QUEUED, QUEUED
+from bouncer.store.bulk import bulk_insert
+from bouncer.store.database import database, dialect, open_database, utcnow
+from bouncer.store.migrations import create_schema, move_rows_into_line
+from bouncer.store.models import (
     BouncerBatch,
     BouncerBatchEmail,
     DeliverableResult,
@@ -47,9 +49,7 @@ from bouncer.models import (
     RidingRows,
     UserBatch,
     UserBatchEmail,
-    database,
 )
-from bouncer.schema import create_schema, move_rows_into_line
 from scripts import endtoend, workloads
 from support.processes import ROOT, bouncer_command
 
@@ -174,7 +174,7 @@ def ingest_outstanding_batches(url):
         body = json.dumps(download_for(ledger.id)).encode()
         with StatementCounter(database.obj) as counter:
             started = time.perf_counter()
-            verified += complete_with_results(ledger.id, read_download(parse_records(body))).verified
+            verified += ingest_download(ledger.id, read_download(parse_records(body))).verified
             seconds += time.perf_counter() - started
         statements += counter.count
         del body
@@ -219,8 +219,8 @@ def measure_raw_insert_floor(rows):
     marks = "(%s)" % ",".join([database.param] * 14)
     started = time.perf_counter()
     with database.atomic():
-        if is_postgres():   # the fastest raw path there is COPY
-            copy_rows("bench_floor", list(FLOOR_COLUMNS), values)
+        if dialect().name == "postgres":   # the fastest raw path there is COPY
+            dialect().insert_rows(database, "bench_floor", list(FLOOR_COLUMNS), values)
         else:
             for start in range(0, rows, 2000):
                 part = values[start:start + 2000]

@@ -389,10 +389,10 @@ def admit_on_signal(url, go, ready, answers):
 
 
 def admitter(url):
-    from bouncer.db import database, open_database
-    from bouncer.intake import admit
-    from bouncer.models import UserBatchEmail
-    from bouncer.progress import not_admitted
+    from bouncer.doors.admission import admit
+    from bouncer.queue.line import not_admitted
+    from bouncer.store.database import database, open_database
+    from bouncer.store.models import UserBatchEmail
     open_database(url)
     database.connect()
 
@@ -493,8 +493,9 @@ def cycle_runner(module):
     """A function running one creation cycle of `module`'s implementation, and its database."""
     if module == "bouncer":
         from bouncer.app import current_app
-        from bouncer.cycles import CREATION, run_cycle
-        from bouncer.models import database
+        from bouncer.cycles.runner import run_cycle
+        from bouncer.names import CREATION
+        from bouncer.store.database import database
         app = current_app()
         return (lambda: run_cycle(app, CREATION, CHECK_TYPE)), database.obj
     from scripts import straightforward

@@ -36,12 +36,13 @@ import redis
 
 from bouncer.app import App
 from bouncer.config import Settings
-from bouncer.cycles import CREATION, STATUS, run_cycle
-from bouncer.db import open_database
-from bouncer.intake import create_user_batch
-from bouncer.models import BouncerBatch, EmailGlobal, UserBatch, UserBatchEmail
+from bouncer.cycles.runner import run_cycle
+from bouncer.doors.loading import create_user_batch
+from bouncer.names import CREATION, STATUS
 from bouncer.sandbox import Sandbox
-from bouncer.schema import create_schema
+from bouncer.store.database import open_database
+from bouncer.store.migrations import create_schema
+from bouncer.store.models import BouncerBatch, EmailGlobal, UserBatch, UserBatchEmail
 from support.ports import free_port, wait_for_port
 from support.processes import Supervisor, service_env
 

@@ -8,23 +8,9 @@ import json
 
 from peewee import JOIN, fn
 
-from bouncer.db import among
-from bouncer.models import (
-    FINAL_ROW_STATES,
-    ABANDONED,
-    DONE,
-    FAILED,
-    IN_FLIGHT_STATES,
-    INVALID,
-    QUEUED,
-    REJECTED,
-    BouncerBatch,
-    BouncerBatchEmail,
-    QueuedEmail,
-    RidingRows,
-    UserBatchEmail,
-    result_model,
-)
+from bouncer.states import ABANDONED, DONE, FAILED, FINAL_ROW_STATES, IN_FLIGHT_STATES, INVALID, QUEUED, REJECTED
+from bouncer.store.bulk import among
+from bouncer.store.models import BouncerBatch, BouncerBatchEmail, QueuedEmail, RidingRows, UserBatchEmail, result_model
 
 
 def no_address_in_two_in_flight_batches():

@@ -16,11 +16,13 @@ import redis as redis_lib
 from bouncer.app import App, set_current_app
 from bouncer.client import BouncerClient
 from bouncer.config import Settings
-from bouncer.db import open_database
-from bouncer.intake import create_user_batch
-from bouncer.models import QUEUED, SENT, QueuedEmail, RidingRows, UserBatchEmail, database
+from bouncer.doors.loading import create_user_batch
 from bouncer.sandbox import Sandbox
-from bouncer.schema import create_schema, empty_tables
+from bouncer.states import QUEUED, SENT
+from bouncer.store.database import database, open_database
+from bouncer.store.migrations import create_schema
+from bouncer.store.models import QueuedEmail, RidingRows, UserBatchEmail
+from bouncer.store.schema import empty_tables
 from support import invariants
 from support.servers import RedisClaims
 
@@ -255,10 +257,16 @@ def rode_on():
     return found
 
 
+def on_postgres():
+    """Whether the test's database is PostgreSQL."""
+    from bouncer.store.database import dialect
+    return dialect().name == "postgres"
+
+
 def postgres_statistics(query):
     """One row of PostgreSQL's cumulative statistics, with this backend's own counts in them:
     they are flushed only once it is idle, and a transaction reads a snapshot of them."""
-    from bouncer.models import database
+    from bouncer.store.database import database
     database.execute_sql("SELECT pg_stat_force_next_flush()")
     database.execute_sql("SELECT 1")
     database.execute_sql("SELECT pg_stat_clear_snapshot()")

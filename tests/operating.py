@@ -4,14 +4,14 @@ import base64
 import json
 
 from clirun import invoke
-
-from bouncer.cycles import CREATION, STATUS, run_cycle
-from bouncer.db import utcnow
-from bouncer.jobs import job_definitions, record_run
-from bouncer.models import UserBatch, UserBatchEmail
-from bouncer.progress import cancel_batch
-
 from conftest import addresses, submit, with_settings
+
+from bouncer.cycles.runner import run_cycle
+from bouncer.names import CREATION, STATUS
+from bouncer.queue.progress import cancel_batch
+from bouncer.runtime.jobs import job_definitions, record_run
+from bouncer.store.database import utcnow
+from bouncer.store.models import UserBatch, UserBatchEmail
 
 PASSWORD = "op-pass-4c3b2a19"
 METRICS_TOKEN = "metrics-tok-77aa55e1"

@@ -3,14 +3,14 @@ both databases, with a real Redis and Bouncer behind `responses`."""
 import json
 
 import pytest
+from conftest import with_settings
 from openapi_spec_validator import validate
 
-from bouncer.cycles import CREATION, STATUS, run_cycle
-from bouncer.models import IdempotencyKey, UserBatch, UserBatchEmail, WebhookDelivery
-from bouncer.reports import iter_results
+from bouncer.cycles.runner import run_cycle
+from bouncer.names import CREATION, STATUS
+from bouncer.reading.batches import iter_results
+from bouncer.store.models import IdempotencyKey, UserBatch, UserBatchEmail, WebhookDelivery
 from bouncer.web import create_web_app
-
-from conftest import with_settings
 
 TOKEN = "tok-host-app-3f9a2c71"
 OTHER_TOKEN = "tok-other-app-88d1e0b4"

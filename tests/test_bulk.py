@@ -3,8 +3,8 @@ text with the characters COPY's format escapes, None, integers, times; a replace
 per key, the new one. A lookup of many values at once (`among`) finds exactly those values."""
 import datetime
 
-from bouncer.db import among, insert_tuples
-from bouncer.models import DeliverableResult, EmailGlobal, WebhookDelivery
+from bouncer.store.bulk import among, insert_tuples
+from bouncer.store.models import DeliverableResult, EmailGlobal, WebhookDelivery
 
 COLUMNS = ("email_global", "status", "reason", "score", "raw", "checked_at")
 TRICKY = ["tab\there", "line\nbreak", "carriage\rreturn", "back\\slash", "\\N", "all \\\t\n\r",

@@ -8,18 +8,24 @@ from dataclasses import replace
 
 import pytest
 from clirun import invoke
-
-from bouncer.app import App
-from bouncer.db import open_database
-from bouncer.cycles import CREATION, run_cycle
-from bouncer.ledger import fail_bouncer_batch
-from bouncer.models import AuditEntry, BouncerBatch, Pause, UserBatch, database
-from bouncer.web import create_web_app
-
 from conftest import API_KEY, addresses, submit
 from operating import (
-    API_TOKEN, CALLBACK_SECRET, PASSWORD, basic, busy_queue, operator_app, secrets_of,
+    API_TOKEN,
+    CALLBACK_SECRET,
+    PASSWORD,
+    basic,
+    busy_queue,
+    operator_app,
+    secrets_of,
 )
+
+from bouncer.app import App
+from bouncer.cycles.runner import run_cycle
+from bouncer.names import CREATION
+from bouncer.queue.ledger import fail_bouncer_batch
+from bouncer.store.database import database, open_database
+from bouncer.store.models import AuditEntry, BouncerBatch, Pause, UserBatch
+from bouncer.web import create_web_app
 
 CONSOLE_GETS = ["/", "/?user=alice", "/batches/1", "/batches/1/results.csv", "/console/static/console.js"]
 CONSOLE_POSTS = ["/check-types/deliverable/pause", "/check-types/deliverable/resume", "/batches/1/cancel",

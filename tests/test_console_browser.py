@@ -8,6 +8,8 @@ import os
 import threading
 
 import pytest
+from conftest import addresses, submit
+from operating import PASSWORD, busy_queue, figure, operator_app, status_json
 from selenium import webdriver
 from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
@@ -15,14 +17,12 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 from werkzeug.serving import make_server
 
-from bouncer.cycles import CREATION, run_cycle
-from bouncer.models import AuditEntry, BouncerBatch, Pause, UserBatch
-from bouncer.pauses import pause
+from bouncer.cycles.runner import run_cycle
+from bouncer.names import CREATION
+from bouncer.queue.pauses import pause
+from bouncer.store.models import AuditEntry, BouncerBatch, Pause, UserBatch
 from bouncer.web import console as console_module
 from bouncer.web import create_web_app
-
-from conftest import addresses, submit
-from operating import PASSWORD, busy_queue, figure, operator_app, status_json
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

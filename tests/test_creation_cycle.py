@@ -5,17 +5,23 @@ import time
 
 import pytest
 import requests
-
-from bouncer.cycles import CREATION, STATUS, run_cycle
-from bouncer.db import utcnow
-from bouncer.models import (
-    ABANDONED, OUTSTANDING, QUEUED, REJECTED, RESERVED, SENT, BouncerBatch, BouncerBatchEmail,
-    DeliverableResult, EmailGlobal, QueuedEmail, RidingRows, UserBatch, UserBatchEmail,
-)
-from bouncer.models import database
-from bouncer.ledger import count_possible_orphans, reserve_next_batch
-
 from conftest import addresses, rode_on, row_states, statuses, submit, with_settings
+
+from bouncer.cycles.runner import run_cycle
+from bouncer.names import CREATION, STATUS
+from bouncer.queue.ledger import count_possible_orphans, reserve_next_batch
+from bouncer.states import ABANDONED, OUTSTANDING, QUEUED, REJECTED, RESERVED, SENT
+from bouncer.store.database import database, utcnow
+from bouncer.store.models import (
+    BouncerBatch,
+    BouncerBatchEmail,
+    DeliverableResult,
+    EmailGlobal,
+    QueuedEmail,
+    RidingRows,
+    UserBatch,
+    UserBatchEmail,
+)
 
 
 def users_per_bouncer_batch():
@@ -198,7 +204,7 @@ def test_create_reserves_the_next_batch_while_bouncer_answers_the_call_before(ap
 
 
 def test_a_shutdown_during_a_call_stores_its_answer_and_sends_nothing_more(app, bouncer):
-    from bouncer.cycles import SHUTDOWN
+    from bouncer.cycles.runner import SHUTDOWN
     submit("alice", addresses("a", 30))
     real = app.client.create_batch
 
@@ -226,7 +232,7 @@ def reserved_now():
 
 
 def test_create_stops_when_the_request_budget_is_used_up(app, bouncer):
-    from bouncer.ratelimit import take_request_slot
+    from bouncer.queue.ratelimit import take_request_slot
     for _ in range(app.settings.rate_limit_buffer):
         assert take_request_slot("status", app.settings.rate_limit_buffer)
     submit("alice", addresses("a", 5))
@@ -240,7 +246,7 @@ def test_create_stops_when_the_request_budget_is_used_up(app, bouncer):
 
 
 def test_create_skips_when_another_cycle_holds_the_lock(app, bouncer):
-    from bouncer.locks import CycleLock
+    from bouncer.cycles.locks import CycleLock
     submit("alice", addresses("a", 5))
     with CycleLock(app.redis, "creation", "deliverable") as held:
         assert held
@@ -251,7 +257,7 @@ def test_create_skips_when_another_cycle_holds_the_lock(app, bouncer):
 def dead_cycles_reservation(app, emails, called):
     """What a cycle that died leaves: a reservation past RESERVATION_TIMEOUT without a Bouncer id,
     marked as sent if it died during its call."""
-    from bouncer.ledger import note_calling
+    from bouncer.queue.ledger import note_calling
     long_ago = utcnow() - datetime.timedelta(seconds=app.settings.reservation_timeout + 1)
     reservation = reserve_next_batch("deliverable", 10, 30, 3, now=long_ago)
     assert len(reservation.emails) == emails
@@ -295,7 +301,7 @@ def test_create_sends_a_dead_cycles_reserved_emails_before_newer_ones(app, bounc
 def test_create_sends_the_emails_of_an_earlier_cycles_failed_call_first(app, bouncer):
     # A cycle whose call failed and that died before queueing its emails again leaves them
     # parked on the rejected attempt: the next cycle queues them before it packs anything.
-    from bouncer.ledger import reject_reservation
+    from bouncer.queue.ledger import reject_reservation
     submit("alice", addresses("a", 10))
     reservation = reserve_next_batch("deliverable", 10, 30, 3)
     reject_reservation(reservation.ledger_id, "Bouncer answered 500")

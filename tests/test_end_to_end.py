@@ -7,14 +7,13 @@ import time
 import urllib.request
 
 import pytest
+from conftest import API_KEY, REDIS_URL
 
 from bouncer.sandbox import Sandbox
 from support.ports import free_port, wait_for_port
 from support.processes import Supervisor, service_env
 from support.receiver import Receiver
 from support.waiting import wait_until
-
-from conftest import API_KEY, REDIS_URL
 
 TOKEN = "tok-e2e-5b1d9a7c3e"
 SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaA=="

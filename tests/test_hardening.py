@@ -7,11 +7,10 @@ import sys
 
 import pytest
 from clirun import invoke
-
-from bouncer.models import UserBatch, UserBatchEmail
-from support.processes import ROOT
-
 from conftest import assert_clean_failure
+
+from bouncer.store.models import UserBatch, UserBatchEmail
+from support.processes import ROOT
 
 
 def run(database_url, *args, input=None, **env):

@@ -5,23 +5,23 @@ import datetime
 import sqlite3
 
 import pytest
+from conftest import addresses, submit
 from rq import Queue, SimpleWorker
 
 from bouncer.app import App, set_current_app
 from bouncer.client import BouncerClient
-from bouncer.cycles import CREATION, run_cycle
-from bouncer.db import utcnow
-from bouncer.health import FAILING_RUNS, RATE_LIMITED_RUNS, service_health, service_state
-from bouncer.jobs import QUEUE_NAME, create_batches_job, record_run
-from bouncer.models import Pause
-from bouncer.pauses import CREDITS_CHECK, pause, resume
-
-from conftest import addresses, submit
+from bouncer.cycles.runner import run_cycle
+from bouncer.names import CREATION, CYCLE_QUEUE
+from bouncer.queue.pauses import CREDITS_CHECK, pause, resume
+from bouncer.reading.health import FAILING_RUNS, RATE_LIMITED_RUNS, service_health, service_state
+from bouncer.runtime.jobs import create_batches_job, record_run
+from bouncer.store.database import utcnow
+from bouncer.store.models import Pause
 
 
 def run_creation_job(app):
     set_current_app(app)
-    queue = Queue(QUEUE_NAME, connection=app.redis)
+    queue = Queue(CYCLE_QUEUE, connection=app.redis)
     queue.enqueue(create_batches_job, "deliverable")
     SimpleWorker([queue], connection=app.redis).work(burst=True)
 
@@ -47,12 +47,12 @@ def test_a_wrong_api_key_turns_health_red_at_once_with_the_reason(app, bouncer):
 
 
 def test_a_job_failing_twice_in_a_row_is_reported(app, bouncer, monkeypatch):
-    import bouncer.cycles as cycles
+    from bouncer.cycles import runner
     healthy_now(app)
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
-    monkeypatch.setattr(cycles, "run_cycle", broken)
+    monkeypatch.setattr(runner, "run_cycle", broken)
     run_creation_job(app)
     assert service_health(app, utcnow())[0]                  # one failure can be a blip
     for _ in range(FAILING_RUNS - 1):
@@ -79,7 +79,7 @@ def test_an_unwritable_database_is_not_ok(app, bouncer, database_url):
     healthy_now(app)
     holder = sqlite3.connect(database_url[len("sqlite:///"):], timeout=0.1)
     holder.execute("BEGIN EXCLUSIVE")       # as a database that takes no write would behave
-    from bouncer.models import database
+    from bouncer.store.database import database
     database.close()
     database.init(database_url[len("sqlite:///"):], timeout=0.2)
     try:

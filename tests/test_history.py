@@ -3,9 +3,9 @@ database (both dialects), slot use, emails verified and the completion-to-result
 the ledger; the last point of slot use is the overview's figure."""
 import datetime
 
-from bouncer.history import chart_series
-from bouncer.models import BouncerBatch, RateLimitTracker
-from bouncer.reports import queue_overview
+from bouncer.reading.history import chart_series
+from bouncer.reading.overview import queue_overview
+from bouncer.store.models import BouncerBatch, RateLimitTracker
 
 NOW = datetime.datetime(2026, 12, 1, 12, 0, 0, 250000)
 MINUTE = datetime.timedelta(minutes=1)

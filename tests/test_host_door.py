@@ -7,12 +7,14 @@ import sqlite3
 
 import psycopg2
 import pytest
-
-from bouncer.cycles import CREATION, STATUS, run_cycle
-from bouncer.intake import SLICE, admit, admit_batch, create_user_batch
-from bouncer.models import UserBatch
-from bouncer.reports import batch_status, iter_results
 from conftest import postgres_statistics
+
+from bouncer.cycles.runner import run_cycle
+from bouncer.doors.admission import SLICE, admit, admit_batch
+from bouncer.doors.loading import create_user_batch
+from bouncer.names import CREATION, STATUS
+from bouncer.reading.batches import batch_status, iter_results
+from bouncer.store.models import UserBatch
 
 RESULT_VIEW_COLUMNS = ["batch_id", "position", "email", "status", "reason", "score", "accept_all",
                        "disposable", "free", "role", "disabled", "full_mailbox", "provider",
@@ -272,8 +274,10 @@ def rows_examined(node):
 
 
 def test_admission_reads_only_its_own_rows_whatever_the_statistics_say(host, db, monkeypatch):
-    from bouncer.db import database, is_postgres
-    if not is_postgres():
+    from conftest import on_postgres
+
+    from bouncer.store.database import database
+    if not on_postgres():
         pytest.skip("the plan of a PostgreSQL statement")
     host.write_batch("alice", "deliverable", [(p, "a%d@example.com" % p) for p in range(1, 3001)])
     admit("deliverable")
@@ -301,8 +305,10 @@ def test_admission_reads_only_its_own_rows_whatever_the_statistics_say(host, db,
 
 @pytest.mark.parametrize("admitter", ["cycle", "loader"])
 def test_each_slice_of_an_admission_reads_on_from_where_the_last_one_ended(host, db, admitter):
-    from bouncer.db import database, is_postgres
-    if not is_postgres():
+    from conftest import on_postgres
+
+    from bouncer.store.database import database
+    if not on_postgres():
         pytest.skip("entries of admitted rows stay in PostgreSQL's index until a vacuum")
 
     def pages_read():

@@ -4,11 +4,13 @@ import csv
 import io
 import json
 
-from bouncer.cycles import CREATION, STATUS, run_cycle
-from bouncer.models import INVALID, UserBatch, UserBatchEmail
-from bouncer.reports import iter_results, spreadsheet_safe
-
 from conftest import statuses, submit
+
+from bouncer.cycles.runner import run_cycle
+from bouncer.names import CREATION, STATUS
+from bouncer.reading.batches import iter_results, spreadsheet_safe
+from bouncer.states import INVALID
+from bouncer.store.models import UserBatch, UserBatchEmail
 
 VALID = [
     "o'brien@example.com",                 # a quote, in SQL's eyes

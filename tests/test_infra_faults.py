@@ -23,24 +23,23 @@ from pathlib import Path
 
 import pytest
 import redis as redis_lib
+from conftest import API_KEY, REDIS_URL, addresses, make_settings, statuses, submit
 from peewee import OperationalError
 from rq_scheduler import Scheduler
 
-from bouncer import progress
 from bouncer.app import App, set_current_app
-from bouncer.cycles import CREATION, STATUS, run_cycle
-from bouncer.db import connection, open_database, utcnow
-from bouncer.intake import DEAD_LOADER_AFTER, remove_dead_loads
-from bouncer.schema import create_schema
-from bouncer.models import (
-    COMPLETED, OUTSTANDING, SENT, BouncerBatch, DeliverableResult, UserBatch, database,
-)
+from bouncer.cycles.runner import run_cycle
+from bouncer.doors.admission import DEAD_LOADER_AFTER, remove_dead_loads
+from bouncer.names import CREATION, STATUS
+from bouncer.queue import progress
 from bouncer.sandbox import Sandbox
+from bouncer.states import COMPLETED, OUTSTANDING, SENT
+from bouncer.store.database import connection, database, open_database, utcnow
+from bouncer.store.migrations import create_schema
+from bouncer.store.models import BouncerBatch, DeliverableResult, UserBatch
 from support.processes import Supervisor, run_bouncer, service_env
 from support.servers import PostgresCluster, RedisServer, Unavailable
 from support.waiting import wait_until
-
-from conftest import API_KEY, REDIS_URL, addresses, make_settings, statuses, submit
 
 JOB_IDS = ["batch_creator_catchall", "batch_creator_deliverable",
            "status_checker_catchall", "status_checker_deliverable", "webhook_sender"]

@@ -15,17 +15,18 @@ import time
 
 import pytest
 import requests
+from conftest import addresses, make_settings, submit, with_settings
 from redis import Redis
 
 from bouncer.app import App
-from bouncer.cycles import CREATION, STATUS, run_cycle
-from bouncer.db import open_database, utcnow
-from bouncer.locks import CycleLock
-from bouncer.models import ABANDONED, DONE, RESERVED, BouncerBatch, BouncerBatchEmail, Pause, UserBatchEmail, database
-from bouncer.ratelimit import WINDOW, take_request_slot
+from bouncer.cycles.locks import CycleLock
+from bouncer.cycles.runner import run_cycle
+from bouncer.names import CREATION, STATUS
+from bouncer.queue.ratelimit import WINDOW, take_request_slot
+from bouncer.states import ABANDONED, DONE, RESERVED
+from bouncer.store.database import database, open_database, utcnow
+from bouncer.store.models import BouncerBatch, BouncerBatchEmail, Pause, UserBatchEmail
 from support import invariants
-
-from conftest import addresses, make_settings, submit, with_settings
 
 CHECK_TYPES = ("deliverable", "catchall")
 
@@ -160,8 +161,8 @@ def kill_self():
 def install_kill_switch(step, marker):
     """Make this process die by SIGKILL at `step` of a cycle."""
     import bouncer.client as client
-    import bouncer.ingest as ingest
-    import bouncer.ledger as ledger
+    from bouncer.cycles import ingest
+    from bouncer.queue import ledger
 
     def before(module, name):
         def die(*args, **kwargs):
@@ -203,27 +204,27 @@ DOWNLOAD_OUTLIVES_CYCLE = 10   # seconds
 def download_apart_slowly():
     """Every download in a process of its own, and the second one still under way when the
     cycle has ingested the first."""
-    from bouncer import status_cycle
-    status_cycle.APART_FROM = 1
-    real, seen = status_cycle.FetchedApart, []
+    from bouncer.cycles import downloads
+    downloads.APART_FROM = 1
+    real, seen = downloads.FetchedApart, []
 
     class Slow(real):
         def __init__(self, client, batch):
             seen.append(batch.id)
             if len(seen) == 2:
-                read = status_cycle.read_batch_download
+                read = downloads.read_batch_download
 
                 def slow_read(client, b):
                     time.sleep(DOWNLOAD_OUTLIVES_CYCLE)
                     return read(client, b)
-                status_cycle.read_batch_download = slow_read   # in the process forked next
+                downloads.read_batch_download = slow_read   # in the process forked next
                 try:
                     super().__init__(client, batch)
                 finally:
-                    status_cycle.read_batch_download = read
+                    downloads.read_batch_download = read
             else:
                 super().__init__(client, batch)
-    status_cycle.FetchedApart = Slow
+    downloads.FetchedApart = Slow
 
 
 def run_cycle_until_killed(database_url, redis_url, api_url, cycle, step, marker):

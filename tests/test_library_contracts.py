@@ -32,8 +32,8 @@ import waitress.utilities
 from peewee import IntegerField, Model, SqliteDatabase
 from rq_scheduler import Scheduler
 
-from bouncer.db import Sqlite
-from bouncer.models import Reference
+from bouncer.store.database import Sqlite
+from bouncer.store.models import Reference
 
 
 def test_peewee_deferred_foreign_key_makes_no_constraint():

@@ -1,13 +1,15 @@
 """Invariant 12: the database is the last word on the limits. Even with two creation cycles
 running at once (a cycle lock lost when Redis restarted under it), no check type ever has more
 than BOUNCER_MAX_OUTSTANDING batches in flight, and no address is in two of them."""
-from bouncer.creation_cycle import create_batches
-from bouncer.cycles import CREATION, Cycle
-from bouncer.models import BouncerBatch, database
+from conftest import addresses, submit, with_settings
+
+from bouncer.cycles.creation import create_batches
+from bouncer.cycles.runner import Cycle
+from bouncer.names import CREATION
+from bouncer.store.database import database
+from bouncer.store.models import BouncerBatch
 from support import invariants
 from support.waiting import at_once
-
-from conftest import addresses, submit, with_settings
 
 
 def test_two_creation_cycles_at_once_never_break_the_cap(sandbox_app, sandbox):

@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-
-from bouncer.cycles import CREATION, run_cycle
-from bouncer.db import utcnow
-from bouncer.intake import DEAD_LOADER_AFTER
-from bouncer.models import UserBatch, UserBatchEmail, database
-
 from conftest import submit
+
+from bouncer.cycles.runner import run_cycle
+from bouncer.doors.admission import DEAD_LOADER_AFTER
+from bouncer.names import CREATION
+from bouncer.store.database import database, utcnow
+from bouncer.store.models import UserBatch, UserBatchEmail
 
 ROOT = Path(__file__).resolve().parent.parent
 LINES = 150000    # thirty slices

@@ -4,11 +4,11 @@ import json
 import logging
 from dataclasses import replace
 
-from bouncer.jobs import check_batches_job, create_batches_job
-from bouncer.logs import setup_logging
-
 from conftest import API_KEY, addresses, submit
 from operating import host_batch
+
+from bouncer.logs import setup_logging
+from bouncer.runtime.jobs import check_batches_job, create_batches_job
 
 
 def test_json_lines_carry_the_ids_and_mask_secrets(app, bouncer, capsys):
@@ -28,11 +28,11 @@ def test_json_lines_carry_the_ids_and_mask_secrets(app, bouncer, capsys):
     def first(**fields):
         return next(line for line in lines if all(line.get(k) == v for k, v in fields.items()))
 
-    created = first(logger="bouncer.creation_cycle", check_type="deliverable")
+    created = first(logger="bouncer.cycles.creation", check_type="deliverable")
     assert created["ledger_id"] == 1 and created["bouncer_id"] in created["message"]
-    ingested = first(logger="bouncer.ledger", ledger_id=1)
+    ingested = first(logger="bouncer.cycles.ingest", ledger_id=1)
     assert ingested["bouncer_id"] == created["bouncer_id"] and "ingested" in ingested["message"]
-    failed = first(logger="bouncer.intake", level="WARNING")
+    failed = first(logger="bouncer.doors.admission", level="WARNING")
     assert failed["user_batch_id"] == 1 and "no valid address" in failed["message"]
     assert first(job_id="batch_creator_deliverable")["message"].startswith("Job batch_creator_deliverable done")
     assert first(job_id="status_checker_deliverable")["level"] == "INFO"

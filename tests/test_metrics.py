@@ -7,23 +7,29 @@ import os
 import re
 from dataclasses import replace
 
+from conftest import addresses, submit, with_settings
+from operating import METRICS_TOKEN, busy_queue, status_json
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from bouncer.app import App
-from bouncer.cycles import CREATION, run_cycle
-from bouncer.db import open_database, utcnow
-from bouncer.ledger import fail_bouncer_batch
-from bouncer.models import (
-    BouncerBatch, JobRun, RateLimitTracker, UserBatch, UserBatchEmail, WebhookAttempt, WebhookDelivery, database,
+from bouncer.cycles.runner import run_cycle
+from bouncer.names import CREATION
+from bouncer.queue.ledger import fail_bouncer_batch
+from bouncer.queue.pauses import pause
+from bouncer.queue.ratelimit import forget_old_requests
+from bouncer.store.database import database, open_database, utcnow
+from bouncer.store.models import (
+    BouncerBatch,
+    JobRun,
+    RateLimitTracker,
+    UserBatch,
+    UserBatchEmail,
+    WebhookAttempt,
+    WebhookDelivery,
 )
-from bouncer.pauses import pause
-from bouncer.ratelimit import forget_old_requests
 from bouncer.web import create_web_app
 from bouncer.web.metrics import epoch
-
-from conftest import addresses, submit, with_settings
-from operating import METRICS_TOKEN, busy_queue, status_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DASHBOARD = os.path.join(ROOT, "deploy", "grafana", "bouncer.json")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bouncer.cycles import CREATION, STATUS, run_cycle
+from bouncer.cycles.runner import run_cycle
+from bouncer.names import CREATION, STATUS
 from bouncer.sandbox.simulator import verdict_for
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "node"

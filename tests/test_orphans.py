@@ -4,13 +4,15 @@ emails are not paid for twice. Without one within RESERVATION_TIMEOUT, it is aba
 possible orphan) and its emails are sent again, as before."""
 import datetime
 
-from bouncer.cycles import CREATION, STATUS, run_cycle
-from bouncer.db import utcnow
-from bouncer.ledger import count_possible_orphans
-from bouncer.models import ABANDONED, OUTSTANDING, RESERVED, BouncerBatch
-from bouncer.web import create_web_app
-
 from conftest import addresses, statuses, submit, with_settings
+
+from bouncer.cycles.runner import run_cycle
+from bouncer.names import CREATION, STATUS
+from bouncer.queue.ledger import count_possible_orphans
+from bouncer.states import ABANDONED, OUTSTANDING, RESERVED
+from bouncer.store.database import utcnow
+from bouncer.store.models import BouncerBatch
+from bouncer.web import create_web_app
 
 SECRET = "cb-secret-5e4d3c2b1a"
 

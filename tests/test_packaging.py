@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 from clirun import invoke
+from conftest import REDIS_URL
 
 from bouncer import __version__
 from support.ports import free_port, wait_for_port
-
-from conftest import REDIS_URL
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,17 +1,15 @@
 """Reports: the status object of a user batch through its life, its results in submission order,
 the queue overview, and spreadsheet-safe cells."""
 import pytest
-
-from bouncer.cycles import CREATION, STATUS, run_cycle
-from bouncer.errors import NotFound
-from bouncer.reports import (
-    RESULT_COLUMNS, batch_status, iter_results, queue_overview, recent_batches, spreadsheet_safe,
-)
-from bouncer.intake import create_user_batch
-
-from bouncer.sandbox.simulator import build_record, verdict_for
-
 from conftest import addresses, submit
+
+from bouncer.cycles.runner import run_cycle
+from bouncer.doors.loading import create_user_batch
+from bouncer.errors import NotFound
+from bouncer.names import CREATION, STATUS
+from bouncer.reading.batches import RESULT_COLUMNS, batch_status, iter_results, recent_batches, spreadsheet_safe
+from bouncer.reading.overview import queue_overview
+from bouncer.sandbox.simulator import build_record, verdict_for
 
 STATUS_KEYS = {"batch_id", "user_id", "check_type", "status", "total", "done", "counts"}
 COUNT_KEYS = {"deliverable", "risky", "undeliverable", "unknown", "invalid", "failed", "cancelled",
@@ -128,7 +126,7 @@ def test_iter_results_verdict_columns_after_completion(app, bouncer):
 
 
 def test_iter_results_spans_export_pages(app, monkeypatch):
-    monkeypatch.setattr("bouncer.reports.EXPORT_PAGE", 7)
+    monkeypatch.setattr("bouncer.reading.batches.EXPORT_PAGE", 7)
     rows = addresses("r", 20) + ["bad"] + addresses("s", 4)
     batch_id = create_user_batch("alice", "catchall", rows).batch_id
     assert [r["email"] for r in iter_results(batch_id)] == rows
@@ -184,7 +182,7 @@ def test_spreadsheet_safe(value, safe):
 def test_ledger_totals_credits_today_from_midnight_utc(db, settings):
     import datetime
 
-    from bouncer.models import BouncerBatch
+    from bouncer.store.models import BouncerBatch
     now = datetime.datetime(2026, 12, 1, 0, 30)
     for status, quantity, sent_hours_ago in (("completed", 10, 1), ("completed", 7, 0.25), ("outstanding", 5, 0.1),
                                              ("failed", 3, 0.2), ("rejected", 9, None), ("abandoned", 4, None)):

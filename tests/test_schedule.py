@@ -12,28 +12,29 @@ import time
 
 import pytest
 import redis as redis_lib
+from conftest import API_KEY, REDIS_URL
 from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq_scheduler import Scheduler
 
-from bouncer import cycles, jobs
+from bouncer import names
 from bouncer.app import App, set_current_app
-from bouncer.jobs import QUEUE_NAME
-from bouncer.models import database
+from bouncer.cycles import runner
+from bouncer.names import CYCLE_QUEUE
+from bouncer.runtime import jobs
+from bouncer.runtime.schedule import JOB_TIMEOUT, BouncerScheduler, missing_job_ids, register_jobs
+from bouncer.runtime.worker import BouncerWorker
 from bouncer.sandbox import Sandbox
-from bouncer.schedule import JOB_TIMEOUT, BouncerScheduler, missing_job_ids, register_jobs
-from bouncer.worker import BouncerWorker
+from bouncer.store.database import database
 from support.processes import Supervisor, service_env
 from support.waiting import at_once
-
-from conftest import API_KEY, REDIS_URL
 
 JOB_IDS = ["batch_creator_catchall", "batch_creator_deliverable",
            "status_checker_catchall", "status_checker_deliverable", "webhook_sender"]
 
 
 def new_scheduler(redis_conn):
-    return Scheduler(queue=Queue(QUEUE_NAME, connection=redis_conn), connection=redis_conn)
+    return Scheduler(queue=Queue(CYCLE_QUEUE, connection=redis_conn), connection=redis_conn)
 
 
 def next_runs(redis_conn):
@@ -65,16 +66,16 @@ def test_register_jobs_definitions(redis_conn, settings):
     register_jobs(new_scheduler(redis_conn), settings)
     sender = Job.fetch("webhook_sender", connection=redis_conn)
     assert (sender.func_name, tuple(sender.args), sender.meta["interval"], sender.origin) == (
-        "bouncer.jobs.send_webhooks_job", (), jobs.WEBHOOK_INTERVAL, jobs.WEBHOOK_QUEUE)
+        "bouncer.runtime.jobs.send_webhooks_job", (), names.WEBHOOK_INTERVAL, names.WEBHOOK_QUEUE)
     for job_id in JOB_IDS[:4]:
         job = Job.fetch(job_id, connection=redis_conn)
         kind, check_type = job_id.rsplit("_", 1)
         expected = {"batch_creator": (jobs.create_batches_job, settings.batch_create_interval),
                     "status_checker": (jobs.check_batches_job, settings.status_check_interval)}[kind]
-        assert job.func_name == "bouncer.jobs.%s" % expected[0].__name__
+        assert job.func_name == "bouncer.runtime.jobs.%s" % expected[0].__name__
         assert tuple(job.args) == (check_type,)
         assert job.meta["interval"] == expected[1]
-        assert job.origin == QUEUE_NAME
+        assert job.origin == CYCLE_QUEUE
         assert job.timeout == JOB_TIMEOUT
         assert job.result_ttl == -1
         assert job.retries_left is None and not job.retry_intervals
@@ -115,9 +116,9 @@ def test_register_jobs_removes_unwanted_ids_only(redis_conn, settings):
     register_jobs(scheduler, settings)
     now = datetime.datetime.now(datetime.timezone.utc)
     old = scheduler.schedule(now, jobs.create_batches_job, args=("legacy",), interval=5,
-                             id="batch_creator_legacy", queue_name=QUEUE_NAME)
+                             id="batch_creator_legacy", queue_name=CYCLE_QUEUE)
     scheduler.schedule(now, jobs.create_batches_job, args=("x",), interval=5,
-                       id="someone_elses_job", queue_name=QUEUE_NAME)
+                       id="someone_elses_job", queue_name=CYCLE_QUEUE)
 
     done = register_jobs(new_scheduler(redis_conn), settings)
 
@@ -143,7 +144,7 @@ def test_register_jobs_puts_back_an_entry_without_rewriting_its_job(redis_conn, 
     scheduler = new_scheduler(redis_conn)
     register_jobs(scheduler, settings)
     job = Job.fetch("batch_creator_deliverable", connection=redis_conn)
-    Queue(QUEUE_NAME, connection=redis_conn).enqueue_job(job)
+    Queue(CYCLE_QUEUE, connection=redis_conn).enqueue_job(job)
     scheduler.cancel(job)
 
     done = register_jobs(scheduler, settings)
@@ -154,7 +155,7 @@ def test_register_jobs_puts_back_an_entry_without_rewriting_its_job(redis_conn, 
 
 
 def test_scheduler_round_restores_jobs_after_flushdb(redis_conn, settings):
-    scheduler = BouncerScheduler(settings, queue=Queue(QUEUE_NAME, connection=redis_conn),
+    scheduler = BouncerScheduler(settings, queue=Queue(CYCLE_QUEUE, connection=redis_conn),
                                  connection=redis_conn, interval=1)
     register_jobs(scheduler, settings)
     redis_conn.flushdb()
@@ -170,11 +171,11 @@ def test_failed_runs_keep_repeating_and_leave_one_failed_entry(redis_conn, setti
     def broken_cycle(app, kind, check_type, **options):
         raise RuntimeError("database down")
 
-    monkeypatch.setattr(cycles, "run_cycle", broken_cycle)
+    monkeypatch.setattr(runner, "run_cycle", broken_cycle)
     set_current_app(App(settings, redis=redis_conn))
     scheduler = new_scheduler(redis_conn)
     register_jobs(scheduler, settings)
-    queue = Queue(QUEUE_NAME, connection=redis_conn)
+    queue = Queue(CYCLE_QUEUE, connection=redis_conn)
     key = Job.key_for("batch_creator_deliverable")
     try:
         for _ in range(3):
@@ -213,8 +214,8 @@ def test_worker_closes_database_before_fork(redis_conn, db, monkeypatch):
     monkeypatch.setattr(os, "fork", lambda: 4242)  # the parent's side of a fork
     monkeypatch.setenv("RQ_WORKER_ID", "-")
     monkeypatch.setenv("RQ_JOB_ID", "-")
-    worker = BouncerWorker([Queue(QUEUE_NAME, connection=redis_conn)], connection=redis_conn)
-    job = Queue(QUEUE_NAME, connection=redis_conn).enqueue(jobs.create_batches_job, "deliverable")
+    worker = BouncerWorker([Queue(CYCLE_QUEUE, connection=redis_conn)], connection=redis_conn)
+    job = Queue(CYCLE_QUEUE, connection=redis_conn).enqueue(jobs.create_batches_job, "deliverable")
 
     worker.fork_work_horse(job, worker.queues[0])
 
@@ -223,7 +224,7 @@ def test_worker_closes_database_before_fork(redis_conn, db, monkeypatch):
 
 def cycle_told_to_stop():
     """A job: what a cycle in this horse would see."""
-    return cycles.SHUTDOWN.is_set()
+    return runner.SHUTDOWN.is_set()
 
 
 def test_worker_stops_when_logging_swallowed_its_stop_request(redis_conn, monkeypatch):
@@ -231,14 +232,14 @@ def test_worker_stops_when_logging_swallowed_its_stop_request(redis_conn, monkey
     that lands while the worker writes a log line has that exception swallowed by logging's
     error handling; the worker must stop all the same: the job it had just taken runs with its
     cycle told to stop, and no further job is taken."""
-    queue = Queue(QUEUE_NAME, connection=redis_conn)
+    queue = Queue(CYCLE_QUEUE, connection=redis_conn)
     taken = queue.enqueue(cycle_told_to_stop)
     left = queue.enqueue(time.time)
     worker = BouncerWorker([queue], connection=redis_conn)
 
     class SignalMidLine(logging.StreamHandler):
         def format(self, record):
-            if record.getMessage().startswith("Worker %s: %s: " % (worker.name, QUEUE_NAME)) \
+            if record.getMessage().startswith("Worker %s: %s: " % (worker.name, CYCLE_QUEUE)) \
                     and worker.stop_signal is None:
                 worker.request_stop(signal.SIGTERM, None)   # as the worker logs the job it took
             return super().format(record)
@@ -256,7 +257,7 @@ def test_worker_stops_when_logging_swallowed_its_stop_request(redis_conn, monkey
         worker.log.setLevel(level)
         for signum, previous in handlers.items():
             signal.signal(signum, previous)
-        cycles.SHUTDOWN.clear()
+        runner.SHUTDOWN.clear()
     assert worker.stop_signal == signal.SIGTERM
     assert taken.get_status(refresh=True) == "finished" and taken.return_value() is True
     assert left.get_status(refresh=True) == "queued"
@@ -264,13 +265,13 @@ def test_worker_stops_when_logging_swallowed_its_stop_request(redis_conn, monkey
 
 HORSE = """
 import sys
-from bouncer.app import App
 from bouncer.config import Settings
-from bouncer.cycles import CREATION, STATUS, run_cycle
-from bouncer.db import connection, open_database
-from bouncer.models import database
-from bouncer.schema import create_schema
-from bouncer.worker import preload
+from bouncer.cycles.runner import run_cycle
+from bouncer.names import CREATION, STATUS
+from bouncer.app import App
+from bouncer.runtime.worker import preload
+from bouncer.store.database import connection, database, open_database
+from bouncer.store.migrations import create_schema
 database_url, redis_url, api_url, api_key = sys.argv[1:]
 open_database(database_url)
 create_schema()

@@ -20,15 +20,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import pytest
+from conftest import addresses, submit, with_settings
 
-from bouncer.cycles import CREATION, STATUS, run_cycle
-from bouncer.db import utcnow
-from bouncer.models import BouncerBatch, QueuedEmail
+from bouncer.cycles.runner import run_cycle
+from bouncer.names import CREATION, STATUS
+from bouncer.store.database import utcnow
+from bouncer.store.models import BouncerBatch, QueuedEmail
 from support import invariants
 from support.processes import ROOT
 from support.servers import RedisServer, Unavailable, postgres_admin
-
-from conftest import addresses, submit, with_settings
 
 SOAK_SECONDS = 60
 # 60 s of run, at most 180 s of drain, starting and stopping the processes: well inside.

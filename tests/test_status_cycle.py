@@ -6,17 +6,23 @@ import time
 
 import pytest
 import requests
-
-from bouncer.cycles import CREATION, STATUS, note_called_back, run_cycle
-from bouncer.db import utcnow
-from bouncer.models import (
-    COMPLETED, DONE, FAILED, OUTSTANDING, SENT, BouncerBatch, BouncerBatchEmail,
-    CatchallResult, DeliverableResult, EmailGlobal, UserBatch, UserBatchEmail,
-)
-
-from bouncer.sandbox.simulator import verdict_for
-
 from conftest import addresses, postgres_statistics, statuses, submit, with_settings
+
+from bouncer.cycles.runner import run_cycle
+from bouncer.cycles.triggers import note_called_back
+from bouncer.names import CREATION, STATUS
+from bouncer.sandbox.simulator import verdict_for
+from bouncer.states import COMPLETED, DONE, FAILED, OUTSTANDING, SENT
+from bouncer.store.database import utcnow
+from bouncer.store.models import (
+    BouncerBatch,
+    BouncerBatchEmail,
+    CatchallResult,
+    DeliverableResult,
+    EmailGlobal,
+    UserBatch,
+    UserBatchEmail,
+)
 
 
 def send_all(app, user="alice", emails=None, check_type="deliverable"):
@@ -270,7 +276,7 @@ def test_check_goes_first_to_the_batch_bouncers_callback_named(app, bouncer):
 def test_check_again_a_batch_named_after_this_cycle_found_it_running(app, bouncer, monkeypatch):
     send_all(app, "alice", addresses("a", 25))
     first, second, third = BouncerBatch.select().order_by(BouncerBatch.id)
-    import bouncer.ledger as ledger
+    from bouncer.queue import ledger
     real = ledger.note_checked
 
     def completes_right_after_its_check(ledger_id, status, **kwargs):
@@ -290,7 +296,7 @@ def test_check_again_a_batch_named_after_this_cycle_found_it_running(app, bounce
 def test_check_a_crash_mid_ingest_rolls_back_and_the_next_cycle_redoes_it(app, bouncer, monkeypatch):
     batch = send_all(app)
     bouncer.complete_now()
-    import bouncer.progress as progress
+    from bouncer.queue import progress
 
     def die(*args, **kwargs):
         raise RuntimeError("killed mid-ingest")
@@ -315,10 +321,10 @@ def test_check_respects_the_request_budget(app, bouncer):
 def ingests_waiting_for_downloads(monkeypatch, count_downloads, ahead):
     """Ingest stand-in: the first ingest waits until `1 + ahead` downloads were asked for (and a
     little longer, so that one more would show); records the count seen by each ingest."""
-    import bouncer.ledger as ledger
-    real, seen = ledger.complete_with_results, []
+    from bouncer.cycles import ingest
+    real, seen = ingest.ingest_download, []
 
-    def ingest(ledger_id, records, now=None):
+    def waiting_ingest(ledger_id, records, now=None):
         if not seen:
             deadline = time.monotonic() + 10
             while count_downloads() < 1 + ahead and time.monotonic() < deadline:
@@ -326,21 +332,22 @@ def ingests_waiting_for_downloads(monkeypatch, count_downloads, ahead):
             time.sleep(0.2)
         seen.append(count_downloads())
         return real(ledger_id, records, now)
-    monkeypatch.setattr(ledger, "complete_with_results", ingest)
+    monkeypatch.setattr(ingest, "ingest_download", waiting_ingest)
     return seen
 
 
 def downloads_read_in(monkeypatch, tmp_path):
     """The pid of each process that read a download (the forked ones write it to a file)."""
     import os
-    from bouncer import status_cycle
-    real, pids = status_cycle.read_batch_download, tmp_path / "pids"
+
+    from bouncer.cycles import downloads
+    real, pids = downloads.read_batch_download, tmp_path / "pids"
 
     def read(client, batch):
         with open(pids, "a") as f:
             f.write("%d\n" % os.getpid())
         return real(client, batch)
-    monkeypatch.setattr(status_cycle, "read_batch_download", read)
+    monkeypatch.setattr(downloads, "read_batch_download", read)
     return lambda: [int(pid) for pid in pids.read_text().split()] if pids.exists() else []
 
 
@@ -348,20 +355,22 @@ def in_each_download_process(monkeypatch, action):
     """`action(batch)` runs in each forked download process before it reads its download;
     returns the real reader."""
     import os
-    from bouncer import status_cycle
-    cycle_pid, real = os.getpid(), status_cycle.read_batch_download
+
+    from bouncer.cycles import downloads
+    cycle_pid, real = os.getpid(), downloads.read_batch_download
 
     def read(client, batch):
         if os.getpid() != cycle_pid:
             action(batch)
         return real(client, batch)
-    monkeypatch.setattr(status_cycle, "read_batch_download", read)
+    monkeypatch.setattr(downloads, "read_batch_download", read)
     return real
 
 
 def test_a_small_download_is_fetched_and_ingested_by_the_cycle_itself(app, bouncer, monkeypatch, tmp_path):
     import os
-    import bouncer.ledger as ledger
+
+    from bouncer.queue import ledger
     send_all(app, "alice", addresses("a", 25))   # three Bouncer batches of 10: below APART_FROM
     bouncer.complete_now()
     seen = ingests_waiting_for_downloads(monkeypatch, lambda: bouncer.count("download"), ahead=0)
@@ -377,9 +386,10 @@ def test_a_large_download_is_fetched_by_a_process_of_its_own_while_the_batch_bef
     """One download ahead, never two, each read by a forked process; ingested in order."""
     import multiprocessing
     import os
-    import bouncer.ledger as ledger
-    from bouncer import status_cycle
-    monkeypatch.setattr(status_cycle, "APART_FROM", 10)
+
+    from bouncer.cycles import downloads
+    from bouncer.queue import ledger
+    monkeypatch.setattr(downloads, "APART_FROM", 10)
     batch = send_all(sandbox_app, "alice", addresses("a", 25))   # batches of 10, 10 and 5
     sandbox.complete_now()
     seen = ingests_waiting_for_downloads(monkeypatch, lambda: sandbox.count("download"), ahead=1)
@@ -398,13 +408,13 @@ def test_a_large_download_is_fetched_by_a_process_of_its_own_while_the_batch_bef
 def test_a_download_that_has_arrived_is_ingested_before_the_running_batches_are_checked(
         sandbox_app, sandbox, monkeypatch):
     """The checks of batches still at Bouncer (each a call) do not hold up a completed one."""
-    import bouncer.ledger as ledger
-    from bouncer import status_cycle
-    monkeypatch.setattr(status_cycle, "APART_FROM", 1)
+    from bouncer.cycles import downloads, ingest
+    from bouncer.queue import ledger
+    monkeypatch.setattr(downloads, "APART_FROM", 1)
     send_all(sandbox_app, "alice", addresses("a", 25))   # three Bouncer batches
     first = ledger.batches_to_check("deliverable")[0]
     sandbox.complete_now(first.bouncer_id)                # only the first is done
-    events, get_batch, ingest = [], sandbox_app.client.get_batch, ledger.complete_with_results
+    events, get_batch, real = [], sandbox_app.client.get_batch, ingest.ingest_download
 
     def slow_status(check_type, bouncer_id):
         if events:
@@ -414,17 +424,17 @@ def test_a_download_that_has_arrived_is_ingested_before_the_running_batches_are_
 
     def ingesting(ledger_id, download, now=None):
         events.append("ingest")
-        return ingest(ledger_id, download, now)
+        return real(ledger_id, download, now)
     monkeypatch.setattr(sandbox_app.client, "get_batch", slow_status)
-    monkeypatch.setattr(ledger, "complete_with_results", ingesting)
+    monkeypatch.setattr(ingest, "ingest_download", ingesting)
     report = run_cycle(sandbox_app, STATUS, "deliverable")
     assert [r.ledger_id for r in report.ingested] == [first.id] and report.waiting == 2
     assert events == ["status", "status", "ingest", "status"]
 
 
 def test_a_failed_download_fetched_ahead_skips_that_batch_alone(sandbox_app, sandbox, monkeypatch):
-    from bouncer import status_cycle
-    monkeypatch.setattr(status_cycle, "APART_FROM", 1)
+    from bouncer.cycles import downloads
+    monkeypatch.setattr(downloads, "APART_FROM", 1)
     send_all(sandbox_app, "alice", addresses("a", 25))
     sandbox.complete_now()
     sandbox.fail_next(503, kind="download")   # the first download fails; the others go on
@@ -436,8 +446,9 @@ def test_a_failed_download_fetched_ahead_skips_that_batch_alone(sandbox_app, san
 def test_a_download_process_that_dies_leaves_its_batch_for_the_next_cycle(sandbox_app, sandbox, monkeypatch,
                                                                            caplog):
     import os
-    from bouncer import status_cycle
-    monkeypatch.setattr(status_cycle, "APART_FROM", 1)
+
+    from bouncer.cycles import downloads
+    monkeypatch.setattr(downloads, "APART_FROM", 1)
     batch = send_all(sandbox_app, "alice", addresses("a", 25))
     sandbox.complete_now()
     # The last batch's process is killed, as the OOM killer would.
@@ -445,7 +456,7 @@ def test_a_download_process_that_dies_leaves_its_batch_for_the_next_cycle(sandbo
     report = run_cycle(sandbox_app, STATUS, "deliverable")
     assert report.errors == 1 and len(report.ingested) == 2
     assert "ended without an answer (exit -9)" in caplog.text
-    monkeypatch.setattr(status_cycle, "read_batch_download", real)
+    monkeypatch.setattr(downloads, "read_batch_download", real)
     assert len(run_cycle(sandbox_app, STATUS, "deliverable").ingested) == 1
     assert statuses(batch) == {DONE: 25}
 
@@ -453,11 +464,12 @@ def test_a_download_process_that_dies_leaves_its_batch_for_the_next_cycle(sandbo
 def test_a_cycle_that_ends_early_ends_the_download_process_it_will_not_ingest(sandbox_app, sandbox,
                                                                               monkeypatch):
     import multiprocessing
-    from bouncer import status_cycle
-    monkeypatch.setattr(status_cycle, "APART_FROM", 1)
+
+    from bouncer.cycles import downloads
+    monkeypatch.setattr(downloads, "APART_FROM", 1)
     batch = send_all(sandbox_app, "alice", addresses("a", 25))
     sandbox.complete_now()
-    import bouncer.ledger as ledger
+    from bouncer.queue import ledger
     second = [b.id for b in ledger.batches_to_check("deliverable")][1]
     # The second is still under way when the cycle ends.
     in_each_download_process(monkeypatch, lambda b: b.id == second and time.sleep(30))
@@ -474,14 +486,14 @@ def test_a_cycle_that_ends_early_ends_the_download_process_it_will_not_ingest(sa
 def test_a_cycle_told_to_stop_ingests_what_it_downloaded_and_leaves_the_rest(app, bouncer, monkeypatch):
     batch = send_all(app, "alice", addresses("a", 25))   # three Bouncer batches
     bouncer.complete_now()
-    import bouncer.ledger as ledger
-    from bouncer.cycles import SHUTDOWN
-    real = ledger.complete_with_results
+    from bouncer.cycles import ingest
+    from bouncer.cycles.runner import SHUTDOWN
+    real = ingest.ingest_download
 
     def ingest_then_stop(ledger_id, records, now=None):
         SHUTDOWN.set()
         return real(ledger_id, records, now)
-    monkeypatch.setattr(ledger, "complete_with_results", ingest_then_stop)
+    monkeypatch.setattr(ingest, "ingest_download", ingest_then_stop)
     try:
         report = run_cycle(app, STATUS, "deliverable")
     finally:
@@ -512,7 +524,7 @@ def test_a_status_call_that_ends_the_cycle_still_lets_the_download_before_it_be_
 
 
 def test_a_user_batch_riding_on_two_bouncer_batches_ends_only_when_both_are_ingested(app, bouncer):
-    from bouncer.reports import batch_status, recent_batches
+    from bouncer.reading.batches import batch_status, recent_batches
     alice = send_all(app, "alice", addresses("a", 15))   # batch size 10: two Bouncer batches
     first, second = [b.bouncer_id for b in BouncerBatch.select().order_by(BouncerBatch.id)]
     bouncer.complete_now(first)
@@ -530,9 +542,10 @@ def test_a_user_batch_riding_on_two_bouncer_batches_ends_only_when_both_are_inge
 def indexes_reading(table, column):
     """The definitions of the indexes on `table` that name `column`, from the database's own
     catalogue (SQLite: sqlite_master; PostgreSQL: pg_indexes)."""
-    from bouncer.db import is_postgres
-    from bouncer.models import database
-    if is_postgres():
+    from conftest import on_postgres
+
+    from bouncer.store.database import database
+    if on_postgres():
         found = database.execute_sql("SELECT indexdef FROM pg_indexes WHERE tablename = %s", (table,)).fetchall()
     else:
         found = database.execute_sql("SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = ?"
@@ -548,8 +561,8 @@ def test_no_index_of_the_rows_reads_their_status_so_ending_one_touches_no_index(
 
 
 def test_rows_ended_by_an_ingest_are_rewritten_in_place_on_postgres(app, bouncer):
-    from bouncer.db import is_postgres
-    if not is_postgres():
+    from conftest import on_postgres
+    if not on_postgres():
         pytest.skip("HOT updates and fillfactor are PostgreSQL's")
 
     def updates():

@@ -9,14 +9,15 @@ import sys
 
 import pytest
 from clirun import invoke
-
-import bouncer.db
-from bouncer.cycles import CREATION, run_cycle
-from bouncer.errors import InputError
-from bouncer.models import INVALID, QUEUED, EmailGlobal, UserBatch, UserBatchEmail
-from bouncer.intake import create_user_batch
-
 from conftest import assert_clean_failure
+
+import bouncer.store.dialect
+from bouncer.cycles.runner import run_cycle
+from bouncer.doors.loading import create_user_batch
+from bouncer.errors import InputError
+from bouncer.names import CREATION
+from bouncer.states import INVALID, QUEUED
+from bouncer.store.models import EmailGlobal, UserBatch, UserBatchEmail
 
 
 def row_counts():
@@ -93,11 +94,11 @@ def test_create_user_batch_invalid_rows_stored_with_reason_and_line(db):
 
 
 def test_create_user_batch_checks_each_valid_address_once(db, monkeypatch):
-    import bouncer.intake
+    import bouncer.doors.admission
     checked = []
-    real = bouncer.intake.row_problem
-    monkeypatch.setattr(bouncer.intake, "row_problem", lambda text: checked.append(text) or real(text))
-    emails = ["a%d@example.com" % n for n in range(bouncer.intake.SLICE + 5)] + ["not an address"]
+    real = bouncer.doors.admission.row_problem
+    monkeypatch.setattr(bouncer.doors.admission, "row_problem", lambda text: checked.append(text) or real(text))
+    emails = ["a%d@example.com" % n for n in range(bouncer.doors.admission.SLICE + 5)] + ["not an address"]
     summary = create_user_batch("alice", "deliverable", emails)
     assert (summary.accepted, summary.invalid) == (len(emails) - 1, 1)
     # once each as it is written, and the invalid one again at admission for its reason
@@ -399,13 +400,13 @@ def count_statements(monkeypatch, db):
 
     monkeypatch.setattr(db.obj, "execute_sql", counting)
     # On Postgres, bulk rows go in by COPY, which does not pass through execute_sql.
-    real_copy = bouncer.db.copy_rows
+    real_copy = bouncer.store.dialect.copy_in
 
-    def counting_copy(table, columns, rows, tail=""):
+    def counting_copy(db, table, columns, text, tail=""):
         statements.append('INSERT INTO "%s" (by COPY)' % table)
-        return real_copy(table, columns, rows, tail)
+        return real_copy(db, table, columns, text, tail)
 
-    monkeypatch.setattr(bouncer.db, "copy_rows", counting_copy)
+    monkeypatch.setattr(bouncer.store.dialect, "copy_in", counting_copy)
     return statements
 
 

@@ -5,16 +5,17 @@ import datetime
 from pathlib import Path
 
 import pytest
+from conftest import POSTGRES_URL, make_settings, on_postgres, postgres_admin, rode_on, row_states, statuses
 
 from bouncer.app import App
 from bouncer.client import BouncerClient
-from bouncer.cycles import CREATION, STATUS, run_cycle
-from bouncer.db import is_postgres, open_database
-from bouncer.models import BouncerBatch, BouncerBatchEmail, QueuedEmail, UserBatch, UserBatchEmail, database
-from bouncer.reports import batch_status, iter_results
-from bouncer.schema import RETIRED_INDEXES, VERSION, create_schema, current_version
-
-from conftest import POSTGRES_URL, make_settings, postgres_admin, rode_on, row_states, statuses
+from bouncer.cycles.runner import run_cycle
+from bouncer.names import CREATION, STATUS
+from bouncer.reading.batches import batch_status, iter_results
+from bouncer.store.database import database, open_database
+from bouncer.store.migrations import RETIRED_INDEXES, create_schema
+from bouncer.store.models import BouncerBatch, BouncerBatchEmail, QueuedEmail, UserBatch, UserBatchEmail
+from bouncer.store.schema import VERSION, current_version
 
 DATA = Path(__file__).parent / "data"
 T = "2026-11-20 10:00:00"
@@ -156,7 +157,7 @@ def result_indexes():
 
 def indexes_of(*tables):
     """Index names on `tables`, from the database's own catalogue."""
-    if is_postgres():
+    if on_postgres():
         return {name for table in tables for (name,) in database.execute_sql(
             "SELECT indexname FROM pg_indexes WHERE tablename = %s", (table,)).fetchall()}
     return {name for table in tables for (name,) in database.execute_sql(
@@ -301,7 +302,7 @@ def test_init_db_upgrades_a_version_3_database_to_indexes_that_do_not_hold_a_row
         # `new` has; the rows still to admit are the only ones without one.
         assert UserBatchEmail.get_by_id(4).check_type == "deliverable"
         assert [r.id for r in UserBatchEmail.select().where(UserBatchEmail.check_type.is_null())] == [5, 6]
-        if is_postgres():
+        if on_postgres():
             assert rows_fillfactor() == 50
         assert batch_status(1)["counts"]["pending"] == 2
         assert [r["status"] for r in iter_results(3)] == ["pending", "pending"]

@@ -14,20 +14,19 @@ from dataclasses import replace
 from wsgiref.util import setup_testing_defaults
 
 import pytest
+from conftest import API_KEY, REDIS_URL, addresses, submit, with_settings
 from rq import Queue, SimpleWorker
 
-from bouncer import health as health_module
 from bouncer.app import App
-from bouncer.db import open_database, utcnow
-from bouncer.health import GRACE_SECONDS, OVERDUE_INTERVALS, job_health
-from bouncer.jobs import QUEUE_NAME, JobSpec, job_definitions, job_runs, record_run
-from bouncer.models import database
-from bouncer.schedule import JOB_TIMEOUT
+from bouncer.names import CYCLE_QUEUE
+from bouncer.reading import health as health_module
+from bouncer.reading.health import GRACE_SECONDS, OVERDUE_INTERVALS, job_health, job_runs
+from bouncer.runtime.jobs import job_definitions, record_run
+from bouncer.runtime.schedule import JOB_TIMEOUT
+from bouncer.store.database import database, open_database, utcnow
 from bouncer.web import create_web_app as make_app
 from support.ports import free_port
 from support.processes import ROOT, bouncer_command
-
-from conftest import API_KEY, REDIS_URL, addresses, submit, with_settings
 
 WINDOW_30S = OVERDUE_INTERVALS * 30 + GRACE_SECONDS   # the overdue window of a 30 s job
 
@@ -79,7 +78,7 @@ def record_all_successes(app, now):
 
 
 def queued_job_ids(redis):
-    return Queue(QUEUE_NAME, connection=redis).job_ids
+    return Queue(CYCLE_QUEUE, connection=redis).job_ids
 
 
 # -- /health --
@@ -146,10 +145,10 @@ def test_health_503_when_a_job_never_succeeded_long_after_start(callback_app):
 def test_job_health_window(db, last_success, up_for, overdue):
     now = datetime.datetime(2026, 11, 28, 12, 0, 0)
     seconds = datetime.timedelta(seconds=1)
-    definitions = {"status_checker_deliverable": JobSpec(None, ("deliverable",), 30, QUEUE_NAME)}
+    intervals = {"status_checker_deliverable": 30}
     if last_success is not None:
         record_success("status_checker_deliverable", now - last_success * seconds)
-    health = job_health(definitions, job_runs(), now, now - up_for * seconds)
+    health = job_health(intervals, job_runs(), now, now - up_for * seconds)
     assert health["status_checker_deliverable"]["overdue"] is overdue
 
 
@@ -209,8 +208,8 @@ def test_callback_queues_one_status_check(web, redis_conn):
     assert response.status == 202
     assert response.json == {"queued": ["deliverable"]}
     assert queued_job_ids(redis_conn) == ["status_checker_deliverable_now"]
-    job = Queue(QUEUE_NAME, connection=redis_conn).fetch_job("status_checker_deliverable_now")
-    assert job.func_name == "bouncer.jobs.check_batches_job" and job.args == ("deliverable",)
+    job = Queue(CYCLE_QUEUE, connection=redis_conn).fetch_job("status_checker_deliverable_now")
+    assert job.func_name == "bouncer.runtime.jobs.check_batches_job" and job.args == ("deliverable",)
     assert job.timeout == JOB_TIMEOUT
 
 
@@ -236,7 +235,7 @@ def test_callback_while_queued_does_not_queue_again(web, redis_conn):
 def test_callback_after_the_check_ran_queues_again(web, redis_conn):
     path = "/bouncer/callback/%s/catchall" % SECRET
     call(web, "POST", path)
-    queue = Queue(QUEUE_NAME, connection=redis_conn)
+    queue = Queue(CYCLE_QUEUE, connection=redis_conn)
     SimpleWorker([queue], connection=redis_conn).work(burst=True)
     assert queued_job_ids(redis_conn) == []
     assert call(web, "POST", path).status == 202

@@ -6,10 +6,9 @@ import threading
 import time
 
 import pytest
+from conftest import with_settings
 
 from bouncer.web.server import SMALL_BODY, make_server
-
-from conftest import with_settings
 
 TOKEN = "tok-host-app-3f9a2c71"
 

@@ -6,19 +6,26 @@ import datetime
 import time
 
 import pytest
+from conftest import addresses, with_settings
 
-from bouncer import progress, webhooks
-from bouncer.cycles import CREATION, STATUS, run_cycle
-from bouncer.db import utcnow
-from bouncer.intake import admit, create_user_batch
-from bouncer.models import (
-    DELIVERED, GIVEN_UP, NO_TARGET, PENDING, DeliverableResult, EmailGlobal, UserBatch, UserBatchEmail, WebhookAttempt,
+from bouncer.cycles.runner import run_cycle
+from bouncer.doors.admission import admit
+from bouncer.doors.loading import create_user_batch
+from bouncer.names import CREATION, STATUS
+from bouncer.news import webhooks
+from bouncer.queue import progress
+from bouncer.reading.batches import batch_status
+from bouncer.states import DELIVERED, GIVEN_UP, NO_TARGET, PENDING
+from bouncer.store.database import utcnow
+from bouncer.store.models import (
+    DeliverableResult,
+    EmailGlobal,
+    UserBatch,
+    UserBatchEmail,
+    WebhookAttempt,
     WebhookDelivery,
 )
-from bouncer.reports import batch_status
 from support.receiver import Receiver
-
-from conftest import addresses, with_settings
 
 SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaA=="
 

@@ -5,16 +5,16 @@ real HTTP or behind `responses`, options.py declares its options once. Standard 
 The soak script classifies request-log lines with parse_route and request_kind, as the simulator
 does. Imported lazily: the CLI reads the options without loading the HTTP server.
 """
-from .options import SandboxOptions
+from bouncer.sandbox.options import SandboxOptions
 
 __all__ = ["Sandbox", "SandboxOptions", "parse_route", "request_kind"]
 
 
 def __getattr__(name):
     if name == "Sandbox":
-        from .server import Sandbox
+        from bouncer.sandbox.server import Sandbox
         return Sandbox
     if name in ("parse_route", "request_kind"):
-        from . import simulator
+        from bouncer.sandbox import simulator
         return getattr(simulator, name)
     raise AttributeError(name)

@@ -6,7 +6,7 @@ options are made, with one line naming the option and its range.
 """
 from dataclasses import dataclass, field, fields
 
-from ..errors import ConfigError
+from bouncer.errors import ConfigError
 
 KINDS = ("int", "float", "str", "path")
 

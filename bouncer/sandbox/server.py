@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from threading import Event, Thread
 from urllib.parse import parse_qs, urlsplit
 
-from .simulator import DELAYED_FAULTS, Simulator
+from bouncer.sandbox.simulator import DELAYED_FAULTS, Simulator
 
 logger = logging.getLogger("bouncer.sandbox")
 

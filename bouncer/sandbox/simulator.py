@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
-from .options import SandboxOptions
+from bouncer.sandbox.options import SandboxOptions
 
 logger = logging.getLogger("bouncer.sandbox")
 
@@ -66,8 +66,6 @@ DELAYED_FAULTS = ("slow", "timeout")
 # exception class, means the request got no answer at all: the transport fails it that way.
 Reply = namedtuple("Reply", "status body content_type fault error", defaults=(None, None))
 Request = namedtuple("Request", "method path query api_key body action batch_id kind")
-
-
 # ---------------------------------------------------------------------------------------------
 # Verdicts
 

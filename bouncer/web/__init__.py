@@ -2,6 +2,6 @@
 /metrics for Prometheus, /health for the platform, and the URL Bouncer calls when a batch is
 done. One APIFlask application (Flask, with OpenAPI made from the routes' own schemas), served
 by waitress (server.py)."""
-from .application import create_web_app
+from bouncer.web.application import create_web_app
 
 __all__ = ["create_web_app"]

@@ -18,14 +18,16 @@ from apiflask import APIBlueprint, Schema, abort
 from apiflask.fields import Dict, Integer, List, Nested, String
 from flask import Response, request, stream_with_context, url_for
 
-from ..config import CHECK_TYPES
-from ..db import utcnow
-from ..errors import Conflict, InputError, MalformedInput, NotFound
-from ..intake import MAX_REPORTED_INVALID, Loader, chunks
-from ..models import BATCH_STATES, IdempotencyKey, UserBatch
-from ..reader import JsonBatch, read_stream
-from ..reports import batch_status, iter_results, recent_batches, results_csv
-from .application import bouncer_app
+from bouncer.doors.loading import MAX_REPORTED_INVALID, Loader, chunks
+from bouncer.doors.reader import JsonBatch, read_stream
+from bouncer.errors import Conflict, InputError, MalformedInput, NotFound
+from bouncer.names import CHECK_TYPES
+from bouncer.reading.batches import batch_status, iter_results, recent_batches, results_csv
+from bouncer.services import batches
+from bouncer.states import BATCH_STATES
+from bouncer.store.database import utcnow
+from bouncer.store.models import IdempotencyKey, UserBatch
+from bouncer.web.context import bouncer_app
 
 log = logging.getLogger(__name__)
 
@@ -223,13 +225,12 @@ def list_batches(query):
                description="Emails not yet sent end cancelled; those in flight finish with their "
                            "verdicts; the batch becomes cancelled when its last email ends.")
 def cancel(batch_id):
-    from ..progress import cancel_batch
-    status_or_404(batch_id)
     try:
-        cancel_batch(batch_id)
+        batches.cancel_user_batch(bouncer_app(), batch_id)
+    except NotFound:
+        abort(404)
     except Conflict as exc:
         abort(409, str(exc))
-    kick_webhooks()
     return batch_status(batch_id)
 
 
@@ -238,14 +239,6 @@ def status_or_404(batch_id):
         return batch_status(batch_id)
     except NotFound:
         abort(404)
-
-
-def kick_webhooks():
-    from ..jobs import trigger_webhook_sender
-    try:
-        trigger_webhook_sender(bouncer_app().redis)
-    except Exception as exc:   # Redis away: the sender's schedule picks it up
-        log.warning("Cannot queue the webhook sender now (%s); its schedule will", type(exc).__name__)
 
 
 def json_lines(rows):

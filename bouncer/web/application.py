@@ -3,12 +3,16 @@ with secrets masked, a database connection per request."""
 import logging
 import re
 
-from flask import current_app, request
+from apiflask import APIFlask
+from flask import request
 from peewee import PeeweeException
 
-from ..db import utcnow
-from ..masking import MASK, mask_secrets
-from ..models import database
+from bouncer import __version__
+from bouncer.masking import MASK, mask_secrets
+from bouncer.reading.health import describe_error
+from bouncer.store.database import database, utcnow
+from bouncer.web import api, console, metrics, platform
+from bouncer.web.context import bouncer_app
 
 log = logging.getLogger("bouncer.web")
 
@@ -20,10 +24,6 @@ NO_SCHEMA = re.compile(r"no such table|relation .* does not exist")
 def create_web_app(app, started_at=None):
     """The WSGI application over `app` (settings, Redis, the client). `started_at` (naive UTC,
     default now) is when this process came up; /health uses it for jobs never seen to succeed."""
-    from apiflask import APIFlask
-
-    from .. import __version__
-    from . import api, console, metrics, service
     web = APIFlask("bouncer", title="Bouncer verification queue", version=__version__,
                    spec_path="/api/v1/openapi.json", docs_path=None, openapi_blueprint_url_prefix=None)
     web.config.update(
@@ -40,14 +40,9 @@ def create_web_app(app, started_at=None):
     web.teardown_request(close_connection)
     web.after_request(log_request)
     web.after_request(never_cache)
-    for module in (service, api, console, metrics):
+    for module in (platform, api, console, metrics):
         module.register(web)
     return web
-
-
-def bouncer_app():
-    """The App (settings, Redis, client) of the web process."""
-    return current_app.extensions["bouncer"]
 
 
 def json_error(error):
@@ -64,7 +59,6 @@ def json_error(error):
 
 def database_unavailable(error):
     """A database that does not answer, or has no schema yet, is a one-line 503 on every route."""
-    from ..health import describe_error
     message = describe_error(error, bouncer_app().settings)
     if NO_SCHEMA.search(message):
         message = "the database has no schema yet: run `python -m bouncer init-db` (%s)" % message

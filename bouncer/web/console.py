@@ -18,22 +18,31 @@ from itertools import islice
 
 from apiflask import APIBlueprint, HTTPBasicAuth, abort
 from flask import (
-    Response, current_app, flash, redirect, render_template, request, stream_with_context, url_for,
+    Response,
+    flash,
+    redirect,
+    render_template,
+    request,
+    stream_with_context,
+    url_for,
 )
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from markupsafe import Markup
 
-from .. import pauses, reports
-from ..config import CHECK_TYPES
-from ..db import utcnow
-from ..errors import Conflict, NotFound
-from ..health import service_state
-from ..history import DEFAULT_HOURS, WINDOWS, chart_series
-from ..logs import ids
-from ..masking import mask_secrets
-from ..models import BATCH_STATES, ENDED_BATCH_STATES, BouncerBatch
-from .application import bouncer_app
-from .charts import line_chart
+from bouncer.errors import Conflict, NotFound
+from bouncer.masking import mask_secrets
+from bouncer.names import CHECK_TYPES
+from bouncer.queue import audit, pauses
+from bouncer.reading import activity
+from bouncer.reading.batches import batch_status, iter_results, page_of_batches, results_csv, row_states
+from bouncer.reading.health import service_state
+from bouncer.reading.history import DEFAULT_HOURS, WINDOWS, chart_series
+from bouncer.reading.overview import rq_backlog
+from bouncer.services import batches
+from bouncer.states import BATCH_STATES, ENDED_BATCH_STATES
+from bouncer.store.database import utcnow
+from bouncer.web.charts import line_chart
+from bouncer.web.context import bouncer_app, started_at
 
 log = logging.getLogger(__name__)
 
@@ -130,24 +139,24 @@ def overview():
     settings = bouncer_app().settings
     user_id, status, before, hours = batch_filters(), status_filter(), int_arg("before"), hours_arg()
     now = utcnow()
-    state = service_state(settings, current_app.extensions["bouncer.started_at"], now)
-    batches, next_before = reports.page_of_batches(PAGE, user_id, status, before)
+    state = service_state(settings, started_at(), now)
+    page, next_before = page_of_batches(PAGE, user_id, status, before)
     return render_template(
         "console/overview.html", state=state, overview=state["overview"], redis=redis_figures(),
         charts=charts(chart_series(settings, hours, now)), hours=hours, windows=sorted(WINDOWS),
-        batches=batches, next_before=next_before, filters={"user": user_id or "", "status": status or ""},
-        statuses=BATCH_STATES, ledger=reports.recent_bouncer_batches(now=now),
-        failures=reports.recent_failures(now=now), deliveries=reports.recent_deliveries(),
-        audit=pauses.recent_audit(), check_types=CHECK_TYPES)
+        batches=page, next_before=next_before, filters={"user": user_id or "", "status": status or ""},
+        statuses=BATCH_STATES, ledger=activity.recent_bouncer_batches(now=now),
+        failures=activity.recent_failures(now=now), deliveries=activity.recent_deliveries(),
+        audit=audit.recent_audit(), check_types=CHECK_TYPES)
 
 
 @blueprint.get("/batches/<int:batch_id>")
 def batch(batch_id):
     status = status_or_404(batch_id)
-    preview = list(islice(reports.iter_results(batch_id), PREVIEW_ROWS))
+    preview = list(islice(iter_results(batch_id), PREVIEW_ROWS))
     return render_template(
-        "console/batch.html", batch=status, rows=reports.row_states(batch_id), preview=preview,
-        ledger=reports.bouncer_batches_of(batch_id), deliveries=reports.deliveries_of(batch_id),
+        "console/batch.html", batch=status, rows=row_states(batch_id), preview=preview,
+        ledger=activity.bouncer_batches_of(batch_id), deliveries=activity.deliveries_of(batch_id),
         ended=status["status"] in ENDED_BATCH_STATES)
 
 
@@ -156,7 +165,7 @@ def batch_results(batch_id):
     status_or_404(batch_id)
     secrets = bouncer_app().settings.secrets()
     # Pieces end at row boundaries, so each is masked whole.
-    pieces = (mask_secrets(piece, secrets) for piece in reports.results_csv(reports.iter_results(batch_id)))
+    pieces = (mask_secrets(piece, secrets) for piece in results_csv(iter_results(batch_id)))
     response = Response(stream_with_context(pieces), content_type="text/csv; charset=utf-8")
     response.headers["Content-Disposition"] = 'attachment; filename="batch-%d-results.csv"' % batch_id
     return response
@@ -177,7 +186,7 @@ def charts(series):
 def redis_figures():
     """The RQ backlog and workers, or None when Redis does not answer (the page still shows)."""
     try:
-        return reports.rq_backlog(bouncer_app().redis)
+        return rq_backlog(bouncer_app().redis)
     except Exception as exc:
         log.warning("Console: Redis does not answer (%s)", type(exc).__name__)
         return None
@@ -204,18 +213,13 @@ def resume(check_type):
 
 @blueprint.post("/batches/<int:batch_id>/cancel")
 def cancel(batch_id):
-    from ..progress import cancel_batch
-    from .api import kick_webhooks
-    status_or_404(batch_id)
     try:
-        cancelled = cancel_batch(batch_id)
+        cancelled = batches.cancel_user_batch(bouncer_app(), batch_id, who=OPERATOR)
+    except NotFound:
+        abort(404)
     except Conflict as exc:
         flash("Not cancelled: %s." % exc, "error")
         return back()
-    pauses.audit(OPERATOR, "cancel", "user batch %d" % batch_id, "%d email(s) not yet sent cancelled" % cancelled)
-    log.warning("User batch %s cancelled by the operator (%d emails not yet sent)", batch_id, cancelled,
-                extra=ids(user_batch_id=batch_id))
-    kick_webhooks()
     flash("User batch %d cancelled: %d email(s) not yet sent cancelled; those in flight finish."
           % (batch_id, cancelled))
     return back()
@@ -223,19 +227,16 @@ def cancel(batch_id):
 
 @blueprint.post("/bouncer-batches/<int:ledger_id>/fail")
 def fail(ledger_id):
-    from ..ledger import fail_bouncer_batch
-    from .api import kick_webhooks
-    if BouncerBatch.get_or_none(BouncerBatch.id == ledger_id) is None:
-        abort(404)
     reason = form_text("reason")
     if not reason:
         abort(400, "say why the Bouncer batch is failed (reason)")
-    failed = fail_bouncer_batch(ledger_id, reason)
+    try:
+        failed = batches.fail_bouncer_batch(bouncer_app(), ledger_id, reason, who=OPERATOR)
+    except NotFound:
+        abort(404)
     if failed is None:
         flash("Bouncer batch %d is not outstanding: nothing failed." % ledger_id, "error")
         return back()
-    pauses.audit(OPERATOR, "fail", "Bouncer batch %d" % ledger_id, reason)
-    kick_webhooks()
     flash("Bouncer batch %d failed: %d email(s) failed with your reason." % (ledger_id, failed))
     return back()
 
@@ -295,7 +296,7 @@ def form_text(name):
 
 def status_or_404(batch_id):
     try:
-        return reports.batch_status(batch_id)
+        return batch_status(batch_id)
     except NotFound:
         abort(404)
 

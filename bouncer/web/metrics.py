@@ -13,14 +13,14 @@ import hmac
 import logging
 
 from apiflask import APIBlueprint, abort
-from flask import Response, current_app, request
+from flask import Response, request
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
-from ..health import describe_error, service_state
-from ..reports import rq_backlog
-from .application import bouncer_app
+from bouncer.reading.health import describe_error, service_state
+from bouncer.reading.overview import rq_backlog
+from bouncer.web.context import bouncer_app, started_at
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def authenticate():
 def metrics():
     app = bouncer_app()
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServiceCollector(app, current_app.extensions["bouncer.started_at"]))
+    registry.register(ServiceCollector(app, started_at()))
     encode, content_type = choose_encoder(request.headers.get("Accept"))
     try:
         body = encode(registry)

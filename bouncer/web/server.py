@@ -20,6 +20,8 @@ from waitress.parser import HTTPRequestParser
 from waitress.server import create_server
 from waitress.utilities import RequestEntityTooLarge
 
+from bouncer.web.application import create_web_app
+
 log = logging.getLogger(__name__)
 
 THREADS = 8
@@ -82,7 +84,6 @@ def bounded_channel(settings):
 
 def make_server(app, port, host="0.0.0.0", idle_timeout=IDLE_TIMEOUT):
     """The waitress server of the web application, bounded, not yet running."""
-    from . import create_web_app
     largest = app.settings.api_max_emails * BYTES_PER_ROW + SMALL_BODY if app.settings.api_tokens else SMALL_BODY
     server = create_server(create_web_app(app), host=host, port=port, threads=THREADS,
                            connection_limit=CONNECTION_LIMIT, channel_timeout=idle_timeout,

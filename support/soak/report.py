@@ -5,8 +5,8 @@ import re
 
 from peewee import fn
 
-from bouncer.models import BouncerBatch, UserBatch, UserBatchEmail
 from bouncer.sandbox import parse_route, request_kind
+from bouncer.store.models import BouncerBatch, UserBatch, UserBatchEmail
 from support import invariants
 from support.soak.records import iso
 from support.soak.settings import (

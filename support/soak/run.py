@@ -8,8 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from bouncer.db import open_database
-from bouncer.models import database
+from bouncer.store.database import database, open_database
 from support import invariants
 from support.ports import free_port, wait_for_port
 from support.processes import ROOT, Supervisor

@@ -37,8 +37,8 @@ DRAIN_LIMIT = 180
 STARTUP_LIMIT = 30
 COMMAND_LIMIT = 60
 HTTP_TIMEOUT = 10
-# A worker's horse gets 20 s after SIGTERM to finish its cycle (bouncer.worker.SHUTDOWN_GRACE).
-STOP_GRACE = 35   # a horse gets 28 s to end its cycle (bouncer.worker.SHUTDOWN_GRACE)
+# A worker's horse gets 20 s after SIGTERM to finish its cycle (bouncer.runtime.worker.SHUTDOWN_GRACE).
+STOP_GRACE = 35   # a horse gets 28 s to end its cycle (bouncer.runtime.worker.SHUTDOWN_GRACE)
 KILL_GRACE = 10
 KILL_POLL = 0.05            # how often a due kill looks for a creation cycle mid-reservation
 # Longer than any creation cycle here (four calls of at most 3 s each, plus database waits):

@@ -6,7 +6,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis as redis_lib
 
-from bouncer.models import database
+from bouncer.store.database import database
 from support.servers import RedisClaims, postgres_admin
 
 

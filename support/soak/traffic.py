@@ -6,9 +6,10 @@ import random
 import threading
 import time
 
-from bouncer.db import utcnow
-from bouncer.models import QUEUED, UserBatchEmail, database
-from bouncer.intake import create_user_batch
+from bouncer.doors.loading import create_user_batch
+from bouncer.states import QUEUED
+from bouncer.store.database import database, utcnow
+from bouncer.store.models import UserBatchEmail
 from support.soak.records import Errors
 from support.soak.settings import CHECK_TYPES, CLI_SHARE, COMMAND_LIMIT, MAX_BACKLOG, USERS
 

@@ -14,15 +14,9 @@ import redis as redis_lib
 from peewee import fn
 from rq import Worker
 
-from bouncer.models import (
-    IN_FLIGHT_STATES,
-    PENDING_STATES,
-    BouncerBatch,
-    RateLimitTracker,
-    UserBatch,
-    UserBatchEmail,
-    database,
-)
+from bouncer.states import IN_FLIGHT_STATES, PENDING_STATES
+from bouncer.store.database import database
+from bouncer.store.models import BouncerBatch, RateLimitTracker, UserBatch, UserBatchEmail
 from support import invariants
 from support.soak.records import Errors, iso
 from support.soak.settings import (

@@ -1,0 +1,204 @@
+"""Ingest: a completed Bouncer batch's download read, matched to the addresses the batch sent,
+and stored, in one transaction that also ends its rows, the batch and the user batches it
+finishes (`ingest_download`).
+
+Reading is lenient by design: extra or missing fields are fine and the raw record is kept
+whole; a record without a usable email or verdict, or for an address the batch never sent, is
+counted and left out. Reading needs no database, so a large download is read by the process
+that fetched it (downloads.py), and the cycle only matches and writes.
+"""
+
+import json
+import logging
+from dataclasses import dataclass
+
+from bouncer.addresses import strip_email_modifiers
+from bouncer.logs import ids
+from bouncer.queue import ledger, line, progress
+from bouncer.states import VERDICTS
+from bouncer.store.bulk import among, insert_encoded
+from bouncer.store.database import database, dialect, utcnow, write_transaction
+from bouncer.store.models import BouncerBatchEmail, EmailGlobal, result_model
+
+log = logging.getLogger(__name__)
+
+
+RESULT_COLUMNS = ("email_global", "status", "reason", "score", "accept_all", "disposable", "free",
+                  "role", "disabled", "full_mailbox", "provider", "raw", "checked_at",
+                  "bouncer_batch_id")
+
+
+FLAGS = {"yes": "yes", "no": "no", "unknown": "unknown", True: "yes", False: "no"}
+# One encoder for every raw record (json.dumps builds a new one per call when given options).
+RAW_ENCODER = json.JSONEncoder(ensure_ascii=False, check_circular=False)
+
+
+@dataclass
+class IngestReport:
+    ledger_id: int
+    verified: int = 0     # emails completed with a verdict
+    missing: int = 0      # emails failed: their address was not in the download
+    extra: int = 0        # records for addresses this batch never sent (ignored)
+    malformed: int = 0    # records without a usable email or verdict (ignored)
+
+
+@dataclass
+class Download:
+    """A download read into what it stores, before any address is matched: the email of each
+    usable record, each record's columns as the dialect writes them (`encoded`: on PostgreSQL,
+    lines of COPY text), and how many records were not usable. Only the encoded form is kept: a
+    download sent back from its process is pickled, and on PostgreSQL the lines alone unpickle
+    ten times faster than lines and columns together (measured on 10k records: 1.6 ms against
+    15.9 ms)."""
+    emails: list
+    encoded: list
+    malformed: int = 0
+
+
+def read_download(records):
+    """A Download of Bouncer's records (parsed JSON objects)."""
+    emails, rows = [], []
+    for record in records:
+        columns = parse_record(record)
+        if columns is not None:
+            emails.append(record["email"])
+            rows.append(columns)
+    return Download(emails, dialect().encode_rows(rows), malformed=len(records) - len(rows))
+
+
+def match_records(ledger_id, download, report):
+    """{email_global id: index of its record in the download} for each record of an address
+    this batch sent, and the ids of every address it sent. Bouncer answers with the spelling
+    sent; an address it normalised is matched by its stripped form, looked up only when some
+    record needs it."""
+    by_sent = sent_spellings(ledger_id)
+    verdicts, unmatched = {}, []
+    for index, email in enumerate(download.emails):
+        global_id = by_sent.get(email)
+        if global_id is None:
+            unmatched.append(index)
+        else:
+            verdicts[global_id] = index
+    if unmatched:
+        by_stripped = stripped_addresses(ledger_id)
+        for index in unmatched:
+            global_id = by_stripped.get(strip_email_modifiers(download.emails[index]))
+            if global_id is None:
+                report.extra += 1
+            else:
+                verdicts[global_id] = index
+    report.malformed = download.malformed
+    if report.malformed or report.extra:
+        log.warning("Bouncer batch %s: %s malformed and %s unexpected records in the download",
+                    report.ledger_id, report.malformed, report.extra)
+    return verdicts, set(by_sent.values())
+
+
+def sent_spellings(ledger_id):
+    """{spelling sent: email_global id} of the batch's addresses."""
+    query = (BouncerBatchEmail.select(BouncerBatchEmail.email_sent, BouncerBatchEmail.email_global)
+             .where(BouncerBatchEmail.bouncer_batch == ledger_id))
+    return dict(database.execute_sql(*query.sql()).fetchall())
+
+
+def stripped_addresses(ledger_id):
+    """{stripped address: email_global id} of the batch's addresses."""
+    query = (BouncerBatchEmail.select(EmailGlobal.email, BouncerBatchEmail.email_global)
+             .join(EmailGlobal)
+             .where(BouncerBatchEmail.bouncer_batch == ledger_id))
+    return dict(database.execute_sql(*query.sql()).fetchall())
+
+
+def parse_record(record):
+    """The stored columns of one download record (RESULT_COLUMNS between the address and the
+    time), or None when it has no email or verdict. Lenient: extra or missing fields are fine,
+    the raw record is kept whole."""
+    if not isinstance(record, dict):
+        return None
+    email, status = record.get("email"), record.get("status")
+    if not isinstance(email, str) or not email or status not in VERDICTS:
+        return None
+    domain, account = as_dict(record.get("domain")), as_dict(record.get("account"))
+    return (
+        status,
+        as_text(record.get("reason")),
+        as_score(record.get("score")),
+        as_flag(domain.get("acceptAll")),
+        as_flag(domain.get("disposable")),
+        as_flag(domain.get("free")),
+        as_flag(account.get("role")),
+        as_flag(account.get("disabled")),
+        as_flag(account.get("fullMailbox")),
+        as_text(record.get("provider")),
+        getattr(record, "raw", None) or RAW_ENCODER.encode(record),
+    )
+
+
+def as_dict(value):
+    return value if isinstance(value, dict) else {}
+
+
+def as_text(value):
+    # Postgres text cannot hold NUL, which a JSON string may carry as \u0000.
+    return value[:255].replace("\x00", "") if isinstance(value, str) else None
+
+
+def as_score(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return int(value)
+
+
+def as_flag(value):
+    """Bouncer's flags are the strings yes/no/unknown; a YAML-minded encoder may send booleans."""
+    if value.__class__ is str:
+        return FLAGS.get(value) or value.lower()[:16]
+    return FLAGS.get(value) if value.__class__ is bool else None
+
+
+def upsert_results(check_type, download, verdicts, now, ledger_id):
+    """Insert or update the verdicts ({email_global id: record index}, from match_records), a
+    few thousand per statement."""
+    Result = result_model(check_type)
+    if not verdicts:
+        return
+    # Addresses verified for the first time (most of them) are written straight into the table;
+    # on PostgreSQL an upsert goes through a scratch table, costing a second write of every row.
+    # No other transaction can write these addresses' verdicts meanwhile: only an ingest writes
+    # them, and an address is in flight on one batch of a check type at a time.
+    replace = any_verdict_of(Result, verdicts)
+    insert_encoded(Result, RESULT_COLUMNS, verdicts.items(), download.encoded, (now, ledger_id),
+                   replace_on=Result.email_global if replace else None)
+
+
+def any_verdict_of(Result, global_ids):
+    """Whether one of these addresses has a verdict stored already."""
+    return Result.select().where(among(Result.email_global, global_ids)).exists()
+
+
+def ingest_download(ledger_id, download, now=None):
+    """Ingest the download of a completed Bouncer batch (a Download), in one transaction:
+    verdicts upserted, the rows of every address completed, addresses Bouncer left out failed
+    with that reason, the batch out of flight, and each user batch with nothing pending
+    completed. Returns an IngestReport, or None when the batch is no longer outstanding (already
+    ingested or failed). A death anywhere in it rolls it all back: the next cycle downloads
+    again."""
+    now = now or utcnow()
+    with write_transaction():
+        batch = ledger.claim_outstanding(ledger_id)
+        if batch is None:
+            return None
+        report = IngestReport(ledger_id)
+        verdicts, sent = match_records(ledger_id, download, report)
+        upsert_results(batch.check_type, download, verdicts, now, ledger_id)
+        report.missing = progress.fail_sent_rows(
+            ledger_id, "not in Bouncer's results for batch %s" % batch.bouncer_id, now, sent - verdicts.keys())
+        report.verified = progress.complete_sent_rows(ledger_id, now)
+        user_batches = line.batches_riding_on(ledger_id)
+        ledger.mark_completed(ledger_id, now)
+        progress.complete_finished_batches(user_batches, now)
+    log.info("Bouncer batch %s (%s) ingested: %s emails verified, %s missing, %s extra and %s "
+             "malformed records ignored", batch.bouncer_id, ledger_id, report.verified,
+             report.missing, report.extra, report.malformed,
+             extra=ids(ledger_id=ledger_id, bouncer_id=batch.bouncer_id))
+    return report

@@ -1,0 +1,82 @@
+"""What a cycle did: one report per cycle kind, filled by its steps and summed up in one line."""
+
+import logging
+from dataclasses import dataclass, field
+
+from bouncer.names import CREATION, STATUS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CycleReport:
+    check_type: str
+    skipped: bool = False      # another process held the lock: nothing done
+    stopped: str | None = None
+    refused: tuple | None = None   # (status, message): Bouncer's 401, 402 or 429 ended the cycle
+    seconds: float = 0.0
+
+    def summary(self):
+        if self.skipped:
+            return "%s: another %s cycle is running; nothing done" % (self.check_type, self.kind)
+        parts = [self.done()]
+        if self.stopped:
+            parts.append("stopped: %s" % self.stopped)
+        return "; ".join(parts)
+
+
+@dataclass
+class CreationReport(CycleReport):
+    kind = CREATION
+    free_slots: int = 0
+    created: list = field(default_factory=list)        # (ledger id, bouncer id, addresses)
+    failed_calls: list = field(default_factory=list)   # (ledger id, reason)
+    cached: int = 0
+    attached: int = 0
+    requeued: int = 0
+    abandoned: list = field(default_factory=list)      # (ledger id, addresses): possible orphans
+    released: list = field(default_factory=list)       # (ledger id, addresses): a dead cycle's, never sent
+    admission: object = None                           # intake.AdmissionReport
+
+    def done(self):
+        parts = ["%s: %d Bouncer batch(es) created (%d addresses)" % (
+            self.check_type, len(self.created), sum(n for _, _, n in self.created))]
+        if self.admission is not None and (self.admission.admitted or self.admission.invalid
+                                           or self.admission.noticed or self.admission.removed):
+            parts.append(self.admission.summary())
+        if self.failed_calls:
+            parts.append("%d call(s) failed, emails queued again" % len(self.failed_calls))
+        if self.cached:
+            parts.append("%d email(s) completed from cached verdicts" % self.cached)
+        if self.attached:
+            parts.append("%d email(s) joined batches in flight" % self.attached)
+        if self.abandoned:
+            parts.append("%d abandoned reservation(s) released (possible orphans)" % len(self.abandoned))
+        if self.released:
+            parts.append("%d unsent reservation(s) of a dead cycle released" % len(self.released))
+        parts.append("%d free slot(s) at start" % self.free_slots)
+        return "; ".join(parts)
+
+
+@dataclass
+class StatusReport(CycleReport):
+    kind = STATUS
+    checked: int = 0
+    ingested: list = field(default_factory=list)   # IngestReport per completed batch
+    failed: list = field(default_factory=list)     # (ledger id, reason)
+    waiting: int = 0
+    errors: int = 0
+
+    def done(self):
+        parts = ["%s: %d Bouncer batch(es) checked, %d ingested (%d emails verified), %d waiting" % (
+            self.check_type, self.checked, len(self.ingested),
+            sum(r.verified for r in self.ingested), self.waiting)]
+        if self.failed:
+            parts.append("%d failed" % len(self.failed))
+        if self.errors:
+            parts.append("%d call(s) failed, retried next cycle" % self.errors)
+        return "; ".join(parts)
+
+
+REPORTS = {CREATION: CreationReport, STATUS: StatusReport}
+

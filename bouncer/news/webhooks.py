@@ -1,0 +1,147 @@
+"""News back: a Standard Webhooks POST when a user batch ends (design.md, "News back").
+
+Every ending is written as a `WebhookDelivery` by `record_endings`, in the very transaction
+that ends the batch (progress.py is the one place batches end), so none is missed and none is
+told twice. Delivery is apart from the cycles: the `webhook_sender` job (its own RQ queue,
+scheduled every few seconds and triggered when a batch ends) claims the deliveries that are due
+and POSTs them a few at a time, each with a short timeout; a timeout or a non-2xx answer is
+retried after WEBHOOK_RETRY_SCHEDULE (about 5 s, 5 min, 30 min, 2 h, 5 h, 10 h), then given up.
+Each attempt is stored. A receiver that never answers costs one timeout per attempt, on the
+sender's queue, never a cycle.
+"""
+
+import datetime
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+from standardwebhooks import Webhook
+
+from bouncer.logs import ids
+from bouncer.states import DELIVERED, GIVEN_UP, NO_TARGET, PENDING
+from bouncer.store.database import utcnow, write_transaction
+from bouncer.store.models import UserBatch, WebhookAttempt, WebhookDelivery
+
+log = logging.getLogger(__name__)
+
+
+LEASE = 90                   # an attempt whose sender died is tried again after this (> WEBHOOK_TIMEOUT)
+SENDER_BUDGET = 60           # seconds one sender run delivers before it leaves the rest
+
+
+SENDER_THREADS = 8           # deliveries under way at once
+CLAIM_LIMIT = 50
+
+
+MAX_ERROR = 300
+
+
+def target_of(delivery, settings):
+    """The batch's own callback_url, else WEBHOOK_URL, else None."""
+    batch = UserBatch.get_or_none(UserBatch.id == delivery.batch_id)
+    return (batch.callback_url if batch is not None else None) or settings.webhook_url
+
+
+def has_due(now=None):
+    return (WebhookDelivery.select().where((WebhookDelivery.state == PENDING)
+                                           & (WebhookDelivery.next_attempt_at <= (now or utcnow())))
+            .exists())
+
+
+def send_due(settings, session=None, now=None):
+    """Deliver what is due, a few at a time, until nothing is due or the budget is spent.
+    Returns {state: deliveries that reached it}."""
+
+    session = session or requests.Session()
+    deadline = time.monotonic() + SENDER_BUDGET
+    done = {}
+    with ThreadPoolExecutor(SENDER_THREADS, thread_name_prefix="webhook") as pool:
+        while time.monotonic() < deadline:
+            claimed = claim_due(now)
+            if not claimed:
+                break
+            for state in pool.map(lambda d: attempt(d, settings, session), claimed):
+                done[state] = done.get(state, 0) + 1
+    return done
+
+
+def claim_due(now=None):
+    """Due deliveries nobody else is attempting, leased to this sender."""
+    now = now or utcnow()
+    with write_transaction():
+        due = [d for (d,) in WebhookDelivery.select(WebhookDelivery.id).where(
+            (WebhookDelivery.state == PENDING) & (WebhookDelivery.next_attempt_at <= now)
+            & (WebhookDelivery.lease_until.is_null() | (WebhookDelivery.lease_until < now)))
+            .order_by(WebhookDelivery.next_attempt_at).limit(CLAIM_LIMIT).tuples()]
+        if due:
+            (WebhookDelivery.update(lease_until=now + datetime.timedelta(seconds=LEASE))
+             .where(WebhookDelivery.id.in_(due)).execute())
+    return list(WebhookDelivery.select().where(WebhookDelivery.id.in_(due))) if due else []
+
+
+def attempt(delivery, settings, session):
+    """One attempt of one delivery: POST, record, and decide what comes next. Returns the
+    delivery's state after it."""
+    url = target_of(delivery, settings)
+    now = utcnow()
+    if url is None or not settings.webhook_secret:
+        return finish(delivery, NO_TARGET, now, error="no callback_url, no WEBHOOK_URL" if url is None
+                      else "WEBHOOK_SECRET is not set")
+    started = time.monotonic()
+    status, error = post(session, url, delivery, settings.webhook_secret, settings.webhook_timeout)
+    seconds = time.monotonic() - started
+    with write_transaction():
+        WebhookAttempt.create(delivery_id=delivery.id, attempted_at=now, status_code=status,
+                              error=error, seconds=round(seconds, 3))
+    attempts = delivery.attempts + 1
+    if status is not None and 200 <= status < 300:
+        return finish(delivery, DELIVERED, utcnow(), attempts=attempts, status=status, url=url)
+    schedule = settings.webhook_retry_schedule
+    if attempts > len(schedule):
+        log.warning("Webhook %s for user batch %s given up after %d attempts: %s", delivery.message_id,
+                    delivery.batch_id, attempts, error or "HTTP %s" % status,
+                    extra=ids(user_batch_id=delivery.batch_id))
+        return finish(delivery, GIVEN_UP, utcnow(), attempts=attempts, status=status, error=error, url=url)
+    later = utcnow() + datetime.timedelta(seconds=schedule[attempts - 1])
+    with write_transaction():
+        (WebhookDelivery.update(attempts=attempts, next_attempt_at=later, lease_until=None, last_status=status,
+                                last_error=error, url=url)
+         .where(WebhookDelivery.id == delivery.id).execute())
+    log.info("Webhook %s for user batch %s: attempt %d failed (%s); next in %ss", delivery.message_id,
+             delivery.batch_id, attempts, error or "HTTP %s" % status, schedule[attempts - 1],
+             extra=ids(user_batch_id=delivery.batch_id))
+    return PENDING
+
+
+def finish(delivery, state, now, attempts=None, status=None, error=None, url=None):
+    with write_transaction():
+        (WebhookDelivery.update(state=state, finished_at=now, lease_until=None,
+                                attempts=delivery.attempts if attempts is None else attempts,
+                                last_status=status, last_error=error, url=url)
+         .where(WebhookDelivery.id == delivery.id).execute())
+    if state == DELIVERED:
+        log.info("Webhook %s for user batch %s delivered (HTTP %s)", delivery.message_id, delivery.batch_id,
+                 status, extra=ids(user_batch_id=delivery.batch_id))
+    return state
+
+
+def post(session, url, delivery, secret, timeout):
+    """(HTTP status or None, error or None) of one signed POST. Redirects are not followed: a
+    receiver that moved says so, and the body never goes to a host it was not meant for."""
+    timestamp = datetime.datetime.now(datetime.timezone.utc)
+    signature = Webhook(secret).sign(delivery.message_id, timestamp, delivery.payload)
+    headers = {"content-type": "application/json", "webhook-id": delivery.message_id,
+               "webhook-timestamp": str(int(timestamp.timestamp())), "webhook-signature": signature,
+               "user-agent": "bouncer-queue/1.0"}
+    try:
+        response = session.post(url, data=delivery.payload.encode("utf-8"), headers=headers,
+                                timeout=(min(5, timeout), timeout), allow_redirects=False)
+    except requests.Timeout:
+        return None, "no answer within %ss" % timeout
+    except requests.RequestException as exc:
+        return None, ("%s: %s" % (type(exc).__name__, exc))[:MAX_ERROR]
+    if 300 <= response.status_code < 400:
+        return response.status_code, "redirected (not followed)"
+    return response.status_code, None if response.ok else "HTTP %d" % response.status_code
+

@@ -1,0 +1,306 @@
+"""The ledger of Bouncer batches: every state transition of `BouncerBatch`, in one place.
+
+    reserved --confirm_sent--> outstanding --mark_completed (ingest)--> completed
+        |                           '--fail_bouncer_batch--> failed (404, BATCH_TIMEOUT)
+        |--reject_reservation--> rejected (Bouncer refused the call)
+        |                    '-> abandoned (the call went unanswered: a possible orphan)
+        |--release_stale_reservations--> abandoned (the cycle died during the call: a possible orphan)
+        |                            '-> (deleted: the cycle died before calling)
+        '--cancel_reservation--> (deleted: never sent; no request budget left, or the call
+                                  before it ended the cycle)
+
+`note_calling` marks a reservation as sent (`sent_at`) in the transaction that takes the call's
+request slot, before the call goes out, so a dead cycle's reservations tell which may be at
+Bouncer and which never left.
+
+A batch is reserved (ledger row, its addresses, its rows attached) in one transaction before
+Bouncer is called, so whatever a dead cycle leaves behind is recoverable from these rows alone.
+While a batch is reserved or outstanding it is *in flight*: its addresses sit in
+`bouncer_batch_emails`, whose unique index refuses an address in two in-flight batches of a
+check type, and the reservation counts the batches in flight under a per-check-type lock, so
+the database itself holds BOUNCER_MAX_OUTSTANDING whatever the cycle locks do.
+"""
+
+import datetime
+import logging
+from dataclasses import dataclass
+
+from peewee import fn
+
+from bouncer.logs import ids
+from bouncer.queue import line, packing, progress
+from bouncer.states import ABANDONED, COMPLETED, FAILED, IN_FLIGHT_STATES, OUTSTANDING, REJECTED, RESERVED
+from bouncer.store.bulk import insert_tuples
+from bouncer.store.database import lock_rows_for_share, lock_rows_for_update, serialize_on, utcnow, write_transaction
+from bouncer.store.models import BouncerBatch, BouncerBatchEmail
+
+log = logging.getLogger(__name__)
+
+
+ABANDONED_REASON = "reservation abandoned: its cycle died during the call, before storing a Bouncer batch id"
+
+
+@dataclass
+class Reservation:
+    ledger_id: int | None
+    emails: list          # the addresses to send, oldest first
+    cached: int = 0       # rows completed from a fresh verdict, no credit spent
+    attached: int = 0     # rows joined to a batch already in flight
+    no_slot: bool = False  # every slot was in flight: nothing was planned
+
+
+def count_in_flight(check_type):
+    """Reserved and outstanding Bouncer batches: what counts against BOUNCER_MAX_OUTSTANDING."""
+    return (BouncerBatch.select()
+            .where((BouncerBatch.check_type == check_type)
+                   & BouncerBatch.status.in_(IN_FLIGHT_STATES))
+            .count())
+
+
+def count_outstanding(check_type):
+    return (BouncerBatch.select(fn.COUNT(BouncerBatch.id))
+            .where((BouncerBatch.check_type == check_type) & (BouncerBatch.status == OUTSTANDING))
+            .scalar())
+
+
+def count_possible_orphans(check_type=None):
+    query = BouncerBatch.select().where(BouncerBatch.status == ABANDONED)
+    if check_type:
+        query = query.where(BouncerBatch.check_type == check_type)
+    return query.count()
+
+
+def batches_to_check(check_type):
+    """Outstanding Bouncer batches, least recently checked first."""
+    return list(BouncerBatch.select()
+                .where((BouncerBatch.check_type == check_type)
+                       & (BouncerBatch.status == OUTSTANDING))
+                .order_by(BouncerBatch.last_checked_at.asc(nulls="first"), BouncerBatch.id))
+
+
+def overdue_batches(check_type, sent_before):
+    return [ledger_id for (ledger_id,) in BouncerBatch.select(BouncerBatch.id).where(
+        (BouncerBatch.check_type == check_type) & (BouncerBatch.status == OUTSTANDING)
+        & (BouncerBatch.sent_at < sent_before)).tuples()]
+
+
+def reserve_next_batch(check_type, batch_size, cache_days, max_outstanding, now=None):
+    """Reserve the next Bouncer batch: up to `batch_size` distinct stripped addresses, oldest
+    pending first. Repeats of an address ride along; an address already in flight joins that
+    batch; an address with a verdict younger than `cache_days` is completed from it.
+
+    Returns a Reservation (ledger_id None when nothing needs sending; `no_slot` when
+    `max_outstanding` batches are in flight already), or None if the queue is empty."""
+    now = now or utcnow()
+    cutoff = now - datetime.timedelta(days=cache_days) if cache_days else None
+    with write_transaction():
+        # Every reservation of a check type waits here for the one before it to commit, so the
+        # count below is the truth even with two cycles running at once (a lost cycle lock).
+        serialize_on("reservation:%s" % check_type)
+        if count_in_flight(check_type) >= max_outstanding:
+            return Reservation(None, [], no_slot=True)
+        plan = packing.plan_next_batch(check_type, batch_size, cutoff)
+        if plan.is_empty:
+            return None
+        attached = attach_to_in_flight(plan.attach, plan.span)
+        progress.complete_rows_from_cache(plan.cached, now, plan.span)
+        ledger_id = write_reservation(check_type, plan, now) if plan.send else None
+        progress.mark_batches_processing(plan.touched_batches, ledger_id)
+        progress.complete_finished_batches(plan.touched_batches, now)
+    return Reservation(ledger_id, list(plan.send.values()), len(plan.cached), attached)
+
+
+def attach_to_in_flight(attach, span):
+    """Join rows to the in-flight batch that already holds their address. The ledger rows are
+    locked first (FOR SHARE), so a concurrent ingest either finished before (the batch is no
+    longer in flight: the rows stay in line) or waits until these rows are attached."""
+    if not attach:
+        return 0
+    live = {batch_id for (batch_id,) in lock_rows_for_share(
+        BouncerBatch.select(BouncerBatch.id).where(
+            BouncerBatch.id.in_(list(attach)) & BouncerBatch.status.in_(IN_FLIGHT_STATES))).tuples()}
+    return sum(line.send_rows(rows, ledger_id, span)
+               for ledger_id, rows in attach.items() if ledger_id in live)
+
+
+def write_reservation(check_type, plan, now):
+    """Ledger row, its addresses (the unique index refuses an address already in flight), and
+    the rows of those addresses that the plan walked past, attached to it."""
+    ledger = BouncerBatch.create(check_type=check_type, status=RESERVED, quantity=len(plan.send),
+                                 reserved_at=now)
+    insert_tuples(BouncerBatchEmail, ("bouncer_batch", "email_global", "check_type", "email_sent"),
+                  [(ledger.id, global_id, check_type, email) for global_id, email in plan.send.items()])
+    line.send_rows(plan.send_rows, ledger.id, plan.span)
+    return ledger.id
+
+
+def end_flight(ledger_id):
+    """The batch is no longer in flight: its addresses may be sent again."""
+    BouncerBatchEmail.delete().where(BouncerBatchEmail.bouncer_batch == ledger_id).execute()
+
+
+def cancel_reservation(ledger_id):
+    """Undo a reservation that was never sent (no request budget left, the call before it ended
+    the cycle, or its cycle died before calling): its emails are queued again where they were,
+    and the ledger keeps no trace of it."""
+    with write_transaction():
+        line.unsend_rows(ledger_id)
+        end_flight(ledger_id)
+        BouncerBatch.delete().where((BouncerBatch.id == ledger_id)
+                                    & (BouncerBatch.status == RESERVED)).execute()
+
+
+def note_calling(ledger_id, now=None):
+    """The reservation's create is about to go out (inside the transaction that takes its request
+    slot): if its cycle dies before storing Bouncer's id, it is a possible orphan. False when it
+    is no longer waiting to be sent (released meanwhile): then it must not be sent."""
+    return (BouncerBatch.update(sent_at=now or utcnow())
+            .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == RESERVED)
+                   & BouncerBatch.sent_at.is_null())
+            .execute()) == 1
+
+
+def confirm_sent(ledger_id, bouncer_id, now=None):
+    """Store Bouncer's id: from here on the batch is followed to the end. False when the
+    reservation was abandoned meanwhile (this cycle outlived RESERVATION_TIMEOUT)."""
+    updated = (BouncerBatch.update(status=OUTSTANDING, bouncer_id=bouncer_id, sent_at=now or utcnow())
+               .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == RESERVED))
+               .execute())
+    return updated == 1
+
+
+def note_unanswered(ledger_id, reason):
+    """The create went unanswered; the reservation stays, waiting for Bouncer's callback."""
+    (BouncerBatch.update(failure_reason="create unanswered (%s); waiting for Bouncer's callback" % reason)
+     .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == RESERVED)).execute())
+
+
+def recognise_from_callback(ledger_id, bouncer_id, now=None):
+    """Bouncer's callback names a reservation and its batch. A reservation still waiting for its
+    id (its create went unanswered) takes it and is followed from here: its emails are not sent
+    again. One already abandoned keeps the id, as a confirmed orphan. Returns what happened:
+    "followed", "orphan", or None (nothing to learn: already known, or no such reservation)."""
+    with write_transaction():
+        batch = BouncerBatch.get_or_none(BouncerBatch.id == ledger_id)
+        if batch is None or batch.bouncer_id is not None \
+                or BouncerBatch.select().where(BouncerBatch.bouncer_id == bouncer_id).exists():
+            return None
+        if batch.status == RESERVED:
+            confirm_sent(ledger_id, bouncer_id, now)
+            BouncerBatch.update(failure_reason=None).where(BouncerBatch.id == ledger_id).execute()
+            outcome = "followed"
+        elif batch.status == ABANDONED:
+            BouncerBatch.update(bouncer_id=bouncer_id).where(BouncerBatch.id == ledger_id).execute()
+            outcome = "orphan"
+        else:
+            return None
+    log.warning("Bouncer batch %s recognised from its callback for reservation %s: %s", bouncer_id, ledger_id,
+                "followed, its emails not sent again" if outcome == "followed" else "an orphan (its emails "
+                "were sent again after RESERVATION_TIMEOUT)", extra=ids(ledger_id=ledger_id, bouncer_id=bouncer_id))
+    return outcome
+
+
+def reject_reservation(ledger_id, reason, possible_orphan=False, now=None):
+    """The call failed. Its addresses leave flight now; its emails stay parked until
+    `requeue_rejected_emails`, so this cycle does not send them again (they wait for the next
+    one, keeping FIFO for everything else). Bouncer refused it: `rejected`. It went unanswered
+    (a timeout), so Bouncer may have created it anyway: `abandoned`, counted as a possible
+    orphan."""
+    status = ABANDONED if possible_orphan else REJECTED
+    with write_transaction():
+        (BouncerBatch.update(status=status, failure_reason=reason, finished_at=now or utcnow())
+         .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == RESERVED)).execute())
+        end_flight(ledger_id)
+
+
+def requeue_rejected_emails(check_type):
+    """Queue again the emails of rejected or abandoned attempts. Returns how many. Almost always
+    there are none: that is found by a read, so the cycle takes no write lock for it (on SQLite
+    it would wait for an ingest's transaction to end)."""
+    dead = BouncerBatch.select(BouncerBatch.id).where(
+        (BouncerBatch.check_type == check_type) & BouncerBatch.status.in_((REJECTED, ABANDONED)))
+    if not line.any_riding_on(dead):
+        return 0
+    with write_transaction():
+        return line.requeue_rows_of(dead)
+
+
+def release_stale_reservations(check_type, older_than):
+    """Release the reservations that never got a Bouncer id by `older_than`: their cycle died.
+    One whose call had gone out (`note_calling`) is abandoned: Bouncer may have accepted the
+    batch (the process died between the call and the commit of its id), so it is logged as a
+    possible orphan. One never called is cancelled: its emails go back in line where they were.
+    Returns ([(ledger id, addresses)] abandoned, [(ledger id, addresses)] cancelled). When there
+    is none (nearly always), a read says so and no write lock is taken."""
+    query = BouncerBatch.select(BouncerBatch.id, BouncerBatch.quantity, BouncerBatch.sent_at).where(
+        (BouncerBatch.check_type == check_type) & (BouncerBatch.status == RESERVED)
+        & (BouncerBatch.reserved_at < older_than))
+    if not query.exists():
+        return [], []
+    abandoned, cancelled = [], []
+    with write_transaction():
+        for ledger_id, quantity, sent_at in list(query.tuples()):   # read whole: the loop deletes
+            where = ids(ledger_id=ledger_id, check_type=check_type)
+            if sent_at is None:
+                cancel_reservation(ledger_id)
+                cancelled.append((ledger_id, quantity))
+                log.warning("Reservation %s (%s, %s addresses) released: its cycle died before calling "
+                            "Bouncer; its emails are queued again where they were", ledger_id, check_type,
+                            quantity, extra=where)
+                continue
+            (BouncerBatch.update(status=ABANDONED, finished_at=utcnow(), failure_reason=ABANDONED_REASON)
+             .where(BouncerBatch.id == ledger_id).execute())
+            end_flight(ledger_id)
+            abandoned.append((ledger_id, quantity))
+            log.warning("Reservation %s (%s, %s addresses) abandoned: possible orphan batch at "
+                        "Bouncer; its emails are queued again", ledger_id, check_type, quantity, extra=where)
+    if abandoned:
+        requeue_rejected_emails(check_type)
+    return abandoned, cancelled
+
+
+def note_checked(ledger_id, bouncer_status, completed_at=None, now=None):
+    """What Bouncer said of the batch; `completed_at` (naive UTC), when it says it completed."""
+    changes = {BouncerBatch.last_checked_at: now or utcnow(), BouncerBatch.bouncer_status: str(bouncer_status)[:64]}
+    if completed_at is not None:
+        changes[BouncerBatch.bouncer_completed_at] = completed_at
+    BouncerBatch.update(changes).where(BouncerBatch.id == ledger_id).execute()
+
+
+def claim_outstanding(ledger_id):
+    """The ledger row, locked, if it is still outstanding: who finishes a batch is decided here."""
+    query = BouncerBatch.select().where(
+        (BouncerBatch.id == ledger_id) & (BouncerBatch.status == OUTSTANDING))
+    return lock_rows_for_update(query).first()
+
+
+def fail_bouncer_batch(ledger_id, reason, now=None):
+    """Bouncer lost the batch or it never finished: its emails and every user batch with an
+    email in it fail, with `reason`. Returns the number of emails failed (None if the batch was
+    no longer outstanding)."""
+    now = now or utcnow()
+    with write_transaction():
+        batch = claim_outstanding(ledger_id)
+        if batch is None:
+            return None
+        user_batches = line.batches_riding_on(ledger_id)
+        failed = progress.fail_sent_rows(ledger_id, reason, now)
+        end_flight(ledger_id)
+        line.forget_riders(ledger_id)
+        (BouncerBatch.update(status=FAILED, failure_reason=reason, finished_at=now)
+         .where(BouncerBatch.id == ledger_id).execute())
+        progress.fail_batches(user_batches, reason, now)
+    log.error("Bouncer batch %s (%s) failed: %s; %s emails and %s user batches marked failed",
+              batch.bouncer_id, ledger_id, reason, failed, len(user_batches),
+              extra=ids(ledger_id=ledger_id, bouncer_id=batch.bouncer_id))
+    return failed
+
+
+def mark_completed(ledger_id, now):
+    """outstanding -> completed, inside the ingest's transaction once every row riding on the
+    batch has its verdict or its failure: its addresses leave flight, no row rides on it."""
+    end_flight(ledger_id)
+    line.forget_riders(ledger_id)
+    (BouncerBatch.update(status=COMPLETED, finished_at=now, bouncer_status="completed")
+     .where(BouncerBatch.id == ledger_id).execute())
+

@@ -1,0 +1,170 @@
+"""The line: admitted rows waiting to be sent, and rows riding on a Bouncer batch.
+
+A queued row is in exactly one of two places: waiting in line (`queued_emails`, one narrow row
+each, walked by packing in order of place in line, then position), or riding on a Bouncer batch
+in flight (`riding_rows`, one row per Bouncer batch and user batch, holding the rows' ids). A
+batch that became visible takes its place in line from a counter (`take_places`), so places are
+given in commit order. A row riding on a rejected or abandoned attempt goes back in line where
+it was. Nothing here ends a row: progress.py does.
+"""
+
+import json
+import logging
+
+from peewee import SQL, Query, Tuple
+
+from bouncer.states import (
+    NEW,
+    QUEUED,
+)
+from bouncer.store.bulk import among, chunked, insert_tuples
+from bouncer.store.database import database, dialect
+from bouncer.store.models import FifoCounter, QueuedEmail, RidingRows, UserBatchEmail
+
+log = logging.getLogger(__name__)
+
+Row = UserBatchEmail
+
+Line = QueuedEmail
+
+Riding = RidingRows
+
+
+def take_places(count):
+    """The next `count` places in line. Inside a write transaction: the counter row stays
+    locked until commit, so places are given in the order batches become visible."""
+    last = dialect().add_to_counter(database, FifoCounter._meta.table_name, count)
+    return list(range(last - count + 1, last + 1))
+
+
+# What the line keeps of a row: each field of the line, and the field of the row it copies.
+LINE_COPIES = ((Line.row, Row.id), (Line.batch_id, Row.batch), (Line.check_type, Row.check_type),
+               (Line.fifo_order, Row.fifo_order), (Line.position, Row.position),
+               (Line.email_global, Row.email_global), (Line.email, Row.email))
+
+
+LINE_TARGET = tuple(line.column_name for line, _ in LINE_COPIES)
+LINE_SOURCE = tuple(row.column_name for _, row in LINE_COPIES)
+
+
+# A row not yet admitted: it has no check type until admission (or a cancel) gives it its
+# batch's, so its own index finds it without naming the status (see schema.py).
+NOT_ADMITTED_SQL = "check_type IS NULL AND status = 'new'"
+
+
+def not_admitted():
+    return Row.check_type.is_null() & (Row.status == NEW)
+
+
+def join_line(rows):
+    """Rows, as `LINE_SOURCE` columns of `user_batch_emails`, wait in line."""
+    insert_tuples(Line, [line.name for line, _ in LINE_COPIES], rows)
+
+
+def leave_line(row_ids, span=None):
+    """Take rows out of the line; returns the ids that were in it (a concurrent cancel may have
+    taken some first). `span`, `(check type, first place, last place)` of a stretch of the line
+    holding every one of them, lets the database find them by one range of the line's index,
+    the ids only filtering it, rather than by one probe of the primary key per id (measured on
+    PostgreSQL, 10,000 rows: 11 ms against 28 ms)."""
+    if not row_ids:
+        return []
+    where = among(Line.row, row_ids)
+    if span is not None:
+        check_type, first, last = span
+        place = Tuple(Line.fifo_order, Line.position)
+        where &= (Line.check_type == check_type) & (place >= Tuple(*first)) & (place <= Tuple(*last))
+    return take_out_of_line(where)
+
+
+def leave_line_of_batch(batch):
+    """Take every row of one user batch out of the line (through the line's index: a batch's
+    rows share its place in line); returns their ids."""
+    if batch.fifo_order is None:
+        return []
+    return take_out_of_line((Line.check_type == batch.check_type) & (Line.fifo_order == batch.fifo_order)
+                            & (Line.batch_id == batch.id))
+
+
+def take_out_of_line(where):
+    """Delete the line's rows `where` holds for; returns their ids, so that a claim and a cancel
+    racing for a row each act only on the rows they removed."""
+    taken = Line.delete().where(where).returning(Line.row)
+    return [r for (r,) in database.execute_sql(*taken.sql()).fetchall()]
+
+
+def send_rows(rows, ledger_id, span=None):
+    """Rows `(row id, user batch)` still in line (within `span`, see `leave_line`) leave it and
+    ride on Bouncer batch `ledger_id`. Returns how many."""
+    batch_of = dict(rows)
+    by_batch = {}
+    for row_id in leave_line(list(batch_of), span):
+        by_batch.setdefault(batch_of[row_id], []).append(row_id)
+    insert_tuples(Riding, ("bouncer_batch", "batch_id", "row_ids", "rows"),
+                  [(ledger_id, batch, "[%s]" % ",".join(map(str, ids)), len(ids)) for batch, ids in by_batch.items()])
+    return sum(map(len, by_batch.values()))
+
+
+def riding_rows(ledger_id):
+    """The ids of the rows riding on this Bouncer batch, as a subquery."""
+    return SQL(dialect().ids_in_json("row_ids", "r.bouncer_batch_id = %s" % database.param), [ledger_id])
+
+
+def riders_of(ledger_ids):
+    """{ledger id: [row ids]} of the rows riding on `ledger_ids` (ids or a subquery)."""
+    found = {}
+    for ledger_id, row_ids in (Riding.select(Riding.bouncer_batch, Riding.row_ids)
+                               .where(is_one_of(Riding.bouncer_batch, ledger_ids)).tuples()):
+        found.setdefault(ledger_id, []).extend(json.loads(row_ids))
+    return found
+
+
+def forget_riders(ledger_id):
+    """The batch's verdicts or its failure have reached its rows: none rides on it any more."""
+    Riding.delete().where(Riding.bouncer_batch == ledger_id).execute()
+
+
+def unsend_rows(ledger_id):
+    """Rows of a reservation that was never sent go back in line where they were (the ledger
+    keeps no trace of it, so the rows do not name it)."""
+    return requeue_rows_of([ledger_id], name_attempt=False)
+
+
+def requeue_rows_of(ledger_ids, name_attempt=True):
+    """Rows riding on failed attempts (`ledger_ids`: ids or a subquery) go back in line where
+    they were; `bouncer_batch` names the last attempt that carried them. Returns how many."""
+    count = 0
+    for ledger_id, row_ids in riders_of(ledger_ids).items():
+        for part in chunked(row_ids):
+            back = (Row.select(*[row for _, row in LINE_COPIES])
+                    .where(among(Row.id, part) & (Row.status == QUEUED)).tuples())
+            back = database.execute_sql(*back.sql()).fetchall()
+            join_line(back)
+            if name_attempt:
+                Row.update(bouncer_batch=ledger_id).where(among(Row.id, part)).execute()
+            count += len(back)
+    Riding.delete().where(is_one_of(Riding.bouncer_batch, ledger_ids)).execute()
+    return count
+
+
+def any_riding_on(ledger_ids):
+    """Whether a row still rides on one of `ledger_ids` (what `requeue_rows_of` would queue)."""
+    return Riding.select().where(is_one_of(Riding.bouncer_batch, ledger_ids)).exists()
+
+
+def batches_riding_on(ledger_id):
+    """The ids of the user batches with a row riding on this Bouncer batch."""
+    return [b for (b,) in batches_of_bouncer_batch(ledger_id).tuples()]
+
+
+def batches_of_bouncer_batch(ledger_id):
+    """The user batches with a row riding on this Bouncer batch."""
+    return Riding.select(Riding.batch_id).distinct().where(Riding.bouncer_batch == ledger_id)
+
+
+def is_one_of(column, values):
+    """`column` in `values`: a subquery, or a collection of ids."""
+    if isinstance(values, Query):
+        return column.in_(values)
+    return among(column, values)
+

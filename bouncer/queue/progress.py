@@ -1,0 +1,153 @@
+"""Rows and user batches ending: the one place a user batch ends.
+
+Row (`UserBatchEmail.status`): queued -> done | failed; new | queued -> cancelled; invalid rows
+never move. User batch: queued -> processing -> completed, or failed with a reason, or cancelled.
+Kept in step by the cycles, a few set-based statements at a time, so reading a batch's status
+never needs to scan its rows. Each function that ends batches takes the ids the database says it
+changed, and writes their webhook deliveries (outbox.py) in the same transaction.
+"""
+
+from peewee import SQL, Case, fn
+
+from bouncer.errors import Conflict
+from bouncer.queue import outbox
+from bouncer.queue.line import (
+    batches_of_bouncer_batch,
+    is_one_of,
+    leave_line,
+    leave_line_of_batch,
+    not_admitted,
+    riding_rows,
+)
+from bouncer.states import (
+    BATCH_CANCELLED,
+    BATCH_COMPLETED,
+    BATCH_FAILED,
+    BATCH_LOADING,
+    BATCH_NEW,
+    BATCH_PROCESSING,
+    BATCH_QUEUED,
+    CANCELLED,
+    DONE,
+    ENDED_BATCH_STATES,
+    FAILED,
+    QUEUED,
+)
+from bouncer.store.bulk import among, chunked
+from bouncer.store.database import utcnow, write_transaction
+from bouncer.store.models import QueuedEmail, RidingRows, UserBatch, UserBatchEmail
+
+Row = UserBatchEmail
+
+Line = QueuedEmail
+
+Riding = RidingRows
+
+
+def complete_rows_from_cache(row_ids, now, span=None):
+    """Rows still in line (within `span`, see `leave_line`) are done: a fresh verdict of their
+    address was already stored."""
+    taken = leave_line(row_ids, span)
+    if taken:
+        Row.update(status=DONE, completed_at=now).where(among(Row.id, taken) & (Row.status == QUEUED)).execute()
+
+
+def complete_sent_rows(ledger_id, now):
+    """Every row still riding on this batch has its verdict now (the missing ones failed)."""
+    return (Row.update(status=DONE, completed_at=now, bouncer_batch=ledger_id)
+            .where(Row.id.in_(riding_rows(ledger_id)) & (Row.status == QUEUED)).execute())
+
+
+def fail_sent_rows(ledger_id, reason, now, only_addresses=None):
+    """Fail the rows riding on this batch (of `only_addresses`, when given) with `reason`."""
+    riding = Row.id.in_(riding_rows(ledger_id)) & (Row.status == QUEUED)
+    if only_addresses is not None:
+        if not only_addresses:
+            return 0
+        riding &= among(Row.email_global, only_addresses)
+    return (Row.update(status=FAILED, failure_reason=reason, completed_at=now, bouncer_batch=ledger_id)
+            .where(riding).execute())
+
+
+def mark_batches_processing(batch_ids=(), ledger_id=None):
+    """User batches with emails sent (to ledger batch `ledger_id`) or completed are processing."""
+    targets = []
+    if ledger_id is not None:
+        targets.append(batches_of_bouncer_batch(ledger_id))
+    if batch_ids:
+        targets.append(batch_ids)
+    for target in targets:
+        (UserBatch.update(status=BATCH_PROCESSING)
+         .where((UserBatch.status == BATCH_QUEUED) & is_one_of(UserBatch.id, target)).execute())
+
+
+def complete_finished_batches(batch_ids, now):
+    """End each of `batch_ids` (ids or a subquery) with no pending email left: completed, or
+    cancelled when a cancel was asked for. A failed batch stays failed. Returns how many. (Rows
+    that just got their verdicts must no longer ride: see `forget_riders`.)"""
+    ended = (UserBatch.update(status=Case(None, ((UserBatch.cancelled_at.is_null(), BATCH_COMPLETED),),
+                                          BATCH_CANCELLED),
+                              completed_at=now)
+             .where(is_one_of(UserBatch.id, batch_ids)
+                    & UserBatch.status.in_((BATCH_NEW, BATCH_QUEUED, BATCH_PROCESSING))
+                    & ~has_pending_rows())
+             .returning(UserBatch.id, UserBatch.status).tuples().execute())
+    return record_endings(ended, now)
+
+
+def has_pending_rows():
+    """Whether the user batch of the enclosing query has a row pending: not yet admitted, in
+    line, or riding on a Bouncer batch (every queued row is one of the last two). Each is one
+    probe of an index; none reads a row's status, which no index holds."""
+    return (fn.EXISTS(Row.select(SQL("1")).where((Row.batch == UserBatch.id) & not_admitted()))
+            | fn.EXISTS(Line.select(SQL("1")).where((Line.check_type == UserBatch.check_type)
+                                                    & (Line.fifo_order == UserBatch.fifo_order)
+                                                    & (Line.batch_id == UserBatch.id)))
+            | fn.EXISTS(Riding.select(SQL("1")).where(Riding.batch_id == UserBatch.id)))
+
+
+def fail_batches(batch_ids, reason, now):
+    """End user batches failed with `reason`; their other emails still get their verdicts."""
+    ended = (UserBatch.update(status=BATCH_FAILED, failure_reason=reason, completed_at=now)
+             .where(is_one_of(UserBatch.id, batch_ids) & UserBatch.status.not_in(ENDED_BATCH_STATES))
+             .returning(UserBatch.id, UserBatch.status).tuples().execute())
+    return record_endings(ended, now)
+
+
+def cancel_batch(batch_id, now=None):
+    """Cancel a user batch: its rows not yet sent end cancelled, those in flight finish with
+    their verdicts, and the batch ends cancelled once nothing of it is in flight (at once when
+    nothing is). Raises Conflict for a batch that already ended."""
+    now = now or utcnow()
+    with write_transaction():
+        asked = (UserBatch.update(cancelled_at=now)
+                 .where((UserBatch.id == batch_id)
+                        & UserBatch.status.not_in(ENDED_BATCH_STATES + (BATCH_LOADING,)))
+                 .execute())
+        if not asked:
+            batch = UserBatch.get_by_id(batch_id)
+            raise Conflict("user batch %s is %s: %s" % (batch_id, batch.status, "it is still being written"
+                                                         if batch.status == BATCH_LOADING else "it has ended"))
+        batch = UserBatch.get_by_id(batch_id)
+        cancelled = cancel_unadmitted(batch, now)
+        for part in chunked(leave_line_of_batch(batch)):
+            cancelled += (Row.update(status=CANCELLED, completed_at=now)
+                          .where(among(Row.id, part) & (Row.status == QUEUED)).execute())
+        complete_finished_batches([batch_id], now)
+    return cancelled
+
+
+def cancel_unadmitted(batch, now, row_ids=None):
+    """Rows of `batch` not yet admitted (of `row_ids`, when given) end cancelled, taking the
+    batch's check type as admission would have given them; returns how many."""
+    where = (Row.batch == batch.id) & not_admitted()
+    if row_ids is not None:
+        where &= among(Row.id, row_ids)
+    return Row.update(status=CANCELLED, completed_at=now, check_type=batch.check_type).where(where).execute()
+
+
+def record_endings(ended, now):
+    ended = list(ended)
+    outbox.record_endings(ended, now)
+    return len(ended)
+

@@ -1,0 +1,132 @@
+"""The queue at a glance, the one answer behind `status`, the console and /metrics: per check
+type, rows and Bouncer batches in their states, credits spent, the request budget in use,
+possible orphans; user batches and webhook deliveries by state; RQ's backlog.
+
+The totals (credits spent, emails verified, Bouncer batches ended, possible orphans) are read
+from the ledger, whose rows are never removed once sent: they never go down, so /metrics may
+call them counters.
+"""
+
+from peewee import Case, fn
+
+from bouncer.names import CHECK_TYPES, CYCLE_QUEUE, WEBHOOK_QUEUE
+from bouncer.queue import line
+from bouncer.queue.ledger import count_in_flight, count_outstanding, count_possible_orphans
+from bouncer.queue.outcomes import iso
+from bouncer.queue.ratelimit import requests_in_window
+from bouncer.states import (
+    ABANDONED,
+    BATCH_STATES,
+    COMPLETED,
+    DELIVERED,
+    FAILED,
+    GIVEN_UP,
+    NO_TARGET,
+    OUTSTANDING,
+    PENDING,
+    REJECTED,
+)
+from bouncer.store.database import utcnow
+from bouncer.store.models import BouncerBatch, QueuedEmail, RidingRows, UserBatch, UserBatchEmail, WebhookDelivery
+
+Row = UserBatchEmail
+# Ledger states of a Bouncer batch that Bouncer accepted (and charged for), and that ended.
+CHARGED_STATES = (OUTSTANDING, COMPLETED, FAILED)
+ENDED_STATES = (COMPLETED, FAILED, REJECTED, ABANDONED)
+
+
+DELIVERY_STATES = (PENDING, DELIVERED, GIVEN_UP, NO_TARGET)
+
+
+def queue_overview(settings, now=None):
+    """Per check type: emails waiting to be admitted, queued and in flight, Bouncer batches in
+    flight against the cap, credits spent (today, UTC, and ever), emails verified, Bouncer
+    batches ended by how; the request budget in use; possible orphans; user batches and webhook
+    deliveries by state."""
+    now = now or utcnow()
+    waiting = dict(QueuedEmail.select(QueuedEmail.check_type, fn.COUNT(QueuedEmail.row))
+                   .group_by(QueuedEmail.check_type).tuples())
+    riding = dict(RidingRows.select(BouncerBatch.check_type, fn.SUM(RidingRows.rows)).join(BouncerBatch)
+                  .group_by(BouncerBatch.check_type).tuples())
+    new = dict(Row.select(UserBatch.check_type, fn.COUNT(Row.id)).join(UserBatch)
+               .where(line.not_admitted()).group_by(UserBatch.check_type).tuples())
+    ledger = ledger_totals(start_of_day(now))
+    return {
+        "check_types": {
+            check_type: {
+                "new_emails": new.get(check_type, 0),
+                "queued_emails": waiting.get(check_type, 0),
+                "sent_emails": riding.get(check_type, 0),
+                "outstanding_batches": count_outstanding(check_type),
+                "in_flight_batches": count_in_flight(check_type),
+                "max_outstanding": settings.max_outstanding,
+                **ledger[check_type],
+            } for check_type in CHECK_TYPES},
+        "rate_limit": {
+            "requests_last_60s": requests_in_window(now),
+            "buffer": settings.rate_limit_buffer,
+            "bouncer_limit": settings.rate_limit_per_minute,
+        },
+        "possible_orphans": count_possible_orphans(),
+        "user_batch_counts": count_user_batches(),
+        "webhook_deliveries": count_deliveries(),
+        "outstanding": [
+            {"id": b.id, "check_type": b.check_type, "bouncer_id": b.bouncer_id,
+             "addresses": b.quantity, "bouncer_status": b.bouncer_status, "sent_at": iso(b.sent_at)}
+            for b in BouncerBatch.select().where(BouncerBatch.status == "outstanding")
+            .order_by(BouncerBatch.id)],
+    }
+
+
+def start_of_day(now):
+    return now.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def ledger_totals(today):
+    """{check type: credits spent since `today` and ever, emails verified, possible orphans,
+    Bouncer batches ended by state}, in one pass over the ledger. A credit is an address of a
+    Bouncer batch that Bouncer accepted; a verified email, an address of one that completed."""
+    charged = BouncerBatch.status.in_(CHARGED_STATES)
+    query = (BouncerBatch.select(
+        BouncerBatch.check_type, BouncerBatch.status, fn.COUNT(BouncerBatch.id), fn.SUM(BouncerBatch.quantity),
+        fn.SUM(Case(None, ((charged & (BouncerBatch.sent_at >= today), BouncerBatch.quantity),), 0)))
+        .group_by(BouncerBatch.check_type, BouncerBatch.status))
+    totals = {check_type: {"credits_spent_today": 0, "credits_spent_total": 0, "emails_verified_total": 0,
+                           "possible_orphans": 0, "batches_ended": dict.fromkeys(ENDED_STATES, 0)}
+              for check_type in CHECK_TYPES}
+    for check_type, status, batches, addresses, today_addresses in query.tuples():
+        if check_type not in totals:
+            continue
+        t = totals[check_type]
+        if status in CHARGED_STATES:
+            t["credits_spent_total"] += addresses or 0
+            t["credits_spent_today"] += today_addresses or 0
+        if status == COMPLETED:
+            t["emails_verified_total"] = addresses or 0
+        if status == ABANDONED:
+            t["possible_orphans"] = batches
+        if status in ENDED_STATES:
+            t["batches_ended"][status] = batches
+    return totals
+
+
+def count_user_batches():
+    """{status: user batches}, every status named."""
+    found = dict(UserBatch.select(UserBatch.status, fn.COUNT(UserBatch.id)).group_by(UserBatch.status).tuples())
+    return {status: found.get(status, 0) for status in BATCH_STATES}
+
+
+def count_deliveries():
+    """{state: webhook deliveries}, every state named."""
+    found = dict(WebhookDelivery.select(WebhookDelivery.state, fn.COUNT(WebhookDelivery.id))
+                 .group_by(WebhookDelivery.state).tuples())
+    return {state: found.get(state, 0) for state in DELIVERY_STATES}
+
+
+def rq_backlog(redis):
+    """Jobs waiting on each RQ queue of the service, and the workers alive (from Redis)."""
+    from rq import Queue, Worker
+
+    return {"queues": {name: Queue(name, connection=redis).count for name in (CYCLE_QUEUE, WEBHOOK_QUEUE)},
+            "workers": Worker.count(connection=redis)}
+
