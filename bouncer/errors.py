@@ -45,16 +45,8 @@ class BouncerError(Exception):
         return (type(self), (self.message, self.status, self.operation, self.timed_out))
 
     @property
-    def is_rate_limited(self):
-        return self.status == 429
-
-    @property
     def is_out_of_credits(self):
         return self.status == 402
-
-    @property
-    def is_unauthorized(self):
-        return self.status == 401
 
     @property
     def is_not_found(self):
@@ -71,10 +63,6 @@ class BouncerError(Exception):
     def is_not_ready(self):
         # Bouncer answers 405 to a download asked for before the batch completed.
         return self.status == 405 and not self.is_results_gone
-
-    @property
-    def is_transient(self):
-        return self.status is None or self.status >= 500
 
     @property
     def ends_cycle(self):

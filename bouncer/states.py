@@ -1,37 +1,72 @@
-"""The states of each state machine (rows, user batches, Bouncer batches, webhook deliveries)."""
+"""The state machines, one StrEnum each: a row, a user batch, a Bouncer batch, a webhook delivery.
+A member is its own value in the database (`RowState.QUEUED == "queued"`).
 
-# UserBatchEmail.status
-NEW, QUEUED, SENT, DONE, INVALID, FAILED, CANCELLED = (
-    "new", "queued", "sent", "done", "invalid", "failed", "cancelled")
+Row (`user_batch_emails.status`):
+    new (written, not yet admitted) -> queued (in line, or riding on a Bouncer batch)
+                                    -> invalid (failed the syntax check, never sent)
+    queued -> done (its verdict is stored) | failed (with a reason)
+    new | queued -> cancelled (its user batch was cancelled before it was sent)
+User batch (`user_batches.status`):
+    loading (a loader still writing its slices: invisible to the queue)
+    -> new (written, not yet noticed by the queue)
+    -> queued (in line: its place `fifo_order` taken) -> processing (rows sent)
+    -> completed | failed (with a reason) | cancelled
+Bouncer batch (`bouncer_batches.status`, the ledger):
+    reserved (written before Bouncer is called) -> outstanding (Bouncer's id stored)
+    -> completed (its download ingested) | failed (404, BATCH_TIMEOUT, an operator)
+    reserved -> rejected (Bouncer refused the call) | abandoned (the call went unanswered, or its
+    cycle died during it: a possible orphan)
+Webhook delivery (`webhook_deliveries.state`):
+    pending -> delivered | given up (after the last retry) | no target (no URL or no secret)
+"""
+from enum import StrEnum
 
-ROW_STATES = (NEW, QUEUED, SENT, DONE, INVALID, FAILED, CANCELLED)
 
-PENDING_STATES = (NEW, QUEUED, SENT)
+class RowState(StrEnum):
+    NEW = "new"
+    QUEUED = "queued"
+    DONE = "done"
+    INVALID = "invalid"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
 
-FINAL_ROW_STATES = (DONE, INVALID, FAILED, CANCELLED)
 
-# BouncerBatch.status: reserved -> outstanding -> completed | failed;
-# reserved -> rejected (Bouncer refused the call) | abandoned (the cycle died before storing the id)
-RESERVED, OUTSTANDING, COMPLETED, REJECTED, ABANDONED = (
-    "reserved", "outstanding", "completed", "rejected", "abandoned")
+# How reports name a queued row riding on a Bouncer batch (`status`, /metrics, the console): a
+# word of the reports, never a stored state (schema version 2 stored it; version 3 ended that).
+SENT = "sent"
+FINAL_ROW_STATES = (RowState.DONE, RowState.INVALID, RowState.FAILED, RowState.CANCELLED)
 
-IN_FLIGHT_STATES = (RESERVED, OUTSTANDING)
 
-# UserBatch.status
-BATCH_LOADING, BATCH_NEW, BATCH_QUEUED, BATCH_PROCESSING = "loading", "new", "queued", "processing"
+class BatchState(StrEnum):
+    LOADING = "loading"
+    NEW = "new"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
 
-BATCH_COMPLETED, BATCH_FAILED, BATCH_CANCELLED = "completed", "failed", "cancelled"
 
-BATCH_STATES = (BATCH_LOADING, BATCH_NEW, BATCH_QUEUED, BATCH_PROCESSING, BATCH_COMPLETED,
-                BATCH_FAILED, BATCH_CANCELLED)
+ENDED_BATCH_STATES = (BatchState.COMPLETED, BatchState.FAILED, BatchState.CANCELLED)
 
-ENDED_BATCH_STATES = (BATCH_COMPLETED, BATCH_FAILED, BATCH_CANCELLED)
 
-# In line for the queue: its emails are admitted and packed.
-LIVE_BATCH_STATES = (BATCH_QUEUED, BATCH_PROCESSING)
+class BouncerBatchState(StrEnum):
+    RESERVED = "reserved"
+    OUTSTANDING = "outstanding"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    ABANDONED = "abandoned"
+
+
+IN_FLIGHT_STATES = (BouncerBatchState.RESERVED, BouncerBatchState.OUTSTANDING)
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    GIVEN_UP = "given up"
+    NO_TARGET = "no target"
+
 
 VERDICTS = ("deliverable", "risky", "undeliverable", "unknown")
-
-# WebhookDelivery.state
-PENDING, DELIVERED, GIVEN_UP, NO_TARGET = "pending", "delivered", "given up", "no target"
-

@@ -36,7 +36,7 @@ from bouncer.cycles.ingest import ingest_download, read_download
 from bouncer.cycles.runner import Cycle
 from bouncer.names import CREATION
 from bouncer.queue.ledger import batches_to_check
-from bouncer.states import BATCH_QUEUED, QUEUED
+from bouncer.states import BatchState, RowState
 from bouncer.store.bulk import bulk_insert
 from bouncer.store.database import database, dialect, open_database, utcnow
 from bouncer.store.migrations import create_schema, move_rows_into_line
@@ -110,13 +110,13 @@ def seed_queue(total, user_batches):
         bulk_insert(EmailGlobal, [{"email": "u%d@example.com" % i, "created_at": now}
                                   for i in range(total)])
         bulk_insert(UserBatch, [{"user_id": "user%d" % b, "check_type": "deliverable",
-                                 "status": BATCH_QUEUED, "fifo_order": b + 1, "created_at": now,
+                                 "status": BatchState.QUEUED, "fifo_order": b + 1, "created_at": now,
                                  "total": per_batch} for b in range(user_batches)])
         first_global = EmailGlobal.select(fn.MIN(EmailGlobal.id)).scalar()
         first_batch = UserBatch.select(fn.MIN(UserBatch.id)).scalar()
         rows = ({"batch": first_batch + i // per_batch, "position": i % per_batch + 1,
                  "email": "u%d@example.com" % i, "email_global": first_global + i,
-                 "check_type": "deliverable", "status": QUEUED, "fifo_order": i // per_batch + 1}
+                 "check_type": "deliverable", "status": RowState.QUEUED, "fifo_order": i // per_batch + 1}
                 for i in range(total))
         chunk = []
         for row in rows:

@@ -8,7 +8,7 @@ import json
 
 from peewee import JOIN, fn
 
-from bouncer.states import ABANDONED, DONE, FAILED, FINAL_ROW_STATES, IN_FLIGHT_STATES, INVALID, QUEUED, REJECTED
+from bouncer.states import FINAL_ROW_STATES, IN_FLIGHT_STATES, BouncerBatchState, RowState
 from bouncer.store.bulk import among
 from bouncer.store.models import BouncerBatch, BouncerBatchEmail, QueuedEmail, RidingRows, UserBatchEmail, result_model
 
@@ -44,14 +44,15 @@ def every_email_finished():
     unfinished = Row.select().where(Row.status.not_in(FINAL_ROW_STATES)).count()
     if unfinished:
         problems.append("%d emails not finished" % unfinished)
-    no_reason = Row.select().where(Row.status.in_((FAILED, INVALID)) & Row.failure_reason.is_null()).count()
+    no_reason = (Row.select().where(Row.status.in_((RowState.FAILED, RowState.INVALID)) & Row.failure_reason.is_null())
+                 .count())
     if no_reason:
         problems.append("%d failed emails without a reason" % no_reason)
     for check_type in ("deliverable", "catchall"):
         Result = result_model(check_type)
         orphans = (Row.select().join(Result, on=(Result.email_global == Row.email_global),
                                      join_type=JOIN.LEFT_OUTER)
-                   .where((Row.status == DONE) & (Row.check_type == check_type)
+                   .where((Row.status == RowState.DONE) & (Row.check_type == check_type)
                           & Result.email_global.is_null()).count())
         if orphans:
             problems.append("%d done %s emails without a stored result" % (orphans, check_type))
@@ -71,7 +72,7 @@ def queue_matches_rows():
     """Every queued row is either in line or riding on one Bouncer batch, never both; no other
     row is in either (invariants 1 and 2 rest on it)."""
     Row = UserBatchEmail
-    queued = {r for (r,) in Row.select(Row.id).where(Row.status == QUEUED).tuples()}
+    queued = {r for (r,) in Row.select(Row.id).where(Row.status == RowState.QUEUED).tuples()}
     waiting = {r for (r,) in QueuedEmail.select(QueuedEmail.row).tuples()}
     riders = [row_id for _, row_id in riding()]
     twice = len(riders) - len(set(riders))
@@ -96,7 +97,8 @@ def sent_out_of_fifo_order(before_ledger_id, check_type):
     failed in this very cycle."""
     cycle = BouncerBatch.select().where((BouncerBatch.id > before_ledger_id)
                                         & (BouncerBatch.check_type == check_type))
-    failed_calls = (REJECTED, ABANDONED)   # abandoned in a cycle: its create call timed out
+    # abandoned in a cycle: its create call timed out
+    failed_calls = (BouncerBatchState.REJECTED, BouncerBatchState.ABANDONED)
     sent = [b.id for b in cycle if b.status not in failed_calls]
     if not sent:
         return []
@@ -121,12 +123,13 @@ def rows_of_ledgers(ledger_ids):
     """The rows riding on one of these Bouncer batches, or brought to an end by one."""
     Row = UserBatchEmail
     riders = [row_id for _, row_id in riding(RidingRows.bouncer_batch.in_(ledger_ids))]
-    return (Row.bouncer_batch.in_(ledger_ids) & Row.status.in_((DONE, FAILED))) | among(Row.id, riders)
+    ended = Row.status.in_((RowState.DONE, RowState.FAILED))
+    return (Row.bouncer_batch.in_(ledger_ids) & ended) | among(Row.id, riders)
 
 
 # -- checks over a whole run, for the soak (support/soak) -------------------------------------
 
-FAILED_ATTEMPTS = (REJECTED, "abandoned")
+FAILED_ATTEMPTS = (BouncerBatchState.REJECTED, "abandoned")
 
 
 def max_in_flight_from_ledger(check_type):
@@ -247,15 +250,15 @@ def rows_waiting_at(check_type, moment, before_key):
     query = (Row.select(Row.id, Row.batch, Row.fifo_order, Row.position, Row.email_global, Row.status,
                         Row.completed_at, Taken.status, Taken.reserved_at)
              .join(Taken, JOIN.LEFT_OUTER, on=(Row.bouncer_batch == Taken.id))
-             .where((Row.check_type == check_type) & (Row.status != INVALID)
+             .where((Row.check_type == check_type) & (Row.status != RowState.INVALID)
                     & (Row.fifo_order <= before_key[0])
-                    & ((Row.status == QUEUED) | (Taken.reserved_at > moment)
+                    & ((Row.status == RowState.QUEUED) | (Taken.reserved_at > moment)
                        | (Row.completed_at > moment) | Taken.status.in_(FAILED_ATTEMPTS))))
     waiting = []
     for row_id, batch, place, position, global_id, status, completed, taken_status, taken_at in query.tuples():
-        if status == QUEUED and row_id not in in_line:
+        if status == RowState.QUEUED and row_id not in in_line:
             taken_status, taken_at = riders[row_id]
-        if row_id in in_line or (taken_status in FAILED_ATTEMPTS and status not in (DONE, FAILED)):
+        if row_id in in_line or (taken_status in FAILED_ATTEMPTS and status not in (RowState.DONE, RowState.FAILED)):
             still = True
         elif taken_status is not None and taken_status not in FAILED_ATTEMPTS:
             still = taken_at > moment

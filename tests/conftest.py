@@ -18,7 +18,7 @@ from bouncer.client import BouncerClient
 from bouncer.config import Settings
 from bouncer.doors.loading import create_user_batch
 from bouncer.sandbox import Sandbox
-from bouncer.states import QUEUED, SENT
+from bouncer.states import SENT, RowState
 from bouncer.store.database import database, open_database
 from bouncer.store.migrations import create_schema
 from bouncer.store.models import QueuedEmail, RidingRows, UserBatchEmail
@@ -229,10 +229,10 @@ def row_states(batch_id=None):
     riding = set(riding)
     states = {}
     for row_id, status in rows.tuples():
-        if status == QUEUED:
+        if status == RowState.QUEUED:
             assert (row_id in waiting) != (row_id in riding), "queued row %s is %s" % (
                 row_id, "in line and riding" if row_id in waiting else "neither in line nor riding")
-            status = SENT if row_id in riding else QUEUED
+            status = SENT if row_id in riding else RowState.QUEUED
         else:
             assert row_id not in waiting and row_id not in riding, \
                 "%s row %s is still in line or riding" % (status, row_id)

@@ -243,22 +243,21 @@ def test_download_batch_body_not_a_list(api, client, answer):
     assert "not a list" in str(caught.value)
 
 
-# status: rate_limited, out_of_credits, unauthorized, not_found, not_ready, transient, ends_cycle
+# status: out_of_credits, not_found, not_ready, ends_cycle
 FLAGS = {
-    400: (False, False, False, False, False, False, False),
-    401: (False, False, True, False, False, False, True),
-    402: (False, True, False, False, False, False, True),
-    404: (False, False, False, True, False, False, False),
-    405: (False, False, False, False, True, False, False),
-    429: (True, False, False, False, False, False, True),
-    500: (False, False, False, False, False, True, False),
-    503: (False, False, False, False, False, True, False),
+    400: (False, False, False, False),
+    401: (False, False, False, True),
+    402: (True, False, False, True),
+    404: (False, True, False, False),
+    405: (False, False, True, False),
+    429: (False, False, False, True),
+    500: (False, False, False, False),
+    503: (False, False, False, False),
 }
 
 
 def flags(error):
-    return (error.is_rate_limited, error.is_out_of_credits, error.is_unauthorized, error.is_not_found,
-            error.is_not_ready, error.is_transient, error.ends_cycle)
+    return (error.is_out_of_credits, error.is_not_found, error.is_not_ready, error.ends_cycle)
 
 
 @pytest.mark.parametrize("operation", sorted(CALLS))
@@ -315,8 +314,7 @@ def test_download_batch_not_ready(api, client):
 ])
 def test_get_batch_error_with_unusual_body(api, client, body, content_type, expected):
     error = failing_call(api, client, "status", status=503, body=body, content_type=content_type)
-    assert error.status == 503
-    assert error.is_transient
+    assert error.status == 503 and not error.ends_cycle
     assert str(error) == expected
 
 
@@ -352,8 +350,7 @@ def test_get_batch_error_body_inside_200(api, client, status_value):
 @pytest.mark.parametrize("operation", sorted(CALLS))
 def test_calls_timeout(api, client, operation):
     error = failing_call(api, client, operation, body=ReadTimeout("read timed out"))
-    assert error.status is None
-    assert error.is_transient
+    assert error.status is None and not error.ends_cycle
     assert not error.ends_cycle
     assert str(error) == "Bouncer %s call timed out after 30s" % operation
 
@@ -364,7 +361,7 @@ def test_calls_read_timeout_may_have_acted_connect_timeout_never_left(api, clien
     # orphan). A connect timeout: nothing reached Bouncer, so sending again is safe.
     assert failing_call(api, client, operation, body=ReadTimeout("read timed out")).timed_out
     error = failing_call(api, client, operation, body=ConnectTimeout("connect timed out"))
-    assert not error.timed_out and error.is_transient
+    assert not error.timed_out and error.status is None
     assert str(error) == "Bouncer %s failed: cannot connect to %s within 5s" % (operation, BASE)
 
 
@@ -378,8 +375,7 @@ def test_get_batch_timeout_message_uses_configured_timeout(api):
 @pytest.mark.parametrize("operation", sorted(CALLS))
 def test_calls_connection_error(api, client, operation):
     error = failing_call(api, client, operation, body=ConnectionError("[Errno 111] Connection refused"))
-    assert error.status is None
-    assert error.is_transient
+    assert error.status is None and not error.ends_cycle
     assert error.operation == operation
     assert str(error) == "Bouncer %s failed: cannot connect to %s: [Errno 111] Connection refused" % (
         operation, BASE)
@@ -486,7 +482,7 @@ def test_bouncer_error_defaults_and_pickling():
     assert (copy.message, copy.status, copy.operation) == (error.message, 404, "status")
     assert copy.is_not_found
     bare = BouncerError("boom")
-    assert bare.status is None and bare.operation == "" and bare.is_transient and str(bare) == "boom"
+    assert bare.status is None and bare.operation == "" and not bare.ends_cycle and str(bare) == "boom"
 
 
 # -- download bodies --

@@ -10,7 +10,7 @@ from conftest import addresses, rode_on, row_states, statuses, submit, with_sett
 from bouncer.cycles.runner import run_cycle
 from bouncer.names import CREATION, STATUS
 from bouncer.queue.ledger import count_possible_orphans, reserve_next_batch
-from bouncer.states import ABANDONED, OUTSTANDING, QUEUED, REJECTED, RESERVED, SENT
+from bouncer.states import SENT, BouncerBatchState, RowState
 from bouncer.store.database import database, utcnow
 from bouncer.store.models import (
     BouncerBatch,
@@ -49,7 +49,7 @@ def test_create_seed_example_packs_fifo_and_splits_user_batches(app, bouncer):
         {"bob": 3000, "carol": 7000},
         {"dave": 10000},
     ]
-    assert statuses() == {QUEUED: 20000, SENT: 30000}
+    assert statuses() == {RowState.QUEUED: 20000, SENT: 30000}
     # Bob's first 3,000 lines went first, in line order.
     bob = UserBatch.get(UserBatch.user_id == "bob")
     first_batch, ledger_of = min(users_per_bouncer_batch()), rode_on()
@@ -86,7 +86,7 @@ def test_create_respects_max_outstanding_across_cycles(app, bouncer):
     first = run_cycle(app, CREATION, "deliverable")
     second = run_cycle(app, CREATION, "deliverable")
     assert len(first.created) == 3 and second.created == [] and second.free_slots == 0
-    assert BouncerBatch.select().where(BouncerBatch.status == OUTSTANDING).count() == 3
+    assert BouncerBatch.select().where(BouncerBatch.status == BouncerBatchState.OUTSTANDING).count() == 3
     assert bouncer.count("create") == 3
 
 
@@ -134,10 +134,11 @@ def test_create_failed_call_requeues_its_emails_and_moves_on_fifo(app, bouncer, 
     assert bouncer.sent_addresses() == addresses("a", 30)[10:]
     states = row_states()
     rows = {p: states[r] for r, p in UserBatchEmail.select(UserBatchEmail.id, UserBatchEmail.position).tuples()}
-    assert all(rows[p] == QUEUED for p in range(1, 11))
+    assert all(rows[p] == RowState.QUEUED for p in range(1, 11))
     # Refused: rejected. Unanswered: Bouncer may have created it, so a counted possible orphan.
     timed_out = status is requests.exceptions.ReadTimeout
-    attempt = BouncerBatch.get(BouncerBatch.status == (ABANDONED if timed_out else REJECTED))
+    attempt = BouncerBatch.get(BouncerBatch.status == (BouncerBatchState.ABANDONED if timed_out
+                                                       else BouncerBatchState.REJECTED))
     assert attempt.failure_reason
     assert count_possible_orphans("deliverable") == (1 if timed_out else 0)
     # Not retried in this cycle, but first in line for the next one.
@@ -155,9 +156,9 @@ def test_create_timed_out_after_bouncer_created_the_batch_sends_its_emails_again
     report = run_cycle(app, CREATION, "deliverable")
     assert len(report.failed_calls) == 1 and len(report.created) == 2
     assert len(bouncer.batches) == 3 and bouncer.sent_addresses() == addresses("a", 30)
-    assert BouncerBatch.get(BouncerBatch.status == ABANDONED).failure_reason
+    assert BouncerBatch.get(BouncerBatch.status == BouncerBatchState.ABANDONED).failure_reason
     assert count_possible_orphans("deliverable") == 1
-    assert statuses(UserBatch.get().id) == {QUEUED: 10, SENT: 20}
+    assert statuses(UserBatch.get().id) == {RowState.QUEUED: 10, SENT: 20}
     bouncer.complete_now()
     run_cycle(app, STATUS, "deliverable")
     run_cycle(app, CREATION, "deliverable")
@@ -172,9 +173,9 @@ def test_create_rate_limit_credits_or_auth_error_ends_the_cycle(app, bouncer, ca
     report = run_cycle(app, CREATION, "deliverable")
     assert bouncer.count("create") == 1 and report.created == []
     assert words in report.stopped and words in caplog.text
-    assert statuses(UserBatch.get().id) == {QUEUED: 30}
+    assert statuses(UserBatch.get().id) == {RowState.QUEUED: 30}
     # The batch reserved during the refused call was cancelled: only the refused attempt is left.
-    assert [b.status for b in BouncerBatch.select()] == [REJECTED]
+    assert [b.status for b in BouncerBatch.select()] == [BouncerBatchState.REJECTED]
     assert BouncerBatchEmail.select().count() == 0 and rode_on() == {}
 
 
@@ -220,15 +221,15 @@ def test_a_shutdown_during_a_call_stores_its_answer_and_sends_nothing_more(app, 
         SHUTDOWN.clear()
         app.client.create_batch = real
     assert report.stopped == "shutdown requested"
-    assert [(b.status, b.quantity) for b in BouncerBatch.select()] == [(OUTSTANDING, 10)]
+    assert [(b.status, b.quantity) for b in BouncerBatch.select()] == [(BouncerBatchState.OUTSTANDING, 10)]
     assert bouncer.sent_addresses() == addresses("a", 10)
-    assert statuses(UserBatch.get().id) == {SENT: 10, QUEUED: 20}
+    assert statuses(UserBatch.get().id) == {SENT: 10, RowState.QUEUED: 20}
     again = run_cycle(app, CREATION, "deliverable")
     assert bouncer.sent_addresses() == addresses("a", 30), again.summary()
 
 
 def reserved_now():
-    return BouncerBatch.select().where(BouncerBatch.status == RESERVED).count()
+    return BouncerBatch.select().where(BouncerBatch.status == BouncerBatchState.RESERVED).count()
 
 
 def test_create_stops_when_the_request_budget_is_used_up(app, bouncer):
@@ -240,7 +241,7 @@ def test_create_stops_when_the_request_budget_is_used_up(app, bouncer):
     assert report.created == [] and "budget" in report.stopped
     assert bouncer.count("create") == 0
     # The reservation made before the budget said no is undone without a trace.
-    assert statuses(UserBatch.get().id) == {QUEUED: 5}
+    assert statuses(UserBatch.get().id) == {RowState.QUEUED: 5}
     assert BouncerBatch.select().count() == 0 and BouncerBatchEmail.select().count() == 0
     assert rode_on() == {}
 
@@ -272,7 +273,7 @@ def test_create_abandons_a_dead_cycles_reservation_whose_call_went_out_as_a_poss
     report = run_cycle(app, CREATION, "deliverable")
     assert report.abandoned == [(reservation.ledger_id, 5)] and report.released == []
     assert "possible orphan" in caplog.text and count_possible_orphans("deliverable") == 1
-    assert BouncerBatch.get_by_id(reservation.ledger_id).status == ABANDONED
+    assert BouncerBatch.get_by_id(reservation.ledger_id).status == BouncerBatchState.ABANDONED
     assert len(report.created) == 1 and sorted(bouncer.sent_addresses()) == sorted(addresses("a", 5))
 
 
@@ -336,7 +337,7 @@ def test_create_keeps_a_young_reservation_of_a_live_cycle(app, bouncer):
     reservation = reserve_next_batch("deliverable", 10, 30, 3)
     report = run_cycle(app, CREATION, "deliverable")
     assert report.abandoned == [] and report.created == []
-    assert BouncerBatch.get_by_id(reservation.ledger_id).status == RESERVED
+    assert BouncerBatch.get_by_id(reservation.ledger_id).status == BouncerBatchState.RESERVED
 
 
 def test_create_never_sends_invalid_rows(app, bouncer):

@@ -9,7 +9,7 @@ from conftest import statuses, submit
 from bouncer.cycles.runner import run_cycle
 from bouncer.names import CREATION, STATUS
 from bouncer.reading.batches import iter_results, spreadsheet_safe
-from bouncer.states import INVALID
+from bouncer.states import RowState
 from bouncer.store.models import UserBatch, UserBatchEmail
 
 VALID = [
@@ -29,7 +29,7 @@ INVALID_ROWS = ['"quoted"@example.com', "back\\slash@example.com", "two@@example
 
 def test_awkward_addresses_survive_the_whole_trip(app, bouncer):
     batch = submit("mallory", VALID + INVALID_ROWS)
-    assert statuses(batch).get(INVALID) == len(INVALID_ROWS)
+    assert statuses(batch).get(RowState.INVALID) == len(INVALID_ROWS)
     run_cycle(app, CREATION, "deliverable")
     # Bouncer received exactly the spellings submitted, as JSON strings.
     assert sorted(bouncer.sent_addresses()) == sorted(VALID)

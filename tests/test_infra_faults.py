@@ -33,7 +33,7 @@ from bouncer.doors.admission import DEAD_LOADER_AFTER, remove_dead_loads
 from bouncer.names import CREATION, STATUS
 from bouncer.queue import progress
 from bouncer.sandbox import Sandbox
-from bouncer.states import COMPLETED, OUTSTANDING, SENT
+from bouncer.states import SENT, BouncerBatchState
 from bouncer.store.database import connection, database, open_database, utcnow
 from bouncer.store.migrations import create_schema
 from bouncer.store.models import BouncerBatch, DeliverableResult, UserBatch
@@ -339,13 +339,13 @@ def test_postgres_restart_fails_one_cycle_cleanly_and_the_next_recovers(
         monkeypatch.undo()
 
         with connection():
-            assert ledger_state(batch_id) == {"ledger": [OUTSTANDING], "verdicts": 0,
+            assert ledger_state(batch_id) == {"ledger": [BouncerBatchState.OUTSTANDING], "verdicts": 0,
                                               "rows": {SENT: 5}, "user_batch": "processing"}
         # Same process, next cycle: a fresh connection, and the batch is ingested whole.
         report = run_cycle(app, STATUS, "deliverable")
         assert [r.verified for r in report.ingested] == [5]
         with connection():
-            assert ledger_state(batch_id) == {"ledger": [COMPLETED], "verdicts": 5,
+            assert ledger_state(batch_id) == {"ledger": [BouncerBatchState.COMPLETED], "verdicts": 5,
                                               "rows": {"done": 5}, "user_batch": "completed"}
 
 

@@ -23,7 +23,7 @@ from bouncer.cycles.locks import CycleLock
 from bouncer.cycles.runner import run_cycle
 from bouncer.names import CREATION, STATUS
 from bouncer.queue.ratelimit import WINDOW, take_request_slot
-from bouncer.states import ABANDONED, DONE, RESERVED
+from bouncer.states import BouncerBatchState, RowState
 from bouncer.store.database import database, open_database, utcnow
 from bouncer.store.models import BouncerBatch, BouncerBatchEmail, Pause, UserBatchEmail
 from support import invariants
@@ -262,7 +262,7 @@ def kill_cycle(app, sandbox, cycle, step, tmp_path):
 def reserved_batches():
     database.connect(reuse_if_open=True)
     try:
-        return BouncerBatch.select().where(BouncerBatch.status == RESERVED).count()
+        return BouncerBatch.select().where(BouncerBatch.status == BouncerBatchState.RESERVED).count()
     finally:
         database.close()
 
@@ -308,11 +308,11 @@ def test_invariant_6_kill_9_in_the_creation_cycle_loses_nothing(sandbox_app, san
 
     assert invariants.every_email_finished() == []
     assert UserBatchEmail.select().where((UserBatchEmail.batch == batch)
-                                         & (UserBatchEmail.status == DONE)).count() == 25
+                                         & (UserBatchEmail.status == RowState.DONE)).count() == 25
     sends = sends_per_address(sandbox)
     assert sorted(sends) == sorted(emails)
     orphaned = [e for e, n in sends.items() if n > 1]
-    abandoned = list(BouncerBatch.select().where(BouncerBatch.status == ABANDONED))
+    abandoned = list(BouncerBatch.select().where(BouncerBatch.status == BouncerBatchState.ABANDONED))
     if step in ("call_in_flight", "answered"):
         # The one window no transaction closes: Bouncer has the batch, we never stored its id.
         # Sent again, logged as a possible orphan, counted. The next batch, reserved during the
@@ -336,11 +336,11 @@ def test_invariant_6_kill_9_in_the_status_cycle_loses_nothing(sandbox_app, sandb
     database.close()
     kill_cycle(app, sandbox, "check", step, tmp_path)
     database.connect(reuse_if_open=True)
-    assert UserBatchEmail.select().where(UserBatchEmail.status == DONE).count() == 0
+    assert UserBatchEmail.select().where(UserBatchEmail.status == RowState.DONE).count() == 0
     recover_and_finish(app, sandbox)
     assert invariants.every_email_finished() == []
     assert UserBatchEmail.select().where((UserBatchEmail.batch == batch)
-                                         & (UserBatchEmail.status == DONE)).count() == 25
+                                         & (UserBatchEmail.status == RowState.DONE)).count() == 25
     assert all(n == 1 for n in sends_per_address(sandbox).values())
     assert BouncerBatchEmail.select().count() == 0   # no address left in flight
 
@@ -364,10 +364,10 @@ def test_invariant_6_a_download_process_outliving_a_killed_status_cycle_holds_no
     wait_for(lambda: ledger_rows_unlocked(database_url), timeout=DOWNLOAD_OUTLIVES_CYCLE / 2)
     assert time.monotonic() - killed_at < DOWNLOAD_OUTLIVES_CYCLE / 2   # the process still works
     database.connect(reuse_if_open=True)
-    assert UserBatchEmail.select().where(UserBatchEmail.status == DONE).count() == 0
+    assert UserBatchEmail.select().where(UserBatchEmail.status == RowState.DONE).count() == 0
     recover_and_finish(app, sandbox)
     assert UserBatchEmail.select().where((UserBatchEmail.batch == batch)
-                                         & (UserBatchEmail.status == DONE)).count() == 25
+                                         & (UserBatchEmail.status == RowState.DONE)).count() == 25
     child.join(timeout=60)
     assert child.exitcode == -signal.SIGKILL
 

@@ -9,7 +9,7 @@ from conftest import addresses, statuses, submit, with_settings
 from bouncer.cycles.runner import run_cycle
 from bouncer.names import CREATION, STATUS
 from bouncer.queue.ledger import count_possible_orphans
-from bouncer.states import ABANDONED, OUTSTANDING, RESERVED
+from bouncer.states import BouncerBatchState
 from bouncer.store.database import utcnow
 from bouncer.store.models import BouncerBatch
 from bouncer.web import create_web_app
@@ -27,7 +27,7 @@ def test_a_timed_out_create_is_followed_when_its_callback_names_it(app, bouncer)
     bouncer.fail_next("timeout", kind="create")         # Bouncer makes the batch; we hear nothing
     report = run_cycle(app, CREATION, "deliverable")
     (reservation,) = BouncerBatch.select()
-    assert len(report.failed_calls) == 1 and reservation.status == RESERVED
+    assert len(report.failed_calls) == 1 and reservation.status == BouncerBatchState.RESERVED
     assert "waiting for Bouncer's callback" in reservation.failure_reason
     assert count_possible_orphans() == 0
     run_cycle(app, CREATION, "deliverable")              # not sent again meanwhile
@@ -42,7 +42,8 @@ def test_a_timed_out_create_is_followed_when_its_callback_names_it(app, bouncer)
                       json={"batchId": bouncer_id, "status": "completed"})
     assert answer.status_code == 202
     followed = BouncerBatch.get_by_id(reservation.id)
-    assert (followed.status, followed.bouncer_id, followed.failure_reason) == (OUTSTANDING, bouncer_id, None)
+    assert (followed.status, followed.bouncer_id, followed.failure_reason) == (
+        BouncerBatchState.OUTSTANDING, bouncer_id, None)
     run_cycle(app, STATUS, "deliverable")
     assert statuses(batch) == {"done": 10}
     assert sorted(bouncer.sent_addresses()) == sorted(addresses("a", 10))   # one credit each
@@ -57,12 +58,12 @@ def test_without_a_callback_the_reservation_is_abandoned_and_sent_again(app, bou
     run_cycle(app, CREATION, "deliverable", now=later)
     assert count_possible_orphans() == 1 and bouncer.count("create") == 2
     # Its callback comes after all: the orphan is known by its id, and nothing else changes.
-    (orphan,) = BouncerBatch.select().where(BouncerBatch.status == ABANDONED)
+    (orphan,) = BouncerBatch.select().where(BouncerBatch.status == BouncerBatchState.ABANDONED)
     first = next(iter(bouncer.batches))
     web = create_web_app(app).test_client()
     web.post("/bouncer/callback/%s/deliverable?reservation=%d" % (SECRET, orphan.id), json={"batchId": first})
     assert BouncerBatch.get_by_id(orphan.id).bouncer_id == first
-    assert BouncerBatch.get_by_id(orphan.id).status == ABANDONED
+    assert BouncerBatch.get_by_id(orphan.id).status == BouncerBatchState.ABANDONED
 
 
 def test_a_callback_cannot_take_over_a_known_batch_or_a_followed_reservation(app, bouncer):

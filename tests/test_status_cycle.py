@@ -12,7 +12,7 @@ from bouncer.cycles.runner import run_cycle
 from bouncer.cycles.triggers import note_called_back
 from bouncer.names import CREATION, STATUS
 from bouncer.sandbox.simulator import verdict_for
-from bouncer.states import COMPLETED, DONE, FAILED, OUTSTANDING, SENT
+from bouncer.states import SENT, BouncerBatchState, RowState
 from bouncer.store.database import utcnow
 from bouncer.store.models import (
     BouncerBatch,
@@ -38,13 +38,13 @@ def test_check_ingests_completed_batch_and_completes_user_batches(app, bouncer):
     bouncer.complete_now()
     report = run_cycle(app, STATUS, "deliverable")
     assert len(report.ingested) == 1 and report.ingested[0].verified == 3
-    assert statuses(alice) == {DONE: 2} and statuses(bob) == {DONE: 1}
+    assert statuses(alice) == {RowState.DONE: 2} and statuses(bob) == {RowState.DONE: 1}
     assert UserBatch.get_by_id(alice).status == UserBatch.get_by_id(bob).status == "completed"
     result = DeliverableResult.get(DeliverableResult.email_global == EmailGlobal.get(
         EmailGlobal.email == "annlee@gmail.com"))
     assert result.status == verdict_for("Ann.Lee+x@gmail.com")["status"]
     assert json.loads(result.raw)["email"] == "Ann.Lee+x@gmail.com"
-    assert BouncerBatch.get().status == COMPLETED
+    assert BouncerBatch.get().status == BouncerBatchState.COMPLETED
     assert BouncerBatchEmail.select().count() == 0   # no address left in flight
 
 
@@ -79,7 +79,7 @@ def test_check_stores_new_verdicts_beside_addresses_verified_again(app, bouncer)
     batch = send_all(app, "bob", ["a@example.com", "b@example.com"])
     bouncer.complete_now()
     report = run_cycle(app, STATUS, "deliverable")
-    assert report.ingested[0].verified == 2 and statuses(batch) == {DONE: 2}
+    assert report.ingested[0].verified == 2 and statuses(batch) == {RowState.DONE: 2}
     stored = {r.email_global.email: r for r in DeliverableResult.select()}
     assert sorted(stored) == ["a@example.com", "b@example.com"]
     assert stored["a@example.com"].checked_at > first.checked_at
@@ -91,7 +91,7 @@ def test_check_catchall_results_go_to_their_own_table(app, bouncer):
     bouncer.complete_now()
     run_cycle(app, STATUS, "catchall")
     assert CatchallResult.select().count() == 1 and DeliverableResult.select().count() == 0
-    assert statuses(batch) == {DONE: 1}
+    assert statuses(batch) == {RowState.DONE: 1}
 
 
 def test_check_fails_an_address_missing_from_the_download_alone(app, bouncer):
@@ -100,8 +100,8 @@ def test_check_fails_an_address_missing_from_the_download_alone(app, bouncer):
     bouncer.complete_now()
     report = run_cycle(app, STATUS, "deliverable")
     assert report.ingested[0].missing == 1
-    assert statuses(batch) == {DONE: 2, FAILED: 1}
-    failed = UserBatchEmail.get(UserBatchEmail.status == FAILED)
+    assert statuses(batch) == {RowState.DONE: 2, RowState.FAILED: 1}
+    failed = UserBatchEmail.get(UserBatchEmail.status == RowState.FAILED)
     assert failed.email == "b@example.com" and "not in Bouncer's results" in failed.failure_reason
     assert UserBatch.get_by_id(batch).status == "completed"
 
@@ -116,7 +116,7 @@ def test_check_ignores_extra_and_malformed_records(app, bouncer):
     bouncer.complete_now()
     report = run_cycle(app, STATUS, "deliverable")
     assert (report.ingested[0].extra, report.ingested[0].malformed) == (1, 3)
-    assert statuses(batch) == {DONE: 2}
+    assert statuses(batch) == {RowState.DONE: 2}
 
 
 def test_check_matches_a_record_bouncer_respelled_by_its_stripped_address(app, bouncer):
@@ -127,7 +127,7 @@ def test_check_matches_a_record_bouncer_respelled_by_its_stripped_address(app, b
     bouncer.complete_now()
     report = run_cycle(app, STATUS, "deliverable")
     assert (report.ingested[0].verified, report.ingested[0].missing, report.ingested[0].extra) == (2, 0, 0)
-    assert statuses(batch) == {DONE: 2}
+    assert statuses(batch) == {RowState.DONE: 2}
 
 
 def test_check_keeps_the_record_leniently(app, bouncer):
@@ -140,7 +140,7 @@ def test_check_keeps_the_record_leniently(app, bouncer):
     result = DeliverableResult.get()
     assert (result.status, result.accept_all, result.score, result.reason) == ("risky", "yes", None, None)
     assert json.loads(result.raw)["brandNew"] == {"x": 1}
-    assert statuses(batch) == {DONE: 1}
+    assert statuses(batch) == {RowState.DONE: 1}
 
 
 def test_check_404_fails_the_batch_its_emails_and_its_user_batches(app, bouncer):
@@ -151,12 +151,12 @@ def test_check_404_fails_the_batch_its_emails_and_its_user_batches(app, bouncer)
     bouncer.forget(lost.bouncer_id)
     report = run_cycle(app, STATUS, "deliverable")
     assert [ledger for ledger, _ in report.failed] == [lost.id]
-    assert statuses(alice) == {FAILED: 1}
-    assert statuses(bob) == {FAILED: 1, SENT: 1}   # its other email is still on its way
+    assert statuses(alice) == {RowState.FAILED: 1}
+    assert statuses(bob) == {RowState.FAILED: 1, SENT: 1}   # its other email is still on its way
     for batch in (alice, bob):
         user_batch = UserBatch.get_by_id(batch)
         assert user_batch.status == "failed" and "404" in user_batch.failure_reason
-    assert BouncerBatch.get_by_id(lost.id).status == FAILED
+    assert BouncerBatch.get_by_id(lost.id).status == RowState.FAILED
 
 
 def test_check_fails_a_batch_outstanding_longer_than_batch_timeout(app, bouncer):
@@ -164,7 +164,7 @@ def test_check_fails_a_batch_outstanding_longer_than_batch_timeout(app, bouncer)
     BouncerBatch.update(sent_at=utcnow() - datetime.timedelta(seconds=app.settings.batch_timeout + 5)).execute()
     report = run_cycle(app, STATUS, "deliverable")
     assert len(report.failed) == 1 and "BATCH_TIMEOUT" in report.failed[0][1]
-    assert statuses(batch) == {FAILED: 5}
+    assert statuses(batch) == {RowState.FAILED: 5}
     assert UserBatch.get_by_id(batch).status == "failed"
 
 
@@ -174,7 +174,7 @@ def test_check_undocumented_status_is_logged_and_left_for_later(app, bouncer, ca
     bouncer.set_status(bid, "paused")
     report = run_cycle(app, STATUS, "deliverable")
     assert report.waiting == 1 and "paused" in caplog.text
-    assert BouncerBatch.get().status == OUTSTANDING and statuses(batch) == {SENT: 5}
+    assert BouncerBatch.get().status == BouncerBatchState.OUTSTANDING and statuses(batch) == {SENT: 5}
 
 
 def test_check_405_on_download_waits_for_next_cycle(app, bouncer):
@@ -186,7 +186,7 @@ def test_check_405_on_download_waits_for_next_cycle(app, bouncer):
     bouncer.set_status(bid, None)
     bouncer.complete_now()
     run_cycle(app, STATUS, "deliverable")
-    assert statuses(batch) == {DONE: 5}
+    assert statuses(batch) == {RowState.DONE: 5}
 
 
 def test_check_405_saying_the_results_were_removed_is_final(app, bouncer):
@@ -210,7 +210,7 @@ def test_check_reads_the_status_leniently(app, bouncer, spelling):
     bouncer.complete_now()
     bouncer.set_status(bid, spelling)
     run_cycle(app, STATUS, "deliverable")
-    assert statuses(batch) == {DONE: 5}
+    assert statuses(batch) == {RowState.DONE: 5}
 
 
 @pytest.mark.parametrize("status", [500, 503, requests.exceptions.ConnectTimeout])
@@ -231,7 +231,7 @@ def test_check_download_body_not_json_leaves_the_batch_for_next_cycle(app, bounc
     report = run_cycle(app, STATUS, "deliverable")
     assert report.errors == 1 and statuses(batch) == {SENT: 5}
     run_cycle(app, STATUS, "deliverable")
-    assert statuses(batch) == {DONE: 5}
+    assert statuses(batch) == {RowState.DONE: 5}
 
 
 @pytest.mark.parametrize("status", [429, 401, 402])
@@ -306,7 +306,7 @@ def test_check_a_crash_mid_ingest_rolls_back_and_the_next_cycle_redoes_it(app, b
     assert statuses(batch) == {SENT: 5} and DeliverableResult.select().count() == 0
     monkeypatch.undo()
     run_cycle(app, STATUS, "deliverable")
-    assert statuses(batch) == {DONE: 5}
+    assert statuses(batch) == {RowState.DONE: 5}
 
 
 def test_check_respects_the_request_budget(app, bouncer):
@@ -401,7 +401,7 @@ def test_a_large_download_is_fetched_by_a_process_of_its_own_while_the_batch_bef
     assert seen[0] == 2 and [r.ledger_id for r in report.ingested] == order
     pids = readers()
     assert len(pids) == 3 and pids[2] == os.getpid() and os.getpid() not in pids[:2] and pids[0] != pids[1]
-    assert statuses(batch) == {DONE: 25} and sum(r.verified for r in report.ingested) == 25
+    assert statuses(batch) == {RowState.DONE: 25} and sum(r.verified for r in report.ingested) == 25
     assert multiprocessing.active_children() == []
 
 
@@ -458,7 +458,7 @@ def test_a_download_process_that_dies_leaves_its_batch_for_the_next_cycle(sandbo
     assert "ended without an answer (exit -9)" in caplog.text
     monkeypatch.setattr(downloads, "read_batch_download", real)
     assert len(run_cycle(sandbox_app, STATUS, "deliverable").ingested) == 1
-    assert statuses(batch) == {DONE: 25}
+    assert statuses(batch) == {RowState.DONE: 25}
 
 
 def test_a_cycle_that_ends_early_ends_the_download_process_it_will_not_ingest(sandbox_app, sandbox,
@@ -480,7 +480,7 @@ def test_a_cycle_that_ends_early_ends_the_download_process_it_will_not_ingest(sa
     assert multiprocessing.active_children() == [] and time.monotonic() - started < 20
     monkeypatch.undo()
     assert len(run_cycle(sandbox_app, STATUS, "deliverable").ingested) == 3
-    assert statuses(batch) == {DONE: 25}
+    assert statuses(batch) == {RowState.DONE: 25}
 
 
 def test_a_cycle_told_to_stop_ingests_what_it_downloaded_and_leaves_the_rest(app, bouncer, monkeypatch):
@@ -502,7 +502,7 @@ def test_a_cycle_told_to_stop_ingests_what_it_downloaded_and_leaves_the_rest(app
     assert bouncer.count("download") == len(report.ingested)   # no download asked for in vain
     monkeypatch.undo()
     assert len(run_cycle(app, STATUS, "deliverable").ingested) == 3 - len(report.ingested)
-    assert statuses(batch) == {DONE: 25}
+    assert statuses(batch) == {RowState.DONE: 25}
 
 
 @pytest.mark.parametrize("status", [429, 401])

@@ -16,7 +16,7 @@ from bouncer.cycles.runner import run_cycle
 from bouncer.doors.loading import create_user_batch
 from bouncer.errors import InputError
 from bouncer.names import CREATION
-from bouncer.states import INVALID, QUEUED
+from bouncer.states import RowState
 from bouncer.store.models import EmailGlobal, UserBatch, UserBatchEmail
 
 
@@ -61,8 +61,8 @@ def test_create_user_batch_counts_accepted_invalid_duplicates(db):
     assert summary.as_json() == {"batch_id": summary.batch_id, "accepted": 4, "invalid": 1,
                                  "duplicates": 2}
     assert stored_rows(summary.batch_id) == [
-        (1, "a@x.com", QUEUED), (2, "A@X.com", QUEUED), (3, "not an address", INVALID),
-        (4, "b@x.com", QUEUED), (5, "a@x.com", QUEUED)]
+        (1, "a@x.com", RowState.QUEUED), (2, "A@X.com", RowState.QUEUED), (3, "not an address", RowState.INVALID),
+        (4, "b@x.com", RowState.QUEUED), (5, "a@x.com", RowState.QUEUED)]
     batch = UserBatch.get_by_id(summary.batch_id)
     assert (batch.user_id, batch.check_type, batch.status, batch.total, batch.invalid,
             batch.duplicates) == ("alice", "deliverable", "queued", 5, 1, 2)
@@ -86,7 +86,7 @@ def test_create_user_batch_invalid_rows_stored_with_reason_and_line(db):
                                 [(2, "ok@example.com"), (5, "bad..dots@example.com"), (9, "")])
     assert summary.invalid == 2
     assert [line for line, _, _ in summary.invalid_examples] == [5, 9]
-    rows = list(UserBatchEmail.select().where(UserBatchEmail.status == INVALID)
+    rows = list(UserBatchEmail.select().where(UserBatchEmail.status == RowState.INVALID)
                 .order_by(UserBatchEmail.position))
     assert [r.email for r in rows] == ["bad..dots@example.com", ""]
     assert all(r.failure_reason and r.email_global_id is None and r.completed_at for r in rows)
@@ -104,7 +104,7 @@ def test_create_user_batch_checks_each_valid_address_once(db, monkeypatch):
     # once each as it is written, and the invalid one again at admission for its reason
     assert sorted(checked) == sorted(emails + ["not an address"])
     assert UserBatchEmail.get(UserBatchEmail.email == "not an address").failure_reason
-    assert UserBatchEmail.select().where(UserBatchEmail.status == QUEUED).count() == len(emails) - 1
+    assert UserBatchEmail.select().where(UserBatchEmail.status == RowState.QUEUED).count() == len(emails) - 1
 
 
 def test_create_user_batch_global_rows_shared_across_batches(db):
@@ -122,7 +122,7 @@ def test_create_user_batch_times_are_utc(db):
     batch = UserBatch.get_by_id(summary.batch_id)
     assert abs(batch.created_at - now) < datetime.timedelta(seconds=60)
     assert abs(EmailGlobal.get().created_at - now) < datetime.timedelta(seconds=60)
-    invalid = UserBatchEmail.get(UserBatchEmail.status == INVALID)
+    invalid = UserBatchEmail.get(UserBatchEmail.status == RowState.INVALID)
     assert abs(invalid.completed_at - now) < datetime.timedelta(seconds=60)
 
 
@@ -181,7 +181,8 @@ def test_submit_file_formats(app, database_url, tmp_path, name):
     answer = submitted_json(submit_file(database_url, path, "--json"))
     assert answer == {"batch_id": answer["batch_id"], "accepted": 3, "invalid": 0, "duplicates": 0}
     assert stored_rows(answer["batch_id"]) == [
-        (1, "a@example.com", QUEUED), (2, "b@example.com", QUEUED), (3, "c@example.com", QUEUED)]
+        (1, "a@example.com", RowState.QUEUED), (2, "b@example.com", RowState.QUEUED),
+        (3, "c@example.com", RowState.QUEUED)]
 
 
 def test_submit_stdin(app, database_url):
@@ -239,12 +240,12 @@ def test_submit_invalid_rows_counted_reported_stored_and_never_sent(app, databas
                    for line in reported), (line_number, result.stderr)
     assert any("1 more" in line for line in reported)
     assert [s for _, _, s in stored_rows(answer["batch_id"])] == [
-        QUEUED, INVALID, QUEUED, INVALID, INVALID, QUEUED, INVALID, INVALID, QUEUED, INVALID]
+        "queued", "invalid", "queued", "invalid", "invalid", "queued", "invalid", "invalid", "queued", "invalid"]
     report = run_cycle(app, CREATION, "deliverable")
     assert report.created
     assert sorted(bouncer.sent_addresses()) == [
         "good1@example.com", "good2@example.com", "good3@example.com", "good4@example.com"]
-    assert UserBatchEmail.select().where(UserBatchEmail.status == INVALID).count() == 5 + 1
+    assert UserBatchEmail.select().where(UserBatchEmail.status == RowState.INVALID).count() == 5 + 1
 
 
 def test_submit_invalid_rows_in_csv_report_physical_lines(app, database_url, tmp_path):
@@ -380,7 +381,7 @@ def test_submit_nul_byte_row_kept_as_invalid(app, database_url, tmp_path, conten
     answer = submitted_json(result)
     assert (answer["accepted"], answer["invalid"]) == (1, 1)
     assert "line %d:" % content.count(b"\n") in result.stderr
-    assert UserBatchEmail.select().where(UserBatchEmail.status == INVALID).count() == 1
+    assert UserBatchEmail.select().where(UserBatchEmail.status == RowState.INVALID).count() == 1
 
 
 def test_submit_mid_file_bad_encoding_names_line(app, database_url, tmp_path):

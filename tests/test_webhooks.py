@@ -15,7 +15,7 @@ from bouncer.names import CREATION, STATUS
 from bouncer.news import webhooks
 from bouncer.queue import progress
 from bouncer.reading.batches import batch_status
-from bouncer.states import DELIVERED, GIVEN_UP, NO_TARGET, PENDING
+from bouncer.states import DeliveryState
 from bouncer.store.database import utcnow
 from bouncer.store.models import (
     DeliverableResult,
@@ -47,7 +47,7 @@ def send_until_settled(settings, rounds=8):
     """The sender's runs, each after the next attempt fell due."""
     for _ in range(rounds):
         webhooks.send_due(settings)
-        if not WebhookDelivery.select().where(WebhookDelivery.state == PENDING).exists():
+        if not WebhookDelivery.select().where(WebhookDelivery.state == DeliveryState.PENDING).exists():
             return
         time.sleep(1.05)
     raise AssertionError("deliveries still pending")
@@ -64,15 +64,15 @@ def test_completed_batch_is_told_signed_and_verified(hooks_app, bouncer):
     with Receiver(SECRET) as hooks:
         batch = create_user_batch("alice", "deliverable", addresses("a", 3), callback_url=hooks.url).batch_id
         run_to_the_end(hooks_app, bouncer)
-        assert webhooks.send_due(hooks_app.settings) == {DELIVERED: 1}
+        assert webhooks.send_due(hooks_app.settings) == {DeliveryState.DELIVERED: 1}
     (payload,) = hooks.verified()
     assert payload["type"] == "batch.completed" and payload["timestamp"].endswith("Z")
     assert payload["data"]["batch_id"] == batch and payload["data"]["status"] == "completed"
     assert payload["data"]["counts"] == batch_status(batch)["counts"]
     delivery = deliveries(batch)[0]
     assert hooks.received[0]["headers"]["webhook-id"] == delivery.message_id
-    assert (delivery.state, delivery.attempts, delivery.last_status) == (DELIVERED, 1, 200)
-    assert batch_status(batch)["webhook"]["state"] == DELIVERED
+    assert (delivery.state, delivery.attempts, delivery.last_status) == (DeliveryState.DELIVERED, 1, 200)
+    assert batch_status(batch)["webhook"]["state"] == DeliveryState.DELIVERED
 
 
 def test_a_failed_attempt_is_retried_with_the_same_webhook_id(hooks_app, bouncer):
@@ -84,7 +84,7 @@ def test_a_failed_attempt_is_retried_with_the_same_webhook_id(hooks_app, bouncer
     assert hooks.received[0]["headers"]["webhook-id"] == hooks.received[1]["headers"]["webhook-id"]
     attempts = list(WebhookAttempt.select().order_by(WebhookAttempt.id))
     assert [a.status_code for a in attempts] == [500, 200]
-    assert deliveries()[0].state == DELIVERED
+    assert deliveries()[0].state == DeliveryState.DELIVERED
 
 
 def test_a_receiver_that_never_answers_is_given_up_after_the_last_retry(hooks_app, bouncer):
@@ -94,7 +94,7 @@ def test_a_receiver_that_never_answers_is_given_up_after_the_last_retry(hooks_ap
         run_to_the_end(hooks_app, bouncer)
         send_until_settled(hooks_app.settings)
     delivery = deliveries(batch)[0]
-    assert (delivery.state, delivery.attempts) == (GIVEN_UP, 4)     # the first and three retries
+    assert (delivery.state, delivery.attempts) == (DeliveryState.GIVEN_UP, 4)     # the first and three retries
     assert all(a.error == "no answer within 1s" for a in WebhookAttempt.select())
     assert len(hooks.received) == 4
 
@@ -106,7 +106,7 @@ def test_a_redirect_is_not_followed(hooks_app, bouncer):
         webhooks.send_due(hooks_app.settings)
     attempt = WebhookAttempt.get()
     assert attempt.status_code == 302 and "not followed" in attempt.error
-    assert deliveries()[0].state == PENDING
+    assert deliveries()[0].state == DeliveryState.PENDING
 
 
 def test_webhook_url_is_the_default_target_and_none_is_no_target(hooks_app, bouncer):
@@ -114,10 +114,10 @@ def test_webhook_url_is_the_default_target_and_none_is_no_target(hooks_app, boun
         app = with_settings(hooks_app, webhook_url=hooks.url)
         create_user_batch("alice", "deliverable", addresses("a", 1))
         run_to_the_end(app, bouncer)
-        assert webhooks.send_due(app.settings) == {DELIVERED: 1}
+        assert webhooks.send_due(app.settings) == {DeliveryState.DELIVERED: 1}
     create_user_batch("bob", "deliverable", addresses("b", 1))
     run_to_the_end(hooks_app, bouncer)
-    assert webhooks.send_due(hooks_app.settings) == {NO_TARGET: 1}
+    assert webhooks.send_due(hooks_app.settings) == {DeliveryState.NO_TARGET: 1}
 
 
 def test_every_way_a_batch_ends_is_told_once(hooks_app, bouncer):

@@ -50,7 +50,7 @@ def create_batches(cycle, now=None):
     now = now or utcnow()
     admit_new_rows(cycle, now)
     forget_old_requests(now)
-    report.requeued = ledger.requeue_rejected_emails(check_type)
+    report.requeued = ledger.requeue_failed_attempts(check_type)
     report.abandoned, report.released = ledger.release_stale_reservations(
         check_type, now - datetime.timedelta(seconds=settings.reservation_timeout))
     if is_paused(cycle, now):
@@ -60,7 +60,7 @@ def create_batches(cycle, now=None):
         fill_free_slots(cycle)
     finally:
         # Emails of calls that failed in this cycle are queued again for the next one.
-        ledger.requeue_rejected_emails(check_type)
+        ledger.requeue_failed_attempts(check_type)
 
 
 def admit_new_rows(cycle, now):

@@ -28,7 +28,7 @@ from bouncer.addresses import strip_email_modifiers, syntax_error
 from bouncer.logs import ids
 from bouncer.queue import line, progress
 from bouncer.queue.line import take_places
-from bouncer.states import BATCH_CANCELLED, BATCH_COMPLETED, BATCH_LOADING, BATCH_NEW, BATCH_PROCESSING, BATCH_QUEUED
+from bouncer.states import BatchState
 from bouncer.store.bulk import among
 from bouncer.store.database import database, dialect, utcnow, write_transaction
 from bouncer.store.models import EmailGlobal, UserBatch, UserBatchEmail
@@ -60,7 +60,7 @@ def remove_loading_batch(batch_id):
             doomed = [i for (i,) in Row.select(Row.id).where(Row.batch == batch_id).limit(SLICE).tuples()]
             if not doomed:
                 UserBatch.delete().where((UserBatch.id == batch_id)
-                                         & (UserBatch.status == BATCH_LOADING)).execute()
+                                         & (UserBatch.status == BatchState.LOADING)).execute()
                 return
             Row.delete().where(among(Row.id, doomed)).execute()
 
@@ -70,7 +70,7 @@ def remove_dead_loads(now=None):
     A host's own `loading` batches have no heartbeat and are never touched. Returns their ids."""
     silent_since = (now or utcnow()) - DEAD_LOADER_AFTER
     dead = [b for (b,) in UserBatch.select(UserBatch.id).where(
-        (UserBatch.status == BATCH_LOADING) & (UserBatch.loader_seen_at < silent_since)).tuples()]
+        (UserBatch.status == BatchState.LOADING) & (UserBatch.loader_seen_at < silent_since)).tuples()]
     for batch_id in dead:
         log.warning("User batch %s: its loader died mid-load; removing what it wrote", batch_id,
                     extra=ids(user_batch_id=batch_id))
@@ -146,7 +146,7 @@ def notice_new_batches(check_type, report, now):
     without a single row ends failed. With none to notice, a read says so and no write lock is
     taken."""
     new = UserBatch.select(UserBatch.id).where(
-        (UserBatch.status == BATCH_NEW) & (UserBatch.check_type == check_type)).order_by(UserBatch.id)
+        (UserBatch.status == BatchState.NEW) & (UserBatch.check_type == check_type)).order_by(UserBatch.id)
     if not new.exists():
         return 0
     with write_transaction():
@@ -154,7 +154,7 @@ def notice_new_batches(check_type, report, now):
         if not fresh:
             return 0
         for batch_id, place in zip(fresh, take_places(len(fresh))):
-            UserBatch.update(status=BATCH_QUEUED, fifo_order=place).where(UserBatch.id == batch_id).execute()
+            UserBatch.update(status=BatchState.QUEUED, fifo_order=place).where(UserBatch.id == batch_id).execute()
         empty = [b for b in fresh if not Row.select().where(Row.batch == b).exists()]
         for batch_id in empty:
             fail_batch_without_work(batch_id, "the user batch has no rows", report, now)
@@ -172,7 +172,7 @@ def batches_with_new_rows(check_type, now=None):
     loader_alive_since = (now or utcnow()) - DEAD_LOADER_AFTER
     visible = (UserBatch.select(UserBatch.id)
                .where(among(UserBatch.id, batch_ids) & (UserBatch.check_type == check_type)
-                      & UserBatch.status.not_in((BATCH_LOADING, BATCH_NEW))
+                      & UserBatch.status.not_in((BatchState.LOADING, BatchState.NEW))
                       & (UserBatch.loader_seen_at.is_null() | (UserBatch.loader_seen_at < loader_alive_since)))
                .order_by(UserBatch.fifo_order, UserBatch.id))
     return [b for (b,) in visible.tuples()]
@@ -216,10 +216,10 @@ def admit_slice(batch_id, now, limit=SLICE, heartbeat=False, checked=None, after
             invalid.append((row_id, position, problem))
     with write_transaction():
         batch = UserBatch.get_by_id(batch_id)
-        if batch.status == BATCH_CANCELLED:
+        if batch.status == BatchState.CANCELLED:
             report.invalid = progress.cancel_unadmitted(batch, now, [r for r, _, _ in rows])
             return report
-        global_ids = register_global_emails([address for _, _, address in valid], now)
+        global_ids = register_addresses([address for _, _, address in valid], now)
         report.admitted = queue_rows(batch, [(r, p, global_ids[a]) for r, p, a in valid])
         report.invalid = mark_invalid(batch, invalid, now)
         count_admitted(batch, report)
@@ -230,7 +230,7 @@ def admit_slice(batch_id, now, limit=SLICE, heartbeat=False, checked=None, after
     return report
 
 
-def register_global_emails(addresses, now):
+def register_addresses(addresses, now):
     """{stripped address: emails_global id}, creating the rows that do not exist yet."""
     unique = sorted(set(addresses))  # sorted: concurrent admitters take row locks in one order
     if not unique:
@@ -276,8 +276,8 @@ def count_admitted(batch, report):
     is open again."""
     changes = {UserBatch.total: UserBatch.total + report.admitted + report.invalid,
                UserBatch.invalid: UserBatch.invalid + report.invalid}
-    if report.admitted and batch.status == BATCH_COMPLETED:
-        changes.update({UserBatch.status: BATCH_PROCESSING, UserBatch.completed_at: None})
+    if report.admitted and batch.status == BatchState.COMPLETED:
+        changes.update({UserBatch.status: BatchState.PROCESSING, UserBatch.completed_at: None})
     UserBatch.update(changes).where(UserBatch.id == batch.id).execute()
 
 
@@ -289,7 +289,7 @@ def finish_admission(batch_id, report, now):
     with write_transaction():
         UserBatch.update(duplicates=valid - distinct).where(UserBatch.id == batch_id).execute()
         batch = UserBatch.get_by_id(batch_id)
-        if valid == 0 and batch.status in (BATCH_QUEUED, BATCH_PROCESSING):
+        if valid == 0 and batch.status in (BatchState.QUEUED, BatchState.PROCESSING):
             fail_batch_without_work(batch_id, "no valid address in %d row(s)" % batch.total, report, now)
         else:
             progress.complete_finished_batches([batch_id], now)

@@ -15,7 +15,7 @@ from bouncer.errors import InputError
 from bouncer.logs import ids
 from bouncer.names import CHECK_TYPES
 from bouncer.queue.line import take_places
-from bouncer.states import BATCH_LOADING, BATCH_QUEUED
+from bouncer.states import BatchState
 from bouncer.store.bulk import insert_tuples
 from bouncer.store.database import utcnow, write_transaction
 from bouncer.store.models import UserBatch, UserBatchEmail
@@ -78,7 +78,7 @@ class Loader:
         now = now or utcnow()
         with write_transaction():
             self.batch = UserBatch.create(user_id=str(user_id).strip(), check_type=check_type,
-                                          status=BATCH_LOADING, source=source, callback_url=callback_url,
+                                          status=BatchState.LOADING, source=source, callback_url=callback_url,
                                           created_at=now, loader_seen_at=now)
         self.batch_id = self.batch.id
 
@@ -132,12 +132,12 @@ class Loader:
             place = take_places(1)[0]
             # The heartbeat goes on while the loader admits its batch: cycles leave it to the
             # loader meanwhile (two admitters of one batch would only take turns at the lock).
-            changes = {UserBatch.status: BATCH_QUEUED, UserBatch.fifo_order: place,
+            changes = {UserBatch.status: BatchState.QUEUED, UserBatch.fifo_order: place,
                        UserBatch.loader_seen_at: utcnow()}
             if callback_url is not None:
                 changes[UserBatch.callback_url] = callback_url
             (UserBatch.update(changes)
-             .where((UserBatch.id == self.batch_id) & (UserBatch.status == BATCH_LOADING)).execute())
+             .where((UserBatch.id == self.batch_id) & (UserBatch.status == BatchState.LOADING)).execute())
         admit_batch(self.batch_id, now, heartbeat=True, checked=self.checked)
         UserBatch.update(loader_seen_at=None).where(UserBatch.id == self.batch_id).execute()
         batch = UserBatch.get_by_id(self.batch_id)

@@ -19,7 +19,7 @@ import requests
 from standardwebhooks import Webhook
 
 from bouncer.logs import ids
-from bouncer.states import DELIVERED, GIVEN_UP, NO_TARGET, PENDING
+from bouncer.states import DeliveryState
 from bouncer.store.database import utcnow, write_transaction
 from bouncer.store.models import UserBatch, WebhookAttempt, WebhookDelivery
 
@@ -44,7 +44,7 @@ def target_of(delivery, settings):
 
 
 def has_due(now=None):
-    return (WebhookDelivery.select().where((WebhookDelivery.state == PENDING)
+    return (WebhookDelivery.select().where((WebhookDelivery.state == DeliveryState.PENDING)
                                            & (WebhookDelivery.next_attempt_at <= (now or utcnow())))
             .exists())
 
@@ -71,7 +71,7 @@ def claim_due(now=None):
     now = now or utcnow()
     with write_transaction():
         due = [d for (d,) in WebhookDelivery.select(WebhookDelivery.id).where(
-            (WebhookDelivery.state == PENDING) & (WebhookDelivery.next_attempt_at <= now)
+            (WebhookDelivery.state == DeliveryState.PENDING) & (WebhookDelivery.next_attempt_at <= now)
             & (WebhookDelivery.lease_until.is_null() | (WebhookDelivery.lease_until < now)))
             .order_by(WebhookDelivery.next_attempt_at).limit(CLAIM_LIMIT).tuples()]
         if due:
@@ -86,7 +86,7 @@ def attempt(delivery, settings, session):
     url = target_of(delivery, settings)
     now = utcnow()
     if url is None or not settings.webhook_secret:
-        return finish(delivery, NO_TARGET, now, error="no callback_url, no WEBHOOK_URL" if url is None
+        return finish(delivery, DeliveryState.NO_TARGET, now, error="no callback_url, no WEBHOOK_URL" if url is None
                       else "WEBHOOK_SECRET is not set")
     started = time.monotonic()
     status, error = post(session, url, delivery, settings.webhook_secret, settings.webhook_timeout)
@@ -96,13 +96,14 @@ def attempt(delivery, settings, session):
                               error=error, seconds=round(seconds, 3))
     attempts = delivery.attempts + 1
     if status is not None and 200 <= status < 300:
-        return finish(delivery, DELIVERED, utcnow(), attempts=attempts, status=status, url=url)
+        return finish(delivery, DeliveryState.DELIVERED, utcnow(), attempts=attempts, status=status, url=url)
     schedule = settings.webhook_retry_schedule
     if attempts > len(schedule):
         log.warning("Webhook %s for user batch %s given up after %d attempts: %s", delivery.message_id,
                     delivery.batch_id, attempts, error or "HTTP %s" % status,
                     extra=ids(user_batch_id=delivery.batch_id))
-        return finish(delivery, GIVEN_UP, utcnow(), attempts=attempts, status=status, error=error, url=url)
+        return finish(delivery, DeliveryState.GIVEN_UP, utcnow(), attempts=attempts, status=status, error=error,
+                      url=url)
     later = utcnow() + datetime.timedelta(seconds=schedule[attempts - 1])
     with write_transaction():
         (WebhookDelivery.update(attempts=attempts, next_attempt_at=later, lease_until=None, last_status=status,
@@ -111,7 +112,7 @@ def attempt(delivery, settings, session):
     log.info("Webhook %s for user batch %s: attempt %d failed (%s); next in %ss", delivery.message_id,
              delivery.batch_id, attempts, error or "HTTP %s" % status, schedule[attempts - 1],
              extra=ids(user_batch_id=delivery.batch_id))
-    return PENDING
+    return DeliveryState.PENDING
 
 
 def finish(delivery, state, now, attempts=None, status=None, error=None, url=None):
@@ -120,7 +121,7 @@ def finish(delivery, state, now, attempts=None, status=None, error=None, url=Non
                                 attempts=delivery.attempts if attempts is None else attempts,
                                 last_status=status, last_error=error, url=url)
          .where(WebhookDelivery.id == delivery.id).execute())
-    if state == DELIVERED:
+    if state == DeliveryState.DELIVERED:
         log.info("Webhook %s for user batch %s delivered (HTTP %s)", delivery.message_id, delivery.batch_id,
                  status, extra=ids(user_batch_id=delivery.batch_id))
     return state

@@ -29,7 +29,7 @@ from peewee import fn
 
 from bouncer.logs import ids
 from bouncer.queue import line, packing, progress
-from bouncer.states import ABANDONED, COMPLETED, FAILED, IN_FLIGHT_STATES, OUTSTANDING, REJECTED, RESERVED
+from bouncer.states import IN_FLIGHT_STATES, BouncerBatchState
 from bouncer.store.bulk import insert_tuples
 from bouncer.store.database import lock_rows_for_share, lock_rows_for_update, serialize_on, utcnow, write_transaction
 from bouncer.store.models import BouncerBatch, BouncerBatchEmail
@@ -37,6 +37,8 @@ from bouncer.store.models import BouncerBatch, BouncerBatchEmail
 log = logging.getLogger(__name__)
 
 
+# Attempts whose call failed: their rows go back in line.
+FAILED_ATTEMPTS = (BouncerBatchState.REJECTED, BouncerBatchState.ABANDONED)
 ABANDONED_REASON = "reservation abandoned: its cycle died during the call, before storing a Bouncer batch id"
 
 
@@ -59,12 +61,12 @@ def count_in_flight(check_type):
 
 def count_outstanding(check_type):
     return (BouncerBatch.select(fn.COUNT(BouncerBatch.id))
-            .where((BouncerBatch.check_type == check_type) & (BouncerBatch.status == OUTSTANDING))
+            .where((BouncerBatch.check_type == check_type) & (BouncerBatch.status == BouncerBatchState.OUTSTANDING))
             .scalar())
 
 
 def count_possible_orphans(check_type=None):
-    query = BouncerBatch.select().where(BouncerBatch.status == ABANDONED)
+    query = BouncerBatch.select().where(BouncerBatch.status == BouncerBatchState.ABANDONED)
     if check_type:
         query = query.where(BouncerBatch.check_type == check_type)
     return query.count()
@@ -74,13 +76,13 @@ def batches_to_check(check_type):
     """Outstanding Bouncer batches, least recently checked first."""
     return list(BouncerBatch.select()
                 .where((BouncerBatch.check_type == check_type)
-                       & (BouncerBatch.status == OUTSTANDING))
+                       & (BouncerBatch.status == BouncerBatchState.OUTSTANDING))
                 .order_by(BouncerBatch.last_checked_at.asc(nulls="first"), BouncerBatch.id))
 
 
 def overdue_batches(check_type, sent_before):
     return [ledger_id for (ledger_id,) in BouncerBatch.select(BouncerBatch.id).where(
-        (BouncerBatch.check_type == check_type) & (BouncerBatch.status == OUTSTANDING)
+        (BouncerBatch.check_type == check_type) & (BouncerBatch.status == BouncerBatchState.OUTSTANDING)
         & (BouncerBatch.sent_at < sent_before)).tuples()]
 
 
@@ -126,7 +128,7 @@ def attach_to_in_flight(attach, span):
 def write_reservation(check_type, plan, now):
     """Ledger row, its addresses (the unique index refuses an address already in flight), and
     the rows of those addresses that the plan walked past, attached to it."""
-    ledger = BouncerBatch.create(check_type=check_type, status=RESERVED, quantity=len(plan.send),
+    ledger = BouncerBatch.create(check_type=check_type, status=BouncerBatchState.RESERVED, quantity=len(plan.send),
                                  reserved_at=now)
     insert_tuples(BouncerBatchEmail, ("bouncer_batch", "email_global", "check_type", "email_sent"),
                   [(ledger.id, global_id, check_type, email) for global_id, email in plan.send.items()])
@@ -147,7 +149,7 @@ def cancel_reservation(ledger_id):
         line.unsend_rows(ledger_id)
         end_flight(ledger_id)
         BouncerBatch.delete().where((BouncerBatch.id == ledger_id)
-                                    & (BouncerBatch.status == RESERVED)).execute()
+                                    & (BouncerBatch.status == BouncerBatchState.RESERVED)).execute()
 
 
 def note_calling(ledger_id, now=None):
@@ -155,7 +157,7 @@ def note_calling(ledger_id, now=None):
     slot): if its cycle dies before storing Bouncer's id, it is a possible orphan. False when it
     is no longer waiting to be sent (released meanwhile): then it must not be sent."""
     return (BouncerBatch.update(sent_at=now or utcnow())
-            .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == RESERVED)
+            .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == BouncerBatchState.RESERVED)
                    & BouncerBatch.sent_at.is_null())
             .execute()) == 1
 
@@ -163,8 +165,8 @@ def note_calling(ledger_id, now=None):
 def confirm_sent(ledger_id, bouncer_id, now=None):
     """Store Bouncer's id: from here on the batch is followed to the end. False when the
     reservation was abandoned meanwhile (this cycle outlived RESERVATION_TIMEOUT)."""
-    updated = (BouncerBatch.update(status=OUTSTANDING, bouncer_id=bouncer_id, sent_at=now or utcnow())
-               .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == RESERVED))
+    updated = (BouncerBatch.update(status=BouncerBatchState.OUTSTANDING, bouncer_id=bouncer_id, sent_at=now or utcnow())
+               .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == BouncerBatchState.RESERVED))
                .execute())
     return updated == 1
 
@@ -172,7 +174,7 @@ def confirm_sent(ledger_id, bouncer_id, now=None):
 def note_unanswered(ledger_id, reason):
     """The create went unanswered; the reservation stays, waiting for Bouncer's callback."""
     (BouncerBatch.update(failure_reason="create unanswered (%s); waiting for Bouncer's callback" % reason)
-     .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == RESERVED)).execute())
+     .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == BouncerBatchState.RESERVED)).execute())
 
 
 def recognise_from_callback(ledger_id, bouncer_id, now=None):
@@ -185,11 +187,11 @@ def recognise_from_callback(ledger_id, bouncer_id, now=None):
         if batch is None or batch.bouncer_id is not None \
                 or BouncerBatch.select().where(BouncerBatch.bouncer_id == bouncer_id).exists():
             return None
-        if batch.status == RESERVED:
+        if batch.status == BouncerBatchState.RESERVED:
             confirm_sent(ledger_id, bouncer_id, now)
             BouncerBatch.update(failure_reason=None).where(BouncerBatch.id == ledger_id).execute()
             outcome = "followed"
-        elif batch.status == ABANDONED:
+        elif batch.status == BouncerBatchState.ABANDONED:
             BouncerBatch.update(bouncer_id=bouncer_id).where(BouncerBatch.id == ledger_id).execute()
             outcome = "orphan"
         else:
@@ -202,23 +204,23 @@ def recognise_from_callback(ledger_id, bouncer_id, now=None):
 
 def reject_reservation(ledger_id, reason, possible_orphan=False, now=None):
     """The call failed. Its addresses leave flight now; its emails stay parked until
-    `requeue_rejected_emails`, so this cycle does not send them again (they wait for the next
+    `requeue_failed_attempts`, so this cycle does not send them again (they wait for the next
     one, keeping FIFO for everything else). Bouncer refused it: `rejected`. It went unanswered
     (a timeout), so Bouncer may have created it anyway: `abandoned`, counted as a possible
     orphan."""
-    status = ABANDONED if possible_orphan else REJECTED
+    status = BouncerBatchState.ABANDONED if possible_orphan else BouncerBatchState.REJECTED
     with write_transaction():
         (BouncerBatch.update(status=status, failure_reason=reason, finished_at=now or utcnow())
-         .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == RESERVED)).execute())
+         .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == BouncerBatchState.RESERVED)).execute())
         end_flight(ledger_id)
 
 
-def requeue_rejected_emails(check_type):
+def requeue_failed_attempts(check_type):
     """Queue again the emails of rejected or abandoned attempts. Returns how many. Almost always
     there are none: that is found by a read, so the cycle takes no write lock for it (on SQLite
     it would wait for an ingest's transaction to end)."""
     dead = BouncerBatch.select(BouncerBatch.id).where(
-        (BouncerBatch.check_type == check_type) & BouncerBatch.status.in_((REJECTED, ABANDONED)))
+        (BouncerBatch.check_type == check_type) & BouncerBatch.status.in_(FAILED_ATTEMPTS))
     if not line.any_riding_on(dead):
         return 0
     with write_transaction():
@@ -233,7 +235,7 @@ def release_stale_reservations(check_type, older_than):
     Returns ([(ledger id, addresses)] abandoned, [(ledger id, addresses)] cancelled). When there
     is none (nearly always), a read says so and no write lock is taken."""
     query = BouncerBatch.select(BouncerBatch.id, BouncerBatch.quantity, BouncerBatch.sent_at).where(
-        (BouncerBatch.check_type == check_type) & (BouncerBatch.status == RESERVED)
+        (BouncerBatch.check_type == check_type) & (BouncerBatch.status == BouncerBatchState.RESERVED)
         & (BouncerBatch.reserved_at < older_than))
     if not query.exists():
         return [], []
@@ -248,14 +250,15 @@ def release_stale_reservations(check_type, older_than):
                             "Bouncer; its emails are queued again where they were", ledger_id, check_type,
                             quantity, extra=where)
                 continue
-            (BouncerBatch.update(status=ABANDONED, finished_at=utcnow(), failure_reason=ABANDONED_REASON)
+            (BouncerBatch.update(status=BouncerBatchState.ABANDONED, finished_at=utcnow(),
+                                 failure_reason=ABANDONED_REASON)
              .where(BouncerBatch.id == ledger_id).execute())
             end_flight(ledger_id)
             abandoned.append((ledger_id, quantity))
             log.warning("Reservation %s (%s, %s addresses) abandoned: possible orphan batch at "
                         "Bouncer; its emails are queued again", ledger_id, check_type, quantity, extra=where)
     if abandoned:
-        requeue_rejected_emails(check_type)
+        requeue_failed_attempts(check_type)
     return abandoned, cancelled
 
 
@@ -270,7 +273,7 @@ def note_checked(ledger_id, bouncer_status, completed_at=None, now=None):
 def claim_outstanding(ledger_id):
     """The ledger row, locked, if it is still outstanding: who finishes a batch is decided here."""
     query = BouncerBatch.select().where(
-        (BouncerBatch.id == ledger_id) & (BouncerBatch.status == OUTSTANDING))
+        (BouncerBatch.id == ledger_id) & (BouncerBatch.status == BouncerBatchState.OUTSTANDING))
     return lock_rows_for_update(query).first()
 
 
@@ -286,8 +289,8 @@ def fail_bouncer_batch(ledger_id, reason, now=None):
         user_batches = line.batches_riding_on(ledger_id)
         failed = progress.fail_sent_rows(ledger_id, reason, now)
         end_flight(ledger_id)
-        line.forget_riders(ledger_id)
-        (BouncerBatch.update(status=FAILED, failure_reason=reason, finished_at=now)
+        line.stop_riding(ledger_id)
+        (BouncerBatch.update(status=BouncerBatchState.FAILED, failure_reason=reason, finished_at=now)
          .where(BouncerBatch.id == ledger_id).execute())
         progress.fail_batches(user_batches, reason, now)
     log.error("Bouncer batch %s (%s) failed: %s; %s emails and %s user batches marked failed",
@@ -300,7 +303,7 @@ def mark_completed(ledger_id, now):
     """outstanding -> completed, inside the ingest's transaction once every row riding on the
     batch has its verdict or its failure: its addresses leave flight, no row rides on it."""
     end_flight(ledger_id)
-    line.forget_riders(ledger_id)
-    (BouncerBatch.update(status=COMPLETED, finished_at=now, bouncer_status="completed")
+    line.stop_riding(ledger_id)
+    (BouncerBatch.update(status=BouncerBatchState.COMPLETED, finished_at=now, bouncer_status="completed")
      .where(BouncerBatch.id == ledger_id).execute())
 

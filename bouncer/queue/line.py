@@ -13,10 +13,7 @@ import logging
 
 from peewee import SQL, Query, Tuple
 
-from bouncer.states import (
-    NEW,
-    QUEUED,
-)
+from bouncer.states import RowState
 from bouncer.store.bulk import among, chunked, insert_tuples
 from bouncer.store.database import database, dialect
 from bouncer.store.models import FifoCounter, QueuedEmail, RidingRows, UserBatchEmail
@@ -53,7 +50,7 @@ NOT_ADMITTED_SQL = "check_type IS NULL AND status = 'new'"
 
 
 def not_admitted():
-    return Row.check_type.is_null() & (Row.status == NEW)
+    return Row.check_type.is_null() & (Row.status == RowState.NEW)
 
 
 def join_line(rows):
@@ -110,7 +107,7 @@ def riding_rows(ledger_id):
     return SQL(dialect().ids_in_json("row_ids", "r.bouncer_batch_id = %s" % database.param), [ledger_id])
 
 
-def riders_of(ledger_ids):
+def riding_rows_of(ledger_ids):
     """{ledger id: [row ids]} of the rows riding on `ledger_ids` (ids or a subquery)."""
     found = {}
     for ledger_id, row_ids in (Riding.select(Riding.bouncer_batch, Riding.row_ids)
@@ -119,7 +116,7 @@ def riders_of(ledger_ids):
     return found
 
 
-def forget_riders(ledger_id):
+def stop_riding(ledger_id):
     """The batch's verdicts or its failure have reached its rows: none rides on it any more."""
     Riding.delete().where(Riding.bouncer_batch == ledger_id).execute()
 
@@ -134,10 +131,10 @@ def requeue_rows_of(ledger_ids, name_attempt=True):
     """Rows riding on failed attempts (`ledger_ids`: ids or a subquery) go back in line where
     they were; `bouncer_batch` names the last attempt that carried them. Returns how many."""
     count = 0
-    for ledger_id, row_ids in riders_of(ledger_ids).items():
+    for ledger_id, row_ids in riding_rows_of(ledger_ids).items():
         for part in chunked(row_ids):
             back = (Row.select(*[row for _, row in LINE_COPIES])
-                    .where(among(Row.id, part) & (Row.status == QUEUED)).tuples())
+                    .where(among(Row.id, part) & (Row.status == RowState.QUEUED)).tuples())
             back = database.execute_sql(*back.sql()).fetchall()
             join_line(back)
             if name_attempt:

@@ -4,12 +4,12 @@ batches."""
 
 from peewee import JOIN, fn
 
-from bouncer.states import CANCELLED, DONE, FAILED, INVALID, VERDICTS
+from bouncer.states import VERDICTS, RowState
 from bouncer.store.bulk import among
 from bouncer.store.models import UserBatchEmail, result_model
 
 Row = UserBatchEmail
-COUNT_KEYS = VERDICTS + (INVALID, FAILED, CANCELLED, "pending")
+COUNT_KEYS = VERDICTS + (RowState.INVALID, RowState.FAILED, RowState.CANCELLED, "pending")
 
 
 def iso(moment):
@@ -39,7 +39,7 @@ def count_outcomes_of(batches):
         Result = result_model(check_type)
         query = (Row.select(Row.batch, Row.status, Result.status, fn.COUNT(Row.id))
                  .join(Result, JOIN.LEFT_OUTER, on=(
-                     (Result.email_global == Row.email_global) & (Row.status == DONE)))
+                     (Result.email_global == Row.email_global) & (Row.status == RowState.DONE)))
                  .where(among(Row.batch, [b.id for b in batches if b.check_type == check_type]))
                  .group_by(Row.batch, Row.status, Result.status))
         for batch_id, row_status, verdict, n in query.tuples():
@@ -48,9 +48,9 @@ def count_outcomes_of(batches):
 
 
 def outcome(row_status, verdict):
-    if row_status == DONE:
+    if row_status == RowState.DONE:
         return verdict if verdict in VERDICTS else "unknown"
-    if row_status in (INVALID, FAILED, CANCELLED):
+    if row_status in (RowState.INVALID, RowState.FAILED, RowState.CANCELLED):
         return row_status
     return "pending"
 

@@ -19,20 +19,7 @@ from bouncer.queue.line import (
     not_admitted,
     riding_rows,
 )
-from bouncer.states import (
-    BATCH_CANCELLED,
-    BATCH_COMPLETED,
-    BATCH_FAILED,
-    BATCH_LOADING,
-    BATCH_NEW,
-    BATCH_PROCESSING,
-    BATCH_QUEUED,
-    CANCELLED,
-    DONE,
-    ENDED_BATCH_STATES,
-    FAILED,
-    QUEUED,
-)
+from bouncer.states import ENDED_BATCH_STATES, BatchState, RowState
 from bouncer.store.bulk import among, chunked
 from bouncer.store.database import utcnow, write_transaction
 from bouncer.store.models import QueuedEmail, RidingRows, UserBatch, UserBatchEmail
@@ -49,23 +36,24 @@ def complete_rows_from_cache(row_ids, now, span=None):
     address was already stored."""
     taken = leave_line(row_ids, span)
     if taken:
-        Row.update(status=DONE, completed_at=now).where(among(Row.id, taken) & (Row.status == QUEUED)).execute()
+        (Row.update(status=RowState.DONE, completed_at=now)
+         .where(among(Row.id, taken) & (Row.status == RowState.QUEUED)).execute())
 
 
 def complete_sent_rows(ledger_id, now):
     """Every row still riding on this batch has its verdict now (the missing ones failed)."""
-    return (Row.update(status=DONE, completed_at=now, bouncer_batch=ledger_id)
-            .where(Row.id.in_(riding_rows(ledger_id)) & (Row.status == QUEUED)).execute())
+    return (Row.update(status=RowState.DONE, completed_at=now, bouncer_batch=ledger_id)
+            .where(Row.id.in_(riding_rows(ledger_id)) & (Row.status == RowState.QUEUED)).execute())
 
 
 def fail_sent_rows(ledger_id, reason, now, only_addresses=None):
     """Fail the rows riding on this batch (of `only_addresses`, when given) with `reason`."""
-    riding = Row.id.in_(riding_rows(ledger_id)) & (Row.status == QUEUED)
+    riding = Row.id.in_(riding_rows(ledger_id)) & (Row.status == RowState.QUEUED)
     if only_addresses is not None:
         if not only_addresses:
             return 0
         riding &= among(Row.email_global, only_addresses)
-    return (Row.update(status=FAILED, failure_reason=reason, completed_at=now, bouncer_batch=ledger_id)
+    return (Row.update(status=RowState.FAILED, failure_reason=reason, completed_at=now, bouncer_batch=ledger_id)
             .where(riding).execute())
 
 
@@ -77,19 +65,19 @@ def mark_batches_processing(batch_ids=(), ledger_id=None):
     if batch_ids:
         targets.append(batch_ids)
     for target in targets:
-        (UserBatch.update(status=BATCH_PROCESSING)
-         .where((UserBatch.status == BATCH_QUEUED) & is_one_of(UserBatch.id, target)).execute())
+        (UserBatch.update(status=BatchState.PROCESSING)
+         .where((UserBatch.status == BatchState.QUEUED) & is_one_of(UserBatch.id, target)).execute())
 
 
 def complete_finished_batches(batch_ids, now):
     """End each of `batch_ids` (ids or a subquery) with no pending email left: completed, or
     cancelled when a cancel was asked for. A failed batch stays failed. Returns how many. (Rows
-    that just got their verdicts must no longer ride: see `forget_riders`.)"""
-    ended = (UserBatch.update(status=Case(None, ((UserBatch.cancelled_at.is_null(), BATCH_COMPLETED),),
-                                          BATCH_CANCELLED),
+    that just got their verdicts must no longer ride: see `stop_riding`.)"""
+    ended = (UserBatch.update(status=Case(None, ((UserBatch.cancelled_at.is_null(), BatchState.COMPLETED),),
+                                          BatchState.CANCELLED),
                               completed_at=now)
              .where(is_one_of(UserBatch.id, batch_ids)
-                    & UserBatch.status.in_((BATCH_NEW, BATCH_QUEUED, BATCH_PROCESSING))
+                    & UserBatch.status.in_((BatchState.NEW, BatchState.QUEUED, BatchState.PROCESSING))
                     & ~has_pending_rows())
              .returning(UserBatch.id, UserBatch.status).tuples().execute())
     return record_endings(ended, now)
@@ -108,7 +96,7 @@ def has_pending_rows():
 
 def fail_batches(batch_ids, reason, now):
     """End user batches failed with `reason`; their other emails still get their verdicts."""
-    ended = (UserBatch.update(status=BATCH_FAILED, failure_reason=reason, completed_at=now)
+    ended = (UserBatch.update(status=BatchState.FAILED, failure_reason=reason, completed_at=now)
              .where(is_one_of(UserBatch.id, batch_ids) & UserBatch.status.not_in(ENDED_BATCH_STATES))
              .returning(UserBatch.id, UserBatch.status).tuples().execute())
     return record_endings(ended, now)
@@ -122,17 +110,17 @@ def cancel_batch(batch_id, now=None):
     with write_transaction():
         asked = (UserBatch.update(cancelled_at=now)
                  .where((UserBatch.id == batch_id)
-                        & UserBatch.status.not_in(ENDED_BATCH_STATES + (BATCH_LOADING,)))
+                        & UserBatch.status.not_in(ENDED_BATCH_STATES + (BatchState.LOADING,)))
                  .execute())
         if not asked:
             batch = UserBatch.get_by_id(batch_id)
             raise Conflict("user batch %s is %s: %s" % (batch_id, batch.status, "it is still being written"
-                                                         if batch.status == BATCH_LOADING else "it has ended"))
+                                                         if batch.status == BatchState.LOADING else "it has ended"))
         batch = UserBatch.get_by_id(batch_id)
         cancelled = cancel_unadmitted(batch, now)
         for part in chunked(leave_line_of_batch(batch)):
-            cancelled += (Row.update(status=CANCELLED, completed_at=now)
-                          .where(among(Row.id, part) & (Row.status == QUEUED)).execute())
+            cancelled += (Row.update(status=RowState.CANCELLED, completed_at=now)
+                          .where(among(Row.id, part) & (Row.status == RowState.QUEUED)).execute())
         complete_finished_batches([batch_id], now)
     return cancelled
 
@@ -143,7 +131,7 @@ def cancel_unadmitted(batch, now, row_ids=None):
     where = (Row.batch == batch.id) & not_admitted()
     if row_ids is not None:
         where &= among(Row.id, row_ids)
-    return Row.update(status=CANCELLED, completed_at=now, check_type=batch.check_type).where(where).execute()
+    return Row.update(status=RowState.CANCELLED, completed_at=now, check_type=batch.check_type).where(where).execute()
 
 
 def record_endings(ended, now):

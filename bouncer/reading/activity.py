@@ -6,15 +6,7 @@ import logging
 from urllib.parse import urlsplit
 
 from bouncer.queue.outcomes import iso
-from bouncer.states import (
-    ABANDONED,
-    BATCH_FAILED,
-    COMPLETED,
-    FAILED,
-    IN_FLIGHT_STATES,
-    PENDING,
-    REJECTED,
-)
+from bouncer.states import IN_FLIGHT_STATES, BatchState, BouncerBatchState, DeliveryState
 from bouncer.store.database import utcnow
 from bouncer.store.models import (
     BouncerBatch,
@@ -33,7 +25,7 @@ log = logging.getLogger(__name__)
 def ledger_entry(b, now):
     """One Bouncer batch of the ledger, as the console shows it."""
     delay = None
-    if b.finished_at and b.bouncer_completed_at and b.status == COMPLETED:
+    if b.finished_at and b.bouncer_completed_at and b.status == BouncerBatchState.COMPLETED:
         delay = max(0.0, (b.finished_at - b.bouncer_completed_at).total_seconds())
     return {"id": b.id, "check_type": b.check_type, "status": b.status, "bouncer_id": b.bouncer_id,
             "addresses": b.quantity, "reserved_at": iso(b.reserved_at), "sent_at": iso(b.sent_at),
@@ -67,7 +59,7 @@ def delivery_entry(d, attempts=None):
     return {"id": d.id, "batch_id": d.batch_id, "event": d.event, "state": d.state, "webhook_id": d.message_id,
             "target": shown_url(d.url), "attempts": d.attempts, "last_status": d.last_status,
             "last_error": d.last_error, "created_at": iso(d.created_at), "finished_at": iso(d.finished_at),
-            "next_attempt_at": iso(d.next_attempt_at) if d.state == PENDING else None,
+            "next_attempt_at": iso(d.next_attempt_at) if d.state == DeliveryState.PENDING else None,
             "tries": attempts or []}
 
 
@@ -93,9 +85,10 @@ def recent_failures(limit=20, now=None):
     """Failed user batches and Bouncer batches that failed, were rejected or abandoned, newest
     first: {"at", "what", "id", "check_type", "status", "reason"}."""
     now = now or utcnow()
-    users = (UserBatch.select().where(UserBatch.status == BATCH_FAILED)
+    users = (UserBatch.select().where(UserBatch.status == BatchState.FAILED)
              .order_by(UserBatch.completed_at.desc(nulls="last"), UserBatch.id.desc()).limit(limit))
-    bouncer = (BouncerBatch.select().where(BouncerBatch.status.in_((FAILED, REJECTED, ABANDONED)))
+    failed = (BouncerBatchState.FAILED, BouncerBatchState.REJECTED, BouncerBatchState.ABANDONED)
+    bouncer = (BouncerBatch.select().where(BouncerBatch.status.in_(failed))
                .order_by(BouncerBatch.finished_at.desc(nulls="last"), BouncerBatch.id.desc()).limit(limit))
     failures = [{"at": b.completed_at, "what": "user batch", "id": b.id, "check_type": b.check_type,
                  "status": b.status, "reason": b.failure_reason} for b in users]
@@ -125,6 +118,7 @@ def delivery_of(batch_id):
         return None
     return {"event": delivery.event, "state": delivery.state, "attempts": delivery.attempts,
             "last_status": delivery.last_status, "last_error": delivery.last_error,
-            "next_attempt_at": delivery.next_attempt_at.isoformat() + "Z" if delivery.state == PENDING else None,
+            "next_attempt_at": (delivery.next_attempt_at.isoformat() + "Z"
+                                if delivery.state == DeliveryState.PENDING else None),
             "webhook_id": delivery.message_id}
 

@@ -21,15 +21,14 @@ from peewee import fn
 from bouncer.errors import NotFound
 from bouncer.queue.outcomes import count_outcomes_of, iso, status_object
 from bouncer.reading.activity import delivery_of
-from bouncer.states import (
-    QUEUED,
-    ROW_STATES,
-    SENT,
-)
+from bouncer.states import SENT, RowState
 from bouncer.store.database import database
 from bouncer.store.models import QueuedEmail, RidingRows, UserBatch, UserBatchEmail
 
 Row = UserBatchEmail
+# A row's states as the console shows them, a queued row riding on a Bouncer batch as `sent`.
+SHOWN_ROW_STATES = (RowState.NEW, RowState.QUEUED, SENT, RowState.DONE, RowState.INVALID, RowState.FAILED,
+                    RowState.CANCELLED)
 RESULT_COLUMNS = ("email", "status", "reason", "score", "accept_all", "disposable", "free", "role",
                   "disabled", "full_mailbox", "provider")
 
@@ -109,8 +108,8 @@ def row_states(batch_id):
                  .group_by(Row.status).tuples())
     found[SENT] = (RidingRows.select(fn.COALESCE(fn.SUM(RidingRows.rows), 0))
                    .where(RidingRows.batch_id == batch_id).scalar())
-    found[QUEUED] = found.get(QUEUED, 0) - found[SENT]
-    return {state: found.get(state, 0) for state in ROW_STATES}
+    found[RowState.QUEUED] = found.get(RowState.QUEUED, 0) - found[SENT]
+    return {state: found.get(state, 0) for state in SHOWN_ROW_STATES}
 
 
 RESULTS_PAGE_SQL = (

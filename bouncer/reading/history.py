@@ -16,7 +16,7 @@ import datetime
 from peewee import fn
 
 from bouncer.names import CHECK_TYPES
-from bouncer.states import COMPLETED
+from bouncer.states import BouncerBatchState
 from bouncer.store.database import dialect, utcnow
 from bouncer.store.models import BouncerBatch, RateLimitTracker
 
@@ -87,7 +87,7 @@ def step_expression(column, start, step):
 def verified_counts(batches, check_type, start, step, points):
     counts = [0] * points
     for b in batches:
-        if b.check_type == check_type and b.status == COMPLETED and b.finished_at > start:
+        if b.check_type == check_type and b.status == BouncerBatchState.COMPLETED and b.finished_at > start:
             counts[min(points - 1, step_of(b.finished_at, start, step))] += b.quantity
     return counts
 
@@ -95,7 +95,7 @@ def verified_counts(batches, check_type, start, step, points):
 def results_delays(batches, start, step, points):
     delays = [None] * points
     for b in batches:
-        if b.status == COMPLETED and b.bouncer_completed_at is not None and b.finished_at > start:
+        if b.status == BouncerBatchState.COMPLETED and b.bouncer_completed_at is not None and b.finished_at > start:
             index = min(points - 1, step_of(b.finished_at, start, step))
             delay = max(0.0, (b.finished_at - b.bouncer_completed_at).total_seconds())
             delays[index] = round(max(delays[index] or 0.0, delay), 1)

@@ -14,28 +14,18 @@ from bouncer.queue import line
 from bouncer.queue.ledger import count_in_flight, count_outstanding, count_possible_orphans
 from bouncer.queue.outcomes import iso
 from bouncer.queue.ratelimit import requests_in_window
-from bouncer.states import (
-    ABANDONED,
-    BATCH_STATES,
-    COMPLETED,
-    DELIVERED,
-    FAILED,
-    GIVEN_UP,
-    NO_TARGET,
-    OUTSTANDING,
-    PENDING,
-    REJECTED,
-)
+from bouncer.states import BatchState, BouncerBatchState, DeliveryState
 from bouncer.store.database import utcnow
 from bouncer.store.models import BouncerBatch, QueuedEmail, RidingRows, UserBatch, UserBatchEmail, WebhookDelivery
 
 Row = UserBatchEmail
 # Ledger states of a Bouncer batch that Bouncer accepted (and charged for), and that ended.
-CHARGED_STATES = (OUTSTANDING, COMPLETED, FAILED)
-ENDED_STATES = (COMPLETED, FAILED, REJECTED, ABANDONED)
+CHARGED_STATES = (BouncerBatchState.OUTSTANDING, BouncerBatchState.COMPLETED, BouncerBatchState.FAILED)
+ENDED_STATES = (BouncerBatchState.COMPLETED, BouncerBatchState.FAILED, BouncerBatchState.REJECTED,
+                BouncerBatchState.ABANDONED)
 
 
-DELIVERY_STATES = (PENDING, DELIVERED, GIVEN_UP, NO_TARGET)
+
 
 
 def queue_overview(settings, now=None):
@@ -101,9 +91,9 @@ def ledger_totals(today):
         if status in CHARGED_STATES:
             t["credits_spent_total"] += addresses or 0
             t["credits_spent_today"] += today_addresses or 0
-        if status == COMPLETED:
+        if status == BouncerBatchState.COMPLETED:
             t["emails_verified_total"] = addresses or 0
-        if status == ABANDONED:
+        if status == BouncerBatchState.ABANDONED:
             t["possible_orphans"] = batches
         if status in ENDED_STATES:
             t["batches_ended"][status] = batches
@@ -113,14 +103,14 @@ def ledger_totals(today):
 def count_user_batches():
     """{status: user batches}, every status named."""
     found = dict(UserBatch.select(UserBatch.status, fn.COUNT(UserBatch.id)).group_by(UserBatch.status).tuples())
-    return {status: found.get(status, 0) for status in BATCH_STATES}
+    return {status: found.get(status, 0) for status in BatchState}
 
 
 def count_deliveries():
     """{state: webhook deliveries}, every state named."""
     found = dict(WebhookDelivery.select(WebhookDelivery.state, fn.COUNT(WebhookDelivery.id))
                  .group_by(WebhookDelivery.state).tuples())
-    return {state: found.get(state, 0) for state in DELIVERY_STATES}
+    return {state: found.get(state, 0) for state in DeliveryState}
 
 
 def rq_backlog(redis):

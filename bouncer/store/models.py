@@ -27,7 +27,7 @@ from peewee import (
 )
 
 from bouncer.names import CHECK_TYPES
-from bouncer.states import PENDING, RESERVED
+from bouncer.states import BouncerBatchState, DeliveryState
 from bouncer.store.database import database
 
 
@@ -80,7 +80,7 @@ class EmailGlobal(BaseModel):
 class BouncerBatch(BaseModel):
     """The ledger: one row per attempt to create a Bouncer batch, written before the call."""
     check_type = TextField()
-    status = TextField(default=RESERVED)
+    status = TextField(default=BouncerBatchState.RESERVED)
     bouncer_id = TextField(null=True, unique=True)
     quantity = IntegerField()
     reserved_at = DateTimeField()
@@ -226,7 +226,7 @@ class WebhookDelivery(BaseModel):
     message_id = TextField(unique=True)    # webhook-id: the same on every attempt
     payload = TextField()                  # the JSON body, as of the ending
     url = TextField(null=True)             # where it went (the batch's callback_url or WEBHOOK_URL)
-    state = TextField(default=PENDING)
+    state = TextField(default=DeliveryState.PENDING)
     attempts = IntegerField(default=0)
     next_attempt_at = DateTimeField()
     lease_until = DateTimeField(null=True)  # an attempt under way until then

@@ -24,7 +24,7 @@ from bouncer.errors import Conflict, InputError, MalformedInput, NotFound
 from bouncer.names import CHECK_TYPES
 from bouncer.reading.batches import batch_status, iter_results, recent_batches, results_csv
 from bouncer.services import batches
-from bouncer.states import BATCH_STATES
+from bouncer.states import BatchState
 from bouncer.store.database import utcnow
 from bouncer.store.models import IdempotencyKey, UserBatch
 from bouncer.web.context import bouncer_app
@@ -62,7 +62,7 @@ class StatusObject(Schema):
     batch_id = Integer()
     user_id = String()
     check_type = String(metadata={"enum": list(CHECK_TYPES)})
-    status = String(metadata={"enum": list(BATCH_STATES)})
+    status = String(metadata={"enum": list(BatchState)})
     total = Integer()
     done = Integer()
     counts = Nested(Counts)

@@ -39,7 +39,7 @@ from bouncer.reading.health import service_state
 from bouncer.reading.history import DEFAULT_HOURS, WINDOWS, chart_series
 from bouncer.reading.overview import rq_backlog
 from bouncer.services import batches
-from bouncer.states import BATCH_STATES, ENDED_BATCH_STATES
+from bouncer.states import ENDED_BATCH_STATES, BatchState
 from bouncer.store.database import utcnow
 from bouncer.web.charts import line_chart
 from bouncer.web.context import bouncer_app, started_at
@@ -145,7 +145,7 @@ def overview():
         "console/overview.html", state=state, overview=state["overview"], redis=redis_figures(),
         charts=charts(chart_series(settings, hours, now)), hours=hours, windows=sorted(WINDOWS),
         batches=page, next_before=next_before, filters={"user": user_id or "", "status": status or ""},
-        statuses=BATCH_STATES, ledger=activity.recent_bouncer_batches(now=now),
+        statuses=list(BatchState), ledger=activity.recent_bouncer_batches(now=now),
         failures=activity.recent_failures(now=now), deliveries=activity.recent_deliveries(),
         audit=audit.recent_audit(), check_types=CHECK_TYPES)
 
@@ -260,8 +260,8 @@ def batch_filters():
 
 def status_filter():
     status = request.args.get("status", "").strip()
-    if status and status not in BATCH_STATES:
-        abort(400, "status must be one of %s" % ", ".join(BATCH_STATES))
+    if status and status not in list(BatchState):
+        abort(400, "status must be one of %s" % ", ".join(BatchState))
     return status or None
 
 

@@ -7,7 +7,7 @@ import threading
 import time
 
 from bouncer.doors.loading import create_user_batch
-from bouncer.states import QUEUED
+from bouncer.states import RowState
 from bouncer.store.database import database, utcnow
 from bouncer.store.models import UserBatchEmail
 from support.soak.records import Errors
@@ -159,4 +159,4 @@ class Submitter(threading.Thread):
 
 def queued_rows():
     with database.connection_context():
-        return UserBatchEmail.select().where(UserBatchEmail.status == QUEUED).count()
+        return UserBatchEmail.select().where(UserBatchEmail.status == RowState.QUEUED).count()

@@ -14,7 +14,7 @@ import redis as redis_lib
 from peewee import fn
 from rq import Worker
 
-from bouncer.states import IN_FLIGHT_STATES, PENDING_STATES
+from bouncer.states import IN_FLIGHT_STATES, RowState
 from bouncer.store.database import database
 from bouncer.store.models import BouncerBatch, RateLimitTracker, UserBatch, UserBatchEmail
 from support import invariants
@@ -101,7 +101,7 @@ class Checker:
 
 def pending_rows():
     with database.connection_context():
-        return UserBatchEmail.select().where(UserBatchEmail.status.in_(PENDING_STATES)).count()
+        return UserBatchEmail.select().where(UserBatchEmail.status.in_((RowState.NEW, RowState.QUEUED))).count()
 
 
 class RequestLog:
