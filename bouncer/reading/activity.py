@@ -5,6 +5,8 @@ import datetime
 import logging
 from urllib.parse import urlsplit
 
+from peewee import fn
+
 from bouncer.queue.outcomes import iso
 from bouncer.states import IN_FLIGHT_STATES, BatchState, BouncerBatchState, DeliveryState
 from bouncer.store.database import utcnow
@@ -112,13 +114,21 @@ def shown_url(url):
 
 def delivery_of(batch_id):
     """The latest delivery for a user batch, as the status views show it; None if it has none."""
-    delivery = (WebhookDelivery.select().where(WebhookDelivery.batch_id == batch_id)
-                .order_by(WebhookDelivery.id.desc()).first())
-    if delivery is None:
-        return None
+    return deliveries_of_batches([batch_id]).get(batch_id)
+
+
+def deliveries_of_batches(batch_ids):
+    """{user batch id: its latest delivery, as the status views show it}, in one query."""
+    if not batch_ids:
+        return {}
+    latest = (WebhookDelivery.select(fn.MAX(WebhookDelivery.id))
+              .where(WebhookDelivery.batch_id.in_(batch_ids)).group_by(WebhookDelivery.batch_id))
+    return {d.batch_id: shown_delivery(d) for d in WebhookDelivery.select().where(WebhookDelivery.id.in_(latest))}
+
+
+def shown_delivery(delivery):
     return {"event": delivery.event, "state": delivery.state, "attempts": delivery.attempts,
             "last_status": delivery.last_status, "last_error": delivery.last_error,
             "next_attempt_at": (delivery.next_attempt_at.isoformat() + "Z"
                                 if delivery.state == DeliveryState.PENDING else None),
             "webhook_id": delivery.message_id}
-

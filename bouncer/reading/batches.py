@@ -20,7 +20,7 @@ from peewee import fn
 
 from bouncer.errors import NotFound
 from bouncer.queue.outcomes import count_outcomes_of, iso, status_object
-from bouncer.reading.activity import delivery_of
+from bouncer.reading.activity import deliveries_of_batches, delivery_of
 from bouncer.states import SENT, RowState
 from bouncer.store.database import database
 from bouncer.store.models import QueuedEmail, RidingRows, UserBatch, UserBatchEmail
@@ -70,13 +70,19 @@ def select_batches(limit, user_id=None, status=None, before=None):
     return query
 
 
-def page_of_batches(limit=20, user_id=None, status=None, before=None):
-    """(status objects of the latest user batches, newest first; the `before` of the next page,
-    or None when there is none)."""
+def page_of_batches(limit=20, user_id=None, status=None, before=None, with_webhooks=False):
+    """(status objects of the latest user batches, newest first, each with its latest webhook
+    delivery when asked; the `before` of the next page, or None when there is none). A few
+    queries for the whole page, whatever its size."""
     batches = list(select_batches(limit + 1, user_id, status, before))
     shown = batches[:limit]
     counts = count_outcomes_of(shown)
-    return [status_object(b, counts[b.id]) for b in shown], shown[-1].id if len(batches) > limit else None
+    page = [status_object(b, counts[b.id]) for b in shown]
+    if with_webhooks:
+        latest = deliveries_of_batches([b.id for b in shown])
+        for answer in page:
+            answer["webhook"] = latest.get(answer["batch_id"])
+    return page, shown[-1].id if len(batches) > limit else None
 
 
 def pending_counts(batches):

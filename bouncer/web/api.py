@@ -7,9 +7,7 @@ counting rows and hashing the request on the way; whatever refuses the request a
 many rows, no valid address, a reused Idempotency-Key) removes what was written, so a refused
 request leaves nothing visible.
 """
-import datetime
 import hashlib
-import hmac
 import json
 import logging
 from urllib.parse import urlsplit
@@ -18,15 +16,16 @@ from apiflask import APIBlueprint, Schema, abort
 from apiflask.fields import Dict, Integer, List, Nested, String
 from flask import Response, request, stream_with_context, url_for
 
+from bouncer.doors.admission import SLICE
 from bouncer.doors.loading import MAX_REPORTED_INVALID, Loader, chunks
 from bouncer.doors.reader import JsonBatch, read_stream
 from bouncer.errors import Conflict, InputError, MalformedInput, NotFound
 from bouncer.names import CHECK_TYPES
-from bouncer.reading.batches import batch_status, iter_results, recent_batches, results_csv
-from bouncer.services import batches
+from bouncer.reading.batches import batch_status, get_user_batch, iter_results, page_of_batches, results_csv
+from bouncer.services import batches, idempotency
 from bouncer.states import BatchState
 from bouncer.store.database import utcnow
-from bouncer.store.models import IdempotencyKey, UserBatch
+from bouncer.web.auth import bearer_token, token_matches
 from bouncer.web.context import bouncer_app
 
 log = logging.getLogger(__name__)
@@ -34,9 +33,7 @@ log = logging.getLogger(__name__)
 DESCRIPTION = ("Submit lists of addresses to verify, follow them, fetch their results. Batches are "
                "verified by the queue in large, cheap batches at Bouncer; when one ends, a Standard "
                "Webhooks signed POST goes to its callback_url (or WEBHOOK_URL).")
-IDEMPOTENCY_KEPT = datetime.timedelta(hours=24)
 MAX_KEY = 200
-SLICE = 5000
 blueprint = APIBlueprint("api", __name__, url_prefix="/api/v1", tag="Batches")
 
 
@@ -156,17 +153,10 @@ def authenticate():
     settings = bouncer_app().settings
     if not settings.api_tokens:
         abort(503, "the HTTP API is off: set API_TOKENS to turn it on")
-    token = bearer_token()
-    # Every token is compared, in constant time, whatever matched first.
-    matched = [hmac.compare_digest(token.encode(), t.encode()) for t in settings.api_tokens] if token else []
-    if not any(matched):
+    token = bearer_token(request.headers.get("Authorization"))
+    if not token_matches(token, settings.api_tokens):
         abort(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
     request.token_digest = hashlib.sha256(token.encode()).hexdigest()
-
-
-def bearer_token():
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 # -- routes --
@@ -195,8 +185,9 @@ def submit(query):
                                 "headers": {"X-Batch-Status": {"schema": {"type": "string"}}}},
                           **errors(404)})
 def results(batch_id, query):
-    batch = UserBatch.get_or_none(UserBatch.id == batch_id)
-    if batch is None:
+    try:
+        batch = get_user_batch(batch_id)
+    except NotFound:
         abort(404)
     csv_wanted = query.get("format") == "csv" or (
         query.get("format") is None and request.accept_mimetypes.best == "text/csv")
@@ -214,9 +205,9 @@ def results(batch_id, query):
 @blueprint.doc(summary="User batches, newest first", security="BearerAuth")
 def list_batches(query):
     limit = max(1, min(query.get("limit", 50), 500))
-    page = recent_batches(limit=limit + 1, user_id=query.get("user_id"), before=query.get("before"))
-    batches = [batch_status(b["batch_id"]) for b in page[:limit]]
-    return {"batches": batches, "next_before": page[limit - 1]["batch_id"] if len(page) > limit else None}
+    page, next_before = page_of_batches(limit, user_id=query.get("user_id"), before=query.get("before"),
+                                        with_webhooks=True)
+    return {"batches": page, "next_before": next_before}
 
 
 @blueprint.post("/batches/<int:batch_id>/cancel")
@@ -362,29 +353,19 @@ class Submission:
     def replay(self, digest):
         """A request already answered under this key: the same batch (200), or 409 for another
         request. Removes what this one wrote."""
-        earlier = IdempotencyKey.get_or_none((IdempotencyKey.token_digest == request.token_digest)
-                                             & (IdempotencyKey.key == self.key)
-                                             & (IdempotencyKey.created_at > utcnow() - IDEMPOTENCY_KEPT))
+        earlier = idempotency.answered_before(request.token_digest, self.key, utcnow())
         if earlier is None:
             return None
         self.remove()
-        if earlier.request_digest != digest:
+        request_digest, batch_id, lines = earlier
+        if request_digest != digest:
             raise Refused(409, "Idempotency-Key was used for another request in the last 24 h")
-        return submitted(earlier.batch_id, json.loads(earlier.invalid_lines), stored=True), 200, {
-            "Location": url_for("api.status", batch_id=earlier.batch_id)}
+        return submitted(batch_id, lines, stored=True), 200, {"Location": url_for("api.status", batch_id=batch_id)}
 
     def remember_key(self, digest):
-        """Inside the transaction that makes the batch visible: two requests racing with one key
-        cannot both succeed (the unique index refuses the second)."""
-        if self.key is None:
-            return
-        IdempotencyKey.delete().where((IdempotencyKey.token_digest == request.token_digest)
-                                      & (IdempotencyKey.key == self.key)
-                                      & (IdempotencyKey.created_at <= utcnow() - IDEMPOTENCY_KEPT)).execute()
-        IdempotencyKey.create(token_digest=request.token_digest, key=self.key, request_digest=digest,
-                              batch_id=self.loader.batch_id,
-                              invalid_lines=json.dumps(invalid_lines(self.loader.invalid_examples)),
-                              created_at=utcnow())
+        if self.key is not None:
+            idempotency.remember(request.token_digest, self.key, digest, self.loader.batch_id,
+                                 invalid_lines(self.loader.invalid_examples), utcnow())
 
     def remove(self):
         if self.loader is not None and self.loader.summary is None:
@@ -393,7 +374,7 @@ class Submission:
 
 
 def submitted(batch_id, examples, stored=False):
-    batch = UserBatch.get_by_id(batch_id)
+    batch = get_user_batch(batch_id)
     return {"batch_id": batch_id, "accepted": batch.total - batch.invalid, "invalid": batch.invalid,
             "duplicates": batch.duplicates,
             "invalid_lines": examples if stored else invalid_lines(examples)}

@@ -9,7 +9,6 @@ time); a scrape that cannot read the database answers 503, so Prometheus marks t
 """
 import calendar
 import datetime
-import hmac
 import logging
 
 from apiflask import APIBlueprint, abort
@@ -20,6 +19,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from bouncer.reading.health import describe_error, service_state
 from bouncer.reading.overview import rq_backlog
+from bouncer.web.auth import bearer_token, token_matches
 from bouncer.web.context import bouncer_app, started_at
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,7 @@ def authenticate():
     expected = bouncer_app().settings.metrics_token
     if not expected:
         return
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    given = token.strip() if scheme.lower() == "bearer" else ""
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    if not token_matches(bearer_token(request.headers.get("Authorization")), (expected,)):
         abort(401, "missing or wrong bearer token (METRICS_TOKEN)", headers={"WWW-Authenticate": "Bearer"})
 
 
