@@ -41,13 +41,7 @@ from bouncer.store.bulk import bulk_insert
 from bouncer.store.database import database, dialect, open_database, utcnow
 from bouncer.store.migrations import create_schema, move_rows_into_line
 from bouncer.store.models import (
-    BouncerBatch,
-    BouncerBatchEmail,
-    DeliverableResult,
-    EmailGlobal,
-    QueuedEmail,
-    RidingRows,
-    UserBatch,
+    BouncerBatch, BouncerBatchEmail, DeliverableResult, EmailGlobal, QueuedEmail, RidingRows, UserBatch,
     UserBatchEmail,
 )
 from scripts import endtoend, workloads

@@ -21,15 +21,8 @@ import re
 
 import requests
 from peewee import (
-    CompositeKey,
-    DatabaseProxy,
-    DateTimeField,
-    ForeignKeyField,
-    IntegerField,
-    Model,
-    PostgresqlDatabase,
-    TextField,
-    fn,
+    CompositeKey, DatabaseProxy, DateTimeField, ForeignKeyField, IntegerField, Model, PostgresqlDatabase,
+    TextField, fn,
 )
 from playhouse.db_url import connect
 

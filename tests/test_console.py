@@ -9,15 +9,7 @@ from dataclasses import replace
 import pytest
 from clirun import invoke
 from conftest import API_KEY, addresses, submit
-from operating import (
-    API_TOKEN,
-    CALLBACK_SECRET,
-    PASSWORD,
-    basic,
-    busy_queue,
-    operator_app,
-    secrets_of,
-)
+from operating import API_TOKEN, CALLBACK_SECRET, PASSWORD, basic, busy_queue, operator_app, secrets_of
 
 from bouncer.app import App
 from bouncer.cycles.runner import run_cycle

@@ -13,13 +13,7 @@ from bouncer.queue.ledger import count_possible_orphans, reserve_next_batch
 from bouncer.states import SENT, BouncerBatchState, RowState
 from bouncer.store.database import database, utcnow
 from bouncer.store.models import (
-    BouncerBatch,
-    BouncerBatchEmail,
-    DeliverableResult,
-    EmailGlobal,
-    QueuedEmail,
-    RidingRows,
-    UserBatch,
+    BouncerBatch, BouncerBatchEmail, DeliverableResult, EmailGlobal, QueuedEmail, RidingRows, UserBatch,
     UserBatchEmail,
 )
 

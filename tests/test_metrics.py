@@ -20,13 +20,7 @@ from bouncer.queue.pauses import pause
 from bouncer.queue.ratelimit import forget_old_requests
 from bouncer.store.database import database, open_database, utcnow
 from bouncer.store.models import (
-    BouncerBatch,
-    JobRun,
-    RateLimitTracker,
-    UserBatch,
-    UserBatchEmail,
-    WebhookAttempt,
-    WebhookDelivery,
+    BouncerBatch, JobRun, RateLimitTracker, UserBatch, UserBatchEmail, WebhookAttempt, WebhookDelivery,
 )
 from bouncer.web import create_web_app
 from bouncer.web.metrics import epoch

@@ -15,12 +15,7 @@ from bouncer.sandbox.simulator import verdict_for
 from bouncer.states import SENT, BouncerBatchState, RowState
 from bouncer.store.database import utcnow
 from bouncer.store.models import (
-    BouncerBatch,
-    BouncerBatchEmail,
-    CatchallResult,
-    DeliverableResult,
-    EmailGlobal,
-    UserBatch,
+    BouncerBatch, BouncerBatchEmail, CatchallResult, DeliverableResult, EmailGlobal, UserBatch,
     UserBatchEmail,
 )
 

@@ -18,12 +18,7 @@ from bouncer.reading.batches import batch_status
 from bouncer.states import DeliveryState
 from bouncer.store.database import utcnow
 from bouncer.store.models import (
-    DeliverableResult,
-    EmailGlobal,
-    UserBatch,
-    UserBatchEmail,
-    WebhookAttempt,
-    WebhookDelivery,
+    DeliverableResult, EmailGlobal, UserBatch, UserBatchEmail, WebhookAttempt, WebhookDelivery,
 )
 from support.receiver import Receiver
 

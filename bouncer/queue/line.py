@@ -21,9 +21,7 @@ from bouncer.store.models import FifoCounter, QueuedEmail, RidingRows, UserBatch
 log = logging.getLogger(__name__)
 
 Row = UserBatchEmail
-
 Line = QueuedEmail
-
 Riding = RidingRows
 
 

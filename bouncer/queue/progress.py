@@ -12,12 +12,7 @@ from peewee import SQL, Case, fn
 from bouncer.errors import Conflict
 from bouncer.queue import outbox
 from bouncer.queue.line import (
-    batches_of_bouncer_batch,
-    is_one_of,
-    leave_line,
-    leave_line_of_batch,
-    not_admitted,
-    riding_rows,
+    batches_of_bouncer_batch, is_one_of, leave_line, leave_line_of_batch, not_admitted, riding_rows,
 )
 from bouncer.states import ENDED_BATCH_STATES, BatchState, RowState
 from bouncer.store.bulk import among, chunked
@@ -25,9 +20,7 @@ from bouncer.store.database import utcnow, write_transaction
 from bouncer.store.models import QueuedEmail, RidingRows, UserBatch, UserBatchEmail
 
 Row = UserBatchEmail
-
 Line = QueuedEmail
-
 Riding = RidingRows
 
 

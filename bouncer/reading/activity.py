@@ -10,14 +10,7 @@ from peewee import fn
 from bouncer.queue.outcomes import iso
 from bouncer.states import IN_FLIGHT_STATES, BatchState, BouncerBatchState, DeliveryState
 from bouncer.store.database import utcnow
-from bouncer.store.models import (
-    BouncerBatch,
-    RidingRows,
-    UserBatch,
-    UserBatchEmail,
-    WebhookAttempt,
-    WebhookDelivery,
-)
+from bouncer.store.models import BouncerBatch, RidingRows, UserBatch, UserBatchEmail, WebhookAttempt, WebhookDelivery
 
 Row = UserBatchEmail
 

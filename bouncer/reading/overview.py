@@ -25,9 +25,6 @@ ENDED_STATES = (BouncerBatchState.COMPLETED, BouncerBatchState.FAILED, BouncerBa
                 BouncerBatchState.ABANDONED)
 
 
-
-
-
 def queue_overview(settings, now=None):
     """Per check type: emails waiting to be admitted, queued and in flight, Bouncer batches in
     flight against the cap, credits spent (today, UTC, and ever), emails verified, Bouncer

@@ -16,16 +16,8 @@ from bouncer.cycles.runner import run_until_quiet
 from bouncer.cycles.triggers import trigger_webhook_sender
 from bouncer.logs import ids
 from bouncer.names import (
-    CHECK_TYPES,
-    CREATION,
-    CYCLE_QUEUE,
-    SENDER_LOCK,
-    STATUS,
-    WEBHOOK_QUEUE,
-    WEBHOOK_SENDER,
-    CycleKind,
-    job_id,
-    job_intervals,
+    CHECK_TYPES, CREATION, CYCLE_QUEUE, SENDER_LOCK, STATUS, WEBHOOK_QUEUE, WEBHOOK_SENDER, CycleKind,
+    job_id, job_intervals,
 )
 from bouncer.news import webhooks
 from bouncer.reading.health import describe_error

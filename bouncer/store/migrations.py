@@ -1,12 +1,5 @@
-"""The schema: created by `init-db`, or upgraded in place from an earlier release.
-
-The two tables a host application writes, `user_batches` and `user_batch_emails`, are defined
-here in SQL, because their contract lives in the database: every column but the few a host
-gives has a database-side default (`created_at` is the current UTC time whatever the server's
-time zone; a batch and its rows start `new`), and the database refuses what breaks the contract
-(an unknown check type, an empty user id, a repeated position, a row of a batch that does not
-exist). The view `user_batch_results` is what `results` prints, one row per submitted row.
-The queue's own tables are created by Peewee from bouncer/models.py.
+"""The schema created by `init-db`, or an earlier release's upgraded in place (schema.py holds
+this release's definitions).
 
 Versions (table `schema_version`): 1, the first release (`user_batches.user`, no defaults, rows
 numbered from 0); 2, the host tables with their defaults and checks, a row `sent` while it rides
@@ -22,20 +15,8 @@ import logging
 from bouncer.store.database import database, dialect, write_transaction
 from bouncer.store.models import INTERNAL_MODELS, FifoCounter, SchemaVersion
 from bouncer.store.schema import (
-    CHECKS,
-    INDEXES,
-    NEW_ROW_CHECK,
-    NEW_ROW_RULE,
-    RESULTS_VIEW,
-    ROWS_FILLFACTOR,
-    SQLITE_TRIGGERS,
-    UNADMITTED_INDEX,
-    USER_BATCH_EMAILS,
-    USER_BATCHES,
-    VERSION,
-    create_all,
-    current_version,
-    host_triggers,
+    CHECKS, INDEXES, NEW_ROW_CHECK, NEW_ROW_RULE, RESULTS_VIEW, ROWS_FILLFACTOR, SQLITE_TRIGGERS,
+    UNADMITTED_INDEX, USER_BATCH_EMAILS, USER_BATCHES, VERSION, create_all, current_version, host_triggers,
     render,
 )
 

@@ -16,15 +16,7 @@ ledger (`RidingRows`); one whose batch is rejected or abandoned goes back in lin
 what schema version 2 wrote for a riding row; no row is in it any more.)
 """
 
-from peewee import (
-    CompositeKey,
-    DateTimeField,
-    FloatField,
-    ForeignKeyField,
-    IntegerField,
-    Model,
-    TextField,
-)
+from peewee import CompositeKey, DateTimeField, FloatField, ForeignKeyField, IntegerField, Model, TextField
 
 from bouncer.names import CHECK_TYPES
 from bouncer.states import BouncerBatchState, DeliveryState

@@ -26,7 +26,7 @@ from bouncer.services import batches, idempotency
 from bouncer.states import BatchState
 from bouncer.store.database import utcnow
 from bouncer.web.auth import bearer_token, token_matches
-from bouncer.web.context import bouncer_app
+from bouncer.web.context import batch_status_or_404, bouncer_app
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def authenticate():
 @blueprint.output(StatusObject)
 @blueprint.doc(summary="One user batch's status", security="BearerAuth", responses=errors(404))
 def status(batch_id):
-    return status_or_404(batch_id)
+    return batch_status_or_404(batch_id)
 
 
 @blueprint.post("/batches")
@@ -223,13 +223,6 @@ def cancel(batch_id):
     except Conflict as exc:
         abort(409, str(exc))
     return batch_status(batch_id)
-
-
-def status_or_404(batch_id):
-    try:
-        return batch_status(batch_id)
-    except NotFound:
-        abort(404)
 
 
 def json_lines(rows):

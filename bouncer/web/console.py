@@ -17,15 +17,7 @@ import logging
 from itertools import islice
 
 from apiflask import APIBlueprint, HTTPBasicAuth, abort
-from flask import (
-    Response,
-    flash,
-    redirect,
-    render_template,
-    request,
-    stream_with_context,
-    url_for,
-)
+from flask import Response, flash, redirect, render_template, request, stream_with_context, url_for
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from markupsafe import Markup
 
@@ -34,7 +26,7 @@ from bouncer.masking import mask_secrets
 from bouncer.names import CHECK_TYPES
 from bouncer.queue import audit, pauses
 from bouncer.reading import activity
-from bouncer.reading.batches import batch_status, iter_results, page_of_batches, results_csv, row_states
+from bouncer.reading.batches import iter_results, page_of_batches, results_csv, row_states
 from bouncer.reading.health import service_state
 from bouncer.reading.history import DEFAULT_HOURS, WINDOWS, chart_series
 from bouncer.reading.overview import rq_backlog
@@ -42,7 +34,7 @@ from bouncer.services import batches
 from bouncer.states import ENDED_BATCH_STATES, BatchState
 from bouncer.store.database import utcnow
 from bouncer.web.charts import line_chart
-from bouncer.web.context import bouncer_app, started_at
+from bouncer.web.context import batch_status_or_404, bouncer_app, started_at
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +144,7 @@ def overview():
 
 @blueprint.get("/batches/<int:batch_id>")
 def batch(batch_id):
-    status = status_or_404(batch_id)
+    status = batch_status_or_404(batch_id)
     preview = list(islice(iter_results(batch_id), PREVIEW_ROWS))
     return render_template(
         "console/batch.html", batch=status, rows=row_states(batch_id), preview=preview,
@@ -162,7 +154,7 @@ def batch(batch_id):
 
 @blueprint.get("/batches/<int:batch_id>/results.csv")
 def batch_results(batch_id):
-    status_or_404(batch_id)
+    batch_status_or_404(batch_id)
     secrets = bouncer_app().settings.secrets()
     # Pieces end at row boundaries, so each is masked whole.
     pieces = (mask_secrets(piece, secrets) for piece in results_csv(iter_results(batch_id)))
@@ -292,13 +284,6 @@ def form_text(name):
     if len(text) > MAX_TEXT:
         abort(400, "%s: at most %d characters" % (name, MAX_TEXT))
     return text
-
-
-def status_or_404(batch_id):
-    try:
-        return batch_status(batch_id)
-    except NotFound:
-        abort(404)
 
 
 # -- template filters --

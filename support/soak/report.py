@@ -10,13 +10,7 @@ from bouncer.store.models import BouncerBatch, UserBatch, UserBatchEmail
 from support import invariants
 from support.soak.records import iso
 from support.soak.settings import (
-    CHECK_TYPES,
-    DRAIN_LIMIT,
-    FIFO_SAME_CYCLE,
-    INVARIANTS,
-    MAX_OUTSTANDING,
-    RATE_LIMIT_BUFFER,
-    SERVICE_NAMES,
+    CHECK_TYPES, DRAIN_LIMIT, FIFO_SAME_CYCLE, INVARIANTS, MAX_OUTSTANDING, RATE_LIMIT_BUFFER, SERVICE_NAMES,
 )
 
 RULE = "=" * 78

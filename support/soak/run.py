@@ -15,29 +15,13 @@ from support.processes import ROOT, Supervisor
 from support.soak.records import Output, Violations
 from support.soak.report import database_counts, leaked_secrets, report
 from support.soak.settings import (
-    CHECK_EVERY,
-    COMMAND_LIMIT,
-    DEFAULTED_SETTINGS,
-    DRAIN_LIMIT,
-    HTTP_TIMEOUT,
-    KILL_GRACE,
-    KILL_POLL,
-    PROCESSING_SECONDS,
-    SERVICE_SETTINGS,
-    SLOW_SECONDS,
-    STARTUP_LIMIT,
-    STOP_GRACE,
-    SUBMIT_SHARE,
+    CHECK_EVERY, COMMAND_LIMIT, DEFAULTED_SETTINGS, DRAIN_LIMIT, HTTP_TIMEOUT, KILL_GRACE, KILL_POLL,
+    PROCESSING_SECONDS, SERVICE_SETTINGS, SLOW_SECONDS, STARTUP_LIMIT, STOP_GRACE, SUBMIT_SHARE,
 )
 from support.soak.stores import claimed_redis, fresh_database
 from support.soak.traffic import Submitter
 from support.soak.watching import (
-    Checker,
-    HealthSampler,
-    WorkerKiller,
-    ledger_history_peaks,
-    recorded_budget_peak,
-    rows_accounted_for,
+    Checker, HealthSampler, WorkerKiller, ledger_history_peaks, recorded_budget_peak, rows_accounted_for,
 )
 from support.waiting import WaitFailed
 

@@ -20,13 +20,7 @@ from bouncer.store.models import BouncerBatch, RateLimitTracker, UserBatch, User
 from support import invariants
 from support.soak.records import Errors, iso
 from support.soak.settings import (
-    CHECK_TYPES,
-    FIFO_SAME_CYCLE,
-    HEALTH_EVERY,
-    HTTP_TIMEOUT,
-    MAX_OUTSTANDING,
-    RATE_LIMIT_BUFFER,
-    STOP_GRACE,
+    CHECK_TYPES, FIFO_SAME_CYCLE, HEALTH_EVERY, HTTP_TIMEOUT, MAX_OUTSTANDING, RATE_LIMIT_BUFFER, STOP_GRACE,
 )
 
 
