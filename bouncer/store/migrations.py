@@ -42,15 +42,15 @@ def create_schema():
 
 
 def upgrade_from(version):
+    """Versions 1 to 3 are brought to 4 in one step each; from 4 on, each version's step runs in
+    turn (STEPS), each in a transaction of its own that also records the version it reached."""
     log.warning("Upgrading the schema from version %d to %d", version, VERSION)
-    if version == 3:
-        upgrade_from_3()
-    elif version == 2:
-        upgrade_from_2()
-    elif dialect().name == "postgres":
-        upgrade_postgres_from_1()
-    else:
-        upgrade_sqlite_from_1()
+    if version < 4:
+        TO_VERSION_4[version]()
+    for reached in range(max(version, 4) + 1, VERSION + 1):
+        with write_transaction():
+            STEPS[reached]()
+            SchemaVersion.update(version=reached).execute()
 
 
 def upgrade_from_2():
@@ -60,13 +60,20 @@ def upgrade_from_2():
         upgrade_queue_tables()
         database.execute_sql('DROP INDEX IF EXISTS "user_batch_emails_fifo"')
         upgrade_rows_table()
-        SchemaVersion.update(version=VERSION).execute()
+        SchemaVersion.update(version=4).execute()
 
 
 def upgrade_from_3():
     with write_transaction():
         upgrade_rows_table()
-        SchemaVersion.update(version=VERSION).execute()
+        SchemaVersion.update(version=4).execute()
+
+
+def upgrade_from_1():
+    if dialect().name == "postgres":
+        upgrade_postgres_from_1()
+    else:
+        upgrade_sqlite_from_1()
 
 
 def upgrade_rows_table():
@@ -205,5 +212,10 @@ def finish_upgrade():
     upgrade_rows_table()
     last = database.execute_sql("SELECT COALESCE(MAX(fifo_order), 0) FROM user_batches").fetchone()[0]
     FifoCounter.create(last=last)
-    SchemaVersion.create(version=VERSION)
+    SchemaVersion.create(version=4)
 
+
+
+TO_VERSION_4 = {1: upgrade_from_1, 2: upgrade_from_2, 3: upgrade_from_3}
+# {version: the step that brings a database from the version before it to this one}
+STEPS = {}
