@@ -1,20 +1,20 @@
 """The places the service leans on a library's internals, one test each: the checklist for a
 version bump. A test here failing after an upgrade names the place to look at.
 
-- peewee: `ForeignKeyField(_deferred=True)` makes no constraint (bouncer/models.py Reference);
-  `Database.rollback` is what `atomic()` calls on an error (bouncer/db.py RollbackOnlyWhenOpen),
+- peewee: `ForeignKeyField(_deferred=True)` makes no constraint (bouncer/store/models.py Reference);
+  `Database.rollback` is what `atomic()` calls on an error (bouncer/store/database.py RollbackOnlyWhenOpen),
   and sqlite3's `in_transaction` / psycopg2's `closed` say whether one is still open.
 - rq: `HerokuWorker.request_stop_sigrtmin` runs in the horse when the worker is asked to stop,
-  `imminent_shutdown_delay` is its grace, `fork_work_horse` forks it (bouncer/worker.py).
+  `imminent_shutdown_delay` is its grace, `fork_work_horse` forks it (bouncer/runtime/worker.py).
 - rq-scheduler: `Scheduler.scheduled_jobs_key`, `enqueue_jobs`, `remove_lock`, `register_death`
-  and `job.meta["interval"]` (bouncer/schedule.py).
+  and `job.meta["interval"]` (bouncer/runtime/schedule.py).
 - waitress: `HTTPChannel.parser_class`, `HTTPRequestParser.parse_header` / `received` with
   `command`, `path`, `headers`, `content_length`, `adj.max_request_body_size`, and
   `RequestEntityTooLarge.to_response`; a server's `channel_class` (bouncer/web/server.py).
-- werkzeug: `LimitedStream.read(0)` is taken for a client that hung up (bouncer/web/api.py
+- werkzeug: `LimitedStream.read(0)` is taken for a client that hung up (bouncer/web/submission.py
   HashingStream answers it itself).
 - APIFlask: `spec_processor` (the submit body's three forms) and a schema registered once when
-  it is also nested (bouncer/web/api.py ListedBatch).
+  it is also nested (bouncer/web/schemas.py ListedBatch).
 - urllib3: the prefix of its connection errors, cut from messages (bouncer/client.py root_reason).
 - email-validator: an address with a dot-atom ASCII local part is valid exactly when its domain
   is (bouncer/addresses.py PLAIN_ADDRESS); checked against the library over fuzzed addresses in

@@ -1,0 +1,207 @@
+"""One POST /api/v1/batches: the body streams into a loading batch through the very Loader
+`submit` uses, counting rows and hashing the request on the way; whatever refuses the request at
+the end (too many rows, no valid address, a reused Idempotency-Key) removes what was written, so a
+refused request leaves nothing visible."""
+
+import hashlib
+import logging
+from urllib.parse import urlsplit
+
+from apiflask import abort
+from flask import request, url_for
+
+from bouncer.doors.admission import SLICE
+from bouncer.doors.loading import MAX_REPORTED_INVALID, Loader, chunks
+from bouncer.doors.reader import JsonBatch, read_stream
+from bouncer.errors import InputError, MalformedInput
+from bouncer.names import CHECK_TYPES
+from bouncer.reading.batches import get_user_batch
+from bouncer.services import idempotency
+from bouncer.store.database import utcnow
+
+log = logging.getLogger(__name__)
+
+MAX_KEY = 200
+
+
+class Refused(Exception):
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class Submission:
+    """One POST /api/v1/batches: stream the body into a loading batch, then decide."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.rows = 0
+        self.loader = None
+        self.problems = []             # (status, message), the first of each kind kept
+        self.digest = hashlib.sha256()
+        self.key = request.headers.get("Idempotency-Key")
+
+    def run(self):
+        if self.key is not None and not 0 < len(self.key) <= MAX_KEY:
+            abort(422, "Idempotency-Key must be 1 to %d characters" % MAX_KEY)
+        self.digest.update(("%s\n%s\n%s\n" % (request.path, canonical_query(), request.mimetype)).encode())
+        try:
+            fields, rows = self.read_body()
+            self.load(fields, rows)
+            return self.decide(fields)
+        except Refused as refused:
+            self.remove()
+            abort(refused.status, str(refused))
+        except BaseException:
+            self.remove()
+            raise
+
+    def read_body(self):
+        stream = HashingStream(request.stream, self.digest)
+        kind = request.mimetype
+        if kind == "application/json":
+            body = JsonBatch(stream)
+            try:
+                body.read_fields()
+            except MalformedInput as exc:
+                raise Refused(400, str(exc)) from None
+            return body.fields, self.json_rows(body)
+        if kind in ("text/plain", "text/csv"):
+            form = "csv" if kind == "text/csv" else "text"
+            return dict(request.args), read_stream("body", stream, form=form)
+        raise Refused(415 if kind else 400, "send application/json, text/plain or text/csv")
+
+    def json_rows(self, body):
+        try:
+            yield from body.emails()
+            body.finish()
+        except MalformedInput as exc:
+            raise Refused(400, str(exc)) from None
+
+    def load(self, fields, rows):
+        """Every row is counted; rows are written only while the request can still succeed."""
+        self.loader = self.start_loader(fields)
+        try:
+            for chunk in chunks(rows, SLICE):
+                self.rows += len(chunk)
+                if self.rows > self.settings.api_max_emails:
+                    self.note(413, "more than API_MAX_EMAILS (%d) rows" % self.settings.api_max_emails)
+                if self.loader is not None and not self.problems:
+                    self.loader.write(chunk)
+        except MalformedInput as exc:
+            raise Refused(400, str(exc)) from None
+        except InputError as exc:
+            self.note(422 if self.rows <= self.settings.api_max_emails else 413, str(exc))
+
+    def start_loader(self, fields):
+        user_id, check_type = fields.get("user_id"), fields.get("check_type")
+        if user_id is None or (isinstance(user_id, str) and not user_id.strip()):
+            return self.note(422, "user_id is required")
+        if not isinstance(user_id, str) or not isinstance(check_type, (str, type(None))):
+            return self.note(422, "user_id and check_type must be strings")
+        if check_type is None:
+            return self.note(422, "check_type is required: one of %s" % ", ".join(CHECK_TYPES))
+        try:
+            return Loader(user_id, check_type, source="api")
+        except InputError as exc:
+            return self.note(422, str(exc))
+
+    def note(self, status, message):
+        self.problems.append((status, message))
+
+    def decide(self, fields):
+        # In JSON, callback_url may come after the emails: it is known only now.
+        callback_url = fields.get("callback_url")
+        if callback_url is not None:
+            problem = callback_url_problem(callback_url, self.settings)
+            if problem:
+                self.note(422, problem)
+        if self.problems:
+            # When several apply, 413 wins; otherwise the first found.
+            status, message = max(self.problems, key=lambda p: p[0] == 413)
+            raise Refused(status, message)
+        try:
+            self.loader.check_has_valid_row()
+        except InputError as exc:
+            raise Refused(422, str(exc)) from None
+        digest = self.digest.hexdigest()
+        if self.key is not None:
+            replay = self.replay(digest)
+            if replay is not None:
+                return replay
+        summary = self.loader.finish(before_visible=lambda: self.remember_key(digest), callback_url=callback_url)
+        body = submitted(summary.batch_id, summary.invalid_examples)
+        return body, 201, {"Location": url_for("api.status", batch_id=summary.batch_id)}
+
+    def replay(self, digest):
+        """A request already answered under this key: the same batch (200), or 409 for another
+        request. Removes what this one wrote."""
+        earlier = idempotency.answered_before(request.token_digest, self.key, utcnow())
+        if earlier is None:
+            return None
+        self.remove()
+        request_digest, batch_id, lines = earlier
+        if request_digest != digest:
+            raise Refused(409, "Idempotency-Key was used for another request in the last 24 h")
+        return submitted(batch_id, lines, stored=True), 200, {"Location": url_for("api.status", batch_id=batch_id)}
+
+    def remember_key(self, digest):
+        if self.key is not None:
+            idempotency.remember(request.token_digest, self.key, digest, self.loader.batch_id,
+                                 invalid_lines(self.loader.invalid_examples), utcnow())
+
+    def remove(self):
+        if self.loader is not None and self.loader.summary is None:
+            self.loader.remove()
+            self.loader.summary = False
+
+
+def submitted(batch_id, examples, stored=False):
+    batch = get_user_batch(batch_id)
+    return {"batch_id": batch_id, "accepted": batch.total - batch.invalid, "invalid": batch.invalid,
+            "duplicates": batch.duplicates,
+            "invalid_lines": examples if stored else invalid_lines(examples)}
+
+
+def invalid_lines(examples):
+    return [{"line": line, "email": text, "error": problem}
+            for line, text, problem in examples[:MAX_REPORTED_INVALID]]
+
+
+def callback_url_problem(url, settings):
+    if not isinstance(url, str):
+        return "callback_url must be a string"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "callback_url must be an http or https URL with a host"
+    if not settings.webhook_secret:
+        return "callback_url needs WEBHOOK_SECRET to be set on the service (webhooks are signed)"
+    return None
+
+
+def canonical_query():
+    return "&".join("%s=%s" % (k, v) for k, v in sorted(request.args.items(multi=True)))
+
+
+class HashingStream:
+    """A binary stream that feeds what is read through a digest (the Idempotency-Key's request
+    hash is taken while the body streams in)."""
+
+    def __init__(self, stream, digest):
+        self.stream, self.digest = stream, digest
+
+    def read(self, size=-1):
+        if size == 0:   # ijson probes with read(0), which werkzeug takes for a hang-up
+            return b""
+        data = self.stream.read(size)
+        self.digest.update(data)
+        return data
+
+    def readline(self, size=-1):
+        data = self.stream.readline(size)
+        self.digest.update(data)
+        return data
+
+    def __iter__(self):
+        return iter(self.readline, b"")
+
