@@ -312,7 +312,7 @@ def queue_write_floors(url, batches=15, batch=10000):
 
 
 RESULT_NAMES = tuple(name for name, _ in RESULT_COLUMNS)
-# The ids of the rows riding on one Bouncer batch (as bouncer/progress.py reads them).
+# The ids of the rows riding on one Bouncer batch (as bouncer/queue/line.py reads them).
 RIDING_IDS = {True: "SELECT json_array_elements_text(row_ids::json)::int FROM riding_rows WHERE bouncer_batch_id = %s",
               False: "SELECT j.value FROM riding_rows, json_each(riding_rows.row_ids) j WHERE bouncer_batch_id = ?"}
 

@@ -1,7 +1,7 @@
 """Cycle locks: one creation cycle and one status cycle per check type at a time, whatever the
 number of workers. A Redis lock with a short expiry, renewed by a thread while its holder works,
 so a holder killed with -9 frees it within LOCK_TIMEOUT seconds. A renewal that fails sets
-`lost`, which the cycle reads between its steps (see cycles.Cycle.stop_reason)."""
+`lost`, which the cycle reads between its steps (see runner.Cycle.stop_reason)."""
 
 import logging
 import threading

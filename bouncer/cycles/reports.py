@@ -36,7 +36,7 @@ class CreationReport(CycleReport):
     requeued: int = 0
     abandoned: list = field(default_factory=list)      # (ledger id, addresses): possible orphans
     released: list = field(default_factory=list)       # (ledger id, addresses): a dead cycle's, never sent
-    admission: object = None                           # intake.AdmissionReport
+    admission: object = None                           # admission.AdmissionReport
 
     def done(self):
         parts = ["%s: %d Bouncer batch(es) created (%d addresses)" % (
