@@ -1,7 +1,7 @@
 """Is the service working? The one answer behind /health, `status` and the console, with the
 reasons when it is not.
 
-Degraded when any of these holds (README, "Watching it", states the same thresholds):
+Degraded when any of these holds (docs/operating.md states the same thresholds):
 - the database does not answer, or does not take a write (read-only, full);
 - Redis does not answer (web process only: the CLI's `status` does not ask it);
 - a job has not succeeded for OVERDUE_INTERVALS of its intervals plus GRACE_SECONDS (a job never
