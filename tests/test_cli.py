@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from clirun import invoke
@@ -15,7 +16,7 @@ from bouncer.app import set_current_app
 from bouncer.cli import cli
 from bouncer.cycles.runner import run_cycle
 from bouncer.doors.loading import create_user_batch
-from bouncer.names import CREATION, STATUS
+from bouncer.names import CREATION, STATUS, job_intervals
 from bouncer.sandbox.simulator import build_record
 from bouncer.store.database import database
 from bouncer.store.schema import VERSION
@@ -274,6 +275,25 @@ def test_help_lists_every_command_with_its_summary():
     for name, command in cli.commands.items():
         first_words = " ".join(command.help.split()[:3])
         assert listed.get(name, "").startswith(first_words), name
+
+
+def test_no_command_prints_the_help_and_exits_0():
+    result = invoke([])
+    assert result.exit_code == 0 and result.stdout == invoke(["--help"]).stdout
+
+
+def test_scheduler_help_counts_the_jobs_it_registers():
+    every = SimpleNamespace(batch_create_interval=5, status_check_interval=30)
+    assert len(job_intervals(every)) == 5
+    assert "five repeating jobs" in cli.commands["scheduler"].help
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_exit_130(monkeypatch):
+    def interrupted():
+        raise KeyboardInterrupt
+    monkeypatch.setattr("bouncer.cli.app_from_env", interrupted)
+    result = invoke(["status"])
+    assert (result.exit_code, result.stderr, result.stdout) == (130, "Aborted.\n", "")
 
 
 def test_python_m_bouncer_help_subprocess():

@@ -897,6 +897,12 @@ def test_cli_sandbox_options_come_from_the_dataclass(monkeypatch):
     assert "[env var: SANDBOX_API_KEY]" in " ".join(result.output.split())
 
 
+def test_cli_sandbox_help_never_shows_the_key_from_the_environment():
+    result = invoke(["sandbox", "--help"], env={"SANDBOX_API_KEY": "s3cret-key-123"})
+
+    assert result.exit_code == 0 and "s3cret" not in result.output
+
+
 def test_cli_sandbox_builds_its_options_from_the_command_line(monkeypatch):
     served = []
     monkeypatch.setattr(Sandbox, "serve_forever", lambda box: served.append(box.options))
