@@ -1,16 +1,16 @@
-"""`python -m bouncer <command>`: a thin layer over the library; every command has an example.
+"""`python -m bouncer <command>`: click commands, a thin layer over the library; every command has
+an example.
 
-The command line is read by the standard library's argparse: a command starts without paying
-for a parser library (click took 10-18 ms of each command's imports, measured beside peewee and
-email-validator), and each command imports only what it uses. Expected failures are one line on
-stderr, `Error: ...`, and exit code 1; a command line that does not parse gets argparse's usage
-line and exit code 2.
+Each command imports the modules it uses inside its function, so that a command (and `--help`)
+starts without the libraries of the others. Expected failures are one line on stderr, `Error: ...`,
+and exit code 1 (with `--json`, `{"error": ...}` on stdout too); a command line that does not parse
+gets click's usage error and exit code 2.
 """
-import argparse
 import json
 import os
 import sys
-from textwrap import dedent
+
+import click
 
 from bouncer import __version__
 from bouncer.errors import ConfigError, DatabaseUnavailable, InputError, NotFound
@@ -18,124 +18,39 @@ from bouncer.names import CHECK_TYPES
 
 EXPECTED_ERRORS = (InputError, NotFound, ConfigError, DatabaseUnavailable)
 MAX_INVALID_SHOWN = 5
-COMMANDS = {}   # name -> Command, in the order `--help` lists them
+INTERRUPTED = 130   # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
-class Command:
-    """One command: its function (the docstring is its help, the first line its summary) and
-    its arguments, `(flags, argparse settings)` pairs, or a function giving them when they cost
-    something to build (the sandbox's come from its options' dataclass)."""
+class Command(click.Command):
+    """A command whose expected failures end as one line and exit code 1, never a traceback."""
 
-    def __init__(self, name, run, arguments):
-        self.name, self.run, self.arguments = name, run, arguments
-        self.help = cleandoc(run.__doc__)
-        self.summary = self.help.split("\n\n", 1)[0].replace("\n", " ")
-
-    def add_to(self, subparsers):
-        parser = subparsers.add_parser(self.name, help=shortened(self.summary), description=self.help,
-                                       formatter_class=Formatter)
-        arguments = self.arguments() if callable(self.arguments) else self.arguments
-        for flags, settings in arguments:
-            parser.add_argument(*flags, **settings)
-        parser.set_defaults(command=self)
-        return parser
-
-
-def cleandoc(doc):
-    """A docstring without its indentation (inspect's cleandoc would cost its import, 9 ms)."""
-    first, _, rest = doc.strip("\n").partition("\n")
-    return (first.strip() + "\n" + dedent(rest)).strip()
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("Aborted.", err=True)
+            ctx.exit(INTERRUPTED)
+        except Exception as exc:
+            message = failure_message(exc)
+            if message is None:
+                raise
+            if ctx.params.get("as_json"):
+                # For the program reading --json output: the error on stdout too.
+                click.echo(json.dumps({"error": message}))
+            raise click.ClickException(message) from None
 
 
-class Formatter(argparse.RawDescriptionHelpFormatter):
-    """Help as written in the docstrings, as wide as the terminal. The width is read here, not
-    by argparse's default (which imports shutil for it when any argument is added: 4 ms)."""
+class Commands(click.Group):
+    """The commands, listed in the order they are declared (the order an operator meets them)."""
+    command_class = Command
 
-    def __init__(self, prog, **settings):
-        settings.setdefault("width", terminal_width() - 2)
-        super().__init__(prog, **settings)
-
-
-def terminal_width():
-    try:
-        return int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        pass
-    try:
-        return os.get_terminal_size(sys.__stdout__.fileno()).columns
-    except (AttributeError, OSError, ValueError):
-        return 80
+    def list_commands(self, ctx):
+        return list(self.commands)
 
 
-def command(name, *arguments):
-    """Register the decorated function as the command `name`, taking `arguments`."""
-    def register(run):
-        COMMANDS[name] = Command(name, run, arguments[0] if arguments and callable(arguments[0]) else arguments)
-        return run
-    return register
-
-
-def argument(*flags, **settings):
-    if "help" in settings:
-        settings["help"] = literal(settings["help"])
-    return flags, settings
-
-
-def literal(text):
-    """Help text as argparse prints it: it %-formats help, so a `%` of ours is doubled."""
-    return text.replace("%", "%%")
-
-
-def shortened(summary, width=60):
-    summary = summary if len(summary) <= width else summary[:width - 3].rsplit(" ", 1)[0] + "..."
-    return literal(summary)
-
-
-def build_parser(prog, wanted=None):
-    """The parser; only the command `wanted` gets its arguments built (the others are listed,
-    by name and summary), so that no command pays for building another's."""
-    parser = argparse.ArgumentParser(
-        prog=prog, formatter_class=Formatter,
-        description=cleandoc("""
-            Bouncer verification queue: greedy batches out, verdicts back.
-
-            Settings come from the environment (see README); `.env` is read by honcho."""))
-    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
-    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for name, each in COMMANDS.items():
-        if name == wanted:
-            each.add_to(subparsers)
-        else:
-            subparsers.add_parser(name, help=shortened(each.summary), formatter_class=Formatter)
-    return parser
-
-
-def main(args=None):
-    """Run the command line `args` (sys.argv's when None); exits with the command's code."""
-    skip_unused_postgres_driver()
-    args = sys.argv[1:] if args is None else [str(a) for a in args]
-    prog = "bouncer" if os.path.basename(sys.argv[0]) == "bouncer" else "python -m bouncer"
-    wanted = next((a for a in args if not a.startswith("-")), None)
-    parser = build_parser(prog, wanted if wanted in COMMANDS else None)
-    options = vars(parser.parse_args(args))
-    chosen = options.pop("command", None)
-    if chosen is None:   # no command named: what there is to run
-        parser.print_help()
-        return
-    try:
-        chosen.run(**options)
-    except KeyboardInterrupt:
-        print("Aborted.", file=sys.stderr)
-        sys.exit(130)
-    except Exception as exc:
-        message = str(exc) if isinstance(exc, EXPECTED_ERRORS) else describe_failure(exc)
-        if message is None:
-            raise
-        if options.get("as_json"):
-            # For the program reading --json output: the error on stdout too.
-            print(json.dumps({"error": message}))
-        print("Error: %s" % message, file=sys.stderr)
-        sys.exit(1)
+def failure_message(exc):
+    """The line an expected failure is reported with, or None for a failure nobody expected."""
+    return str(exc) if isinstance(exc, EXPECTED_ERRORS) else describe_failure(exc)
 
 
 def describe_failure(exc):
@@ -167,39 +82,59 @@ def app_from_env():
     return app
 
 
-CHECK_TYPE_CHOICE = argument("--check-type", dest="check_types", action="append", choices=CHECK_TYPES,
-                             help="Check type (repeatable); all of them when omitted.")
-JSON_FLAG = argument("--json", dest="as_json", action="store_true", help="Print one JSON object only.")
+# Help as wide as the terminal up to 120 columns (click's default stops at 80), so that each
+# command's summary in `--help` is cut less.
+HELP_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 120}
 
 
-@command("init-db")
+@click.group(cls=Commands, invoke_without_command=True, context_settings=HELP_SETTINGS)
+@click.version_option(__version__, message="%(prog)s %(version)s")
+@click.pass_context
+def cli(ctx):
+    """Bouncer verification queue: greedy batches out, verdicts back.
+
+    Settings come from the environment (see README); `.env` is read by honcho.
+    """
+    if ctx.invoked_subcommand is None:   # no command named: what there is to run
+        click.echo(ctx.get_help())
+
+
+check_type_option = click.option(
+    "--check-type", "check_types", type=click.Choice(CHECK_TYPES), multiple=True,
+    help="Check type (repeatable); all of them when omitted.")
+
+
+@cli.command("init-db")
 def init_db():
     """Create or migrate the schema; safe to run any number of times.
 
+    \b
     Example: python -m bouncer init-db
     """
     from bouncer.store.migrations import create_schema
     app_from_env()
-    print(create_schema())
+    click.echo(create_schema())
 
 
-@command("release")
+@cli.command()
 def release():
     """The Procfile's release step: create or migrate the schema. In Heroku's release phase
     (DYNO=release.*) it then ends, as Heroku waits for it to; anywhere else (`honcho start`, which
     runs every Procfile line as a process and stops them all when one ends) it stays up, idle,
     until it is stopped, so that the rest of the service keeps running.
 
-    Example: python -m bouncer release     (the Procfile's line: release: python -m bouncer release)
+    \b
+    Example: python -m bouncer release
+    (the Procfile's line: release: python -m bouncer release)
     """
     import signal
 
     from bouncer.store.migrations import create_schema
     app_from_env()
-    print(create_schema(), flush=True)
+    click.echo(create_schema())
     if os.environ.get("DYNO", "").startswith("release"):
         return
-    print("release: schema ready; staying up while the other processes run (Ctrl-C stops)", flush=True)
+    click.echo("release: schema ready; staying up while the other processes run (Ctrl-C stops)")
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
         signal.pause()
@@ -207,15 +142,16 @@ def release():
         pass
 
 
-@command("submit",
-         argument("file", help="The file; `-` reads stdin."),
-         argument("--user", required=True, help="Who the batch belongs to."),
-         argument("--check-type", required=True, choices=CHECK_TYPES),
-         JSON_FLAG)
+@cli.command()
+@click.argument("file")
+@click.option("--user", required=True, help="Who the batch belongs to.")
+@click.option("--check-type", required=True, type=click.Choice(CHECK_TYPES))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object only.")
 def submit(file, user, check_type, as_json):
     """Create one user batch from FILE: one address a line, or a CSV with an `email` column.
     `-` reads stdin.
 
+    \b
     Example: python -m bouncer submit leads.csv --user alice --check-type deliverable
     """
     from bouncer.doors.loading import create_user_batch
@@ -225,26 +161,25 @@ def submit(file, user, check_type, as_json):
     with submit_progress(file) as advance:
         summary = create_user_batch(user, check_type, rows, on_progress=advance, source="cli")
     if as_json:
-        print(json.dumps(summary.as_json()))
+        click.echo(json.dumps(summary.as_json()))
     else:
-        print("batch %s\naccepted %s\ninvalid %s\nduplicates %s" % (
+        click.echo("batch %s\naccepted %s\ninvalid %s\nduplicates %s" % (
             summary.batch_id, summary.accepted, summary.invalid, summary.duplicates))
     for line, text, problem in summary.invalid_examples[:MAX_INVALID_SHOWN]:
-        print("invalid: %s: line %s: %r: %s" % (file, line, text, problem), file=sys.stderr)
+        click.echo("invalid: %s: line %s: %r: %s" % (file, line, text, problem), err=True)
     shown = min(len(summary.invalid_examples), MAX_INVALID_SHOWN)
     if summary.invalid > shown:
-        print("invalid: ... and %d more" % (summary.invalid - shown), file=sys.stderr)
+        click.echo("invalid: ... and %d more" % (summary.invalid - shown), err=True)
 
 
 class submit_progress:
-    """A progress bar on stderr when it is a terminal and the input a regular file (click's, so
-    only a submit at a terminal imports click)."""
+    """A progress bar on stderr when it is a terminal and the input a regular file (whose lines
+    are counted first, for the bar's length); otherwise nothing."""
 
     def __init__(self, file):
         self.bar = None
         if file != "-" and sys.stderr.isatty() and os.path.isfile(file):
-            from click import progressbar
-            self.bar = progressbar(length=count_lines(file), label="submitting", file=sys.stderr)
+            self.bar = click.progressbar(length=count_lines(file), label="submitting", file=sys.stderr)
 
     def __enter__(self):
         if self.bar is None:
@@ -265,13 +200,14 @@ def count_lines(path):
 
 def cycle_command(name, kind, summary):
     """A command running one cycle of `kind` now, the very code the scheduled job runs."""
+    @cli.command(name, help="%s\n\n\b\nExample: python -m bouncer %s --check-type deliverable" % (summary, name))
+    @check_type_option
     def run(check_types):
         from bouncer.cycles.runner import run_cycle
         app = app_from_env()
         for check_type in check_types or CHECK_TYPES:
-            print(run_cycle(app, kind, check_type).summary(), flush=True)
-    run.__doc__ = "%s\n\nExample: python -m bouncer %s --check-type deliverable" % (summary, name)
-    return command(name, CHECK_TYPE_CHOICE)(run)
+            click.echo(run_cycle(app, kind, check_type).summary())
+    return run
 
 
 create_batches = cycle_command("create-batches", "creation",
@@ -280,13 +216,15 @@ check_batches = cycle_command("check-batches", "status", "Run one status cycle n
                               "Bouncer batches, ingest completed ones.")
 
 
-@command("status",
-         argument("batch_id", type=int, nargs="?", help="One user batch's status instead."),
-         argument("--json", dest="as_json", action="store_true", help="Machine-readable output on stdout."))
+@cli.command()
+@click.argument("batch_id", type=int, required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 def status(batch_id, as_json):
     """Progress of user batches, outstanding Bouncer batches, queued emails, rate-limit use, and
-    the jobs' health with the reasons it is degraded (as /health says, Redis aside).
+    the jobs' health with the reasons it is degraded (as /health says, Redis aside). With
+    BATCH_ID, that user batch's status instead.
 
+    \b
     Example: python -m bouncer status 42 --json
     """
     from bouncer.reading.batches import batch_status, recent_batches
@@ -296,13 +234,13 @@ def status(batch_id, as_json):
     with connection():
         if batch_id is not None:
             answer = batch_status(batch_id)
-            print(json.dumps(answer) if as_json else format_batch(answer))
+            click.echo(json.dumps(answer) if as_json else format_batch(answer))
             return
         state = service_state(app.settings)
         overview = dict(state["overview"], status="degraded" if state["reasons"] else "ok",
                         reasons=state["reasons"], jobs=state["jobs"], paused=state["paused"],
                         user_batches=recent_batches())
-    print(json.dumps(overview, indent=2) if as_json else format_overview(overview))
+    click.echo(json.dumps(overview, indent=2) if as_json else format_overview(overview))
 
 
 def format_batch(b):
@@ -341,13 +279,14 @@ def format_overview(o):
     return "\n".join(lines)
 
 
-@command("results",
-         argument("batch_id", type=int),
-         argument("--format", dest="fmt", choices=("csv", "json"), default="csv", help="Default: csv."),
-         argument("-o", "--output", help="Write to this file (complete or not at all) instead of stdout."))
+@cli.command()
+@click.argument("batch_id", type=int)
+@click.option("--format", "fmt", type=click.Choice(("csv", "json")), default="csv", show_default=True)
+@click.option("-o", "--output", help="Write to this file (complete or not at all) instead of stdout.")
 def results(batch_id, fmt, output):
     """One row per submitted row, in submission order, with its verdict.
 
+    \b
     Example: python -m bouncer results 42 --format csv -o results.csv
     """
     from bouncer.reading.batches import get_user_batch, iter_results
@@ -391,36 +330,47 @@ def write_atomically(path, write):
         raise
 
 
-ARGUMENT_TYPES = {"int": int, "float": float, "str": str, "path": str}
+class SandboxCommand(Command):
+    """The sandbox command, whose options are made from SandboxOptions' fields when it is parsed
+    or its help shown, not when the commands are listed: no other command loads its options."""
+
+    def get_params(self, ctx):
+        if not self.params:
+            self.params = sandbox_options()
+        return super().get_params(ctx)
 
 
-def sandbox_arguments():
-    """One argument per field of SandboxOptions (help, kind, range and environment variable in
+CLICK_TYPES = {"int": click.INT, "float": click.FLOAT, "str": click.STRING,
+               "path": click.Path(dir_okay=False)}
+
+
+def sandbox_options():
+    """One option per field of SandboxOptions (help, kind, range and environment variable in
     each field's metadata). Ranges are checked by the dataclass itself, so a value out of range
     is one clean line, as every expected failure."""
     from dataclasses import fields
 
     from bouncer.sandbox.options import SandboxOptions, describe_range, flag_of
-    found = []
-    for f in fields(SandboxOptions):
-        meta, span = f.metadata, describe_range(f)
-        notes = ["Range: %s." % span] if span else []
-        default = f.default
-        if meta["envvar"]:
-            default = os.environ.get(meta["envvar"], default)
-            notes.append("[env var: %s]" % meta["envvar"])
-        if f.default is not None:
-            notes.append("[default: %s]" % f.default)
-        found.append(argument(flag_of(f), dest=f.name, type=ARGUMENT_TYPES[meta["kind"]], default=default,
-                              metavar=meta["kind"].upper(),
-                              help=" ".join([meta["help"]] + notes)))
-    return found
+    return [click.Option([flag_of(f)], **option_settings(f, describe_range(f))) for f in fields(SandboxOptions)]
 
 
-@command("sandbox", sandbox_arguments)
+def option_settings(f, span):
+    """click's settings for the option of field `f`, whose range is `span` in words. A default
+    of None is not shown, so neither is a secret taken from the environment."""
+    meta = f.metadata
+    settings = {"type": CLICK_TYPES[meta["kind"]], "default": f.default,
+                "show_default": f.default is not None,
+                "help": meta["help"] + (" Range: %s." % span if span else "")}
+    if meta["envvar"]:
+        settings.update(envvar=meta["envvar"], show_envvar=True)
+    return settings
+
+
+@cli.command(cls=SandboxCommand)
 def sandbox(**values):
     """A local Bouncer speaking the documented batch API, for running with no account.
 
+    \b
     Example: python -m bouncer sandbox --port 8025 --processing-time 5 --fail-rate 0.02 --seed 7
     """
     from bouncer.logs import setup_logging
@@ -431,36 +381,47 @@ def sandbox(**values):
     Sandbox(options).serve_forever()
 
 
-@command("worker")
+@cli.command()
 def worker():
     """Run an RQ worker on `bouncer-queue` (clean shutdown on SIGTERM, as Heroku and Render send).
 
+    \b
     Example: python -m bouncer worker
     """
     from bouncer.runtime.worker import run_worker
     run_worker(app_from_env())
 
 
-@command("scheduler")
+@cli.command()
 def scheduler():
-    """Register the four repeating jobs (idempotently), then run the scheduler loop.
+    """Register the five repeating jobs (four cycles and the webhook sender), idempotently, then
+    run the scheduler loop.
 
+    \b
     Example: python -m bouncer scheduler
     """
     from bouncer.runtime.schedule import run_scheduler
     run_scheduler(app_from_env())
 
 
-@command("web", argument("--port", type=int, help="Port to serve on; default $PORT or 8000."))
+@cli.command()
+@click.option("--port", type=int, help="Port to serve on; default $PORT or 8000.")
 def web(port):
     """Serve the operator console (/), /metrics, the HTTP API (/api/v1), /health and the Bouncer
     completion callback.
 
+    \b
     Example: PORT=8000 python -m bouncer web
     """
     from bouncer.web.server import serve
     app = app_from_env()
     serve(app, port or app.settings.port)
+
+
+def main():
+    """`bouncer` and `python -m bouncer`: the commands, named as they were called."""
+    skip_unused_postgres_driver()
+    cli.main(prog_name="bouncer" if os.path.basename(sys.argv[0]) == "bouncer" else "python -m bouncer")
 
 
 def skip_unused_postgres_driver():

@@ -6,16 +6,17 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from clirun import invoke
 from conftest import addresses, assert_clean_failure, submit
 
 from bouncer.app import set_current_app
-from bouncer.cli import COMMANDS
+from bouncer.cli import cli
 from bouncer.cycles.runner import run_cycle
 from bouncer.doors.loading import create_user_batch
-from bouncer.names import CREATION, STATUS
+from bouncer.names import CREATION, STATUS, job_intervals
 from bouncer.sandbox.simulator import build_record
 from bouncer.store.database import database
 from bouncer.store.schema import VERSION
@@ -255,22 +256,44 @@ def test_results_bad_format_is_usage_error(app, database_url):
 # -- help --
 
 def test_every_command_help_has_an_example():
-    names = list(COMMANDS)
+    names = list(cli.commands)
     assert {"init-db", "submit", "create-batches", "check-batches", "status", "results",
             "worker", "scheduler", "web", "sandbox"} <= set(names)
     for name in names:
-        assert "Example:" in COMMANDS[name].help, name
+        assert "Example:" in cli.commands[name].help, name
         result = invoke([name, "--help"])
         assert result.exit_code == 0, name
         assert "Example:" in result.output, name
         assert "python -m bouncer %s" % name in " ".join(result.output.split()), name
 
 
-def test_help_lists_every_command():
+def test_help_lists_every_command_with_its_summary():
     result = invoke(["--help"])
     assert result.exit_code == 0
-    for name in COMMANDS:
-        assert name in result.output
+    listed = {line.split()[0]: " ".join(line.split()[1:]) for line in result.output.splitlines()
+              if line.startswith("  ") and line.split()}
+    for name, command in cli.commands.items():
+        first_words = " ".join(command.help.split()[:3])
+        assert listed.get(name, "").startswith(first_words), name
+
+
+def test_no_command_prints_the_help_and_exits_0():
+    result = invoke([])
+    assert result.exit_code == 0 and result.stdout == invoke(["--help"]).stdout
+
+
+def test_scheduler_help_counts_the_jobs_it_registers():
+    every = SimpleNamespace(batch_create_interval=5, status_check_interval=30)
+    assert len(job_intervals(every)) == 5
+    assert "five repeating jobs" in cli.commands["scheduler"].help
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_exit_130(monkeypatch):
+    def interrupted():
+        raise KeyboardInterrupt
+    monkeypatch.setattr("bouncer.cli.app_from_env", interrupted)
+    result = invoke(["status"])
+    assert (result.exit_code, result.stderr, result.stdout) == (130, "Aborted.\n", "")
 
 
 def test_python_m_bouncer_help_subprocess():
@@ -278,7 +301,7 @@ def test_python_m_bouncer_help_subprocess():
     completed = subprocess.run([sys.executable, "-m", "bouncer", "--help"], cwd=ROOT, env=env,
                                capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0, completed.stderr
-    assert "usage: python -m bouncer" in completed.stdout
+    assert "Usage: python -m bouncer" in completed.stdout
     for name in ("init-db", "submit", "status", "results", "create-batches", "check-batches"):
         assert name in completed.stdout
     assert completed.stderr == ""
@@ -296,11 +319,10 @@ def test_a_command_on_sqlite_does_not_load_the_postgres_driver(url, loaded):
     assert completed.stdout.strip() == str(loaded)
 
 
-# Loaded by no command below: a parser library (only `submit` at a terminal loads click, for its
-# progress bar), another command's work (the cycles, Redis, Bouncer's client, the
+# Loaded by no command below: another command's work (the cycles, Redis, Bouncer's client, the
 # web stack, the sandbox itself, the API's JSON reader) or the other database's driver.
 NOT_FOR_THESE_COMMANDS = (
-    "click", "redis", "rq", "rq_scheduler", "requests", "urllib3", "flask", "apiflask", "werkzeug", "jinja2",
+    "redis", "rq", "rq_scheduler", "requests", "urllib3", "flask", "apiflask", "werkzeug", "jinja2",
     "waitress", "prometheus_client", "standardwebhooks", "ijson", "psycopg2",
     "bouncer.client", "bouncer.cycles", "bouncer.runtime", "bouncer.web", "bouncer.reading.history",
     "bouncer.sandbox.server", "bouncer.sandbox.simulator")
@@ -315,9 +337,8 @@ runpy.run_module("bouncer", run_name="__main__", alter_sys=True)
 
 
 @pytest.mark.parametrize("args, loaded, not_loaded", [
-    (["--help"], ["argparse"],
-     ["click", "peewee", "email_validator", "bouncer.store", "bouncer.sandbox.options"]),
-    (["sandbox", "--help"], ["bouncer.sandbox.options"], ["click", "peewee", "email_validator"]),
+    (["--help"], ["click"], ["peewee", "email_validator", "bouncer.store", "bouncer.sandbox.options"]),
+    (["sandbox", "--help"], ["bouncer.sandbox.options"], ["peewee", "email_validator"]),
     (["status", "--json"], ["peewee", "bouncer.reading.overview", "bouncer.reading.health"],
      ["email_validator", "bouncer.doors", "bouncer.cycles.ingest", "bouncer.sandbox.options"]),
     (["submit", "{file}", "--user", "u", "--check-type", "deliverable", "--json"],
@@ -342,14 +363,3 @@ def test_a_command_loads_only_what_it_uses(tmp_path, args, loaded, not_loaded):
     unwanted = set(NOT_FOR_THESE_COMMANDS) | set(not_loaded)
     assert sorted(m for m in modules if any(m == u or m.startswith(u + ".") for u in unwanted)) == []
 
-
-def test_a_help_text_with_a_percent_sign_prints_as_written():
-    import argparse
-
-    from bouncer.cli import Formatter, argument, shortened
-    parser = argparse.ArgumentParser(prog="p", formatter_class=Formatter)
-    flags, settings = argument("--share", help="50% of the requests")
-    parser.add_argument(*flags, **settings)
-    parser.add_subparsers().add_parser("x", help=shortened("100% of it"))
-    shown = parser.format_help()
-    assert "50% of the requests" in shown and "100% of it" in shown

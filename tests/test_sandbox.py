@@ -9,12 +9,13 @@ import time
 from dataclasses import fields
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+import click
 import pytest
 import requests
 from clirun import invoke
 from conftest import assert_clean_failure
 
-from bouncer.cli import COMMANDS, build_parser
+from bouncer.cli import cli
 from bouncer.errors import ConfigError
 from bouncer.sandbox import Sandbox, SandboxOptions, simulator
 
@@ -879,20 +880,27 @@ def test_options_repr_hides_the_key():
 
 def test_cli_sandbox_options_come_from_the_dataclass(monkeypatch):
     monkeypatch.delenv("SANDBOX_API_KEY", raising=False)
-    parser = build_parser("bouncer", "sandbox")
-    command = parser._subparsers._group_actions[0].choices["sandbox"]
-    params = {a.dest: a for a in command._actions if a.dest != "help"}
+    command = cli.commands["sandbox"]
+    with click.Context(command) as ctx:
+        params = {p.name: p for p in command.get_params(ctx) if p is not command.get_help_option(ctx)}
 
     assert list(params) == [f.name for f in fields(SandboxOptions)]
     for f in fields(SandboxOptions):
-        assert params[f.name].option_strings == ["--" + f.name.replace("_", "-")]
+        assert params[f.name].opts == ["--" + f.name.replace("_", "-")]
         assert params[f.name].default == f.default
         assert f.metadata["help"] in params[f.name].help
-    assert "[env var: SANDBOX_API_KEY]" in params["api_key"].help
-    assert COMMANDS["sandbox"].summary.startswith("A local Bouncer")
+    assert params["api_key"].envvar == "SANDBOX_API_KEY"
+    assert command.get_short_help_str().startswith("A local Bouncer")
     result = invoke(["sandbox", "--help"])
     for f in fields(SandboxOptions):
         assert "--" + f.name.replace("_", "-") in result.output
+    assert "[env var: SANDBOX_API_KEY]" in " ".join(result.output.split())
+
+
+def test_cli_sandbox_help_never_shows_the_key_from_the_environment():
+    result = invoke(["sandbox", "--help"], env={"SANDBOX_API_KEY": "s3cret-key-123"})
+
+    assert result.exit_code == 0 and "s3cret" not in result.output
 
 
 def test_cli_sandbox_builds_its_options_from_the_command_line(monkeypatch):
