@@ -310,7 +310,7 @@ def test_python_m_bouncer_help_subprocess():
 @pytest.mark.parametrize("url, loaded", [("sqlite:///x.db", False), ("", False),
                                          ("postgresql://u@127.0.0.1/db", True)])
 def test_a_command_on_sqlite_does_not_load_the_postgres_driver(url, loaded):
-    probe = ("import sys; from bouncer.cli import skip_unused_postgres_driver as skip; skip(); "
+    probe = ("import sys; from bouncer.cli import skip_unused_drivers as skip; skip(); "
              "import peewee; print(peewee.psycopg2 is not None)")
     env = dict(os.environ, DATABASE_URL=url)
     completed = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True,

@@ -1,4 +1,4 @@
-"""The scheduler's registration of the four repeating jobs, the worker's fork hygiene, and the
+"""The scheduler's registration of the five repeating jobs, the worker's fork hygiene, and the
 real processes end to end (scheduler, worker, sandbox)."""
 import contextlib
 import dataclasses

@@ -3,7 +3,7 @@ that ends it (progress.py), so none is missed and none is told twice. The news l
 (news/webhooks.py) delivers them."""
 import json
 import logging
-import secrets
+import os
 
 from bouncer.queue.outcomes import count_outcomes_of, status_object
 from bouncer.store.bulk import among, chunked, insert_tuples
@@ -30,7 +30,7 @@ def record_endings(ended, now):
         for batch in batches:
             event = "batch.%s" % status_of[batch.id]
             payload = {"type": event, "timestamp": timestamp, "data": status_object(batch, counts[batch.id])}
-            rows.append((batch.id, event, "msg_%s" % secrets.token_hex(12),
+            rows.append((batch.id, event, "msg_%s" % os.urandom(12).hex(),
                          json.dumps(payload, separators=(",", ":")), now, now))
         insert_tuples(WebhookDelivery, DELIVERY_COLUMNS, rows)
 

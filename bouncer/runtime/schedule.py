@@ -1,5 +1,5 @@
-"""The scheduler process: registers the four repeating jobs with rq-scheduler, idempotently, then
-runs its loop. Every line that knows about rq-scheduler lives here, so moving to `rq cron` later
+"""The scheduler process: registers the five repeating jobs (four cycles and the webhook sender)
+with rq-scheduler, idempotently, then runs its loop. Every line that knows about rq-scheduler lives here, so moving to `rq cron` later
 touches this one module."""
 
 import contextlib
@@ -204,7 +204,7 @@ def run_scheduler(app):
                 raise
         except RedisError as exc:
             # Redis restarted or failed over: the schedule lives there, so wait and start over;
-            # registration puts the four jobs back if it came back empty.
+            # registration puts the five jobs back if it came back empty.
             log.error("Scheduler %s: Redis unavailable (%s); trying again in %ss",
                       scheduler.name, exc, REDIS_RETRY_INTERVAL)
             time.sleep(REDIS_RETRY_INTERVAL)
