@@ -1,6 +1,6 @@
 """The scheduler process: registers the five repeating jobs (four cycles and the webhook sender)
-with rq-scheduler, idempotently, then runs its loop. Every line that knows about rq-scheduler lives here, so moving to `rq cron` later
-touches this one module."""
+with rq-scheduler, idempotently, then runs its loop. Every line that knows about rq-scheduler
+lives here, so moving to `rq cron` later touches this one module."""
 
 import contextlib
 import datetime
