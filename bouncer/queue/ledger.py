@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from peewee import fn
 
 from bouncer.logs import ids
+from bouncer.names import RESERVATION_LOCK
 from bouncer.queue import line, packing, progress
 from bouncer.states import IN_FLIGHT_STATES, BouncerBatchState
 from bouncer.store.bulk import insert_tuples
@@ -98,7 +99,7 @@ def reserve_next_batch(check_type, batch_size, cache_days, max_outstanding, now=
     with write_transaction():
         # Every reservation of a check type waits here for the one before it to commit, so the
         # count below is the truth even with two cycles running at once (a lost cycle lock).
-        serialize_on("reservation:%s" % check_type)
+        serialize_on(RESERVATION_LOCK % check_type)
         if count_in_flight(check_type) >= max_outstanding:
             return Reservation(None, [], no_slot=True)
         plan = packing.plan_next_batch(check_type, batch_size, cutoff)

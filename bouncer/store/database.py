@@ -17,6 +17,9 @@ SQLITE_PRAGMAS = {
     "synchronous": "normal",
     "foreign_keys": 1,
     "cache_size": -16 * 1024,     # 16 MiB
+    # Deleted rows are overwritten with zeros, so an erased address does not stay readable in
+    # the file's free space (see docs/operating.md, "Personal data", for the write-ahead log).
+    "secure_delete": 1,
 }
 
 
@@ -85,10 +88,11 @@ def write_transaction():
     return dialect().write_transaction(database)
 
 
-def serialize_on(name):
+def serialize_on(name, shared=False):
     """Inside a write transaction: wait for every other transaction serialized on `name`
-    (PostgreSQL: an advisory lock; SQLite: every writer is serialized already)."""
-    dialect().serialize_on(database, name)
+    (PostgreSQL: an advisory lock; SQLite: every writer is serialized already). `shared`: wait
+    only for those that are not shared, so that shared holders run side by side."""
+    dialect().serialize_on(database, name, shared)
 
 
 def lock_rows_for_share(query):
@@ -99,6 +103,13 @@ def lock_rows_for_share(query):
 
 def lock_rows_for_update(query):
     return dialect().for_update(query)
+
+
+def scrub_erased_pages():
+    """After an erasure: no copy of what it deleted is left in the database's files that the
+    database can remove (SQLite: the write-ahead log's old pages). Returns what is left, in words,
+    or None."""
+    return dialect().scrub_erased_pages(database)
 
 
 def let_go_after_fork():

@@ -29,7 +29,7 @@ class Sqlite:
         cannot change before it writes (two writers otherwise both read, then one fails)."""
         return db.atomic("IMMEDIATE")
 
-    def serialize_on(self, db, name):
+    def serialize_on(self, db, name, shared=False):
         """Nothing to do: an IMMEDIATE transaction already serializes every writer."""
 
     def for_share(self, query):
@@ -116,6 +116,17 @@ class Sqlite:
     def let_go_after_fork(self, db):
         """Nothing to do: SQLite's locks belong to the process that took them."""
 
+    def scrub_erased_pages(self, db):
+        """Deleted rows are zeroed in the database file (`secure_delete`), but the write-ahead
+        log keeps older copies of the pages they were on until it is written back and emptied:
+        a checkpoint that truncates it (it waits for readers, up to the busy timeout). Returns
+        None, or why the log could not be emptied."""
+        busy, _, _ = db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            return ("the write-ahead log could not be emptied while other connections read; "
+                    "it is overwritten as the service writes, or run the command again")
+        return None
+
     def empty_tables(self, db, tables):
         for table in tables:
             db.execute_sql("DELETE FROM %s" % quote(table))
@@ -126,11 +137,12 @@ class Postgres:
     def write_transaction(self, db):
         return db.atomic()
 
-    def serialize_on(self, db, name):
+    def serialize_on(self, db, name, shared=False):
         """Inside a write transaction: wait for every other transaction serialized on `name`
-        (a transaction-scoped advisory lock)."""
+        (a transaction-scoped advisory lock); `shared` ones only wait for, and hold off, those
+        that are not."""
         key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-        db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (key,))
+        db.execute_sql("SELECT pg_advisory_xact_lock%s(%%s)" % ("_shared" if shared else ""), (key,))
 
     def for_share(self, query):
         """Lock the rows `query` selects against concurrent updates until the transaction ends."""
@@ -211,6 +223,11 @@ class Postgres:
         does."""
         if not db.is_closed():
             os.close(db.connection().fileno())
+
+    def scrub_erased_pages(self, db):
+        """Nothing a connection can do: a deleted row stays in its page until a vacuum reuses the
+        space, and in the write-ahead log and its archives (docs/operating.md)."""
+        return None
 
     def empty_tables(self, db, tables):
         db.execute_sql("TRUNCATE %s RESTART IDENTITY CASCADE" % ", ".join(quote(t) for t in tables))

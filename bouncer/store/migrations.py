@@ -7,7 +7,7 @@ on a Bouncer batch; 3, the line (`queued_emails`) and the rows riding on Bouncer
 (`riding_rows`) are tables of their own, so a claim no longer rewrites the rows it takes; 4, this
 one: no index of `user_batch_emails` depends on a row's status, and on PostgreSQL its pages keep
 room, so ending a row rewrites it in place (a HOT update) rather than adding an entry to each of
-its indexes.
+its indexes; 5, this one (each feature's statements under its own comment in `upgrade_to_5`).
 """
 
 import logging
@@ -15,7 +15,7 @@ import logging
 from bouncer.store.database import database, dialect, write_transaction
 from bouncer.store.models import INTERNAL_MODELS, FifoCounter, SchemaVersion
 from bouncer.store.schema import (
-    CHECKS, INDEXES, NEW_ROW_CHECK, NEW_ROW_RULE, RESULTS_VIEW, ROWS_FILLFACTOR, SQLITE_TRIGGERS,
+    ADDRESS_INDEX, CHECKS, INDEXES, NEW_ROW_CHECK, NEW_ROW_RULE, RESULTS_VIEW, ROWS_FILLFACTOR, SQLITE_TRIGGERS,
     UNADMITTED_INDEX, USER_BATCH_EMAILS, USER_BATCHES, VERSION, create_all, current_version, host_triggers,
     render,
 )
@@ -216,6 +216,20 @@ def finish_upgrade():
 
 
 
+def upgrade_to_5():
+    """From version 4 (each statement safe to run again)."""
+    # Personal data: a pruned batch keeps its counts; the rows naming an address are found by it.
+    add_column("user_batches", "pruned_at", render("{time}"))
+    add_column("user_batches", "kept_counts", "TEXT")
+    database.execute_sql(ADDRESS_INDEX)
+
+
+def add_column(table, column, kind):
+    """Add a column unless the table has it already."""
+    if column not in {c.name for c in database.get_columns(table)}:
+        database.execute_sql('ALTER TABLE "%s" ADD COLUMN "%s" %s' % (table, column, kind))
+
+
 TO_VERSION_4 = {1: upgrade_from_1, 2: upgrade_from_2, 3: upgrade_from_3}
 # {version: the step that brings a database from the version before it to this one}
-STEPS = {}
+STEPS = {5: upgrade_to_5}

@@ -55,6 +55,8 @@ class UserBatch(BaseModel):
     cancelled_at = DateTimeField(null=True)  # cancel asked for; the batch ends once nothing flies
     source = TextField(null=True)            # cli, api, library; none for a host's own rows
     loader_seen_at = DateTimeField(null=True)  # our loaders' heartbeat while `loading`
+    pruned_at = DateTimeField(null=True)     # its rows were removed after the retention period
+    kept_counts = TextField(null=True)       # its counts as they were then (JSON), for its status
 
     class Meta:
         table_name = "user_batches"

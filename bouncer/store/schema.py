@@ -18,7 +18,7 @@ from bouncer.store.models import ALL_MODELS, INTERNAL_MODELS, FifoCounter, Schem
 log = logging.getLogger(__name__)
 
 
-VERSION = 4
+VERSION = 5
 ROWS_FILLFACTOR = 50
 
 
@@ -83,7 +83,9 @@ CREATE TABLE user_batches (
     callback_url TEXT,
     cancelled_at {time},
     source TEXT,
-    loader_seen_at {time}
+    loader_seen_at {time},
+    pruned_at {time},
+    kept_counts TEXT
 )"""
 
 
@@ -110,12 +112,19 @@ UNADMITTED_INDEX = ("CREATE INDEX IF NOT EXISTS user_batch_emails_unadmitted ON 
                     " WHERE check_type IS NULL")
 
 
+# Erasure and retention: the rows that name an address (does anyone still hold it? which
+# spelling?). It never changes when a row ends, so that update stays in place (HOT).
+ADDRESS_INDEX = ("CREATE INDEX IF NOT EXISTS user_batch_emails_address ON user_batch_emails (email_global_id)"
+                 " WHERE email_global_id IS NOT NULL")
+
+
 INDEXES = [
     "CREATE INDEX user_batches_status ON user_batches (status, id)",
     "CREATE INDEX user_batches_user ON user_batches (user_id, id)",
     "CREATE UNIQUE INDEX user_batch_emails_batch_position ON user_batch_emails (batch_id, position)",
     # Admission: rows nobody has looked at yet.
     UNADMITTED_INDEX,
+    ADDRESS_INDEX,
 ]
 
 
