@@ -21,6 +21,10 @@ class NotFound(Exception):
     """A user batch id that does not exist."""
 
 
+class Gone(Exception):
+    """What was asked for existed and was removed on purpose (rows past the retention period)."""
+
+
 class DatabaseUnavailable(Exception):
     """The database cannot be opened or used; the message names it without secrets."""
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from bouncer.addresses import strip_email_modifiers
 from bouncer.logs import ids
-from bouncer.queue import ledger, line, progress
+from bouncer.queue import ledger, line, progress, spellings
 from bouncer.states import VERDICTS
 from bouncer.store.bulk import among, insert_encoded
 from bouncer.store.database import database, dialect, utcnow, write_transaction
@@ -68,11 +68,12 @@ def read_download(records):
 
 def match_records(ledger_id, download, report):
     """{email_global id: index of its record in the download} for each record of an address
-    this batch sent, and the ids of every address it sent. Bouncer answers with the spelling
-    sent; an address it normalised is matched by its stripped form, looked up only when some
-    record needs it."""
+    this batch sent, the ids of every address it sent, and {email_global id: spelling sent} of
+    the records matched by their stripped form. Bouncer answers with the spelling sent; an
+    address it normalised, or whose spelling an erasure replaced while it flew, is matched by
+    its stripped form, looked up only when some record needs it."""
     by_sent = sent_spellings(ledger_id)
-    verdicts, unmatched = {}, []
+    verdicts, unmatched, respelled = {}, [], {}
     for index, email in enumerate(download.emails):
         global_id = by_sent.get(email)
         if global_id is None:
@@ -81,17 +82,19 @@ def match_records(ledger_id, download, report):
             verdicts[global_id] = index
     if unmatched:
         by_stripped = stripped_addresses(ledger_id)
+        spelling_of = {global_id: spelling for spelling, global_id in by_sent.items()}
         for index in unmatched:
             global_id = by_stripped.get(strip_email_modifiers(download.emails[index]))
             if global_id is None:
                 report.extra += 1
             else:
                 verdicts[global_id] = index
+                respelled[global_id] = spelling_of[global_id]
     report.malformed = download.malformed
     if report.malformed or report.extra:
         log.warning("Bouncer batch %s: %s malformed and %s unexpected records in the download",
                     report.ledger_id, report.malformed, report.extra)
-    return verdicts, set(by_sent.values())
+    return verdicts, set(by_sent.values()), respelled
 
 
 def sent_spellings(ledger_id):
@@ -189,8 +192,10 @@ def ingest_download(ledger_id, download, now=None):
         if batch is None:
             return None
         report = IngestReport(ledger_id)
-        verdicts, sent = match_records(ledger_id, download, report)
+        verdicts, sent, respelled = match_records(ledger_id, download, report)
         upsert_results(batch.check_type, download, verdicts, now, ledger_id)
+        # A stored record names the spelling sent, which a row holds; never one an erasure took.
+        spellings.respell_verdicts(respelled, only_unheld=False, check_types=(batch.check_type,))
         report.missing = progress.fail_sent_rows(
             ledger_id, "not in Bouncer's results for batch %s" % batch.bouncer_id, now, sent - verdicts.keys())
         report.verified = progress.complete_sent_rows(ledger_id, now)

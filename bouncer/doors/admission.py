@@ -26,11 +26,12 @@ from peewee import fn
 
 from bouncer.addresses import strip_email_modifiers, syntax_error
 from bouncer.logs import ids
+from bouncer.names import ADDRESSES_LOCK
 from bouncer.queue import line, progress
 from bouncer.queue.line import take_places
 from bouncer.states import BatchState
 from bouncer.store.bulk import among
-from bouncer.store.database import database, dialect, utcnow, write_transaction
+from bouncer.store.database import database, dialect, serialize_on, utcnow, write_transaction
 from bouncer.store.models import EmailGlobal, UserBatch, UserBatchEmail
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,12 @@ def admit_slice(batch_id, now, limit=SLICE, heartbeat=False, checked=None, after
         else:
             invalid.append((row_id, position, problem))
     with write_transaction():
-        batch = UserBatch.get_by_id(batch_id)
+        # Before any row is written: an erasure removing an address waits for this slice, or
+        # this slice for it, so no row ever names an address removed meanwhile.
+        serialize_on(ADDRESSES_LOCK, shared=True)
+        batch = UserBatch.get_or_none(UserBatch.id == batch_id)
+        if batch is None:   # erased since its rows were read: nothing left to admit
+            return report
         if batch.status == BatchState.CANCELLED:
             report.invalid = progress.cancel_unadmitted(batch, now, [r for r, _, _ in rows])
             return report
@@ -288,7 +294,9 @@ def finish_admission(batch_id, report, now):
                        .where(Row.batch == batch_id).scalar(as_tuple=True))
     with write_transaction():
         UserBatch.update(duplicates=valid - distinct).where(UserBatch.id == batch_id).execute()
-        batch = UserBatch.get_by_id(batch_id)
+        batch = UserBatch.get_or_none(UserBatch.id == batch_id)
+        if batch is None:   # erased meanwhile
+            return
         if valid == 0 and batch.status in (BatchState.QUEUED, BatchState.PROCESSING):
             fail_batch_without_work(batch_id, "no valid address in %d row(s)" % batch.total, report, now)
         else:

@@ -15,7 +15,7 @@ from peewee import SQL, Query, Tuple
 
 from bouncer.states import RowState
 from bouncer.store.bulk import among, chunked, insert_tuples
-from bouncer.store.database import database, dialect
+from bouncer.store.database import database, dialect, lock_rows_for_update
 from bouncer.store.models import FifoCounter, QueuedEmail, RidingRows, UserBatchEmail
 
 log = logging.getLogger(__name__)
@@ -106,10 +106,11 @@ def riding_rows(ledger_id):
 
 
 def riding_rows_of(ledger_ids):
-    """{ledger id: [row ids]} of the rows riding on `ledger_ids` (ids or a subquery)."""
+    """{ledger id: [row ids]} of the rows riding on `ledger_ids` (ids or a subquery), locked
+    until the transaction ends: rows an erasure takes off meanwhile are not put back in line."""
     found = {}
-    for ledger_id, row_ids in (Riding.select(Riding.bouncer_batch, Riding.row_ids)
-                               .where(is_one_of(Riding.bouncer_batch, ledger_ids)).tuples()):
+    query = Riding.select(Riding.bouncer_batch, Riding.row_ids).where(is_one_of(Riding.bouncer_batch, ledger_ids))
+    for ledger_id, row_ids in lock_rows_for_update(query).tuples():
         found.setdefault(ledger_id, []).extend(json.loads(row_ids))
     return found
 
@@ -140,6 +141,37 @@ def requeue_rows_of(ledger_ids, name_attempt=True):
             count += len(back)
     Riding.delete().where(is_one_of(Riding.bouncer_batch, ledger_ids)).execute()
     return count
+
+
+def ledgers_ridden_by(batch_ids):
+    """The ids of the Bouncer batches rows of these user batches ride on."""
+    query = Riding.select(Riding.bouncer_batch).distinct().where(is_one_of(Riding.batch_id, batch_ids))
+    return [ledger_id for (ledger_id,) in query.tuples()]
+
+
+def take_off_batch(batch_id):
+    """Every row of the user batch riding on a Bouncer batch stops riding (its batch is being
+    erased); returns their ids."""
+    taken = Riding.delete().where(Riding.batch_id == batch_id).returning(Riding.row_ids)
+    return [r for (row_ids,) in database.execute_sql(*taken.sql()).fetchall() for r in json.loads(row_ids)]
+
+
+def take_off_rows(batch_id, row_ids):
+    """These rows of the user batch stop riding (they are being erased); the rows riding beside
+    them ride on. Returns the ids that were riding."""
+    doomed, taken = set(row_ids), []
+    for riding_id, ids in Riding.select(Riding.id, Riding.row_ids).where(Riding.batch_id == batch_id).tuples():
+        ids = json.loads(ids)
+        left = [r for r in ids if r not in doomed]
+        if len(left) == len(ids):
+            continue
+        taken += [r for r in ids if r in doomed]
+        if left:
+            (Riding.update(row_ids="[%s]" % ",".join(map(str, left)), rows=len(left))
+             .where(Riding.id == riding_id).execute())
+        else:
+            Riding.delete().where(Riding.id == riding_id).execute()
+    return taken
 
 
 def any_riding_on(ledger_ids):

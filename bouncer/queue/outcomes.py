@@ -1,6 +1,7 @@
 """The status object of a user batch (design.md, "Status object"): what every door shows of it,
 and what a webhook carries. Its counts are of rows, one query per check type for any number of
-batches."""
+batches; a batch whose rows were pruned shows the counts kept when they were removed."""
+import json
 
 from peewee import JOIN, fn
 
@@ -23,7 +24,7 @@ def status_object(batch, counts=None):
         "batch_id": batch.id, "user_id": batch.user_id, "check_type": batch.check_type,
         "status": batch.status, "total": total, "done": total - counts["pending"], "counts": counts,
         "created_at": iso(batch.created_at), "completed_at": iso(batch.completed_at),
-        "failure_reason": batch.failure_reason,
+        "failure_reason": batch.failure_reason, "pruned_at": iso(batch.pruned_at),
     }
 
 
@@ -35,6 +36,10 @@ def count_outcomes(batch):
 def count_outcomes_of(batches):
     """{batch id: {outcome: rows}} of several batches, one query per check type."""
     counts = {b.id: dict.fromkeys(COUNT_KEYS, 0) for b in batches}
+    for batch in batches:
+        if batch.kept_counts is not None:
+            counts[batch.id].update(json.loads(batch.kept_counts))
+    batches = [b for b in batches if b.kept_counts is None]
     for check_type in {b.check_type for b in batches}:
         Result = result_model(check_type)
         query = (Row.select(Row.batch, Row.status, Result.status, fn.COUNT(Row.id))

@@ -12,7 +12,8 @@ from peewee import SQL, Case, fn
 from bouncer.errors import Conflict
 from bouncer.queue import outbox
 from bouncer.queue.line import (
-    batches_of_bouncer_batch, is_one_of, leave_line, leave_line_of_batch, not_admitted, riding_rows,
+    batches_of_bouncer_batch, is_one_of, leave_line, leave_line_of_batch, not_admitted, riding_rows, take_off_batch,
+    take_off_rows,
 )
 from bouncer.states import ENDED_BATCH_STATES, BatchState, RowState
 from bouncer.store.bulk import among, chunked
@@ -110,12 +111,44 @@ def cancel_batch(batch_id, now=None):
             raise Conflict("user batch %s is %s: %s" % (batch_id, batch.status, "it is still being written"
                                                          if batch.status == BatchState.LOADING else "it has ended"))
         batch = UserBatch.get_by_id(batch_id)
-        cancelled = cancel_unadmitted(batch, now)
-        for part in chunked(leave_line_of_batch(batch)):
-            cancelled += (Row.update(status=RowState.CANCELLED, completed_at=now)
-                          .where(among(Row.id, part) & (Row.status == RowState.QUEUED)).execute())
+        cancelled = cancel_waiting_rows(batch, now)
         complete_finished_batches([batch_id], now)
     return cancelled
+
+
+def cancel_waiting_rows(batch, now):
+    """The rows of `batch` not yet sent (not admitted, or in line) end cancelled; returns how
+    many."""
+    cancelled = cancel_unadmitted(batch, now)
+    for part in chunked(leave_line_of_batch(batch)):
+        cancelled += end_cancelled(part, now)
+    return cancelled
+
+
+def cancel_live_rows(batch, now, row_ids=None, end_batch=True):
+    """For an erasure: every pending row of `batch` (of `row_ids`, when given) ends cancelled,
+    those riding on a Bouncer batch too (it flies on without them), and, with `end_batch`, the
+    batch ends if nothing else of it is pending. Inside the transaction and under the locks of
+    an erasure (erasure.py). Returns how many rows were cancelled."""
+    if row_ids is None:
+        cancelled = cancel_waiting_rows(batch, now)
+        riding = take_off_batch(batch.id)
+    else:
+        cancelled = cancel_unadmitted(batch, now, row_ids) + end_cancelled(leave_line(row_ids), now)
+        riding = take_off_rows(batch.id, row_ids)
+    for part in chunked(riding):
+        cancelled += end_cancelled(part, now)
+    if end_batch:
+        complete_finished_batches([batch.id], now)
+    return cancelled
+
+
+def end_cancelled(row_ids, now):
+    """Rows taken out of the line or off their Bouncer batch end cancelled; returns how many."""
+    if not row_ids:
+        return 0
+    return (Row.update(status=RowState.CANCELLED, completed_at=now)
+            .where(among(Row.id, row_ids) & (Row.status == RowState.QUEUED)).execute())
 
 
 def cancel_unadmitted(batch, now, row_ids=None):

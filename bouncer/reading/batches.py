@@ -3,7 +3,7 @@ console and /metrics, so that they never disagree.
 
 - `batch_status(id)`: the status object of one user batch (design.md, "Status object");
 - `iter_results(id)`: its rows in position order, read from the view `user_batch_results`,
-  which is also what a host reads with plain SQL;
+  which is also what a host reads with plain SQL (Gone once they were pruned);
 - `queue_overview(settings)`: per check type, emails and Bouncer batches in their states, the
   request budget, credits spent, possible orphans; user batches and webhook deliveries by state;
 - the console's lists: a page of user batches, one batch's rows, Bouncer batches and webhook
@@ -18,7 +18,7 @@ import io
 
 from peewee import fn
 
-from bouncer.errors import NotFound
+from bouncer.errors import Gone, NotFound
 from bouncer.queue.outcomes import count_outcomes_of, iso, status_object
 from bouncer.reading.activity import deliveries_of_batches, delivery_of
 from bouncer.states import SENT, RowState
@@ -40,6 +40,15 @@ def get_user_batch(batch_id):
     batch = UserBatch.get_or_none(UserBatch.id == batch_id)
     if batch is None:
         raise NotFound("no user batch with id %s" % batch_id)
+    return batch
+
+
+def batch_with_rows(batch_id):
+    """The user batch, whose rows are still there: NotFound, or Gone once they were pruned."""
+    batch = get_user_batch(batch_id)
+    if batch.pruned_at is not None:
+        raise Gone("the rows of user batch %s were removed after the retention period (on %s); its "
+                   "status and counts remain" % (batch_id, batch.pruned_at.date().isoformat()))
     return batch
 
 
@@ -126,7 +135,7 @@ RESULTS_PAGE_SQL = (
 
 def iter_results(batch_id):
     """One dict per submitted row, in position order, read a page at a time from the view."""
-    get_user_batch(batch_id)
+    batch_with_rows(batch_id)
     sql = RESULTS_PAGE_SQL.format(p=database.param)
     after = 0
     while True:
