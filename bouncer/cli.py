@@ -13,10 +13,10 @@ import sys
 import click
 
 from bouncer import __version__
-from bouncer.errors import ConfigError, DatabaseUnavailable, InputError, NotFound
+from bouncer.errors import Conflict, ConfigError, DatabaseUnavailable, Gone, InputError, NotFound
 from bouncer.names import CHECK_TYPES
 
-EXPECTED_ERRORS = (InputError, NotFound, ConfigError, DatabaseUnavailable)
+EXPECTED_ERRORS = (InputError, NotFound, Gone, Conflict, ConfigError, DatabaseUnavailable)
 MAX_INVALID_SHOWN = 5
 INTERRUPTED = 130   # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
@@ -289,11 +289,11 @@ def results(batch_id, fmt, output):
     \b
     Example: python -m bouncer results 42 --format csv -o results.csv
     """
-    from bouncer.reading.batches import get_user_batch, iter_results
+    from bouncer.reading.batches import batch_with_rows, iter_results
     from bouncer.store.database import connection
     app_from_env()
     with connection():
-        get_user_batch(batch_id)  # a wrong id fails before any output is started
+        batch_with_rows(batch_id)  # a wrong id, or pruned rows, fail before any output is started
         if output:
             write_atomically(output, lambda stream: write_results(stream, iter_results(batch_id), fmt))
         else:
@@ -328,6 +328,78 @@ def write_atomically(path, write):
     except BaseException:
         os.unlink(temp)
         raise
+
+
+@cli.command()
+@click.option("--user", "user_id", metavar="USER", help="Erase every user batch of this user.")
+@click.option("--email", "address", metavar="ADDRESS",
+              help="Erase this address in every spelling that strips to the same mailbox.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object only.")
+def forget(user_id, address, as_json):
+    """Erase what the service holds of a person, on request; audited without the erased value.
+
+    --user: every user batch of USER goes, with its rows, webhook deliveries and idempotency
+    records; rows still in line or riding on a Bouncer batch are cancelled first. An address only
+    this user submitted goes with its verdicts; one another user still holds stays, and is sent
+    and stored under a spelling of theirs from then on.
+
+    --email: every row holding ADDRESS, in any spelling that strips to the same mailbox, is
+    blanked in place: it keeps its position, loses its address and ends `failed` with the reason
+    "erased on request", so its batch's positions and counts still add up; the address goes with
+    its verdicts. Pending rows are cancelled first.
+
+    An unknown user or address, or a malformed address: one line, exit 1, nothing erased.
+
+    \b
+    Example: python -m bouncer forget --email Jane.Doe+news@gmail.com
+    """
+    from bouncer.services import erasure
+    from bouncer.store.database import connection
+    if (user_id is None) == (address is None):
+        raise click.UsageError("give --user USER or --email ADDRESS, one of them")
+    app = app_from_env()
+    with connection():
+        if user_id is not None:
+            outcome = erasure.forget_user(app, user_id, who=cli_operator())
+        else:
+            outcome = erasure.forget_email(app, address, who=cli_operator())
+    if as_json:
+        click.echo(json.dumps({"erased": vars(outcome.erased), "audit": outcome.fingerprint, "note": outcome.note}))
+        return
+    click.echo(outcome.summary())
+    click.echo("audit: %s" % (outcome.fingerprint or "kept without a hash (ERASURE_AUDIT_KEY is unset)"))
+    if outcome.note:
+        click.echo("note: %s" % outcome.note, err=True)
+
+
+def cli_operator():
+    """Who ran a command, for the audit log: the login of the process."""
+    import getpass
+    try:
+        return "cli:%s" % getpass.getuser()
+    except (KeyError, OSError):   # no name for this uid (a bare container)
+        return "cli:uid %d" % os.getuid()
+
+
+@cli.command()
+@click.option("--older-than", "days", type=click.IntRange(min=0), metavar="DAYS",
+              help="Days; default RETENTION_DAYS (0 there: rows and verdicts are kept forever).")
+def prune(days):
+    """Remove the rows of user batches that ended more than DAYS ago, keeping each batch's status
+    and counts (its `results` then exit 1 saying so); the verdicts checked that long ago that no
+    row needs; addresses left with no row and no verdict; webhook deliveries ended that long ago;
+    and idempotency records past their 24 h. In short slices, safe beside running cycles: the
+    daily job `retention_pruner` runs the same with RETENTION_DAYS.
+
+    \b
+    Example: python -m bouncer prune --older-than 90
+    """
+    from bouncer.services import erasure
+    from bouncer.store.database import connection
+    app = app_from_env()
+    with connection():
+        report = erasure.prune(app, who=cli_operator(), days=days)
+    click.echo(report.summary())
 
 
 class SandboxCommand(Command):
@@ -394,8 +466,8 @@ def worker():
 
 @cli.command()
 def scheduler():
-    """Register the five repeating jobs (four cycles and the webhook sender), idempotently, then
-    run the scheduler loop.
+    """Register the six repeating jobs (four cycles, the webhook sender, the retention pruner),
+    idempotently, then run the scheduler loop.
 
     \b
     Example: python -m bouncer scheduler

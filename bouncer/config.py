@@ -53,6 +53,7 @@ class Settings:
     reservation_timeout: int = setting("RESERVATION_TIMEOUT", 600, "int", 1, 7 * 86400)
     batch_timeout: int = setting("BATCH_TIMEOUT", 86400, "int", 1, 30 * 86400)
     result_cache_days: int = setting("RESULT_CACHE_DAYS", 30, "int", 0, 3650)
+    retention_days: int = setting("RETENTION_DAYS", 0, "int", 0, 36500)
     catchall_path: str = setting("BOUNCER_CATCHALL_PATH", "/v1.1/email/verify/batch")
     public_url: str | None = setting("PUBLIC_URL", kind="base_url")
     callback_secret: str | None = setting("CALLBACK_SECRET", secret=True)
@@ -68,6 +69,7 @@ class Settings:
     webhook_timeout: int = setting("WEBHOOK_TIMEOUT", 10, "int", 1, 60)
     operator_password: str | None = setting("OPERATOR_PASSWORD", secret=True)
     metrics_token: str | None = setting("METRICS_TOKEN", secret=True)
+    erasure_audit_key: str | None = setting("ERASURE_AUDIT_KEY", secret=True)
 
     def __repr__(self):
         # No secret may reach a log line through a repr: passwords in URLs are masked, secrets
@@ -126,6 +128,7 @@ class Settings:
             raise ConfigError("BOUNCER_CATCHALL_PATH=%r must start with '/'" % self.catchall_path)
         self.check_callback()
         self.check_webhooks()
+        self.check_erasure_key()
         return self
 
     def check_callback(self):
@@ -152,6 +155,15 @@ class Settings:
                               "print('whsec_' + base64.b64encode(os.urandom(32)).decode())\"`")
 
 
+    def check_erasure_key(self):
+        # It is all that stands between an audit entry and a guess at the address it hashes.
+        if self.erasure_audit_key and len(self.erasure_audit_key) < MIN_ERASURE_KEY_LENGTH:
+            raise ConfigError("ERASURE_AUDIT_KEY is shorter than %d characters; make one with "
+                              "`python -c \"import secrets; print(secrets.token_urlsafe(32))\"`"
+                              % MIN_ERASURE_KEY_LENGTH)
+
+
+MIN_ERASURE_KEY_LENGTH = 16
 URL_KINDS = ("url", "base_url")
 URL_SAFE_SECRET = re.compile(r"[A-Za-z0-9._~-]+")
 

@@ -284,8 +284,8 @@ def test_no_command_prints_the_help_and_exits_0():
 
 def test_scheduler_help_counts_the_jobs_it_registers():
     every = SimpleNamespace(batch_create_interval=5, status_check_interval=30)
-    assert len(job_intervals(every)) == 5
-    assert "five repeating jobs" in cli.commands["scheduler"].help
+    assert len(job_intervals(every)) == 6
+    assert "six repeating jobs" in cli.commands["scheduler"].help
 
 
 def test_ctrl_c_in_a_command_is_one_line_and_exit_130(monkeypatch):

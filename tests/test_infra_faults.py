@@ -41,7 +41,7 @@ from support.processes import Supervisor, run_bouncer, service_env
 from support.servers import PostgresCluster, RedisServer, Unavailable
 from support.waiting import wait_until
 
-JOB_IDS = ["batch_creator_catchall", "batch_creator_deliverable",
+JOB_IDS = ["batch_creator_catchall", "batch_creator_deliverable", "retention_pruner",
            "status_checker_catchall", "status_checker_deliverable", "webhook_sender"]
 WAIT = 60                 # seconds: the longest any single wait in this file may take
 REDIS_OUTAGE = 4          # seconds Redis stays down: several scheduler rounds and worker polls
@@ -143,7 +143,7 @@ class Service(Supervisor):
 
     def wait_until_jobs_registered(self, what):
         wait_until(lambda: self.scheduled_ids() == JOB_IDS or self.any_exited(),
-                   "the scheduler to register the five jobs %s" % what, WAIT)
+                   "the scheduler to register the six jobs %s" % what, WAIT)
         self.assert_all_running()
         assert self.scheduled_ids() == JOB_IDS
 
@@ -200,7 +200,7 @@ def test_scheduler_registers_the_jobs_again_after_redis_is_flushed(tmp_path):
 
         service.wait_until_jobs_registered("again after FLUSHALL")
         service.wait_until_completed(service.submit("after-flush"), "after FLUSHALL")
-        # Exactly the five stable ids: registering again never adds a second copy.
+        # Exactly the six stable ids: registering again never adds a second copy.
         assert service.scheduled_ids() == JOB_IDS
         service.assert_all_running()
 
@@ -211,7 +211,7 @@ def test_worker_and_scheduler_ride_out_a_redis_restart(tmp_path):
     cost a few cycles, not the processes.
 
     Decided: both processes stay up and carry on once Redis answers again (empty), the scheduler
-    registers the five jobs again, and a SIGTERM still stops them cleanly while Redis is away.
+    registers the six jobs again, and a SIGTERM still stops them cleanly while Redis is away.
     Exiting non-zero for the platform to restart would also recover, but Heroku restarts a dyno
     that crashes again only after a cool-off of up to 20 minutes, with nothing scheduled
     meanwhile. rq's worker reconnects by itself (backoff 1 s doubling to 60 s) only while it

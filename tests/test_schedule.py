@@ -1,4 +1,4 @@
-"""The scheduler's registration of the five repeating jobs, the worker's fork hygiene, and the
+"""The scheduler's registration of the six repeating jobs, the worker's fork hygiene, and the
 real processes end to end (scheduler, worker, sandbox)."""
 import contextlib
 import dataclasses
@@ -29,7 +29,7 @@ from bouncer.store.database import database
 from support.processes import Supervisor, service_env
 from support.waiting import at_once
 
-JOB_IDS = ["batch_creator_catchall", "batch_creator_deliverable",
+JOB_IDS = ["batch_creator_catchall", "batch_creator_deliverable", "retention_pruner",
            "status_checker_catchall", "status_checker_deliverable", "webhook_sender"]
 
 

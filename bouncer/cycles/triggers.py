@@ -18,7 +18,7 @@ from rq.job import JobStatus
 
 from bouncer.logs import ids
 from bouncer.names import (
-    CALLED_BACK_KEY, CYCLE_QUEUE, JOB_FUNCTIONS, JOB_TIMEOUT, NOW_FAILURE_TTL, NOW_SUFFIX, RUN_AGAIN_KEY,
+    CALLED_BACK_KEY, CYCLE_QUEUE, JOB_FUNCTIONS, JOB_TIMEOUT, NOW_FAILURE_TTL, NOW_SUFFIX, PRUNER, RUN_AGAIN_KEY,
     WEBHOOK_QUEUE, WEBHOOK_SENDER, job_id, lock_key,
 )
 
@@ -62,6 +62,17 @@ def trigger_webhook_sender(redis):
         return False
     queue.enqueue(JOB_FUNCTIONS[WEBHOOK_SENDER], job_id=run_id, job_timeout=JOB_TIMEOUT,
                   failure_ttl=NOW_FAILURE_TTL)
+    return True
+
+
+def trigger_pruner(redis):
+    """Have the pruner run again soon (it stopped at its time bound with work left), behind the
+    cycles already queued, unless such a run is still waiting."""
+    queue = Queue(CYCLE_QUEUE, connection=redis)
+    run_id = PRUNER + NOW_SUFFIX
+    if state_of(queue, run_id) in WAITING:
+        return False
+    queue.enqueue(JOB_FUNCTIONS[PRUNER], job_id=run_id, job_timeout=JOB_TIMEOUT, failure_ttl=NOW_FAILURE_TTL)
     return True
 
 

@@ -3,6 +3,8 @@ them by name (names.JOB_FUNCTIONS); each runs the very cycle the CLI runs (again
 ask), logs what it did, and records its last run for /health. A job is never retried: a failed
 cycle is simply the next cycle's work. `webhook_sender` delivers the webhooks that are due, on
 a queue of its own, so that a receiver that hangs never holds up a cycle's job.
+`retention_pruner` removes, once a day, what RETENTION_DAYS no longer keeps, in short slices,
+for at most PRUNE_BUDGET a run; what it leaves is queued again at once, behind the cycles.
 """
 import logging
 import time
@@ -13,20 +15,22 @@ from rq import get_current_job
 from bouncer.app import current_app
 from bouncer.cycles.locks import CycleLock
 from bouncer.cycles.runner import run_until_quiet
-from bouncer.cycles.triggers import trigger_webhook_sender
+from bouncer.cycles.triggers import trigger_pruner, trigger_webhook_sender
 from bouncer.logs import ids
 from bouncer.names import (
-    CHECK_TYPES, CREATION, CYCLE_QUEUE, SENDER_LOCK, STATUS, WEBHOOK_QUEUE, WEBHOOK_SENDER, CycleKind,
-    job_id, job_intervals,
+    CHECK_TYPES, CREATION, CYCLE_QUEUE, JOB_TIMEOUT, PRUNER, PRUNER_LOCK, SENDER_LOCK, STATUS, WEBHOOK_QUEUE,
+    WEBHOOK_SENDER, CycleKind, job_id, job_intervals,
 )
 from bouncer.news import webhooks
 from bouncer.reading.health import describe_error
+from bouncer.services import erasure
 from bouncer.store.database import connection, utcnow
 from bouncer.store.models import JobRun
 
 log = logging.getLogger(__name__)
 
 JobSpec = namedtuple("JobSpec", "func args interval queue")
+PRUNE_BUDGET = JOB_TIMEOUT * 0.8   # seconds a pruner run works before it leaves the rest to the next
 
 
 def create_batches_job(check_type):
@@ -52,16 +56,33 @@ def send_webhooks_job():
     return summary
 
 
+def prune_job():
+    """Remove what the retention period no longer keeps, one pruner at a time."""
+    app = current_app()
+    started, started_at = time.monotonic(), utcnow()
+    with connection(), CycleLock(app.redis, *PRUNER_LOCK) as held:
+        if not held:
+            return "another pruner is running"
+        report = erasure.prune(app, who=PRUNER, seconds=PRUNE_BUDGET)
+        record_run(PRUNER, started_at=started_at, summary=report.summary(), seconds=time.monotonic() - started)
+    if report.unfinished:
+        trigger_pruner(app.redis)
+    log.info("Job %s done in %.2fs: %s", PRUNER, time.monotonic() - started, report.summary(),
+             extra=ids(job_id=PRUNER))
+    return report.summary()
+
+
 CYCLE_JOBS = {CREATION: create_batches_job, STATUS: check_batches_job}
 
 
 def job_definitions(settings):
-    """{job id: JobSpec} of the repeating jobs: the four cycles and the webhook sender."""
+    """{job id: JobSpec} of the repeating jobs: the four cycles, the webhook sender, the pruner."""
     intervals = job_intervals(settings)
     jobs = {job_id(kind, check_type): JobSpec(CYCLE_JOBS[kind], (check_type,), intervals[job_id(kind, check_type)],
                                               CYCLE_QUEUE)
             for check_type in CHECK_TYPES for kind in CycleKind}
     jobs[WEBHOOK_SENDER] = JobSpec(send_webhooks_job, (), intervals[WEBHOOK_SENDER], WEBHOOK_QUEUE)
+    jobs[PRUNER] = JobSpec(prune_job, (), intervals[PRUNER], CYCLE_QUEUE)
     return jobs
 
 

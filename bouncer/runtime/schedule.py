@@ -1,6 +1,6 @@
-"""The scheduler process: registers the five repeating jobs (four cycles and the webhook sender)
-with rq-scheduler, idempotently, then runs its loop. Every line that knows about rq-scheduler
-lives here, so moving to `rq cron` later touches this one module."""
+"""The scheduler process: registers the six repeating jobs (four cycles, the webhook sender and
+the retention pruner) with rq-scheduler, idempotently, then runs its loop. Every line that
+knows about rq-scheduler lives here, so moving to `rq cron` later touches this one module."""
 
 import contextlib
 import datetime
@@ -14,7 +14,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq_scheduler import Scheduler
 
-from bouncer.names import CYCLE_QUEUE, JOB_PREFIXES, JOB_TIMEOUT, WEBHOOK_SENDER
+from bouncer.names import CYCLE_QUEUE, JOB_PREFIXES, JOB_TIMEOUT, PRUNER, WEBHOOK_SENDER
 from bouncer.runtime.jobs import job_definitions
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def scheduled_jobs(scheduler):
     """{job id: (job, next run as naive UTC)} of our scheduled jobs. rq-scheduler's get_jobs
     also drops entries whose job hash is gone, so those count as missing."""
     return {job.id: (job, when) for job, when in scheduler.get_jobs(with_times=True)
-            if job.id.startswith(tuple(p + "_" for p in JOB_PREFIXES.values())) or job.id == WEBHOOK_SENDER}
+            if job.id.startswith(tuple(p + "_" for p in JOB_PREFIXES.values())) or job.id in (WEBHOOK_SENDER, PRUNER)}
 
 
 def place_job(scheduler, job_id, spec, current, now):
@@ -204,7 +204,7 @@ def run_scheduler(app):
                 raise
         except RedisError as exc:
             # Redis restarted or failed over: the schedule lives there, so wait and start over;
-            # registration puts the five jobs back if it came back empty.
+            # registration puts the six jobs back if it came back empty.
             log.error("Scheduler %s: Redis unavailable (%s); trying again in %ss",
                       scheduler.name, exc, REDIS_RETRY_INTERVAL)
             time.sleep(REDIS_RETRY_INTERVAL)

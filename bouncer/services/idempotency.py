@@ -5,6 +5,7 @@ with one key cannot both make a batch (the unique index refuses the second)."""
 import datetime
 import json
 
+from bouncer.store.database import write_transaction
 from bouncer.store.models import IdempotencyKey
 
 KEPT = datetime.timedelta(hours=24)
@@ -26,3 +27,16 @@ def remember(token_digest, key, request_digest, batch_id, invalid_lines, now):
                                   & (IdempotencyKey.created_at <= now - KEPT)).execute()
     IdempotencyKey.create(token_digest=token_digest, key=key, request_digest=request_digest, batch_id=batch_id,
                           invalid_lines=json.dumps(invalid_lines), created_at=now)
+
+
+def forget_expired(now, slice_size=2000):
+    """Remove the keys past KEPT, a slice per transaction; returns how many."""
+    removed = 0
+    while True:
+        with write_transaction():
+            doomed = (IdempotencyKey.select(IdempotencyKey.id).where(IdempotencyKey.created_at <= now - KEPT)
+                      .limit(slice_size))
+            gone = IdempotencyKey.delete().where(IdempotencyKey.id.in_(doomed)).execute()
+        removed += gone
+        if gone < slice_size:
+            return removed
