@@ -11,9 +11,11 @@ import logging
 from apiflask import APIBlueprint, abort
 from flask import Response, request, stream_with_context
 
-from bouncer.errors import Conflict, NotFound
-from bouncer.reading.batches import batch_status, get_user_batch, iter_results, page_of_batches, results_csv
-from bouncer.services import batches
+from bouncer.errors import Conflict, Gone, NotFound
+from bouncer.reading.batches import (
+    batch_status, batch_with_rows, get_user_batch, iter_results, page_of_batches, results_csv,
+)
+from bouncer.services import batches, erasure
 from bouncer.web.auth import bearer_token, token_matches
 from bouncer.web.context import batch_status_or_404, bouncer_app
 from bouncer.web.schemas import (
@@ -71,12 +73,13 @@ def submit(query):
 @blueprint.doc(summary="One row per submitted row, in position order", security="BearerAuth",
                responses={200: {"description": "JSON list, or CSV with ?format=csv or Accept: text/csv",
                                 "headers": {"X-Batch-Status": {"schema": {"type": "string"}}}},
-                          **errors(404)})
+                          **errors(404, 410)})
 def results(batch_id, query):
+    callers_batch_or_404(batch_id)
     try:
-        batch = get_user_batch(batch_id)
-    except NotFound:
-        abort(404)
+        batch = batch_with_rows(batch_id)
+    except Gone as exc:
+        abort(410, str(exc))
     csv_wanted = query.get("format") == "csv" or (
         query.get("format") is None and request.accept_mimetypes.best == "text/csv")
     rows = iter_results(batch_id)
@@ -111,6 +114,33 @@ def cancel(batch_id):
     except Conflict as exc:
         abort(409, str(exc))
     return batch_status(batch_id)
+
+
+@blueprint.delete("/batches/<int:batch_id>")
+@blueprint.output({}, status_code=204, description="erased")
+@blueprint.doc(summary="Erase a user batch", security="BearerAuth", responses=errors(404, 409),
+               description="The batch, its rows, its webhook deliveries and idempotency records are removed; rows "
+                           "still in line or in flight are cancelled first. An address only this batch held goes "
+                           "with its verdicts. Audited without the erased data. 409 while it is still being "
+                           "written (a submit under way).")
+def erase(batch_id):
+    callers_batch_or_404(batch_id)
+    try:
+        erasure.erase_user_batch(bouncer_app(), batch_id, who="api:token %s" % request.token_digest[:12])
+    except NotFound:
+        abort(404)
+    except Conflict as exc:
+        abort(409, str(exc))
+    return ""
+
+
+def callers_batch_or_404(batch_id):
+    """The user batch `batch_id`, if the caller may act on it; a 404 otherwise, the same for a
+    batch that does not exist (the one place a route asks whose a batch is)."""
+    try:
+        return get_user_batch(batch_id)
+    except NotFound:
+        abort(404)
 
 
 def json_lines(rows):

@@ -7,7 +7,8 @@ page again and swaps its live sections. Every figure comes from the reporting la
 never disagree.
 
 Actions are POSTs with a CSRF token (Flask-WTF), each recorded in the audit log: pause and
-resume batch creation per check type, cancel a user batch, fail a stuck Bouncer batch. The
+resume batch creation per check type, cancel a user batch, fail a stuck Bouncer batch, erase
+what the service holds of a user or of an address (an erasure request, confirmed by a tick). The
 session and CSRF key is derived from OPERATOR_PASSWORD, so every web process agrees on it;
 only the console's POSTs ask for the token (the API and Bouncer's callback do not).
 """
@@ -21,16 +22,16 @@ from flask import Response, flash, redirect, render_template, request, stream_wi
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from markupsafe import Markup
 
-from bouncer.errors import Conflict, NotFound
+from bouncer.errors import Conflict, Gone, InputError, NotFound
 from bouncer.masking import mask_secrets
 from bouncer.names import CHECK_TYPES
 from bouncer.queue import audit, pauses
 from bouncer.reading import activity
-from bouncer.reading.batches import iter_results, page_of_batches, results_csv, row_states
+from bouncer.reading.batches import batch_with_rows, iter_results, page_of_batches, results_csv, row_states
 from bouncer.reading.health import service_state
 from bouncer.reading.history import DEFAULT_HOURS, WINDOWS, chart_series
 from bouncer.reading.overview import rq_backlog
-from bouncer.services import batches
+from bouncer.services import batches, erasure
 from bouncer.states import ENDED_BATCH_STATES, BatchState
 from bouncer.store.database import utcnow
 from bouncer.web.charts import line_chart
@@ -145,7 +146,7 @@ def overview():
 @blueprint.get("/batches/<int:batch_id>")
 def batch(batch_id):
     status = batch_status_or_404(batch_id)
-    preview = list(islice(iter_results(batch_id), PREVIEW_ROWS))
+    preview = [] if status["pruned_at"] else list(islice(iter_results(batch_id), PREVIEW_ROWS))
     return render_template(
         "console/batch.html", batch=status, rows=row_states(batch_id), preview=preview,
         ledger=activity.bouncer_batches_of(batch_id), deliveries=activity.deliveries_of(batch_id),
@@ -155,6 +156,10 @@ def batch(batch_id):
 @blueprint.get("/batches/<int:batch_id>/results.csv")
 def batch_results(batch_id):
     batch_status_or_404(batch_id)
+    try:
+        batch_with_rows(batch_id)
+    except Gone as exc:
+        abort(410, str(exc))
     secrets = bouncer_app().settings.secrets()
     # Pieces end at row boundaries, so each is masked whole.
     pieces = (mask_secrets(piece, secrets) for piece in results_csv(iter_results(batch_id)))
@@ -233,6 +238,29 @@ def fail(ledger_id):
     return back()
 
 
+@blueprint.post("/erasure/user")
+def forget_user():
+    return erase(erasure.forget_user, form_value("user"), "user")
+
+
+@blueprint.post("/erasure/email")
+def forget_email():
+    return erase(erasure.forget_email, form_value("email"), "address")
+
+
+def erase(action, value, kind):
+    """An erasure request from the console: confirmed by its tick, done, said in one line."""
+    if request.form.get("confirm") != "yes":
+        abort(400, "tick the box to confirm: an erasure cannot be undone")
+    try:
+        outcome = action(bouncer_app(), value, who=OPERATOR)
+    except (InputError, NotFound, Conflict) as exc:
+        flash("Nothing erased: %s." % exc, "error")
+        return back()
+    flash("The %s was erased: %s." % (kind, outcome.erased.summary()))
+    return back()
+
+
 def back():
     """To the page the form was on (a path of this site only), else the overview."""
     target = request.form.get("next", "")
@@ -277,6 +305,14 @@ def known_check_type(check_type):
     if check_type not in CHECK_TYPES:
         abort(404)
     return check_type
+
+
+def form_value(name):
+    """A value as typed (a user id, an address), without the spaces around it."""
+    value = request.form.get(name, "").strip()
+    if len(value) > MAX_TEXT:
+        abort(400, "%s: at most %d characters" % (name, MAX_TEXT))
+    return value
 
 
 def form_text(name):

@@ -30,6 +30,9 @@ class StatusObject(Schema):
     created_at = String(metadata={"format": "date-time"})
     completed_at = String(allow_none=True, metadata={"format": "date-time"})
     failure_reason = String(allow_none=True)
+    pruned_at = String(allow_none=True, metadata={"format": "date-time",
+                                                  "description": "when its rows were removed after the retention "
+                                                                 "period (its counts remain)"})
     webhook = Dict(allow_none=True, metadata={"description": "the latest webhook delivery, if any"})
 
 
@@ -88,8 +91,8 @@ ERRORS = {401: "no or wrong bearer token", 503: "the API is off (API_TOKENS unse
 
 
 def errors(*codes):
-    described = {400: "malformed", 404: "no such batch", 409: "conflict", 413: "too many rows",
-                 422: "refused"}
+    described = {400: "malformed", 404: "no such batch", 409: "conflict", 410: "its rows were removed after the "
+                 "retention period", 413: "too many rows", 422: "refused"}
     return {**{code: {"description": ERRORS.get(code) or described[code],
                       "content": {"application/json": {"schema": Error}}} for code in (401, 503, *codes)}}
 
