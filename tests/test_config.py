@@ -25,6 +25,7 @@ DEFAULTS = {
     "reservation_timeout": 600,
     "batch_timeout": 86400,
     "result_cache_days": 30,
+    "retention_days": 0,
     "catchall_path": "/v1.1/email/verify/batch",
     "port": 8000,
     "log_level": "INFO",
@@ -35,6 +36,7 @@ DEFAULTS = {
     "webhook_secret": None,
     "operator_password": None,
     "metrics_token": None,
+    "erasure_audit_key": None,
     "webhook_timeout": 10,
     "webhook_retry_schedule": (5, 300, 1800, 7200, 18000, 36000),
 }
@@ -50,6 +52,7 @@ INTEGER_SETTINGS = [
     ("RESERVATION_TIMEOUT", "reservation_timeout"),
     ("BATCH_TIMEOUT", "batch_timeout"),
     ("RESULT_CACHE_DAYS", "result_cache_days"),
+    ("RETENTION_DAYS", "retention_days"),
     ("BOUNCER_CONNECT_TIMEOUT", "bouncer_connect_timeout"),
     ("PORT", "port"),
     ("API_MAX_EMAILS", "api_max_emails"),
@@ -60,7 +63,7 @@ MAXIMUMS = {
     "BATCH_CREATE_INTERVAL": 86400, "STATUS_CHECK_INTERVAL": 86400, "BOUNCER_BATCH_SIZE": 100000,
     "BOUNCER_MAX_OUTSTANDING": 100, "RATE_LIMIT_PER_MINUTE": 100000, "RATE_LIMIT_BUFFER": 100000,
     "BOUNCER_TIMEOUT": 25, "BOUNCER_CONNECT_TIMEOUT": 25, "RESERVATION_TIMEOUT": 604800,
-    "BATCH_TIMEOUT": 2592000, "RESULT_CACHE_DAYS": 3650, "PORT": 65535,
+    "BATCH_TIMEOUT": 2592000, "RESULT_CACHE_DAYS": 3650, "RETENTION_DAYS": 36500, "PORT": 65535,
     "API_MAX_EMAILS": 10000000, "WEBHOOK_TIMEOUT": 60,
 }
 ENV_NAMES = [name for name, _ in INTEGER_SETTINGS]
@@ -122,7 +125,10 @@ def test_load_settings_non_integer_refused(name, raw):
     assert "whole number" in message and "set it to" in message
 
 
-@pytest.mark.parametrize("name", [n for n in ENV_NAMES if n != "RESULT_CACHE_DAYS"])
+ZERO_ALLOWED = ("RESULT_CACHE_DAYS", "RETENTION_DAYS")
+
+
+@pytest.mark.parametrize("name", [n for n in ENV_NAMES if n not in ZERO_ALLOWED])
 @pytest.mark.parametrize("raw", ["0", "-1"])
 def test_load_settings_too_small_refused(name, raw):
     message = config_error({name: raw})
@@ -130,10 +136,12 @@ def test_load_settings_too_small_refused(name, raw):
     assert "at least 1" in message
 
 
-def test_load_settings_result_cache_days_zero_allowed_negative_refused():
-    assert load_settings({"RESULT_CACHE_DAYS": "0"}).result_cache_days == 0
-    message = config_error({"RESULT_CACHE_DAYS": "-1"})
-    assert "RESULT_CACHE_DAYS" in message and "at least 0" in message
+@pytest.mark.parametrize("name, field", [("RESULT_CACHE_DAYS", "result_cache_days"),
+                                         ("RETENTION_DAYS", "retention_days")])
+def test_load_settings_days_zero_allowed_negative_refused(name, field):
+    assert getattr(load_settings({name: "0"}), field) == 0
+    message = config_error({name: "-1"})
+    assert name in message and "at least 0" in message
 
 
 def test_load_settings_rate_limit_buffer_above_limit_refused():
@@ -354,3 +362,11 @@ def test_every_setting_is_documented_with_its_default():
             assert in_readme[env].strip() == f"`{default}`" and in_example[env] == default, env
     known = {f.metadata["env"] for f in fields(Settings)}
     assert set(in_readme) <= known and set(in_example) <= known
+
+
+def test_erasure_audit_key_must_be_long_enough_to_keep_its_hashes_from_a_guess():
+    message = config_error({"ERASURE_AUDIT_KEY": "short-key-123"})
+    assert message.startswith("ERASURE_AUDIT_KEY is shorter than 16 characters; make one with")
+    assert "short-key-123" not in message
+    assert load_settings({"ERASURE_AUDIT_KEY": "k" * 16}).erasure_audit_key == "k" * 16
+    assert "erasure_audit_key=set" in repr(load_settings({"ERASURE_AUDIT_KEY": "k" * 16}))

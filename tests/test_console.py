@@ -13,7 +13,7 @@ from operating import API_TOKEN, CALLBACK_SECRET, PASSWORD, basic, busy_queue, o
 
 from bouncer.app import App
 from bouncer.cycles.runner import run_cycle
-from bouncer.names import CREATION
+from bouncer.names import CREATION, STATUS
 from bouncer.queue.ledger import fail_bouncer_batch
 from bouncer.store.database import database, open_database
 from bouncer.store.models import AuditEntry, BouncerBatch, Pause, UserBatch
@@ -21,7 +21,7 @@ from bouncer.web import create_web_app
 
 CONSOLE_GETS = ["/", "/?user=alice", "/batches/1", "/batches/1/results.csv", "/console/static/console.js"]
 CONSOLE_POSTS = ["/check-types/deliverable/pause", "/check-types/deliverable/resume", "/batches/1/cancel",
-                 "/bouncer-batches/1/fail"]
+                 "/bouncer-batches/1/fail", "/erasure/user", "/erasure/email"]
 
 
 @pytest.fixture
@@ -160,6 +160,53 @@ def test_cancel_from_the_console(client, app):
     post(client, "/batches/%d/cancel" % batch_id, token)
     assert "Not cancelled: user batch %d is cancelled: it has ended." % batch_id in page(client)
     assert [(a.action, a.target) for a in AuditEntry.select()] == [("cancel", "user batch %d" % batch_id)]
+
+
+def test_erasure_from_the_console_wants_its_token_and_its_tick(client, app):
+    from bouncer.store.models import UserBatchEmail
+    submit("alice", ["Jane.Doe@gmail.com", "a@example.com"])
+    keep = submit("bob", ["bob@example.com", "janedoe@gmail.com"])
+    token = csrf_token(page(client))
+    assert 'id="forget-user"' in page(client) and 'id="forget-email"' in page(client)
+    for fields in ({"user": "alice", "confirm": "yes"}, {"user": "alice", "confirm": "yes", "csrf_token": "x"}):
+        response = client.post("/erasure/user", headers=basic(), data=fields)
+        assert one_line_error(response, 400).startswith("refused: the csrf token")
+    response = post(client, "/erasure/user", token, user="alice")
+    assert one_line_error(response, 400) == "tick the box to confirm: an erasure cannot be undone"
+    assert UserBatch.select().count() == 2 and AuditEntry.select().count() == 0
+
+    assert post(client, "/erasure/user", token, user=" alice ", confirm="yes").status_code == 303
+    html = page(client)
+    assert "The user was erased: 1 user batch(es), 2 row(s)" in html and 'data-audit-action="forget user"' in html
+    assert UserBatch.select().count() == 1
+    post(client, "/erasure/email", token, email="JaneDoe+x@googlemail.com", confirm="yes")
+    assert "The address was erased: 1 row(s)" in page(client)
+    assert [r.email for r in UserBatchEmail.select().order_by(UserBatchEmail.position)] == ["bob@example.com", ""]
+    post(client, "/erasure/user", token, user="nobody", confirm="yes")
+    post(client, "/erasure/email", token, email="not an address", confirm="yes")
+    html = page(client)
+    assert "Nothing erased: no user batch of user &#39;nobody&#39;" in html
+    assert "Nothing erased: not an email address: &#39;not an address&#39;" in html
+    assert [(a.who, a.action) for a in AuditEntry.select().order_by(AuditEntry.id)] == [
+        ("operator", "forget user"), ("operator", "forget address")]
+    assert "alice" not in " ".join(a.target + (a.detail or "") for a in AuditEntry.select())
+    assert UserBatch.get_by_id(keep).status == "queued"
+
+
+def test_a_pruned_batch_page_says_so_and_its_csv_is_gone(client, app, bouncer):
+    import datetime
+
+    from bouncer.services import erasure
+    batch_id = submit("alice", addresses("a", 3))
+    run_cycle(app, CREATION, "deliverable")
+    bouncer.complete_now()
+    run_cycle(app, STATUS, "deliverable")
+    UserBatch.update(completed_at=datetime.datetime(2020, 1, 1)).where(UserBatch.id == batch_id).execute()
+    erasure.prune(app, who="test", days=30)
+    html = page(client, "/batches/%d" % batch_id)
+    assert 'id="pruned"' in html and "removed after the retention period" in html and 'id="download"' not in html
+    response = client.get("/batches/%d/results.csv" % batch_id, headers=basic())
+    assert "removed after the retention period" in one_line_error(response, 410)
 
 
 def test_fail_a_stuck_bouncer_batch_with_the_operators_reason(client, app, bouncer):

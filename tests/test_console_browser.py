@@ -240,3 +240,34 @@ def test_a_post_without_the_csrf_token_is_refused(console, app):
     console.click('.pause-cell[data-check-type="deliverable"] button.pause')
     assert "refused: the csrf token is missing" in console.driver.find_element(By.TAG_NAME, "body").text
     assert Pause.select().count() == 0 and AuditEntry.select().count() == 0
+
+
+def test_erase_a_user_and_an_address_from_the_page(console, app, bouncer):
+    submit("alice", ["Jane.Doe+a@gmail.com", "alice@example.com"])
+    bob = submit("bob", ["janedoe@gmail.com", "bob@example.com"])
+    console.open("/")
+    form = "#forget-user"
+    console.driver.find_element(By.CSS_SELECTOR, form + " input[name=user]").send_keys("alice")
+    # Without the tick the browser does not send the form (it is required).
+    console.driver.execute_script("window.sameDocument = true")
+    console.driver.find_element(By.CSS_SELECTOR, form + " button").click()
+    assert console.driver.execute_script("return window.sameDocument") is True
+    assert UserBatch.select().count() == 2 and AuditEntry.select().count() == 0
+
+    console.driver.find_element(By.CSS_SELECTOR, form + " input[name=confirm]").click()
+    console.click(form + " button")
+    assert console.texts(".flashes li")[0].startswith("The user was erased: 1 user batch(es), 2 row(s)")
+    assert [b.user_id for b in UserBatch.select()] == ["bob"]
+
+    form = "#forget-email"
+    console.driver.find_element(By.CSS_SELECTOR, form + " input[name=email]").send_keys("JaneDoe@googlemail.com")
+    console.driver.find_element(By.CSS_SELECTOR, form + " input[name=confirm]").click()
+    console.click(form + " button")
+    assert console.texts(".flashes li")[0].startswith("The address was erased: 1 row(s)")
+    audit = [[cell.text for cell in row.find_elements(By.TAG_NAME, "td")][1:3]
+             for row in console.driver.find_elements(By.CSS_SELECTOR, "#audit tr[data-audit-action]")]
+    assert audit == [["operator", "forget address"], ["operator", "forget user"]]
+    assert "alice" not in console.driver.find_element(By.ID, "audit").text.lower()
+    console.open("/batches/%d" % bob)
+    assert console.texts("#preview tbody tr td:first-child") == ["", "bob@example.com"]
+    assert console.errors() == []

@@ -67,7 +67,10 @@ def test_register_jobs_definitions(redis_conn, settings):
     sender = Job.fetch("webhook_sender", connection=redis_conn)
     assert (sender.func_name, tuple(sender.args), sender.meta["interval"], sender.origin) == (
         "bouncer.runtime.jobs.send_webhooks_job", (), names.WEBHOOK_INTERVAL, names.WEBHOOK_QUEUE)
-    for job_id in JOB_IDS[:4]:
+    pruner = Job.fetch("retention_pruner", connection=redis_conn)
+    assert (pruner.func_name, tuple(pruner.args), pruner.meta["interval"], pruner.origin) == (
+        "bouncer.runtime.jobs.prune_job", (), 86400, CYCLE_QUEUE)
+    for job_id in [j for j in JOB_IDS if j.startswith(("batch_creator", "status_checker"))]:
         job = Job.fetch(job_id, connection=redis_conn)
         kind, check_type = job_id.rsplit("_", 1)
         expected = {"batch_creator": (jobs.create_batches_job, settings.batch_create_interval),
@@ -101,7 +104,8 @@ def test_register_jobs_replaces_only_changed_interval(redis_conn, settings):
     done = register_jobs(new_scheduler(redis_conn), changed(settings, status_check_interval=7))
 
     assert done["replaced"] == ["status_checker_catchall", "status_checker_deliverable"]
-    assert done["kept"] == ["batch_creator_catchall", "batch_creator_deliverable", "webhook_sender"]
+    assert done["kept"] == ["batch_creator_catchall", "batch_creator_deliverable", "retention_pruner",
+                            "webhook_sender"]
     assert done["added"] == [] and done["removed"] == []
     after = next_runs(redis_conn)
     assert sorted(after) == JOB_IDS

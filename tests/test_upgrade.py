@@ -347,3 +347,29 @@ def test_init_db_brings_a_version_4_database_to_this_release_keeping_every_row(v
     run_cycle(app, STATUS, "deliverable")
     assert statuses(1) == {"done": 3} and statuses(3) == {"done": 1, "invalid": 1}
     assert batch_status(2)["status"] == "cancelled"
+
+
+def test_a_version_4_database_gains_what_erasure_and_retention_need(v4_database, redis_conn, bouncer):
+    """Version 5: a pruned batch keeps its counts on it, and the rows naming an address are
+    found by their index; then forget and prune work on release 4's rows."""
+    with database.connection_context():
+        assert current_version() == 4
+        assert create_schema() == "schema upgraded from version 4 to %d" % VERSION
+        assert current_version() == VERSION == 5
+        assert {"pruned_at", "kept_counts"} <= {c.name for c in database.get_columns("user_batches")}
+        assert "user_batch_emails_address" in indexes_of("user_batch_emails")
+        from bouncer.store.migrations import upgrade_to_5
+        with database.atomic():
+            upgrade_to_5()                                   # safe to run again
+    app = upgraded_app(v4_database, redis_conn)
+    from bouncer.services import erasure
+    assert erasure.forget_user(app, "bob", who="test").erased.rows == 3
+    assert not UserBatch.select().where(UserBatch.user_id == "bob").exists()
+    run_cycle(app, CREATION, "deliverable")
+    bouncer.complete_now()
+    run_cycle(app, STATUS, "deliverable")
+    assert statuses(3) == {"done": 1, "invalid": 1}
+    UserBatch.update(completed_at=datetime.datetime(2020, 1, 1)).where(UserBatch.id == 3).execute()
+    UserBatch.update(completed_at=datetime.datetime.now()).where(UserBatch.id == 2).execute()
+    assert erasure.prune(app, who="test", days=30).batches == 1      # dave's; carol's ended within the period
+    assert batch_status(3)["counts"]["invalid"] == 1 and batch_status(3)["pruned_at"]
