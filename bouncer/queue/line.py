@@ -151,21 +151,25 @@ def ledgers_ridden_by(batch_ids):
 
 def take_off_batch(batch_id):
     """Every row of the user batch riding on a Bouncer batch stops riding (its batch is being
-    erased); returns their ids."""
-    taken = Riding.delete().where(Riding.batch_id == batch_id).returning(Riding.row_ids)
-    return [r for (row_ids,) in database.execute_sql(*taken.sql()).fetchall() for r in json.loads(row_ids)]
+    erased); returns {ledger id: [ids of the rows taken off it]}."""
+    taken = Riding.delete().where(Riding.batch_id == batch_id).returning(Riding.bouncer_batch, Riding.row_ids)
+    found = {}
+    for ledger_id, row_ids in database.execute_sql(*taken.sql()).fetchall():
+        found.setdefault(ledger_id, []).extend(json.loads(row_ids))
+    return found
 
 
 def take_off_rows(batch_id, row_ids):
     """These rows of the user batch stop riding (they are being erased); the rows riding beside
-    them ride on. Returns the ids that were riding."""
-    doomed, taken = set(row_ids), []
-    for riding_id, ids in Riding.select(Riding.id, Riding.row_ids).where(Riding.batch_id == batch_id).tuples():
+    them ride on. Returns {ledger id: [ids of the rows taken off it]}."""
+    doomed, taken = set(row_ids), {}
+    for riding_id, ledger_id, ids in (Riding.select(Riding.id, Riding.bouncer_batch, Riding.row_ids)
+                                      .where(Riding.batch_id == batch_id).tuples()):
         ids = json.loads(ids)
         left = [r for r in ids if r not in doomed]
         if len(left) == len(ids):
             continue
-        taken += [r for r in ids if r in doomed]
+        taken.setdefault(ledger_id, []).extend(r for r in ids if r in doomed)
         if left:
             (Riding.update(row_ids="[%s]" % ",".join(map(str, left)), rows=len(left))
              .where(Riding.id == riding_id).execute())

@@ -132,11 +132,12 @@ def cancel_live_rows(batch, now, row_ids=None, end_batch=True):
     an erasure (erasure.py). Returns how many rows were cancelled."""
     if row_ids is None:
         cancelled = cancel_waiting_rows(batch, now)
-        riding = take_off_batch(batch.id)
+        taken_off = take_off_batch(batch.id)
     else:
         cancelled = cancel_unadmitted(batch, now, row_ids) + end_cancelled(leave_line(row_ids), now)
-        riding = take_off_rows(batch.id, row_ids)
-    for part in chunked(riding):
+        taken_off = take_off_rows(batch.id, row_ids)
+    # {Bouncer batch: rows taken off it}: such a batch may be left with no live row.
+    for part in chunked([r for rows in taken_off.values() for r in rows]):
         cancelled += end_cancelled(part, now)
     if end_batch:
         complete_finished_batches([batch.id], now)

@@ -22,7 +22,7 @@ from bouncer.names import ADDRESSES_LOCK, CHECK_TYPES
 from bouncer.queue.erasure import drop_deliveries
 from bouncer.queue.outcomes import count_outcomes
 from bouncer.queue.progress import has_pending_rows
-from bouncer.states import ENDED_BATCH_STATES, DeliveryState
+from bouncer.states import ENDED_BATCH_STATES, FINAL_ROW_STATES, DeliveryState
 from bouncer.store.bulk import among
 from bouncer.store.database import serialize_on, write_transaction
 from bouncer.store.models import (
@@ -128,10 +128,12 @@ def keep_counts(batch_id, now):
 
 def remove_rows_slice(batch_id):
     """One slice of the batch's rows, and the addresses they alone held. Returns (rows,
-    addresses)."""
+    addresses). Only ended rows: one a host wrote into the batch since it was chosen is left to
+    be verified (its batch is pruned again once it ends)."""
     with write_transaction():
         serialize_on(ADDRESSES_LOCK)
-        doomed = Row.select(Row.id).where(Row.batch == batch_id).order_by(Row.position).limit(SLICE)
+        doomed = (Row.select(Row.id).where((Row.batch == batch_id) & Row.status.in_(FINAL_ROW_STATES))
+                  .order_by(Row.position).limit(SLICE))
         named = [gid for (gid,) in Row.delete().where(Row.id.in_(doomed)).returning(Row.email_global).tuples()]
         return len(named), drop_unheld_addresses({gid for gid in named if gid is not None})
 
