@@ -12,10 +12,14 @@ imports. Markdown tables, one set per database.
 
 In-process (printed after): the creation cycle that fills 15 x 10k (time, SQL statements) with
 each backlog size; ingesting 15 completed batches (150k results) against the floor of one raw
-bulk insert of the same rows; with --naive, the naive per-row designs beside them; peak RSS.
-Bouncer is replaced by an in-process stub, so only our own work is timed.
+bulk insert of the same rows; with --naive, the naive per-row designs beside them; with
+--erasure, a prune and a `forget --user` of 150k rows, with the longest transaction each held
+(what a cycle may wait on them); peak RSS. Bouncer is replaced by an in-process stub, so only
+our own work is timed.
 """
+import contextlib
 import argparse
+import datetime
 import json
 import multiprocessing
 import os
@@ -258,6 +262,90 @@ def measure_submit(url, lines):
     return seconds, usage.ru_maxrss / 1024
 
 
+def measure_erasure(url, total):
+    """A prune of 16 user batches that ended 40 days ago (`total` rows of one user, half as many
+    of another), their `total` verdicts as old; then a `forget --user` of the first user's rows
+    (half of its addresses held by the other user too), each in a fresh process: rows of the
+    table, the longest write transaction noted."""
+    rows = []
+    for what, days in (("prune", 40), ("forget", 0)):
+        reset_database(url)
+        in_child_process(seed_ended, url, total, days)
+        seconds, longest, statements, rss = in_child_process(run_erasure, url, what)
+        name = ("prune 16 ended batches, %s rows, %s verdicts" % (format(total * 3 // 2, ","), format(total, ","))
+                if what == "prune" else
+                "forget --user with %s rows in 15 batches (half its addresses shared)" % format(total, ","))
+        rows.append((name, seconds, statements, rss, "longest transaction %.0f ms" % (longest * 1000)))
+    return rows
+
+
+def seed_ended(url, total, days):
+    """`total` done rows in 15 completed batches of user `alice` (ended `days` ago), a verdict
+    each (checked then); a second user holding every other address too."""
+    open_database(url)
+    database.connect(reuse_if_open=True)
+    then = utcnow() - datetime.timedelta(days=days)
+    per_batch = total // SLOTS
+    with database.atomic():
+        bulk_insert(EmailGlobal, [{"email": "u%d@example.com" % i, "created_at": then} for i in range(total)])
+        first_global = EmailGlobal.select(fn.MIN(EmailGlobal.id)).scalar()
+        for b in range(SLOTS + 1):
+            user = "alice" if b < SLOTS else "bob"
+            batch = UserBatch.create(user_id=user, check_type="deliverable", status=BatchState.COMPLETED,
+                                     created_at=then, completed_at=then, fifo_order=b + 1, total=per_batch)
+            span = list(range(b * per_batch, (b + 1) * per_batch) if b < SLOTS else range(0, total, 2))
+            for start in range(0, len(span), 50000):
+                bulk_insert(UserBatchEmail, [
+                    {"batch": batch.id, "position": start + n + 1, "email": "u%d@example.com" % i,
+                     "email_global": first_global + i, "check_type": "deliverable", "status": RowState.DONE,
+                     "fifo_order": b + 1, "completed_at": then} for n, i in enumerate(span[start:start + 50000])])
+        for start in range(0, total, 50000):
+            bulk_insert(DeliverableResult, [{"email_global": first_global + i, "status": "deliverable",
+                                             "raw": '{"email": "u%d@example.com"}' % i, "checked_at": then}
+                                            for i in range(start, min(total, start + 50000))])
+    analyze()
+
+
+def run_erasure(url, what):
+    """In a fresh process: prune (everything ended over 30 days ago) or forget alice, timing each
+    write transaction. (seconds, longest transaction, statements, peak RSS)."""
+    open_database(url)
+    database.connect(reuse_if_open=True)
+    from bouncer.services import erasure
+    app = App(Settings(database_url=url, retention_days=30), redis=None, client=StubBouncer())
+    longest = [0.0]
+    with timed_transactions(longest), StatementCounter(database.obj) as counter:
+        started = time.perf_counter()
+        if what == "prune":
+            report = erasure.prune(app, who="bench")
+            assert report.rows == SLOTS * BATCH * 3 // 2 and report.verdicts == SLOTS * BATCH, report.summary()
+        else:
+            outcome = erasure.forget_user(app, "alice", who="bench")
+            assert outcome.erased.rows == SLOTS * BATCH, outcome.summary()
+        seconds = time.perf_counter() - started
+    return seconds, longest[0], counter.count, peak_rss_mb()
+
+
+@contextlib.contextmanager
+def timed_transactions(longest):
+    """Every write transaction's duration, the longest kept in `longest[0]`."""
+    kind = type(dialect())
+    opened = kind.write_transaction
+
+    @contextlib.contextmanager
+    def timed(self, db):
+        started = time.perf_counter()
+        with opened(self, db):
+            yield
+        longest[0] = max(longest[0], time.perf_counter() - started)
+
+    kind.write_transaction = timed
+    try:
+        yield
+    finally:
+        kind.write_transaction = opened
+
+
 def measure_naive_claim(url, queued):
     """One batch of 10k claimed the naive way: per row, find the oldest row in line, take it out
     and record it riding."""
@@ -309,6 +397,8 @@ def main():
     parser.add_argument("--naive", action="store_true",
                         help="in-process, the naive per-row designs too (the straightforward "
                              "implementation end to end is the yardstick now)")
+    parser.add_argument("--erasure", action="store_true",
+                        help="in-process, a prune and a forget of 150k rows too")
     parser.add_argument("--submit", type=int, default=0,
                         help="lines for the in-process submit measure (0, the default, skips it: "
                              "the end-to-end rows measure submit)")
@@ -319,7 +409,7 @@ def main():
         run_end_to_end(url, args.redis_url, endtoend.QUICK if args.quick else endtoend.Plan(), backend)
     if not args.skip_in_process:
         queued = args.queued or ("150000" if args.quick else "150000,1000000")
-        run_in_process(url, [int(q) for q in queued.split(",")], args.naive, args.submit, backend)
+        run_in_process(url, [int(q) for q in queued.split(",")], args.naive, args.submit, backend, args.erasure)
 
 
 def run_end_to_end(url, redis_url, plan, backend):
@@ -336,7 +426,7 @@ def run_end_to_end(url, redis_url, plan, backend):
             claims.release(number, owner)
 
 
-def run_in_process(url, backlogs, naive, submit_lines, backend):
+def run_in_process(url, backlogs, naive, submit_lines, backend, erasure=False):
     settings = Settings(database_url=url, batch_size=BATCH, max_outstanding=SLOTS,
                         rate_limit_buffer=180, result_cache_days=30)
     random.seed(1)
@@ -365,6 +455,8 @@ def run_in_process(url, backlogs, naive, submit_lines, backend):
         rows.append(("naive: per-row claims, 1 batch of 10k", naive_claim, naive_claim_statements,
                      None, "x15 = %.1f s for a cycle (%.0fx ours)" % (
                          naive_claim * SLOTS, naive_claim * SLOTS / creation[sizes[0]])))
+    if erasure:
+        rows += measure_erasure(url, SLOTS * BATCH)
     if submit_lines:
         submit_seconds, submit_rss = measure_submit(url, submit_lines)
         rows.append(("submit %s lines (`python -m bouncer submit`)" % format(submit_lines, ","),
