@@ -122,7 +122,7 @@ def batch_being_written(batch_ids, now):
 def erase_batch(batch_id, now):
     """Erase one user batch whole: its rows, what they leave behind, its webhook deliveries and
     idempotency records, the batch itself. Returns what went."""
-    erased = Erased(batches=1, cancelled=detach_batch(batch_id, now))
+    erased = detach_batch(batch_id, now)
     while True:
         rows = list(Row.select(Row.id, Row.email_global).where(Row.batch == batch_id)
                     .order_by(Row.position).limit(SLICE).tuples())
@@ -135,18 +135,18 @@ def erase_batch(batch_id, now):
 def detach_batch(batch_id, now):
     """Every pending row of the batch ends cancelled (out of the line, off its Bouncer batches),
     the batch ends cancelled (a row a host writes into it later is cancelled, not admitted), and
-    the delivery its ending wrote goes at once, before a sender can post it. Returns how many
-    rows were cancelled."""
+    the deliveries go at once, the one its ending wrote before a sender can post it. Returns what
+    went so far."""
+    erased = Erased(batches=1)
     with write_transaction():
         lock_for_erasure(lambda: ledgers_ridden_by([batch_id]))
         (UserBatch.update(cancelled_at=now)
          .where((UserBatch.id == batch_id) & UserBatch.cancelled_at.is_null()).execute())
         batch = UserBatch.get_or_none(UserBatch.id == batch_id)
-        if batch is None:
-            return 0
-        cancelled = progress.cancel_live_rows(batch, now)
-        drop_deliveries(WebhookDelivery.batch_id == batch_id)
-    return cancelled
+        if batch is not None:
+            erased.cancelled = progress.cancel_live_rows(batch, now)
+            erased.deliveries = drop_deliveries(WebhookDelivery.batch_id == batch_id)
+    return erased
 
 
 def delete_rows(batch_id, rows, now):

@@ -50,7 +50,7 @@ def forget_user(app, user_id, who, now=None):
     erased = erasure.Erased()
     for batch_id in batch_ids:
         erased.add(erasure.erase_batch(batch_id, now))
-    return finish(who, "forget user", mark or UNKEYED, erased, now)
+    return finish(who, "forget user", erased, now, mark=mark)
 
 
 def forget_email(app, address, who, now=None):
@@ -68,7 +68,7 @@ def forget_email(app, address, who, now=None):
     if erased is None:
         raise NotFound("nothing holds %r in any spelling: nothing to erase%s" % (echo(address), earlier(mark)))
     tell_webhook_sender(app)   # batches whose last pending row it was have ended
-    return finish(who, "forget address", mark or UNKEYED, erased, now)
+    return finish(who, "forget address", erased, now, mark=mark)
 
 
 def erase_user_batch(app, batch_id, who, now=None):
@@ -79,15 +79,16 @@ def erase_user_batch(app, batch_id, who, now=None):
     if erasure.batch_being_written([batch_id], now) is not None:
         raise Conflict("user batch %s is still being written (a submit under way): erase it once that ends"
                        % batch_id)
-    return finish(who, "erase batch", "user batch %d" % batch_id, erasure.erase_batch(batch_id, now), now)
+    return finish(who, "erase batch", erasure.erase_batch(batch_id, now), now, target="user batch %d" % batch_id)
 
 
-def finish(who, action, target, erased, now):
-    """Audit the erasure (counts only), scrub the database's files, log it without values."""
-    audit(who, action, target, erased.summary(), now=now)
+def finish(who, action, erased, now, mark=None, target=None):
+    """Audit the erasure (counts, and `target` or the keyed hash `mark` of the erased value),
+    scrub the database's files, log it without values."""
+    audit(who, action, target or mark or UNKEYED, erased.summary(), now=now)
     note = scrub_erased_pages()
     log.warning("Erasure (%s) by %s: %s", action, who, erased.summary())
-    return Outcome(erased, target if target.startswith("hmac") else None, note)
+    return Outcome(erased, mark, note)
 
 
 def earlier(mark):
