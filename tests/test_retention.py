@@ -193,6 +193,11 @@ def test_expired_idempotency_records_and_old_deliveries_go_even_when_rows_are_ke
     result = invoke(["prune", "--older-than", "2"])
     assert result.exit_code == 0 and "1 webhook delivery(ies)" in result.stdout
     assert WebhookAttempt.select().count() == 0 and WebhookDelivery.select().count() == 0
+    assert UserBatchEmail.select().count() == 1                 # its batch ended moments ago
+    result = invoke(["prune", "--older-than", "0"])             # everything that has ended
+    assert result.exit_code == 0 and "1 user batch(es) pruned, 1 row(s)" in result.stdout
+    assert_clean_failure(invoke(["results", batch]), "removed after the retention period")
+    assert invoke(["prune", "--older-than", "-1"]).exit_code == 2      # click's usage error
 
 
 def test_the_daily_job_prunes_records_its_run_and_queues_itself_when_cut_short(kept, bouncer, monkeypatch):

@@ -104,14 +104,14 @@ def prune(app, who, days=None, now=None, seconds=None):
     verdicts are kept forever) no longer keeps, and idempotency records past their 24 h; within
     `seconds` when given. Returns the Pruned report."""
     now = now or utcnow()
-    days = app.settings.retention_days if days is None else days
-    if days:
-        report = retention.prune(now - datetime.timedelta(days=days), now, retention.Deadline(seconds))
-    else:
+    if days is None and not app.settings.retention_days:
         report = retention.Pruned(kept_forever=True)
+    else:
+        days = app.settings.retention_days if days is None else days
+        report = retention.prune(now - datetime.timedelta(days=days), now, retention.Deadline(seconds))
     report.keys = idempotency.forget_expired(now)
     if report.removed_anything:
-        audit(who, "prune", "retention %s day(s)" % days if days else "expired idempotency records",
+        audit(who, "prune", "expired idempotency records" if report.kept_forever else "retention %s day(s)" % days,
               report.summary(), now=now)
         scrub_erased_pages()
         log.info("Pruned by %s: %s", who, report.summary())
