@@ -5,7 +5,8 @@ each, walked by packing in order of place in line, then position), or riding on 
 in flight (`riding_rows`, one row per Bouncer batch and user batch, holding the rows' ids). A
 batch that became visible takes its place in line from a counter (`take_places`), so places are
 given in commit order. A row riding on a rejected or abandoned attempt goes back in line where
-it was. Nothing here ends a row: progress.py does.
+it was; so does a row whose address came back greylisted (`unknown` with a `retryAfter`), not to
+be sent before that time (`not_before`). Nothing here ends a row: progress.py does.
 """
 
 import json
@@ -35,7 +36,7 @@ def take_places(count):
 # What the line keeps of a row: each field of the line, and the field of the row it copies.
 LINE_COPIES = ((Line.row, Row.id), (Line.batch_id, Row.batch), (Line.check_type, Row.check_type),
                (Line.fifo_order, Row.fifo_order), (Line.position, Row.position),
-               (Line.email_global, Row.email_global), (Line.email, Row.email))
+               (Line.email_global, Row.email_global), (Line.email, Row.email), (Line.rechecks, Row.rechecks))
 
 
 LINE_TARGET = tuple(line.column_name for line, _ in LINE_COPIES)
@@ -140,6 +141,26 @@ def requeue_rows_of(ledger_ids, name_attempt=True):
             count += len(back)
     Riding.delete().where(is_one_of(Riding.bouncer_batch, ledger_ids)).execute()
     return count
+
+
+def requeue_for_recheck(ledger_id, due, max_rechecks):
+    """Rows riding on this batch whose address Bouncer asked to be tried again (`due`: {email
+    global id: not before}) and that were re-checked fewer than `max_rechecks` times go back in
+    line where they were, not to be sent before that time. Returns their ids."""
+    if not due or not max_rechecks:
+        return []
+    back = (Row.select(*[row for _, row in LINE_COPIES])
+            .where(Row.id.in_(riding_rows(ledger_id)) & (Row.status == RowState.QUEUED)
+                   & among(Row.email_global, list(due)) & (Row.rechecks < max_rechecks)).tuples())
+    back = database.execute_sql(*back.sql()).fetchall()
+    global_id, rechecks = LINE_SOURCE.index(Row.email_global.column_name), LINE_SOURCE.index(Row.rechecks.column_name)
+    insert_tuples(Line, [line.name for line, _ in LINE_COPIES] + ["not_before"],
+                  [row[:rechecks] + (row[rechecks] + 1,) + row[rechecks + 1:] + (due[row[global_id]],)
+                   for row in back])
+    row_ids = [row[0] for row in back]
+    for part in chunked(row_ids):
+        Row.update(rechecks=Row.rechecks + 1, bouncer_batch=ledger_id).where(among(Row.id, part)).execute()
+    return row_ids
 
 
 def any_riding_on(ledger_ids):
