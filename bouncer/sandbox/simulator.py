@@ -395,6 +395,8 @@ class Simulator:
     rate_limit_rate = OptionAttribute()
     slow_rate = OptionAttribute()
     slow_seconds = OptionAttribute()
+    greylist_rate = OptionAttribute()
+    greylist_seconds = OptionAttribute()
 
     def __init__(self, options=None, **overrides):
         options = options if options is not None else SandboxOptions()
