@@ -11,11 +11,14 @@ import time
 
 import pytest
 from conftest import addresses, make_settings, statuses, submit, with_settings
-from operating import figure, operator_app, status_json
+from operating import basic, figure, operator_app, status_json
 
 from bouncer.app import App
+from bouncer.client import BouncerClient
+from bouncer.cycles import ingest
 from bouncer.cycles.runner import run_cycle
 from bouncer.names import CREATION, STATUS
+from bouncer.queue import ledger
 from bouncer.reading.batches import batch_status, iter_results
 from bouncer.sandbox.simulator import iso_utc, verdict_for
 from bouncer.services.batches import cancel_user_batch
@@ -229,10 +232,7 @@ def assert_figures_agree(app, **expected):
         in metrics
     assert 'bouncer_credits_rechecks_total{check_type="deliverable"} %s' % float(answer["credits_rechecks_total"]) \
         in metrics
-    import base64
-    from operating import PASSWORD
-    auth = {"Authorization": "Basic " + base64.b64encode(("operator:%s" % PASSWORD).encode()).decode()}
-    page = web.get("/", headers=auth).get_data(as_text=True)
+    page = web.get("/", headers=basic()).get_data(as_text=True)
     for key in expected:
         path = "check_types.deliverable.%s" % key
         assert 'data-figure="%s" data-value="%s"' % (path, figure(status_json(), path)) in page
@@ -294,7 +294,6 @@ def test_a_refused_finish_of_an_unwanted_batch_ends_its_rows_cancelled_not_faile
 
 
 def test_no_row_joins_a_batch_marked_to_be_finished_nor_is_a_batch_with_a_live_row_marked(app, bouncer):
-    from bouncer.queue import ledger
     alice = submit("alice", addresses("a", 3))
     create(app)
     marked = BouncerBatch.get()
@@ -429,10 +428,6 @@ def test_no_delete_without_a_request_slot(app, bouncer):
 
 def install_kill_switch(step):
     """Make this process die by SIGKILL at `step` of a status cycle."""
-    import bouncer.client as client
-    from bouncer.cycles import ingest
-    from bouncer.queue import ledger
-
     def after(module, name):
         real = getattr(module, name)
 
@@ -446,11 +441,11 @@ def install_kill_switch(step):
 
     {
         "marked_to_finish": lambda: after(ledger, "want_finish"),
-        "finish_answered": lambda: after(client.BouncerClient, "finish_batch"),
+        "finish_answered": lambda: after(BouncerClient, "finish_batch"),
         "ingesting": lambda: after(ingest, "upsert_results"),
         "ingested": lambda: after(ingest, "ingest_download"),
-        "delete_answered": lambda: after(client.BouncerClient, "delete_batch"),
-        "deleting": lambda: before(client.BouncerClient, "delete_batch"),
+        "delete_answered": lambda: after(BouncerClient, "delete_batch"),
+        "deleting": lambda: before(BouncerClient, "delete_batch"),
     }[step]()
 
 
