@@ -12,7 +12,8 @@ A submitted row (`UserBatchEmail.status`):
     queued -> done | failed
     new | queued -> cancelled (its batch was cancelled before it was sent)
 A queued row is either waiting in line (`QueuedEmail`) or riding on a Bouncer batch of the
-ledger (`RidingRows`); one whose batch is rejected or abandoned goes back in line. (`sent` is
+ledger (`RidingRows`); one whose batch is rejected or abandoned goes back in line, and so does
+one whose address came back greylisted (until Bouncer's retryAfter: `QueuedEmail.not_before`). (`sent` is
 what schema version 2 wrote for a riding row; no row is in it any more.)
 """
 
