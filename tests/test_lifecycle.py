@@ -169,6 +169,20 @@ def test_a_row_is_checked_again_at_most_unknown_rechecks_times(app, bouncer):
     assert create(app).created == []
 
 
+def test_a_greylisted_row_of_a_cancelled_user_batch_is_not_sent_again(app, bouncer):
+    greylist_everything(bouncer)
+    alice = submit("alice", addresses("a", 3))
+    bob = submit("bob", ["a0@example.com"])                # bob still wants the first one
+    create(app)
+    cancel_user_batch(app, alice)
+    bouncer.complete_now()
+    report = check(app)
+    assert report.ingested[0].rechecking == 1                 # bob's row only
+    assert statuses(alice) == {RowState.DONE: 3} and batch_status(alice)["status"] == "cancelled"
+    assert results_of(alice) == [(e, "unknown") for e in addresses("a", 3)]
+    assert statuses(bob) == {RowState.QUEUED: 1} and batch_status(bob)["rechecking"] == 1
+
+
 def test_the_packer_walks_past_a_row_whose_recheck_is_not_yet_due_and_keeps_its_place(app, bouncer):
     """Its place kept in line, and the not-before time alone holding it back: no verdict of its
     address is stored to hold it (a verdict pruned, say)."""

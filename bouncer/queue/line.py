@@ -17,7 +17,7 @@ from peewee import SQL, Query, Tuple
 from bouncer.states import RowState
 from bouncer.store.bulk import among, chunked, insert_tuples
 from bouncer.store.database import database, dialect
-from bouncer.store.models import FifoCounter, QueuedEmail, RidingRows, UserBatchEmail
+from bouncer.store.models import FifoCounter, QueuedEmail, RidingRows, UserBatch, UserBatchEmail
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +146,15 @@ def requeue_rows_of(ledger_ids, name_attempt=True):
 def requeue_for_recheck(ledger_id, due, max_rechecks):
     """Rows riding on this batch whose address Bouncer asked to be tried again (`due`: {email
     global id: not before}) and that were re-checked fewer than `max_rechecks` times go back in
-    line where they were, not to be sent before that time. Returns their ids."""
+    line where they were, not to be sent before that time (unless their user batch's cancel was
+    asked for). Returns their ids."""
     if not due or not max_rechecks:
         return []
-    back = (Row.select(*[row for _, row in LINE_COPIES])
+    # A row whose user batch's cancel was asked for is not sent again: it ends with the unknown.
+    back = (Row.select(*[row for _, row in LINE_COPIES]).join(UserBatch, on=(UserBatch.id == Row.batch))
             .where(Row.id.in_(riding_rows(ledger_id)) & (Row.status == RowState.QUEUED)
-                   & among(Row.email_global, list(due)) & (Row.rechecks < max_rechecks)).tuples())
+                   & among(Row.email_global, list(due)) & (Row.rechecks < max_rechecks)
+                   & UserBatch.cancelled_at.is_null()).tuples())
     back = database.execute_sql(*back.sql()).fetchall()
     global_id, rechecks = LINE_SOURCE.index(Row.email_global.column_name), LINE_SOURCE.index(Row.rechecks.column_name)
     insert_tuples(Line, [line.name for line, _ in LINE_COPIES] + ["not_before"],
