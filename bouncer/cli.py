@@ -247,6 +247,8 @@ def format_batch(b):
     counts = ", ".join("%s %d" % (k, v) for k, v in b["counts"].items() if v)
     text = "batch %s (%s, %s): %s, %d/%d done: %s" % (
         b["batch_id"], b["user_id"], b["check_type"], b["status"], b["done"], b["total"], counts)
+    if b.get("rechecking"):
+        text += "\n%d greylisted email(s) waiting for a re-check" % b["rechecking"]
     if b["failure_reason"]:
         text += "\nfailure: %s" % b["failure_reason"]
     hook = b.get("webhook")
@@ -261,11 +263,16 @@ def format_batch(b):
 def format_overview(o):
     lines = ["service: %s" % o["status"]] + ["  - %s" % reason for reason in o["reasons"]]
     lines += ["%s: batch creation paused (%s)" % (t, p["reason"]) for t, p in o["paused"].items()]
-    lines += ["%-12s %8s %8s %8s %16s" % ("check type", "new", "queued", "sent", "Bouncer batches")]
+    lines += ["%-12s %8s %8s %10s %8s %16s" % ("check type", "new", "queued", "rechecking", "sent", "Bouncer batches")]
     for check_type, c in o["check_types"].items():
-        lines.append("%-12s %8d %8d %8d %12d/%-3d" % (
-            check_type, c["new_emails"], c["queued_emails"], c["sent_emails"],
+        lines.append("%-12s %8d %8d %10d %8d %12d/%-3d" % (
+            check_type, c["new_emails"], c["queued_emails"], c["rechecking_emails"], c["sent_emails"],
             c["in_flight_batches"], c["max_outstanding"]))
+    for check_type, c in o["check_types"].items():
+        lines.append("%s credits: %d spent (%d today), %d refunded by finishes, %d on re-checks; %d batch(es) "
+                     "being finished" % (check_type, c["credits_spent_total"], c["credits_spent_today"],
+                                         c["credits_refunded_total"], c["credits_rechecks_total"],
+                                         c["finishing_batches"]))
     r = o["rate_limit"]
     lines.append("requests in the last 60 s: %d (buffer %d, Bouncer's limit %d)" % (
         r["requests_last_60s"], r["buffer"], r["bouncer_limit"]))

@@ -1,4 +1,5 @@
-"""Client for Bouncer's batch verification API: create a batch, check its status, download its results.
+"""Client for Bouncer's batch verification API: create a batch, check its status, download its results,
+finish it (stop it, refunding what it had not verified) and delete it.
 
 Every failed call, whatever the cause, leaves this module as one BouncerError with a one-line
 message that says what went wrong and never carries the API key.
@@ -105,6 +106,27 @@ class BouncerClient:
             log.warning("Bouncer download of %s batch %s: left out %d items that are not JSON objects",
                         check_type, batch_id, len(answer) - len(records))
         return records
+
+    def finish_batch(self, check_type: str, batch_id: str) -> None:
+        """Ask Bouncer to stop the batch and refund what it has not verified (202). Bouncer
+        refuses a batch that is not running with a 400, which it may also carry in a 200's body."""
+        path = "%s/%s/finish" % (self.batch_path(check_type), quote_batch_id(batch_id))
+        self._call("finish", "POST", path, parse=parse_optional_json)
+        log.info("Bouncer is finishing %s batch %s", check_type, batch_id)
+
+    def delete_batch(self, check_type: str, batch_id: str) -> bool:
+        """Delete the batch's addresses and results at Bouncer: True when deleted now, False when
+        Bouncer no longer knew it (404: gone already, which is what was asked). A batch still
+        running is refused with a 405, raised like any other failure."""
+        path = "%s/%s" % (self.batch_path(check_type), quote_batch_id(batch_id))
+        try:
+            self._call("delete", "DELETE", path, parse=parse_optional_json)
+        except BouncerError as exc:
+            if exc.is_not_found:
+                return False
+            raise
+        log.info("Bouncer deleted %s batch %s", check_type, batch_id)
+        return True
 
     def get_credits(self) -> int:
         """The account's balance (GET /v1.1/credits; Bouncer allows 10 a minute)."""
@@ -269,6 +291,11 @@ def parse_records(content):
         if after.group(1) is None:
             return finished(text, after.end(), records)
         position = after.end()
+
+
+def parse_optional_json(content):
+    """An answer whose body says nothing (finish and delete answer `{}`): an empty one is fine."""
+    return json.loads(content) if content.strip() else {}
 
 
 def finished(text, end, records):

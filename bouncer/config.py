@@ -70,6 +70,9 @@ class Settings:
     operator_password: str | None = setting("OPERATOR_PASSWORD", secret=True)
     metrics_token: str | None = setting("METRICS_TOKEN", secret=True)
     erasure_audit_key: str | None = setting("ERASURE_AUDIT_KEY", secret=True)
+    unknown_rechecks: int = setting("UNKNOWN_RECHECKS", 1, "int", 0, 10)
+    unknown_recheck_max_delay: int = setting("UNKNOWN_RECHECK_MAX_DELAY", 3600, "int", 0, 86400)
+    delete_results: bool = setting("BOUNCER_DELETE_RESULTS", False, kind="bool")
 
     def __repr__(self):
         # No secret may reach a log line through a repr: passwords in URLs are masked, secrets
@@ -240,10 +243,23 @@ def read_value(f, env):
                               % (meta["env"], raw, ",".join(map(str, f.default)))) from None
     if kind == "base_url":
         return raw.rstrip("/")
+    if kind == "bool":
+        return read_bool(meta["env"], raw)
     for choice in meta["choices"] or ():
         if raw.lower() == choice.lower():
             return choice
     return raw
+
+
+BOOLEANS = {"true": True, "1": True, "yes": True, "on": True,
+            "false": False, "0": False, "no": False, "off": False}
+
+
+def read_bool(name, raw):
+    try:
+        return BOOLEANS[raw.lower()]
+    except KeyError:
+        raise ConfigError("%s=%r must be true or false" % (name, raw)) from None
 
 
 def load_settings(env=None):

@@ -69,6 +69,17 @@ class BouncerError(Exception):
         return self.status == 405 and not self.is_results_gone
 
     @property
+    def is_not_running(self):
+        # Bouncer refuses to finish a batch that is not running ("batch has to be running to
+        # finish"): still queued, or completed already.
+        return self.status == 400 and self.operation == "finish"
+
+    @property
+    def is_not_deletable_yet(self):
+        # "batch cannot be deleted in current state": it is still running.
+        return self.status == 405 and self.operation == "delete"
+
+    @property
     def ends_cycle(self):
         # Another call this cycle would hit the same wall: limit, empty account or bad key.
         return self.status in (429, 402, 401)

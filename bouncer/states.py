@@ -5,7 +5,9 @@ Row (`user_batch_emails.status`):
     new (written, not yet admitted) -> queued (in line, or riding on a Bouncer batch)
                                     -> invalid (failed the syntax check, never sent)
     queued -> done (its verdict is stored) | failed (with a reason)
-    new | queued -> cancelled (its user batch was cancelled before it was sent)
+    queued -> queued (greylisted: back in line until Bouncer's retryAfter, `rechecks` + 1)
+    new | queued -> cancelled (its user batch was cancelled before it was sent, or its Bouncer
+                               batch ended without its verdict after the cancel)
 User batch (`user_batches.status`):
     loading (a loader still writing its slices: invisible to the queue)
     -> new (written, not yet noticed by the queue)
@@ -13,7 +15,10 @@ User batch (`user_batches.status`):
     -> completed | failed (with a reason) | cancelled
 Bouncer batch (`bouncer_batches.status`, the ledger):
     reserved (written before Bouncer is called) -> outstanding (Bouncer's id stored)
-    -> completed (its download ingested) | failed (404, BATCH_TIMEOUT, an operator)
+    -> completed (its download ingested) | failed (404, results removed, a refused finish)
+    an outstanding batch may be marked to finish at Bouncer (BATCH_TIMEOUT, an operator, no
+    live row left): still outstanding until its verified part is ingested (completed), or
+    failed (Bouncer refused, or never completed it); a completed one may be deleted at Bouncer
     reserved -> rejected (Bouncer refused the call) | abandoned (the call went unanswered, or its
     cycle died during it: a possible orphan)
 Webhook delivery (`webhook_deliveries.state`):

@@ -94,9 +94,10 @@ def fifo_key(row):
 def sent_out_of_fifo_order(before_ledger_id, check_type):
     """Invariant 5, for what one creation cycle did (ledger rows with id > before_ledger_id):
     no queued email is older than an address this cycle sent, unless that email's own attempt
-    failed in this very cycle."""
-    cycle = BouncerBatch.select().where((BouncerBatch.id > before_ledger_id)
-                                        & (BouncerBatch.check_type == check_type))
+    failed in this very cycle, or it was waiting (its re-check not yet due, its address greylisted
+    or on a batch being finished) when the cycle began."""
+    cycle = list(BouncerBatch.select().where((BouncerBatch.id > before_ledger_id)
+                                             & (BouncerBatch.check_type == check_type)))
     # abandoned in a cycle: its create call timed out
     failed_calls = (BouncerBatchState.REJECTED, BouncerBatchState.ABANDONED)
     sent = [b.id for b in cycle if b.status not in failed_calls]
@@ -113,10 +114,28 @@ def sent_out_of_fifo_order(before_ledger_id, check_type):
     newest_sent = max(oldest.values())
     waiting = (Row.select().join(QueuedEmail, on=(QueuedEmail.row == Row.id))
                .where(Row.check_type == check_type))
+    excused = set(waited_on_purpose(check_type, min(b.reserved_at for b in cycle)))
     # A requeued email keeps the id of the attempt that carried it: excused if that attempt
     # failed in this very cycle.
     return ["queued email %s (%s) is older than sent %s" % (r.id, fifo_key(r), newest_sent)
-            for r in waiting if fifo_key(r) < newest_sent and r.bouncer_batch_id not in rejected_now]
+            for r in waiting if fifo_key(r) < newest_sent and r.bouncer_batch_id not in rejected_now
+            and r.id not in excused]
+
+
+def waited_on_purpose(check_type, moment):
+    """Ids of the rows in line that the packer leaves waiting at `moment`: a re-check not yet
+    due, an address greylisted until later, an address on a batch being finished."""
+    Line = QueuedEmail
+    Result = result_model(check_type)
+    not_due = Line.select(Line.row).where((Line.check_type == check_type) & (Line.not_before > moment))
+    held = (Line.select(Line.row).join(Result, on=(Result.email_global == Line.email_global))
+            .where((Line.check_type == check_type) & (Result.retry_after > moment)))
+    finishing = (Line.select(Line.row)
+                 .join(BouncerBatchEmail, on=((BouncerBatchEmail.email_global == Line.email_global)
+                                              & (BouncerBatchEmail.check_type == Line.check_type)))
+                 .join(BouncerBatch, on=(BouncerBatch.id == BouncerBatchEmail.bouncer_batch))
+                 .where((Line.check_type == check_type) & BouncerBatch.finish_reason.is_null(False)))
+    return [row_id for query in (not_due, held, finishing) for (row_id,) in query.tuples()]
 
 
 def rows_of_ledgers(ledger_ids):

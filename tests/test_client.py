@@ -519,3 +519,101 @@ def test_parse_records_refuses_what_json_refuses(body):
         json.loads(body)
     with pytest.raises(ValueError):
         parse_records(body.encode())
+
+
+# -- finish and delete --
+
+FINISH_URL = BATCH_URL + "/b1/finish"
+NOT_RUNNING = {"status": "400", "error": "Bad Request", "message": "batch has to be running to finish"}
+NOT_DELETABLE = {"status": "405", "error": "Method Not Allowed", "message": "batch cannot be deleted in current state"}
+UNKNOWN_BATCH = {"status": "404", "error": "Not Found", "message": "request b1 does not exist"}
+# The two calls, each with the request it makes, so their shared failures run against both.
+ENDINGS = {
+    "finish": (responses.POST, FINISH_URL, lambda c: c.finish_batch("deliverable", "b1")),
+    "delete": (responses.DELETE, BATCH_URL + "/b1", lambda c: c.delete_batch("deliverable", "b1")),
+}
+
+
+def ending_call(api, client, operation, **answer):
+    method, url, call = ENDINGS[operation]
+    api.add(method, url, **answer)
+    return call(client)
+
+
+@pytest.mark.parametrize("check_type, prefix", [("deliverable", DEFAULT_BATCH_PATH), ("catchall", CATCHALL_PATH)])
+def test_finish_batch_posts_to_the_finish_path_and_takes_a_202(api, client, check_type, prefix):
+    api.add(responses.POST, BASE + prefix + "/b%2F1/finish", status=202, json={})
+    assert client.finish_batch(check_type, "b/1") is None
+    request = sent(api)
+    assert (request.method, path(request)) == ("POST", prefix + "/b%2F1/finish")
+    assert request.headers["x-api-key"] == KEY and request.body is None and query(request) == {}
+
+
+@pytest.mark.parametrize("answer", [dict(status=202, body=b""), dict(status=200, json={})])
+def test_finish_batch_takes_an_empty_or_200_answer(api, client, answer):
+    assert ending_call(api, client, "finish", **answer) is None
+
+
+@pytest.mark.parametrize("answer", [
+    dict(status=400, json=NOT_RUNNING),
+    dict(status=200, json=NOT_RUNNING),    # as Bouncer's own OpenAPI file documents it
+])
+def test_finish_batch_refused_when_not_running(api, client, answer):
+    with pytest.raises(BouncerError) as caught:
+        ending_call(api, client, "finish", **answer)
+    error = caught.value
+    assert (error.status, error.operation, error.is_not_running) == (400, "finish", True)
+    assert not (error.is_not_found or error.ends_cycle)
+    assert "batch has to be running to finish" in str(error)
+
+
+def test_finish_batch_404_is_a_batch_bouncer_does_not_know(api, client):
+    with pytest.raises(BouncerError) as caught:
+        ending_call(api, client, "finish", status=404, json=UNKNOWN_BATCH)
+    assert caught.value.is_not_found and not caught.value.is_not_running
+    assert str(caught.value) == "Bouncer finish failed: HTTP 404 Not Found: request b1 does not exist"
+
+
+@pytest.mark.parametrize("check_type, prefix", [("deliverable", DEFAULT_BATCH_PATH), ("catchall", CATCHALL_PATH)])
+def test_delete_batch_deletes_and_says_so(api, client, check_type, prefix):
+    api.add(responses.DELETE, BASE + prefix + "/b1", status=200, json={})
+    assert client.delete_batch(check_type, "b1") is True
+    request = sent(api)
+    assert (request.method, path(request), request.headers["x-api-key"]) == ("DELETE", prefix + "/b1", KEY)
+
+
+def test_delete_batch_404_counts_as_deleted(api, client):
+    assert ending_call(api, client, "delete", status=404, json=UNKNOWN_BATCH) is False
+
+
+def test_delete_batch_405_while_it_runs(api, client):
+    with pytest.raises(BouncerError) as caught:
+        ending_call(api, client, "delete", status=405, json=NOT_DELETABLE)
+    error = caught.value
+    assert (error.status, error.operation, error.is_not_deletable_yet) == (405, "delete", True)
+    assert str(error) == ("Bouncer delete failed: HTTP 405 Method Not Allowed: batch cannot be deleted in "
+                          "current state")
+
+
+def test_a_405_of_another_call_is_not_a_delete_refused():
+    assert not BouncerError("x", status=405, operation="download").is_not_deletable_yet
+    assert not BouncerError("x", status=400, operation="status").is_not_running
+
+
+@pytest.mark.parametrize("operation", sorted(ENDINGS))
+@pytest.mark.parametrize("answer, status, ends_cycle", [
+    (dict(status=401, json={"status": 401, "error": "Unauthorized", "message": "key %s is bad" % KEY}), 401, True),
+    (dict(status=429, json={"status": 429, "error": "Too Many Requests", "message": "too many requests"}), 429,
+     True),
+    (dict(status=503, body="<html>down</html>", content_type="text/html"), 503, False),
+    (dict(body=ReadTimeout("read timed out")), None, False),
+    (dict(body=ConnectionError("[Errno 111] Connection refused")), None, False),
+])
+def test_finish_and_delete_fail_as_one_bouncer_error_without_the_key(api, client, operation, answer, status,
+                                                                     ends_cycle):
+    with pytest.raises(BouncerError) as caught:
+        ending_call(api, client, operation, **answer)
+    error = caught.value
+    assert (error.status, error.operation, error.ends_cycle) == (status, operation, ends_cycle)
+    assert KEY not in str(error) and "\n" not in str(error)
+    assert not (error.is_not_running or error.is_not_deletable_yet)

@@ -39,6 +39,9 @@ DEFAULTS = {
     "erasure_audit_key": None,
     "webhook_timeout": 10,
     "webhook_retry_schedule": (5, 300, 1800, 7200, 18000, 36000),
+    "unknown_rechecks": 1,
+    "unknown_recheck_max_delay": 3600,
+    "delete_results": False,
 }
 
 INTEGER_SETTINGS = [
@@ -56,6 +59,8 @@ INTEGER_SETTINGS = [
     ("BOUNCER_CONNECT_TIMEOUT", "bouncer_connect_timeout"),
     ("PORT", "port"),
     ("API_MAX_EMAILS", "api_max_emails"),
+    ("UNKNOWN_RECHECKS", "unknown_rechecks"),
+    ("UNKNOWN_RECHECK_MAX_DELAY", "unknown_recheck_max_delay"),
 ]
 # Each integer's largest accepted value: above it a value passes a type check and then breaks
 # something (an overflow in a date, a scheduler crash, a port that wraps around).
@@ -64,7 +69,7 @@ MAXIMUMS = {
     "BOUNCER_MAX_OUTSTANDING": 100, "RATE_LIMIT_PER_MINUTE": 100000, "RATE_LIMIT_BUFFER": 100000,
     "BOUNCER_TIMEOUT": 25, "BOUNCER_CONNECT_TIMEOUT": 25, "RESERVATION_TIMEOUT": 604800,
     "BATCH_TIMEOUT": 2592000, "RESULT_CACHE_DAYS": 3650, "RETENTION_DAYS": 36500, "PORT": 65535,
-    "API_MAX_EMAILS": 10000000, "WEBHOOK_TIMEOUT": 60,
+    "API_MAX_EMAILS": 10000000, "WEBHOOK_TIMEOUT": 60, "UNKNOWN_RECHECKS": 10, "UNKNOWN_RECHECK_MAX_DELAY": 86400,
 }
 ENV_NAMES = [name for name, _ in INTEGER_SETTINGS]
 
@@ -97,7 +102,7 @@ def test_settings_class_defaults_match_design():
 def test_load_settings_reads_each_integer(name, field):
     # Values chosen to keep the cross-checks (buffer <= limit, reservation > timeout) satisfied.
     value = {"RATE_LIMIT_BUFFER": 150, "BOUNCER_TIMEOUT": 20, "BOUNCER_CONNECT_TIMEOUT": 3,
-             "BOUNCER_MAX_OUTSTANDING": 25}.get(name, 700)
+             "BOUNCER_MAX_OUTSTANDING": 25, "UNKNOWN_RECHECKS": 3}.get(name, 700)
     assert getattr(load_settings({name: " %s " % value}), field) == value
 
 
@@ -125,7 +130,10 @@ def test_load_settings_non_integer_refused(name, raw):
     assert "whole number" in message and "set it to" in message
 
 
-ZERO_ALLOWED = ("RESULT_CACHE_DAYS", "RETENTION_DAYS")
+# Settings where 0 means "off": RESULT_CACHE_DAYS (no cache), RETENTION_DAYS (keep forever),
+# UNKNOWN_RECHECKS (greylisted verdicts final), UNKNOWN_RECHECK_MAX_DELAY (no retryAfter waited for).
+ZERO_ALLOWED = {"RESULT_CACHE_DAYS": "result_cache_days", "RETENTION_DAYS": "retention_days",
+                "UNKNOWN_RECHECKS": "unknown_rechecks", "UNKNOWN_RECHECK_MAX_DELAY": "unknown_recheck_max_delay"}
 
 
 @pytest.mark.parametrize("name", [n for n in ENV_NAMES if n not in ZERO_ALLOWED])
@@ -136,12 +144,16 @@ def test_load_settings_too_small_refused(name, raw):
     assert "at least 1" in message
 
 
-@pytest.mark.parametrize("name, field", [("RESULT_CACHE_DAYS", "result_cache_days"),
-                                         ("RETENTION_DAYS", "retention_days")])
-def test_load_settings_days_zero_allowed_negative_refused(name, field):
+@pytest.mark.parametrize("name, field", ZERO_ALLOWED.items())
+def test_load_settings_zero_turns_off_negative_refused(name, field):
     assert getattr(load_settings({name: "0"}), field) == 0
-    message = config_error({name: "-1"})
-    assert name in message and "at least 0" in message
+    assert config_error({name: "-1"}) == "%s=-1 is too small; it must be at least 0" % name
+
+
+def test_load_settings_result_cache_days_zero_allowed_negative_refused():
+    assert load_settings({"RESULT_CACHE_DAYS": "0"}).result_cache_days == 0
+    message = config_error({"RESULT_CACHE_DAYS": "-1"})
+    assert "RESULT_CACHE_DAYS" in message and "at least 0" in message
 
 
 def test_load_settings_rate_limit_buffer_above_limit_refused():
@@ -188,6 +200,18 @@ def test_every_integer_setting_has_a_range():
     for f in fields(Settings):
         if f.metadata["kind"] == "int":
             assert f.metadata["env"] in MAXIMUMS and f.metadata["minimum"] is not None, f.name
+
+
+@pytest.mark.parametrize("raw, value", [("true", True), (" TRUE ", True), ("1", True), ("yes", True), ("on", True),
+                                        ("false", False), ("0", False), ("No", False), ("off", False),
+                                        ("", False)])
+def test_load_settings_reads_a_yes_or_no(raw, value):
+    assert load_settings({"BOUNCER_DELETE_RESULTS": raw}).delete_results is value
+
+
+@pytest.mark.parametrize("raw", ["maybe", "2", "truthy"])
+def test_load_settings_refuses_a_yes_or_no_it_cannot_read(raw):
+    assert config_error({"BOUNCER_DELETE_RESULTS": raw}) == "BOUNCER_DELETE_RESULTS=%r must be true or false" % raw
 
 
 @pytest.mark.parametrize("raw", ["verbose", "info2", "10"])

@@ -16,12 +16,12 @@ from bouncer.cycles.runner import run_cycle
 from bouncer.names import CREATION, STATUS
 from bouncer.queue.ledger import fail_bouncer_batch
 from bouncer.store.database import database, open_database
-from bouncer.store.models import AuditEntry, BouncerBatch, Pause, UserBatch
+from bouncer.store.models import AuditEntry, BouncerBatch, Pause, UserBatch, UserBatchEmail
 from bouncer.web import create_web_app
 
 CONSOLE_GETS = ["/", "/?user=alice", "/batches/1", "/batches/1/results.csv", "/console/static/console.js"]
 CONSOLE_POSTS = ["/check-types/deliverable/pause", "/check-types/deliverable/resume", "/batches/1/cancel",
-                 "/bouncer-batches/1/fail", "/erasure/user", "/erasure/email"]
+                 "/bouncer-batches/1/finish", "/erasure/user", "/erasure/email"]
 
 
 @pytest.fixture
@@ -209,24 +209,38 @@ def test_a_pruned_batch_page_says_so_and_its_csv_is_gone(client, app, bouncer):
     assert "removed after the retention period" in one_line_error(response, 410)
 
 
-def test_fail_a_stuck_bouncer_batch_with_the_operators_reason(client, app, bouncer):
+def test_finish_a_stuck_bouncer_batch_with_the_operators_reason(client, app, bouncer):
     batch_id = submit("alice", addresses("a", 5))
     run_cycle(app, CREATION, "deliverable")
     ledger_id = BouncerBatch.get().id
+    [bouncer_id] = bouncer.batches
+    bouncer.set_processed(bouncer_id, 3)       # Bouncer verified three before it was stopped
     token = csrf_token(page(client))
-    assert 'action="/bouncer-batches/%d/fail"' % ledger_id in page(client)
-    response = post(client, "/bouncer-batches/%d/fail" % ledger_id, token, reason="stuck at Bouncer for 3 days")
+    assert 'action="/bouncer-batches/%d/finish"' % ledger_id in page(client)
+    response = post(client, "/bouncer-batches/%d/finish" % ledger_id, token, reason="stuck at Bouncer for 3 days")
     assert response.status_code == 303
-    batch = UserBatch.get_by_id(batch_id)
-    assert (batch.status, batch.failure_reason) == ("failed", "stuck at Bouncer for 3 days")
-    ledger = BouncerBatch.get_by_id(ledger_id)
-    assert (ledger.status, ledger.failure_reason) == ("failed", "stuck at Bouncer for 3 days")
     html = page(client)
-    assert "Bouncer batch %d failed: 5 email(s) failed with your reason." % ledger_id in html
-    assert 'data-audit-action="fail"' in html
-    post(client, "/bouncer-batches/%d/fail" % ledger_id, token, reason="again")
-    assert "Bouncer batch %d is not outstanding: nothing failed." % ledger_id in page(client)
-    assert AuditEntry.select().count() == 1
+    assert "Bouncer batch %d is being finished at Bouncer" % ledger_id in html
+    assert 'data-audit-action="finish"' in html and "finishing" in html
+    ledger = BouncerBatch.get_by_id(ledger_id)
+    assert (ledger.status, ledger.finish_reason) == ("outstanding", "stuck at Bouncer for 3 days")
+    assert 'action="/bouncer-batches/%d/finish"' % ledger_id not in html   # asked once
+    post(client, "/bouncer-batches/%d/finish" % ledger_id, token, reason="again")
+    assert "Bouncer batch %d is not outstanding, or is being finished already: nothing done." % ledger_id \
+        in page(client)
+    assert [(a.action, a.detail) for a in AuditEntry.select()] == [("finish", "stuck at Bouncer for 3 days")]
+
+    run_cycle(app, STATUS, "deliverable")      # asks Bouncer to finish it
+    run_cycle(app, STATUS, "deliverable")      # Bouncer says completed: its verified part is ingested
+    assert bouncer.count("finish") == 1
+    rows = list(UserBatchEmail.select().where(UserBatchEmail.batch == batch_id).order_by(UserBatchEmail.position))
+    assert [r.status for r in rows] == ["done"] * 3 + ["failed"] * 2
+    assert rows[-1].failure_reason == ("Bouncer batch %s was finished before verifying it (stuck at Bouncer for 3 "
+                                       "days)" % bouncer_id)
+    assert UserBatch.get_by_id(batch_id).status == "completed"
+    ledger = BouncerBatch.get_by_id(ledger_id)
+    assert (ledger.status, ledger.credits, ledger.refunded) == ("completed", 3, 2)
+    assert 'data-credits="3"' in page(client)
 
 
 @pytest.mark.parametrize("method, path, fields, status", [
@@ -240,8 +254,9 @@ def test_fail_a_stuck_bouncer_batch_with_the_operators_reason(client, app, bounc
     ("POST", "/check-types/unknown/pause", {}, 404),
     ("POST", "/check-types/deliverable/pause", {"reason": "r" * 301}, 400),
     ("POST", "/batches/999/cancel", {}, 404),
-    ("POST", "/bouncer-batches/999/fail", {"reason": "x"}, 404),
-    ("POST", "/bouncer-batches/1/fail", {"reason": "   "}, 400),
+    ("POST", "/bouncer-batches/999/finish", {"reason": "x"}, 404),
+    ("POST", "/bouncer-batches/1/finish", {"reason": "   "}, 400),
+    ("POST", "/bouncer-batches/1/fail", {"reason": "x"}, 404),
     ("GET", "/check-types/deliverable/pause", {}, 405),
 ])
 def test_bad_input_is_a_one_line_error(client, app, bouncer, method, path, fields, status):

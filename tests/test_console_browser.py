@@ -18,7 +18,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from werkzeug.serving import make_server
 
 from bouncer.cycles.runner import run_cycle
-from bouncer.names import CREATION
+from bouncer.names import CREATION, STATUS
 from bouncer.queue.pauses import pause
 from bouncer.store.models import AuditEntry, BouncerBatch, Pause, UserBatch
 from bouncer.web import console as console_module
@@ -211,23 +211,36 @@ def test_pause_then_resume_changes_what_the_creation_cycle_does(console, app, bo
     assert console.errors() == []
 
 
-def test_cancel_and_fail_from_the_page(console, app, bouncer):
+def test_cancel_and_finish_from_the_page(console, app, bouncer):
+    busy = submit("bob", addresses("b", 10))
+    run_cycle(app, CREATION, "deliverable")               # bob's batch
     waiting = submit("alice", addresses("a", 35))
-    run_cycle(app, CREATION, "deliverable")
+    run_cycle(app, CREATION, "deliverable")               # two of alice's (the test cap is 3), 15 wait
     console.open("/batches/%d" % waiting)
     console.click("#cancel")
     assert "not yet sent cancelled" in console.texts(".flashes li")[0]
     assert UserBatch.get_by_id(waiting).cancelled_at is not None
 
     stuck = BouncerBatch.select().where(BouncerBatch.status == "outstanding").order_by(BouncerBatch.id).first()
+    bouncer.set_processed(stuck.bouncer_id, 7)
     console.open("/")
     row = '#ledger tr[data-ledger-id="%d"]' % stuck.id
     console.driver.find_element(By.CSS_SELECTOR, row + " input[name=reason]").send_keys("stuck at Bouncer")
     console.click(row + " button.danger")
-    assert "Bouncer batch %d failed: 10 email(s) failed with your reason." % stuck.id in console.texts(".flashes li")
-    assert BouncerBatch.get_by_id(stuck.id).failure_reason == "stuck at Bouncer"
-    assert [a.action for a in AuditEntry.select().order_by(AuditEntry.id)] == ["cancel", "fail"]
-    assert "stuck at Bouncer" in console.driver.find_element(By.ID, "failures").text
+    assert "Bouncer batch %d is being finished at Bouncer" % stuck.id in console.texts(".flashes li")[0]
+    assert BouncerBatch.get_by_id(stuck.id).finish_reason == "stuck at Bouncer"
+    assert [a.action for a in AuditEntry.select().order_by(AuditEntry.id)] == ["cancel", "finish"]
+    assert "finishing" in console.driver.find_element(By.CSS_SELECTOR, row).text
+    run_cycle(app, STATUS, "deliverable")                 # Bouncer asked to finish
+    run_cycle(app, STATUS, "deliverable")                 # what it verified, ingested
+    console.open("/")
+    assert "finished: stuck at Bouncer" in console.driver.find_element(By.CSS_SELECTOR, row).text
+    assert "(3 refunded)" in console.driver.find_element(By.CSS_SELECTOR, row).text
+    # Alice's two batches, left carrying only cancelled rows, were finished too: 10 back each.
+    assert console.figures()["check_types.deliverable.credits_refunded_total"] == 3 + 10 + 10
+    console.open("/batches/%d" % busy)
+    assert "Bouncer batch %s was finished before verifying it (stuck at Bouncer)" % stuck.bouncer_id \
+        in console.driver.find_element(By.ID, "preview").text
     assert console.errors() == []
 
 

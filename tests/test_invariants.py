@@ -65,10 +65,12 @@ def inject_random_fault(rng, bouncer):
         bouncer.fail_next(fault, kind="create")
 
 
-@pytest.mark.parametrize("seed", [7, 11])
-def test_invariants_1_2_3_5_7_hold_under_random_faults(app, bouncer, seed):
+@pytest.mark.parametrize("seed, greylist_rate", [(7, 0), (11, 0), (13, 0.3)])
+def test_invariants_1_2_3_5_7_hold_under_random_faults(app, bouncer, seed, greylist_rate):
     rng = random.Random(seed)
     app = with_settings(app, batch_size=7, max_outstanding=3)
+    # A share of the addresses greylisted, tried again once their retryAfter (now) has come.
+    bouncer.greylist_rate, bouncer.greylist_seconds = greylist_rate, 0
     pool = (addresses("p", 40) + ["P%d@Example.com" % i for i in range(10)]
             + ["first.last+%d@gmail.com" % i for i in range(5)] + ["firstlast@googlemail.com"])
     for _ in range(40):
@@ -88,6 +90,8 @@ def test_invariants_1_2_3_5_7_hold_under_random_faults(app, bouncer, seed):
         assert_invariants(app.settings)
     drain(app, bouncer)
     assert invariants.every_email_finished() == []
+    rechecked = sum(b.rechecks for b in BouncerBatch.select())
+    assert (rechecked > 0) == (greylist_rate > 0) and bouncer.stats()["early_retries"] == 0
 
 
 def drain(app, bouncer, cycles=30):

@@ -78,6 +78,10 @@ def test_metrics_equal_status_json(app, bouncer):
         assert metric(values, "bouncer_emails_verified_total", check_type=t) == c["emails_verified_total"]
         assert metric(values, "bouncer_credits_spent_total", check_type=t) == c["credits_spent_total"]
         assert metric(values, "bouncer_credits_spent_today", check_type=t) == c["credits_spent_today"]
+        assert metric(values, "bouncer_credits_refunded_total", check_type=t) == c["credits_refunded_total"]
+        assert metric(values, "bouncer_credits_rechecks_total", check_type=t) == c["credits_rechecks_total"]
+        assert metric(values, "bouncer_emails_rechecking", check_type=t) == c["rechecking_emails"]
+        assert metric(values, "bouncer_batches_finishing", check_type=t) == c["finishing_batches"]
         assert metric(values, "bouncer_creation_paused", check_type=t) == (t in expected["paused"])
         for status, n in c["batches_ended"].items():
             assert metric(values, "bouncer_batches_ended_total", check_type=t, status=status) == n
@@ -135,7 +139,7 @@ def test_counters_never_go_down_whatever_is_pruned(app, bouncer):
     assert RateLimitTracker.select().count() == 0
     after, _ = samples(scrape(web).get_data(as_text=True))
     totals = {key: value for key, value in before.items() if key[0].endswith("_total")}
-    assert len(totals) == 2 + 2 + 1 + 8
+    assert len(totals) == 2 + 2 + 2 + 2 + 1 + 8
     for key, value in totals.items():
         assert after[key] == value, key
 

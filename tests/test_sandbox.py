@@ -330,15 +330,80 @@ def test_status_unknown_batch_404(sandbox):
                                "message": "request nosuchbatch does not exist"}
 
 
+def delete(box, batch_id):
+    return requests.delete("%s%s/%s" % (box.url, BATCH_PATH, batch_id), headers=KEY, timeout=5)
+
+
+def finish(box, batch_id):
+    return requests.post("%s%s/%s/finish" % (box.url, BATCH_PATH, batch_id), headers=KEY, timeout=5)
+
+
 def test_status_deleted_batch_404(sandbox):
     batch_id = create_batch(sandbox, ["a@example.com"])
+    wait_until_completed(sandbox, batch_id)
 
-    deleted = requests.delete("%s%s/%s" % (sandbox.url, BATCH_PATH, batch_id), headers=KEY,
-                              timeout=5)
+    deleted = delete(sandbox, batch_id)
 
-    assert deleted.status_code == 200
+    assert deleted.status_code == 200 and deleted.json() == {}
     assert get_status(sandbox, batch_id).status_code == 404
     assert download(sandbox, batch_id).status_code == 404
+    assert delete(sandbox, batch_id).status_code == 404
+
+
+def test_delete_of_a_running_batch_answers_405(make_sandbox):
+    box = make_sandbox(processing_time=60)
+    batch_id = create_batch(box, ["a@example.com"])
+
+    refused = delete(box, batch_id)
+
+    assert refused.status_code == 405
+    assert refused.json() == {"status": 405, "error": "Method Not Allowed",
+                              "message": "batch cannot be deleted in current state"}
+    assert get_status(box, batch_id).json()["status"] in ("queued", "processing")
+
+
+def test_finish_keeps_what_was_verified_and_refunds_the_rest(make_sandbox):
+    box = make_sandbox(processing_time=60, credits=10)
+    batch_id = create_batch(box, ["a@example.com", "b@example.com", "c@example.com", "d@example.com"])
+    box.set_processed(batch_id, 3)
+    assert get_status(box, batch_id, params={"with-stats": "true"}).json()["processed"] == 3
+
+    finished = finish(box, batch_id)
+    again = finish(box, batch_id)
+
+    assert (finished.status_code, finished.json()) == (202, {})
+    assert again.status_code == 400 and again.json()["message"] == "batch has to be running to finish"
+    status = get_status(box, batch_id).json()
+    assert (status["status"], status["credits"]) == ("completed", 3)
+    assert [r["email"] for r in download(box, batch_id).json()] == ["a@example.com", "b@example.com",
+                                                                     "c@example.com"]
+    assert box.credits == 10 - 4 + 1
+    assert (box.count("finish"), box.count("other")) == (2, 0)
+
+
+def test_greylisted_addresses_answer_unknown_with_a_retry_after_until_tried_late_enough(make_sandbox):
+    box = make_sandbox(processing_time=0, greylist_rate=1.0, greylist_seconds=0.5)
+    emails = ["a@example.com", "b@example.com"]
+    first = download_records(box, create_batch(box, emails))
+    early = download_records(box, create_batch(box, ["A@example.com"]))
+    time.sleep(0.6)
+    late = download_records(box, create_batch(box, emails))
+
+    assert [(r["status"], r["reason"]) for r in first] == [("unknown", "timeout")] * 2
+    retry_after = first[0]["retryAfter"]
+    assert ISO_MS_Z.match(retry_after)
+    assert early[0]["retryAfter"] == retry_after     # too early: the same wait, counted
+    assert [r["status"] for r in late] == [simulator.verdict_for(e)["status"] for e in emails]
+    assert [r["retryAfter"] for r in late] == [None, None]
+    assert box.stats()["early_retries"] == 1 and box.stats()["greylisted"] == 2
+
+
+def test_greylist_rate_picks_a_stable_share_and_spares_sandbox_addresses():
+    picked = [simulator.is_greylisted("u%d@example.com" % i, 0.25) for i in range(2000)]
+    assert 400 < sum(picked) < 600
+    assert picked == [simulator.is_greylisted("U%d@Example.com " % i, 0.25) for i in range(2000)]
+    assert not simulator.is_greylisted("unknown@sandbox.usebouncer.com", 1.0)
+    assert not any(simulator.is_greylisted("u%d@example.com" % i, 0.0) for i in range(100))
 
 
 def test_status_forgotten_batch_404(sandbox):
@@ -491,10 +556,11 @@ def test_stats_counts_requests_faults_and_batches(sandbox):
     stats = sandbox.stats()
 
     assert stats["requests"] == 5
-    assert stats["by_kind"] == {"create": 1, "status": 2, "download": 1, "other": 1}
+    assert stats["by_kind"] == {"create": 1, "status": 2, "download": 1, "finish": 0, "delete": 0, "other": 1}
     assert stats["by_method"] == {"POST": 1, "GET": 4}
     assert stats["faults"] == {"429": 1}
     assert (stats["batches_created"], stats["emails_received"]) == (1, 2)
+    assert (stats["greylisted"], stats["early_retries"]) == (0, 0)
 
 
 # -- callbacks ---------------------------------------------------------------------------------
@@ -581,7 +647,7 @@ def test_processing_time_zero_completes_at_once(make_sandbox):
 def test_download_body_built_once_for_repeated_downloads(sandbox, monkeypatch):
     built = []
     real = simulator.build_record
-    monkeypatch.setattr(simulator, "build_record", lambda item: built.append(item) or real(item))
+    monkeypatch.setattr(simulator, "build_record", lambda item, *more: built.append(item) or real(item, *more))
     batch_id = create_batch(sandbox, ["a@example.com", "b@example.com"])
     sandbox.complete_now(batch_id)
 
@@ -681,14 +747,17 @@ def test_alter_downloads_serves_what_the_hook_returns_then_the_real_records(sand
 def test_readers_count_kinds_and_keep_addresses_of_deleted_batches(sandbox):
     first = create_batch(sandbox, ["a@example.com", "b@example.com"])
     create_batch(sandbox, ["c@example.com"])
-    requests.delete("%s%s/%s" % (sandbox.url, BATCH_PATH, first), headers=KEY, timeout=5)
+    sandbox.complete_now(first)
+    delete(sandbox, first)
     sandbox.fail_next(503, kind="status")
     get_status(sandbox, first)
+    requests.get(sandbox.url + "/v1.1/credits", headers=KEY, timeout=5)
 
     assert sandbox.sent_addresses() == ["a@example.com", "b@example.com", "c@example.com"]
-    assert (sandbox.count("create"), sandbox.count("status"), sandbox.count("other")) == (2, 1, 1)
+    assert [sandbox.count(kind) for kind in ("create", "status", "delete", "other")] == [2, 1, 1, 1]
     assert [(r["kind"], r["status"], r["fault"]) for r in sandbox.requests] == [
-        ("create", 200, None), ("create", 200, None), ("other", 200, None), ("status", 503, "503")]
+        ("create", 200, None), ("create", 200, None), ("delete", 200, None), ("status", 503, "503"),
+        ("other", 200, None)]
     with pytest.raises(ValueError, match="kind"):
         sandbox.count("created")
 

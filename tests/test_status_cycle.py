@@ -154,11 +154,35 @@ def test_check_404_fails_the_batch_its_emails_and_its_user_batches(app, bouncer)
     assert BouncerBatch.get_by_id(lost.id).status == RowState.FAILED
 
 
-def test_check_fails_a_batch_outstanding_longer_than_batch_timeout(app, bouncer):
+def test_check_finishes_a_batch_outstanding_longer_than_batch_timeout_and_ingests_what_it_verified(app, bouncer):
     batch = send_all(app)
+    [bouncer_id] = bouncer.batches
+    bouncer.set_processed(bouncer_id, 2)
     BouncerBatch.update(sent_at=utcnow() - datetime.timedelta(seconds=app.settings.batch_timeout + 5)).execute()
     report = run_cycle(app, STATUS, "deliverable")
+    assert report.finishing == [BouncerBatch.get().id] and report.failed == []
+    assert statuses(batch) == {SENT: 5}
+    report = run_cycle(app, STATUS, "deliverable")
+    assert report.ingested[0].verified == 2 and report.ingested[0].missing == 3
+    assert report.ingested[0].refunded == 3
+    assert statuses(batch) == {RowState.DONE: 2, RowState.FAILED: 3}
+    failed = UserBatchEmail.get(UserBatchEmail.status == RowState.FAILED)
+    assert failed.failure_reason == ("Bouncer batch %s was finished before verifying it (Bouncer batch did not "
+                                     "complete within BATCH_TIMEOUT (86400 s))" % bouncer_id)
+    assert UserBatch.get_by_id(batch).status == "completed"
+    assert bouncer.count("finish") == 1
+
+
+def test_check_fails_an_overdue_batch_whose_finish_bouncer_refuses_while_it_is_queued(app, bouncer):
+    batch = send_all(app)
+    [bouncer_id] = bouncer.batches
+    bouncer.set_status(bouncer_id, "queued")
+    BouncerBatch.update(sent_at=utcnow() - datetime.timedelta(seconds=app.settings.batch_timeout + 5)).execute()
+    bouncer.fail_next(400, kind="finish", body={"status": "400", "error": "Bad Request",
+                                                "message": "batch has to be running to finish"})
+    report = run_cycle(app, STATUS, "deliverable")
     assert len(report.failed) == 1 and "BATCH_TIMEOUT" in report.failed[0][1]
+    assert "Bouncer refused to finish it" in report.failed[0][1]
     assert statuses(batch) == {RowState.FAILED: 5}
     assert UserBatch.get_by_id(batch).status == "failed"
 
@@ -319,14 +343,14 @@ def ingests_waiting_for_downloads(monkeypatch, count_downloads, ahead):
     from bouncer.cycles import ingest
     real, seen = ingest.ingest_download, []
 
-    def waiting_ingest(ledger_id, records, now=None):
+    def waiting_ingest(ledger_id, records, now=None, **options):
         if not seen:
             deadline = time.monotonic() + 10
             while count_downloads() < 1 + ahead and time.monotonic() < deadline:
                 time.sleep(0.01)
             time.sleep(0.2)
         seen.append(count_downloads())
-        return real(ledger_id, records, now)
+        return real(ledger_id, records, now, **options)
     monkeypatch.setattr(ingest, "ingest_download", waiting_ingest)
     return seen
 
@@ -417,9 +441,9 @@ def test_a_download_that_has_arrived_is_ingested_before_the_running_batches_are_
         events.append("status")
         return get_batch(check_type, bouncer_id)
 
-    def ingesting(ledger_id, download, now=None):
+    def ingesting(ledger_id, download, now=None, **options):
         events.append("ingest")
-        return real(ledger_id, download, now)
+        return real(ledger_id, download, now, **options)
     monkeypatch.setattr(sandbox_app.client, "get_batch", slow_status)
     monkeypatch.setattr(ingest, "ingest_download", ingesting)
     report = run_cycle(sandbox_app, STATUS, "deliverable")
@@ -485,9 +509,9 @@ def test_a_cycle_told_to_stop_ingests_what_it_downloaded_and_leaves_the_rest(app
     from bouncer.cycles.runner import SHUTDOWN
     real = ingest.ingest_download
 
-    def ingest_then_stop(ledger_id, records, now=None):
+    def ingest_then_stop(ledger_id, records, now=None, **options):
         SHUTDOWN.set()
-        return real(ledger_id, records, now)
+        return real(ledger_id, records, now, **options)
     monkeypatch.setattr(ingest, "ingest_download", ingest_then_stop)
     try:
         report = run_cycle(app, STATUS, "deliverable")

@@ -13,7 +13,8 @@ from bouncer.cycles.runner import run_cycle
 from bouncer.names import CREATION, STATUS
 from bouncer.reading.batches import batch_status, iter_results
 from bouncer.store.database import database, open_database
-from bouncer.store.migrations import RETIRED_INDEXES, create_schema
+from bouncer.sandbox.simulator import verdict_for
+from bouncer.store.migrations import RETIRED_INDEXES, create_schema, upgrade_to_5
 from bouncer.store.models import BouncerBatch, BouncerBatchEmail, QueuedEmail, UserBatch, UserBatchEmail
 from bouncer.store.schema import VERSION, current_version
 
@@ -373,3 +374,42 @@ def test_a_version_4_database_gains_what_erasure_and_retention_need(v4_database,
     UserBatch.update(completed_at=datetime.datetime.now()).where(UserBatch.id == 2).execute()
     assert erasure.prune(app, who="test", days=30).batches == 1      # dave's; carol's ended within the period
     assert batch_status(3)["counts"]["invalid"] == 1 and batch_status(3)["pruned_at"]
+# What version 5 adds for Bouncer's batch lifecycle, by table.
+LIFECYCLE_COLUMNS = {
+    "bouncer_batches": {"finish_reason", "finish_asked_at", "finish_accepted_at", "credits", "refunded", "rechecks",
+                        "deleted_at"},
+    "user_batch_emails": {"rechecks"},
+    "queued_emails": {"rechecks", "not_before"},
+    "email_deliverable_results": {"retry_after"},
+    "email_catchall_results": {"retry_after"},
+}
+
+
+def columns_of(table):
+    return {column.name for column in database.get_columns(table)}
+
+
+def test_a_version_4_database_gains_the_batch_lifecycle_and_carries_on_with_it(v4_database, redis_conn, bouncer):
+    with database.connection_context():
+        assert all(not columns & columns_of(table) for table, columns in LIFECYCLE_COLUMNS.items())
+        create_schema()
+        for table, columns in LIFECYCLE_COLUMNS.items():
+            assert columns <= columns_of(table), table
+        assert "bouncer_batches_undeleted" in indexes_of("bouncer_batches")
+        with database.atomic():
+            upgrade_to_5()                                  # safe to run again
+        assert QueuedEmail.select().where(QueuedEmail.rechecks != 0).count() == 0   # the rows in line kept
+    app = upgraded_app(v4_database, redis_conn)
+    bouncer.greylist_rate, bouncer.greylist_seconds = 1.0, 0    # tried again at once
+    run_cycle(app, CREATION, "deliverable")
+    bouncer.complete_now()
+    run_cycle(app, STATUS, "deliverable")
+    assert statuses(1) == {"done": 1, "queued": 2} and batch_status(1)["rechecking"] == 2
+    run_cycle(app, CREATION, "deliverable")
+    assert bouncer.sent_addresses()[3:] == ["b@example.com", "c@example.com", "d@example.com"]
+    bouncer.complete_now()
+    run_cycle(app, STATUS, "deliverable")
+    assert statuses(1) == {"done": 3} and statuses(3) == {"done": 1, "invalid": 1}
+    assert [r["status"] for r in iter_results(1)] == ["deliverable"] + [
+        verdict_for(e)["status"] for e in ("b@example.com", "c@example.com")]
+    assert BouncerBatch.select().where(BouncerBatch.rechecks > 0).count() == 1

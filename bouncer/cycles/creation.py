@@ -93,6 +93,14 @@ def check_credits(cycle, now):
     pauses.credits_checked(balance, now)
 
 
+def hold_window(settings):
+    """How far ahead a greylisted address's `retryAfter` may lie and still be waited for; None
+    when greylisted addresses are never tried again (UNKNOWN_RECHECKS=0)."""
+    if not settings.unknown_rechecks:
+        return None
+    return datetime.timedelta(seconds=settings.unknown_recheck_max_delay)
+
+
 def fill_free_slots(cycle):
     settings, check_type, report = cycle.settings, cycle.check_type, cycle.report
     attempts = 0
@@ -100,8 +108,8 @@ def fill_free_slots(cycle):
         while attempts < report.free_slots:
             if cycle.must_stop():
                 return
-            reservation = ledger.reserve_next_batch(check_type, settings.batch_size,
-                                                    settings.result_cache_days, settings.max_outstanding)
+            reservation = ledger.reserve_next_batch(check_type, settings.batch_size, settings.result_cache_days,
+                                                    settings.max_outstanding, hold_within=hold_window(settings))
             # The call before this reservation was answered meanwhile; a reservation that is not
             # to be sent (that answer, a lost lock or a shutdown request ends the cycle) is undone.
             if not calls.answer() or cycle.must_stop():
@@ -113,6 +121,8 @@ def fill_free_slots(cycle):
             report.cached += reservation.cached
             report.attached += reservation.attached
             if reservation.ledger_id is None:
+                if not (reservation.cached or reservation.attached):
+                    return    # what the plan saw changed under it (a batch to finish took no row)
                 continue  # only cached verdicts and repeats this round: nothing to send
             # The request slot is taken last, right before the call, so that the time recorded is
             # the time Bouncer sees (within the limiter's transit margin).

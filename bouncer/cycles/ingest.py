@@ -2,15 +2,23 @@
 and stored, in one transaction that also ends its rows, the batch and the user batches it
 finishes (`ingest_download`).
 
+A record `unknown` with a `retryAfter` (greylisting: the receiving server asked to be tried again
+later) is stored, never to serve as a fresh verdict; while UNKNOWN_RECHECKS allows another try
+and the `retryAfter` lies within UNKNOWN_RECHECK_MAX_DELAY, the rows of its address go back in
+line where they were, not to be sent before then, instead of ending. A batch that was finished at
+Bouncer (finishing.py) holds only what Bouncer verified before the finish: its other addresses
+end with a reason saying so, and the credits refunded are kept in the ledger.
+
 Reading is lenient by design: extra or missing fields are fine and the raw record is kept
 whole; a record without a usable email or verdict, or for an address the batch never sent, is
 counted and left out. Reading needs no database, so a large download is read by the process
 that fetched it (downloads.py), and the cycle only matches and writes.
 """
 
+import datetime
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bouncer.addresses import strip_email_modifiers
 from bouncer.logs import ids
@@ -24,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 RESULT_COLUMNS = ("email_global", "status", "reason", "score", "accept_all", "disposable", "free",
-                  "role", "disabled", "full_mailbox", "provider", "raw", "checked_at",
+                  "role", "disabled", "full_mailbox", "provider", "raw", "retry_after", "checked_at",
                   "bouncer_batch_id")
 
 
@@ -40,6 +48,16 @@ class IngestReport:
     missing: int = 0      # emails failed: their address was not in the download
     extra: int = 0        # records for addresses this batch never sent (ignored)
     malformed: int = 0    # records without a usable email or verdict (ignored)
+    rechecking: int = 0   # emails back in line: their address was greylisted
+    refunded: int | None = None   # credits a finish gave back
+
+
+@dataclass(frozen=True)
+class Rechecks:
+    """How greylisted verdicts are tried again: UNKNOWN_RECHECKS times at most per row, when the
+    `retryAfter` lies at most UNKNOWN_RECHECK_MAX_DELAY seconds ahead."""
+    times: int = 0
+    max_delay: int = 0
 
 
 @dataclass
@@ -53,17 +71,21 @@ class Download:
     emails: list
     encoded: list
     malformed: int = 0
+    retry_after: dict = field(default_factory=dict)   # {index: naive UTC} of greylisted records
 
 
 def read_download(records):
     """A Download of Bouncer's records (parsed JSON objects)."""
-    emails, rows = [], []
+    emails, rows, retry_after = [], [], {}
     for record in records:
         columns = parse_record(record)
         if columns is not None:
+            if columns[-1] is not None:
+                retry_after[len(rows)] = greylisted_until(record)
             emails.append(record["email"])
             rows.append(columns)
-    return Download(emails, dialect().encode_rows(rows), malformed=len(records) - len(rows))
+    return Download(emails, dialect().encode_rows(rows), malformed=len(records) - len(rows),
+                    retry_after=retry_after)
 
 
 def match_records(ledger_id, download, report):
@@ -115,7 +137,8 @@ def stripped_addresses(ledger_id):
 def parse_record(record):
     """The stored columns of one download record (RESULT_COLUMNS between the address and the
     time), or None when it has no email or verdict. Lenient: extra or missing fields are fine,
-    the raw record is kept whole."""
+    the raw record is kept whole. `retry_after` (as stored text) only for a greylisted
+    `unknown`."""
     if not isinstance(record, dict):
         return None
     email, status = record.get("email"), record.get("status")
@@ -134,7 +157,31 @@ def parse_record(record):
         as_flag(account.get("fullMailbox")),
         as_text(record.get("provider")),
         getattr(record, "raw", None) or RAW_ENCODER.encode(record),
+        stored_time(greylisted_until(record)) if status == "unknown" else None,
     )
+
+
+def parse_time(value):
+    """Bouncer's ISO 8601 time ("2023-03-26T18:08:15.033Z") as naive UTC; None if it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+    return moment
+
+
+def greylisted_until(record):
+    """Bouncer's `retryAfter` of a record (naive UTC), None when it has none or none we can read."""
+    return parse_time(record.get("retryAfter"))
+
+
+def stored_time(moment):
+    """A time as both databases read it from text (COPY, or SQLite's own form)."""
+    return moment.isoformat(" ") if moment is not None else None
 
 
 def as_dict(value):
@@ -179,13 +226,13 @@ def any_verdict_of(Result, global_ids):
     return Result.select().where(among(Result.email_global, global_ids)).exists()
 
 
-def ingest_download(ledger_id, download, now=None):
+def ingest_download(ledger_id, download, now=None, rechecks=Rechecks()):
     """Ingest the download of a completed Bouncer batch (a Download), in one transaction:
-    verdicts upserted, the rows of every address completed, addresses Bouncer left out failed
-    with that reason, the batch out of flight, and each user batch with nothing pending
-    completed. Returns an IngestReport, or None when the batch is no longer outstanding (already
-    ingested or failed). A death anywhere in it rolls it all back: the next cycle downloads
-    again."""
+    verdicts upserted, the rows of every address completed (or back in line for a re-check,
+    `rechecks`), addresses Bouncer left out ended with that reason, the batch out of flight, and
+    each user batch with nothing pending completed. Returns an IngestReport, or None when the
+    batch is no longer outstanding (already ingested or failed). A death anywhere in it rolls it
+    all back: the next cycle downloads again."""
     now = now or utcnow()
     with write_transaction():
         batch = ledger.claim_outstanding(ledger_id)
@@ -196,14 +243,44 @@ def ingest_download(ledger_id, download, now=None):
         upsert_results(batch.check_type, download, verdicts, now, ledger_id)
         # A stored record names the spelling sent, which a row holds; never one an erasure took.
         spellings.respell_verdicts(respelled, only_unheld=False, check_types=(batch.check_type,))
-        report.missing = progress.fail_sent_rows(
-            ledger_id, "not in Bouncer's results for batch %s" % batch.bouncer_id, now, sent - verdicts.keys())
-        report.verified = progress.complete_sent_rows(ledger_id, now)
+        missing = sent - verdicts.keys()
+        report.missing = progress.fail_sent_rows(ledger_id, missing_reason(batch), now, missing)
+        back = line.requeue_for_recheck(ledger_id, due_rechecks(download, verdicts, rechecks, now), rechecks.times)
+        report.rechecking = len(back)
+        report.verified = progress.complete_sent_rows(ledger_id, now, except_rows=back)
+        report.refunded = refunded_by_finish(batch, len(missing))
         user_batches = line.batches_riding_on(ledger_id)
-        ledger.mark_completed(ledger_id, now)
+        ledger.mark_completed(ledger_id, now, refunded=report.refunded)
         progress.complete_finished_batches(user_batches, now)
-    log.info("Bouncer batch %s (%s) ingested: %s emails verified, %s missing, %s extra and %s "
-             "malformed records ignored", batch.bouncer_id, ledger_id, report.verified,
-             report.missing, report.extra, report.malformed,
+    log.info("Bouncer batch %s (%s) ingested: %s emails verified, %s back in line for a re-check, %s missing, "
+             "%s extra and %s malformed records ignored", batch.bouncer_id, ledger_id, report.verified,
+             report.rechecking, report.missing, report.extra, report.malformed,
              extra=ids(ledger_id=ledger_id, bouncer_id=batch.bouncer_id))
     return report
+
+
+def due_rechecks(download, verdicts, rechecks, now):
+    """{email_global id: not before} of the greylisted addresses worth trying again: their
+    `retryAfter` lies at most `rechecks.max_delay` seconds ahead."""
+    if not rechecks.times or not download.retry_after:
+        return {}
+    latest = now + datetime.timedelta(seconds=rechecks.max_delay)
+    return {global_id: download.retry_after[index] for global_id, index in verdicts.items()
+            if index in download.retry_after and download.retry_after[index] <= latest}
+
+
+def missing_reason(batch):
+    """Why an address Bouncer left out of this batch's download ends without a verdict."""
+    if batch.finish_reason is not None:
+        return "Bouncer batch %s was finished before verifying it (%s)" % (batch.bouncer_id, batch.finish_reason)
+    return "not in Bouncer's results for batch %s" % batch.bouncer_id
+
+
+def refunded_by_finish(batch, missing):
+    """The credits a finish gave back: what Bouncer says it did not charge, or (when it does
+    not say) the addresses it left out. None for a batch that was not finished."""
+    if batch.finish_reason is None:
+        return None
+    if batch.credits is not None:
+        return max(0, batch.quantity - batch.credits)
+    return missing

@@ -64,15 +64,24 @@ class StatusReport(CycleReport):
     checked: int = 0
     ingested: list = field(default_factory=list)   # IngestReport per completed batch
     failed: list = field(default_factory=list)     # (ledger id, reason)
+    finishing: list = field(default_factory=list)  # ledger ids Bouncer was asked to finish
     waiting: int = 0
     errors: int = 0
+    deleted: int = 0                               # batches deleted at Bouncer
 
     def done(self):
         parts = ["%s: %d Bouncer batch(es) checked, %d ingested (%d emails verified), %d waiting" % (
             self.check_type, self.checked, len(self.ingested),
             sum(r.verified for r in self.ingested), self.waiting)]
+        rechecking = sum(r.rechecking for r in self.ingested)
+        if rechecking:
+            parts.append("%d email(s) greylisted, back in line for a re-check" % rechecking)
+        if self.finishing:
+            parts.append("%d finished at Bouncer" % len(self.finishing))
         if self.failed:
             parts.append("%d failed" % len(self.failed))
+        if self.deleted:
+            parts.append("%d deleted at Bouncer" % self.deleted)
         if self.errors:
             parts.append("%d call(s) failed, retried next cycle" % self.errors)
         return "; ".join(parts)

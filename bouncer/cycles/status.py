@@ -1,15 +1,19 @@
 """The status cycle: follow every outstanding Bouncer batch; ingest the completed ones at once.
 
 Steps, each recoverable if the process dies right after it:
-1. fail batches outstanding longer than BATCH_TIMEOUT (with their emails and user batches);
+1. mark the batches to finish at Bouncer: outstanding longer than BATCH_TIMEOUT, or carrying
+   only rows whose user batch was cancelled; fail those asked to finish long ago that never
+   completed (finishing.py);
 2. per outstanding batch, least recently checked first (but a batch Bouncer's callback named
    goes next, and one named after this cycle found it still waiting is checked once more),
    each call after a rate-limit slot:
    status -> `completed`: download and ingest in one transaction (a death mid-ingest rolls back
-   and the next cycle downloads again); 404: fail the batch; `queued`/`processing`: wait;
-   an undocumented status: log it and wait (BATCH_TIMEOUT bounds the wait);
+   and the next cycle downloads again); 404: fail the batch; `queued`/`processing`: wait, but
+   first ask Bouncer to finish it when it is marked so; an undocumented status: log it and wait
+   (BATCH_TIMEOUT bounds the wait);
 3. 405 on download waits for the next cycle; 5xx and timeouts skip to the next batch; 429, 402
-   and 401 end the cycle.
+   and 401 end the cycle;
+4. with BOUNCER_DELETE_RESULTS, delete a few completed batches at Bouncer (deletes.py).
 The cycle also ends between two batches when it must stop (a lost lock, a shutdown request).
 
 A large download (APART_FROM addresses or more) is fetched and read into its columns by a
@@ -25,11 +29,10 @@ that ends without an answer (killed, say) is a failed download: its batch waits 
 cycle.
 """
 
-import datetime
 import logging
 from collections import OrderedDict
 
-from bouncer.cycles import ingest
+from bouncer.cycles import deletes, finishing, ingest
 from bouncer.cycles.downloads import Downloads
 from bouncer.errors import BouncerError
 from bouncer.logs import ids
@@ -43,23 +46,17 @@ log = logging.getLogger(__name__)
 WAITING_STATUSES = ("queued", "processing")
 
 
-def parse_time(value):
-    """Bouncer's ISO 8601 time ("2023-03-26T18:08:15.033Z") as naive UTC; None if it is not one."""
-    if not isinstance(value, str):
-        return None
-    try:
-        moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(datetime.timezone.utc).replace(tzinfo=None)
-    return moment
-
-
 def check_batches(cycle, now=None):
-    settings, check_type, report = cycle.settings, cycle.check_type, cycle.report
     now = now or utcnow()
-    fail_overdue(cycle, now)
+    finishing.decide_finishes(cycle, now)
+    follow_outstanding(cycle)
+    if cycle.report.stopped is None:
+        deletes.delete_ingested(cycle)
+
+
+def follow_outstanding(cycle):
+    """Step 2: check every outstanding batch, ingesting the completed ones."""
+    settings, check_type, report = cycle.settings, cycle.check_type, cycle.report
     turns = Turns(cycle, ledger.batches_to_check(check_type))
     with Downloads(cycle.app.client) as downloads:
         for batch in turns:
@@ -113,16 +110,6 @@ class Turns:
         self.waiting[batch.id] = batch
 
 
-def fail_overdue(cycle, now):
-    timeout = cycle.settings.batch_timeout
-    sent_before = now - datetime.timedelta(seconds=timeout)
-    for ledger_id in ledger.overdue_batches(cycle.check_type, sent_before):
-        reason = "Bouncer batch did not complete within BATCH_TIMEOUT (%d s)" % timeout
-        if ledger.fail_bouncer_batch(ledger_id, reason, now) is not None:
-            cycle.report.failed.append((ledger_id, reason))
-            cycle.slot_freed()
-
-
 def follow_batch(cycle, batch, downloads, turns):
     """Check one batch and act on its status (a completed one's download is started). False
     when the cycle must stop."""
@@ -132,7 +119,8 @@ def follow_batch(cycle, batch, downloads, turns):
         return call_failed(cycle, batch, exc)
     cycle.report.checked += 1
     status = answer.get("status")
-    ledger.note_checked(batch.id, status, completed_at=parse_time(answer.get("completed")))
+    ledger.note_checked(batch.id, status, completed_at=ingest.parse_time(answer.get("completed")),
+                        credits=credits_of(answer))
     # Documented: queued, processing, completed. Read leniently (case, spaces).
     status = status.strip().lower() if isinstance(status, str) else status
     if status == "completed":
@@ -141,6 +129,13 @@ def follow_batch(cycle, batch, downloads, turns):
             return False
         downloads.start(batch)
         return True
+    if finishing.is_to_ask(batch):
+        try:
+            asked = finishing.ask_bouncer(cycle, batch, status)
+        except BouncerError as exc:
+            return call_failed(cycle, batch, exc)
+        if asked != finishing.ASKED:
+            return asked == finishing.FAILED
     if status not in WAITING_STATUSES:
         log.warning("Bouncer batch %s (%s) has status %r, which Bouncer does not document; "
                     "checking again next cycle", batch.bouncer_id, batch.id, status,
@@ -149,6 +144,12 @@ def follow_batch(cycle, batch, downloads, turns):
         turns.still_running(batch)
     cycle.report.waiting += 1
     return True
+
+
+def credits_of(answer):
+    """The credits Bouncer says the batch cost (given once it completed), or None."""
+    credits = answer.get("credits")
+    return credits if isinstance(credits, int) and not isinstance(credits, bool) and credits >= 0 else None
 
 
 def ingest_next(cycle, downloads):
@@ -166,7 +167,10 @@ def ingest_next(cycle, downloads):
             cycle.report.waiting += 1
             return True
         return call_failed(cycle, batch, exc)
-    result = ingest.ingest_download(batch.id, download)
+    settings = cycle.settings
+    result = ingest.ingest_download(batch.id, download,
+                                    rechecks=ingest.Rechecks(settings.unknown_rechecks,
+                                                             settings.unknown_recheck_max_delay))
     if result is not None:
         cycle.report.ingested.append(result)
         cycle.slot_freed()
@@ -175,9 +179,7 @@ def ingest_next(cycle, downloads):
 
 def fail_for_good(cycle, batch, reason):
     """Bouncer will never give this batch's results: it fails with its emails and user batches."""
-    if ledger.fail_bouncer_batch(batch.id, reason) is not None:
-        cycle.report.failed.append((batch.id, reason))
-        cycle.slot_freed()
+    finishing.fail(cycle, batch.id, reason)
     return True
 
 

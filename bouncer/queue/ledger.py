@@ -1,13 +1,19 @@
 """The ledger of Bouncer batches: every state transition of `BouncerBatch`, in one place.
 
-    reserved --confirm_sent--> outstanding --mark_completed (ingest)--> completed
-        |                           '--fail_bouncer_batch--> failed (404, BATCH_TIMEOUT)
+    reserved --confirm_sent--> outstanding --mark_completed (ingest)--> completed [--note_deleted]
+        |                           '--fail_bouncer_batch--> failed (404, a refused finish)
         |--reject_reservation--> rejected (Bouncer refused the call)
         |                    '-> abandoned (the call went unanswered: a possible orphan)
         |--release_stale_reservations--> abandoned (the cycle died during the call: a possible orphan)
         |                            '-> (deleted: the cycle died before calling)
         '--cancel_reservation--> (deleted: never sent; no request budget left, or the call
                                   before it ended the cycle)
+
+An outstanding batch may be marked to be finished at Bouncer (`want_finish`: past BATCH_TIMEOUT,
+an operator, no live row left on it), which the status cycle then asks Bouncer to do
+(`note_finish_accepted`); it stays outstanding, and in flight, until its download is ingested.
+No row joins a batch marked so. A completed batch is deleted at Bouncer later, when asked
+(`note_deleted`).
 
 `note_calling` marks a reservation as sent (`sent_at`) in the transaction that takes the call's
 request slot, before the call goes out, so a dead cycle's reservations tell which may be at
@@ -25,7 +31,7 @@ import datetime
 import logging
 from dataclasses import dataclass
 
-from peewee import fn
+from peewee import SQL, fn
 
 from bouncer.logs import ids
 from bouncer.names import RESERVATION_LOCK
@@ -33,7 +39,7 @@ from bouncer.queue import line, packing, progress
 from bouncer.states import IN_FLIGHT_STATES, BouncerBatchState
 from bouncer.store.bulk import insert_tuples
 from bouncer.store.database import lock_rows_for_share, lock_rows_for_update, serialize_on, utcnow, write_transaction
-from bouncer.store.models import BouncerBatch, BouncerBatchEmail
+from bouncer.store.models import BouncerBatch, BouncerBatchEmail, RidingRows, UserBatch
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,11 @@ def count_outstanding(check_type):
             .scalar())
 
 
+def count_finishing(check_type):
+    """Outstanding batches marked to be finished at Bouncer."""
+    return BouncerBatch.select().where(outstanding(check_type) & BouncerBatch.finish_reason.is_null(False)).count()
+
+
 def count_possible_orphans(check_type=None):
     query = BouncerBatch.select().where(BouncerBatch.status == BouncerBatchState.ABANDONED)
     if check_type:
@@ -81,16 +92,24 @@ def batches_to_check(check_type):
                 .order_by(BouncerBatch.last_checked_at.asc(nulls="first"), BouncerBatch.id))
 
 
+def outstanding(check_type=None):
+    """Where clause: the outstanding batches (of `check_type`)."""
+    where = BouncerBatch.status == BouncerBatchState.OUTSTANDING
+    return where if check_type is None else where & (BouncerBatch.check_type == check_type)
+
+
 def overdue_batches(check_type, sent_before):
+    """Outstanding batches sent before `sent_before`, not yet to be finished."""
     return [ledger_id for (ledger_id,) in BouncerBatch.select(BouncerBatch.id).where(
-        (BouncerBatch.check_type == check_type) & (BouncerBatch.status == BouncerBatchState.OUTSTANDING)
-        & (BouncerBatch.sent_at < sent_before)).tuples()]
+        outstanding(check_type) & (BouncerBatch.sent_at < sent_before) & BouncerBatch.finish_reason.is_null()).tuples()]
 
 
-def reserve_next_batch(check_type, batch_size, cache_days, max_outstanding, now=None):
+def reserve_next_batch(check_type, batch_size, cache_days, max_outstanding, now=None, hold_within=None):
     """Reserve the next Bouncer batch: up to `batch_size` distinct stripped addresses, oldest
     pending first. Repeats of an address ride along; an address already in flight joins that
-    batch; an address with a verdict younger than `cache_days` is completed from it.
+    batch; an address with a verdict younger than `cache_days` is completed from it; a row whose
+    re-check is not yet due, or whose address is greylisted until at most `hold_within` ahead
+    (a timedelta; None: never waited for), waits.
 
     Returns a Reservation (ledger_id None when nothing needs sending; `no_slot` when
     `max_outstanding` batches are in flight already), or None if the queue is empty."""
@@ -102,7 +121,7 @@ def reserve_next_batch(check_type, batch_size, cache_days, max_outstanding, now=
         serialize_on(RESERVATION_LOCK % check_type)
         if count_in_flight(check_type) >= max_outstanding:
             return Reservation(None, [], no_slot=True)
-        plan = packing.plan_next_batch(check_type, batch_size, cutoff)
+        plan = packing.plan_next_batch(check_type, batch_size, cutoff, now, hold_within)
         if plan.is_empty:
             return None
         attached = attach_to_in_flight(plan.attach, plan.span)
@@ -116,12 +135,14 @@ def reserve_next_batch(check_type, batch_size, cache_days, max_outstanding, now=
 def attach_to_in_flight(attach, span):
     """Join rows to the in-flight batch that already holds their address. The ledger rows are
     locked first (FOR SHARE), so a concurrent ingest either finished before (the batch is no
-    longer in flight: the rows stay in line) or waits until these rows are attached."""
+    longer in flight: the rows stay in line) or waits until these rows are attached; and so does
+    a concurrent `want_finish`: a batch marked to be finished takes no row."""
     if not attach:
         return 0
     live = {batch_id for (batch_id,) in lock_rows_for_share(
         BouncerBatch.select(BouncerBatch.id).where(
-            BouncerBatch.id.in_(list(attach)) & BouncerBatch.status.in_(IN_FLIGHT_STATES))).tuples()}
+            BouncerBatch.id.in_(list(attach)) & BouncerBatch.status.in_(IN_FLIGHT_STATES)
+            & BouncerBatch.finish_reason.is_null())).tuples()}
     return sum(line.send_rows(rows, ledger_id, span)
                for ledger_id, rows in attach.items() if ledger_id in live)
 
@@ -130,7 +151,7 @@ def write_reservation(check_type, plan, now):
     """Ledger row, its addresses (the unique index refuses an address already in flight), and
     the rows of those addresses that the plan walked past, attached to it."""
     ledger = BouncerBatch.create(check_type=check_type, status=BouncerBatchState.RESERVED, quantity=len(plan.send),
-                                 reserved_at=now)
+                                 reserved_at=now, rechecks=len(plan.rechecked))
     insert_tuples(BouncerBatchEmail, ("bouncer_batch", "email_global", "check_type", "email_sent"),
                   [(ledger.id, global_id, check_type, email) for global_id, email in plan.send.items()])
     line.send_rows(plan.send_rows, ledger.id, plan.span)
@@ -263,12 +284,77 @@ def release_stale_reservations(check_type, older_than):
     return abandoned, cancelled
 
 
-def note_checked(ledger_id, bouncer_status, completed_at=None, now=None):
-    """What Bouncer said of the batch; `completed_at` (naive UTC), when it says it completed."""
+def note_checked(ledger_id, bouncer_status, completed_at=None, credits=None, now=None):
+    """What Bouncer said of the batch; `completed_at` (naive UTC) and the `credits` it charged,
+    when it says it completed."""
     changes = {BouncerBatch.last_checked_at: now or utcnow(), BouncerBatch.bouncer_status: str(bouncer_status)[:64]}
     if completed_at is not None:
         changes[BouncerBatch.bouncer_completed_at] = completed_at
+    if credits is not None:
+        changes[BouncerBatch.credits] = credits
     BouncerBatch.update(changes).where(BouncerBatch.id == ledger_id).execute()
+
+
+# -- finishing at Bouncer --
+
+def want_finish(ledger_id, reason, now=None):
+    """Mark an outstanding batch to be finished at Bouncer, saying why: from here on no row joins
+    it, and the status cycle asks Bouncer. False when it is not outstanding, or marked already."""
+    return (BouncerBatch.update(finish_reason=reason[:500], finish_asked_at=now or utcnow())
+            .where((BouncerBatch.id == ledger_id) & outstanding() & BouncerBatch.finish_reason.is_null())
+            .execute()) == 1
+
+
+def live_riders(ledger_id):
+    """Rows riding on the batch whose user batch still wants them (no cancel asked for)."""
+    return (RidingRows.select(SQL("1")).join(UserBatch, on=(UserBatch.id == RidingRows.batch_id))
+            .where((RidingRows.bouncer_batch == ledger_id) & UserBatch.cancelled_at.is_null()))
+
+
+def unwanted_batches(check_type):
+    """Outstanding batches not yet to be finished on which no live row rides: every row riding
+    on it belongs to a user batch whose cancel was asked for, or none rides any more (an erasure
+    took them off). Nobody is waiting for what they verify."""
+    return [ledger_id for (ledger_id,) in BouncerBatch.select(BouncerBatch.id).where(
+        outstanding(check_type) & BouncerBatch.finish_reason.is_null()
+        & ~fn.EXISTS(live_riders(BouncerBatch.id))).tuples()]
+
+
+def finish_if_unwanted(ledger_id, reason, now=None):
+    """`want_finish`, if no live row rides on the batch. Its ledger row is locked first, so a row
+    being attached meanwhile either is attached before the look (and the batch is kept) or finds
+    the batch marked (and stays in line)."""
+    with write_transaction():
+        if claim_outstanding(ledger_id) is None or live_riders(ledger_id).exists():
+            return False
+        return want_finish(ledger_id, reason, now)
+
+
+def note_finish_accepted(ledger_id, now=None):
+    """Bouncer took the finish (or was found no longer running): it is not asked again."""
+    (BouncerBatch.update(finish_accepted_at=now or utcnow())
+     .where((BouncerBatch.id == ledger_id) & BouncerBatch.finish_accepted_at.is_null()).execute())
+
+
+def finishes_past(check_type, asked_before):
+    """[(ledger id, finish reason)] of outstanding batches whose finish was asked before
+    `asked_before` and that never completed."""
+    return list(BouncerBatch.select(BouncerBatch.id, BouncerBatch.finish_reason).where(
+        outstanding(check_type) & (BouncerBatch.finish_asked_at < asked_before)).tuples())
+
+
+# -- deleting at Bouncer --
+
+def batches_to_delete(check_type, limit):
+    """Completed batches (their download committed) not yet deleted at Bouncer, oldest first."""
+    return list(BouncerBatch.select().where(
+        (BouncerBatch.check_type == check_type) & (BouncerBatch.status == BouncerBatchState.COMPLETED)
+        & BouncerBatch.deleted_at.is_null() & BouncerBatch.bouncer_id.is_null(False))
+        .order_by(BouncerBatch.id).limit(limit))
+
+
+def note_deleted(ledger_id, now=None):
+    BouncerBatch.update(deleted_at=now or utcnow()).where(BouncerBatch.id == ledger_id).execute()
 
 
 def claim_outstanding(ledger_id):
@@ -300,11 +386,13 @@ def fail_bouncer_batch(ledger_id, reason, now=None):
     return failed
 
 
-def mark_completed(ledger_id, now):
+def mark_completed(ledger_id, now, refunded=None):
     """outstanding -> completed, inside the ingest's transaction once every row riding on the
-    batch has its verdict or its failure: its addresses leave flight, no row rides on it."""
+    batch has its verdict or its failure (or is back in line for a re-check): its addresses
+    leave flight, no row rides on it. `refunded`: the credits a finish gave back."""
     end_flight(ledger_id)
     line.stop_riding(ledger_id)
-    (BouncerBatch.update(status=BouncerBatchState.COMPLETED, finished_at=now, bouncer_status="completed")
+    (BouncerBatch.update(status=BouncerBatchState.COMPLETED, finished_at=now, bouncer_status="completed",
+                         refunded=refunded)
      .where(BouncerBatch.id == ledger_id).execute())
 

@@ -5,7 +5,8 @@ each, walked by packing in order of place in line, then position), or riding on 
 in flight (`riding_rows`, one row per Bouncer batch and user batch, holding the rows' ids). A
 batch that became visible takes its place in line from a counter (`take_places`), so places are
 given in commit order. A row riding on a rejected or abandoned attempt goes back in line where
-it was. Nothing here ends a row: progress.py does.
+it was; so does a row whose address came back greylisted (`unknown` with a `retryAfter`), not to
+be sent before that time (`not_before`). Nothing here ends a row: progress.py does.
 """
 
 import json
@@ -16,7 +17,7 @@ from peewee import SQL, Query, Tuple
 from bouncer.states import RowState
 from bouncer.store.bulk import among, chunked, insert_tuples
 from bouncer.store.database import database, dialect, lock_rows_for_update
-from bouncer.store.models import FifoCounter, QueuedEmail, RidingRows, UserBatchEmail
+from bouncer.store.models import FifoCounter, QueuedEmail, RidingRows, UserBatch, UserBatchEmail
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def take_places(count):
 # What the line keeps of a row: each field of the line, and the field of the row it copies.
 LINE_COPIES = ((Line.row, Row.id), (Line.batch_id, Row.batch), (Line.check_type, Row.check_type),
                (Line.fifo_order, Row.fifo_order), (Line.position, Row.position),
-               (Line.email_global, Row.email_global), (Line.email, Row.email))
+               (Line.email_global, Row.email_global), (Line.email, Row.email), (Line.rechecks, Row.rechecks))
 
 
 LINE_TARGET = tuple(line.column_name for line, _ in LINE_COPIES)
@@ -176,6 +177,27 @@ def take_off_rows(batch_id, row_ids):
         else:
             Riding.delete().where(Riding.id == riding_id).execute()
     return taken
+def requeue_for_recheck(ledger_id, due, max_rechecks):
+    """Rows riding on this batch whose address Bouncer asked to be tried again (`due`: {email
+    global id: not before}) and that were re-checked fewer than `max_rechecks` times go back in
+    line where they were, not to be sent before that time (unless their user batch's cancel was
+    asked for). Returns their ids."""
+    if not due or not max_rechecks:
+        return []
+    # A row whose user batch's cancel was asked for is not sent again: it ends with the unknown.
+    back = (Row.select(*[row for _, row in LINE_COPIES]).join(UserBatch, on=(UserBatch.id == Row.batch))
+            .where(Row.id.in_(riding_rows(ledger_id)) & (Row.status == RowState.QUEUED)
+                   & among(Row.email_global, list(due)) & (Row.rechecks < max_rechecks)
+                   & UserBatch.cancelled_at.is_null()).tuples())
+    back = database.execute_sql(*back.sql()).fetchall()
+    global_id, rechecks = LINE_SOURCE.index(Row.email_global.column_name), LINE_SOURCE.index(Row.rechecks.column_name)
+    insert_tuples(Line, [line.name for line, _ in LINE_COPIES] + ["not_before"],
+                  [row[:rechecks] + (row[rechecks] + 1,) + row[rechecks + 1:] + (due[row[global_id]],)
+                   for row in back])
+    row_ids = [row[0] for row in back]
+    for part in chunked(row_ids):
+        Row.update(rechecks=Row.rechecks + 1, bouncer_batch=ledger_id).where(among(Row.id, part)).execute()
+    return row_ids
 
 
 def any_riding_on(ledger_ids):

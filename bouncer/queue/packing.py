@@ -1,22 +1,28 @@
 """The greedy packer: which pending emails go into the next Bouncer batch.
 
-The queue is read in FIFO order (oldest user batch first, then line), a page at a time, and
-`plan_batch` decides for each row, without touching the database:
-- its stripped address has a verdict younger than RESULT_CACHE_DAYS: completed from it, free;
-- its address is already in flight in another Bouncer batch: the row joins that batch;
+The queue is read in FIFO order (oldest user batch first, then line), a page at a time, rows
+waiting for a re-check's `retryAfter` left out by the walk itself, and `plan_batch` decides for
+each row, without touching the database:
+- its stripped address has a verdict younger than RESULT_CACHE_DAYS: completed from it, free
+  (never a greylisted `unknown`, one that carried a `retryAfter`);
+- its address is already in flight in another Bouncer batch: the row joins that batch, unless
+  that batch is being finished at Bouncer (then the row waits for it to end);
+- its address is greylisted and its `retryAfter` has not come (within
+  UNKNOWN_RECHECK_MAX_DELAY): the row waits in line, so that every row of the address goes out
+  together, on one credit, once the receiving server accepts a try;
 - otherwise its address goes into this batch (repeats of an address ride along on one credit),
   until the batch holds `batch_size` distinct addresses: the next new address opens the next
-  batch, and everything older has been taken.
+  batch, and everything older has been taken (or waits, as above).
 """
 
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from peewee import Tuple
+from peewee import JOIN, Tuple
 
 from bouncer.store.bulk import among
 from bouncer.store.database import database
-from bouncer.store.models import BouncerBatchEmail, QueuedEmail, result_model
+from bouncer.store.models import BouncerBatch, BouncerBatchEmail, QueuedEmail, result_model
 
 MIN_PAGE = 1000
 
@@ -29,6 +35,7 @@ class Plan:
     attach: dict = field(default_factory=lambda: defaultdict(list))  # in-flight ledger id -> (row id, user batch)
     cached: list = field(default_factory=list)        # row ids a fresh verdict completes
     touched_batches: set = field(default_factory=set)  # user batches of attached/cached rows
+    rechecked: set = field(default_factory=set)       # addresses of `send` a re-check put there
     span: tuple = None  # (check type, first place, last place): the stretch of the line walked
 
     @property
@@ -36,27 +43,34 @@ class Plan:
         return not (self.send or self.attach or self.cached)
 
 
-def plan_batch(check_type, pages, in_flight_of, fresh_of, batch_size):
+def plan_batch(check_type, pages, in_flight_of, verdicts_of, batch_size):
     """Plan one Bouncer batch from `pages` (lists of rows in line `(row id, user batch, email,
-    email_global id, fifo order, position)` in FIFO order). `in_flight_of(global_ids)` gives
-    {global id: ledger id} of addresses already in flight; `fresh_of(global_ids)` the subset
-    with a fresh verdict. Reads pages only as far as it needs to."""
+    email_global id, re-checks, fifo order, position)` in FIFO order). `in_flight_of(global_ids)`
+    gives {global id: ledger id} of addresses already in flight (ledger id None: a batch being
+    finished); `verdicts_of(global_ids)` the subsets (fresh, held) with a fresh verdict, and with
+    a greylisted one whose re-check is not yet due. Reads pages only as far as it needs to."""
     plan = Plan()
     for page in pages:
         global_ids = {row[3] for row in page}
         flying = in_flight_of(global_ids)
-        cached = fresh_of(global_ids - flying.keys())
+        cached, held = verdicts_of(global_ids - flying.keys())
         if plan.span is None:
-            plan.span = (check_type, page[0][4:], None)
+            plan.span = (check_type, page[0][5:], None)
         for row in page:
-            row_id, user_batch, email, global_id, _, _ = row
+            row_id, user_batch, email, global_id, rechecks = row[:5]
             if global_id in cached:
                 plan.cached.append(row_id)
             elif global_id in flying:
+                if flying[global_id] is None:
+                    continue   # its address's batch is being finished: the row waits for it
                 plan.attach[flying[global_id]].append((row_id, user_batch))
+            elif global_id in held:
+                continue       # the receiving server asked to be tried again later
             elif global_id in plan.send or len(plan.send) < batch_size:
                 plan.send.setdefault(global_id, email)   # the oldest row's spelling is sent
                 plan.send_rows.append((row_id, user_batch))
+                if rechecks:
+                    plan.rechecked.add(global_id)
                 continue
             else:
                 return walked_to(plan, row)  # full: this row opens the next batch
@@ -69,35 +83,39 @@ def plan_batch(check_type, pages, in_flight_of, fresh_of, batch_size):
 def walked_to(plan, row):
     """The plan, its span ending at `row` (the last row it read; it may not take it)."""
     check_type, first, _ = plan.span
-    plan.span = (check_type, first, row[4:])
+    plan.span = (check_type, first, row[5:])
     return plan
 
 
-def plan_next_batch(check_type, batch_size, cutoff):
-    """The plan for `check_type`'s queue as it stands (inside the reserving transaction)."""
-    return plan_batch(check_type, queued_pages(check_type, max(batch_size, MIN_PAGE)),
+def plan_next_batch(check_type, batch_size, cutoff, now, hold_within=None):
+    """The plan for `check_type`'s queue as it stands at `now` (inside the reserving
+    transaction). `cutoff`: the oldest verdict reused; `hold_within`: how far ahead a greylisted
+    address's `retryAfter` may lie and still be waited for (None: never waited for)."""
+    return plan_batch(check_type, queued_pages(check_type, max(batch_size, MIN_PAGE), now),
                       lambda ids: in_flight_batches_of(check_type, ids),
-                      lambda ids: fresh_verdicts_of(check_type, ids, cutoff),
+                      lambda ids: verdicts_of(check_type, ids, cutoff, now, hold_within),
                       batch_size)
 
 
-def queued_pages(check_type, page_size):
+def queued_pages(check_type, page_size, now):
     """Pages of the line in FIFO order: each user batch's place in line (taken when it became
-    visible), then the row's position. A walk of the line's index."""
+    visible), then the row's position; a row whose re-check is not yet due is not read. A walk
+    of the line's index."""
     after = None
     while True:
-        page = queued_page(check_type, after, page_size)
+        page = queued_page(check_type, after, page_size, now)
         if page:
             yield page
         if len(page) < page_size:
             return
-        after = page[-1][4:]
+        after = page[-1][5:]
 
 
-def queued_page(check_type, after, limit):
+def queued_page(check_type, after, limit, now):
     Row = QueuedEmail
-    query = (Row.select(Row.row, Row.batch_id, Row.email, Row.email_global, Row.fifo_order, Row.position)
-             .where(Row.check_type == check_type))
+    query = (Row.select(Row.row, Row.batch_id, Row.email, Row.email_global, Row.rechecks, Row.fifo_order,
+                        Row.position)
+             .where((Row.check_type == check_type) & (Row.not_before.is_null() | (Row.not_before <= now))))
     if after:
         query = query.where(Tuple(Row.fifo_order, Row.position) > Tuple(*after))
     query = query.order_by(Row.fifo_order, Row.position).limit(limit)
@@ -106,23 +124,36 @@ def queued_page(check_type, after, limit):
 
 
 def in_flight_batches_of(check_type, global_ids):
-    """{email_global id: ledger id of the in-flight batch holding it} for `global_ids`.
-    Looked up apart from the FIFO walk, so a planner with stale statistics can at worst scan
-    once, never once per row."""
+    """{email_global id: ledger id of the in-flight batch holding it, or None when that batch is
+    being finished at Bouncer} for `global_ids`. Looked up apart from the FIFO walk, so a planner
+    with stale statistics can at worst scan once, never once per row."""
     Sent = BouncerBatchEmail
     if not global_ids:
         return {}
-    query = Sent.select(Sent.email_global, Sent.bouncer_batch).where(
-        (Sent.check_type == check_type) & among(Sent.email_global, global_ids))
-    return dict(database.execute_sql(*query.sql()).fetchall())
+    query = (Sent.select(Sent.email_global, Sent.bouncer_batch, BouncerBatch.finish_reason.is_null())
+             .join(BouncerBatch, JOIN.INNER, on=(BouncerBatch.id == Sent.bouncer_batch))
+             .where((Sent.check_type == check_type) & among(Sent.email_global, global_ids)))
+    return {global_id: ledger_id if joinable else None
+            for global_id, ledger_id, joinable in database.execute_sql(*query.sql()).fetchall()}
 
 
-def fresh_verdicts_of(check_type, global_ids, cutoff):
-    """The subset of `global_ids` with a verdict checked after `cutoff` (none if no cutoff)."""
-    if cutoff is None or not global_ids:
-        return set()
+def verdicts_of(check_type, global_ids, cutoff, now, hold_within=None):
+    """(fresh, held) subsets of `global_ids`: with a verdict checked after `cutoff` (none if no
+    cutoff) that is not a greylisted `unknown`; with a greylisted one whose `retryAfter` lies
+    after `now` and at most `hold_within` ahead (none if None)."""
+    if not global_ids or (cutoff is None and hold_within is None):
+        return set(), set()
     Result = result_model(check_type)
-    query = Result.select(Result.email_global).where(
-        among(Result.email_global, global_ids) & (Result.checked_at > cutoff))
-    return {gid for (gid,) in database.execute_sql(*query.sql()).fetchall()}
+    wanted = []
+    if cutoff is not None:
+        wanted.append((Result.checked_at > cutoff) & Result.retry_after.is_null())
+    if hold_within is not None:
+        wanted.append((Result.retry_after > now) & (Result.retry_after <= now + hold_within))
+    either = wanted[0] if len(wanted) == 1 else wanted[0] | wanted[1]
+    query = Result.select(Result.email_global, Result.retry_after).where(
+        among(Result.email_global, global_ids) & either)
+    fresh, held = set(), set()
+    for global_id, retry_after in database.execute_sql(*query.sql()).fetchall():
+        (fresh if retry_after is None else held).add(global_id)
+    return fresh, held
 

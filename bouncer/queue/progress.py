@@ -34,21 +34,30 @@ def complete_rows_from_cache(row_ids, now, span=None):
          .where(among(Row.id, taken) & (Row.status == RowState.QUEUED)).execute())
 
 
-def complete_sent_rows(ledger_id, now):
-    """Every row still riding on this batch has its verdict now (the missing ones failed)."""
-    return (Row.update(status=RowState.DONE, completed_at=now, bouncer_batch=ledger_id)
-            .where(Row.id.in_(riding_rows(ledger_id)) & (Row.status == RowState.QUEUED)).execute())
+def complete_sent_rows(ledger_id, now, except_rows=()):
+    """Every row still riding on this batch has its verdict now (the missing ones ended), but
+    `except_rows` (ids: back in line for a re-check)."""
+    riding = Row.id.in_(riding_rows(ledger_id)) & (Row.status == RowState.QUEUED)
+    if except_rows:
+        riding &= ~among(Row.id, except_rows)
+    return Row.update(status=RowState.DONE, completed_at=now, bouncer_batch=ledger_id).where(riding).execute()
 
 
 def fail_sent_rows(ledger_id, reason, now, only_addresses=None):
-    """Fail the rows riding on this batch (of `only_addresses`, when given) with `reason`."""
+    """End the rows riding on this batch (of `only_addresses`, when given) that get no verdict
+    from it: failed with `reason`; or cancelled, when their user batch's cancel was asked for
+    (nobody is waiting for them). Returns how many."""
     riding = Row.id.in_(riding_rows(ledger_id)) & (Row.status == RowState.QUEUED)
     if only_addresses is not None:
         if not only_addresses:
             return 0
         riding &= among(Row.email_global, only_addresses)
-    return (Row.update(status=RowState.FAILED, failure_reason=reason, completed_at=now, bouncer_batch=ledger_id)
-            .where(riding).execute())
+    of_cancelled = Row.batch.in_(UserBatch.select(UserBatch.id).where(
+        UserBatch.id.in_(batches_of_bouncer_batch(ledger_id)) & UserBatch.cancelled_at.is_null(False)))
+    cancelled = (Row.update(status=RowState.CANCELLED, completed_at=now, bouncer_batch=ledger_id)
+                 .where(riding & of_cancelled).execute())
+    return cancelled + (Row.update(status=RowState.FAILED, failure_reason=reason, completed_at=now,
+                                   bouncer_batch=ledger_id).where(riding).execute())
 
 
 def mark_batches_processing(batch_ids=(), ledger_id=None):
@@ -89,11 +98,13 @@ def has_pending_rows():
 
 
 def fail_batches(batch_ids, reason, now):
-    """End user batches failed with `reason`; their other emails still get their verdicts."""
+    """End user batches failed with `reason`; their other emails still get their verdicts. One
+    whose cancel was asked for is not failed: it ends cancelled once nothing of it is pending."""
     ended = (UserBatch.update(status=BatchState.FAILED, failure_reason=reason, completed_at=now)
-             .where(is_one_of(UserBatch.id, batch_ids) & UserBatch.status.not_in(ENDED_BATCH_STATES))
+             .where(is_one_of(UserBatch.id, batch_ids) & UserBatch.status.not_in(ENDED_BATCH_STATES)
+                    & UserBatch.cancelled_at.is_null())
              .returning(UserBatch.id, UserBatch.status).tuples().execute())
-    return record_endings(ended, now)
+    return record_endings(ended, now) + complete_finished_batches(batch_ids, now)
 
 
 def cancel_batch(batch_id, now=None):

@@ -27,7 +27,10 @@ def ledger_entry(b, now):
             "age_seconds": round((now - b.reserved_at).total_seconds()),
             "last_checked_at": iso(b.last_checked_at), "bouncer_status": b.bouncer_status,
             "finished_at": iso(b.finished_at), "failure_reason": b.failure_reason,
-            "results_delay_seconds": round(delay, 1) if delay is not None else None}
+            "results_delay_seconds": round(delay, 1) if delay is not None else None,
+            "finish_reason": b.finish_reason, "finish_asked_at": iso(b.finish_asked_at),
+            "finish_accepted_at": iso(b.finish_accepted_at), "credits": b.credits, "refunded": b.refunded,
+            "rechecks": b.rechecks, "deleted_at": iso(b.deleted_at)}
 
 
 def recent_bouncer_batches(ended=15, now=None):

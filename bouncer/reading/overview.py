@@ -1,17 +1,18 @@
 """The queue at a glance, the one answer behind `status`, the console and /metrics: per check
-type, rows and Bouncer batches in their states, credits spent, the request budget in use,
-possible orphans; user batches and webhook deliveries by state; RQ's backlog.
+type, rows and Bouncer batches in their states, credits spent (refunded by finishes, spent on
+re-checks of greylisted addresses), the request budget in use, possible orphans; user batches
+and webhook deliveries by state; RQ's backlog.
 
-The totals (credits spent, emails verified, Bouncer batches ended, possible orphans) are read
-from the ledger, whose rows are never removed once sent: they never go down, so /metrics may
-call them counters.
+The totals (credits spent and refunded, emails verified, Bouncer batches ended, possible orphans)
+are read from the ledger, whose rows are never removed once sent: they never go down, so /metrics
+may call them counters.
 """
 
 from peewee import Case, fn
 
 from bouncer.names import CHECK_TYPES, CYCLE_QUEUE, WEBHOOK_QUEUE
 from bouncer.queue import line
-from bouncer.queue.ledger import count_in_flight, count_outstanding, count_possible_orphans
+from bouncer.queue.ledger import count_finishing, count_in_flight, count_outstanding, count_possible_orphans
 from bouncer.queue.outcomes import iso
 from bouncer.queue.ratelimit import requests_in_window
 from bouncer.states import BatchState, BouncerBatchState, DeliveryState
@@ -31,8 +32,9 @@ def queue_overview(settings, now=None):
     batches ended by how; the request budget in use; possible orphans; user batches and webhook
     deliveries by state."""
     now = now or utcnow()
-    waiting = dict(QueuedEmail.select(QueuedEmail.check_type, fn.COUNT(QueuedEmail.row))
-                   .group_by(QueuedEmail.check_type).tuples())
+    in_line = {check_type: (n, rechecking or 0) for check_type, n, rechecking in QueuedEmail.select(
+        QueuedEmail.check_type, fn.COUNT(QueuedEmail.row), fn.SUM(Case(None, ((QueuedEmail.rechecks > 0, 1),), 0)))
+        .group_by(QueuedEmail.check_type).tuples()}
     riding = dict(RidingRows.select(BouncerBatch.check_type, fn.SUM(RidingRows.rows)).join(BouncerBatch)
                   .group_by(BouncerBatch.check_type).tuples())
     new = dict(Row.select(UserBatch.check_type, fn.COUNT(Row.id)).join(UserBatch)
@@ -42,9 +44,11 @@ def queue_overview(settings, now=None):
         "check_types": {
             check_type: {
                 "new_emails": new.get(check_type, 0),
-                "queued_emails": waiting.get(check_type, 0),
+                "queued_emails": in_line.get(check_type, (0, 0))[0],
+                "rechecking_emails": int(in_line.get(check_type, (0, 0))[1]),
                 "sent_emails": riding.get(check_type, 0),
                 "outstanding_batches": count_outstanding(check_type),
+                "finishing_batches": count_finishing(check_type),
                 "in_flight_batches": count_in_flight(check_type),
                 "max_outstanding": settings.max_outstanding,
                 **ledger[check_type],
@@ -70,26 +74,32 @@ def start_of_day(now):
 
 
 def ledger_totals(today):
-    """{check type: credits spent since `today` and ever, emails verified, possible orphans,
-    Bouncer batches ended by state}, in one pass over the ledger. A credit is an address of a
-    Bouncer batch that Bouncer accepted; a verified email, an address of one that completed."""
+    """{check type: credits spent since `today` and ever, refunded by finishes and spent on
+    re-checks (ever), emails verified, possible orphans, Bouncer batches ended by state}, in one
+    pass over the ledger. A credit is an address of a Bouncer batch that Bouncer accepted (held
+    when it is created); a finish gives back what Bouncer had not verified; a verified email is
+    an address of a batch that completed, less what a finish refunded."""
     charged = BouncerBatch.status.in_(CHARGED_STATES)
     query = (BouncerBatch.select(
         BouncerBatch.check_type, BouncerBatch.status, fn.COUNT(BouncerBatch.id), fn.SUM(BouncerBatch.quantity),
-        fn.SUM(Case(None, ((charged & (BouncerBatch.sent_at >= today), BouncerBatch.quantity),), 0)))
+        fn.SUM(Case(None, ((charged & (BouncerBatch.sent_at >= today), BouncerBatch.quantity),), 0)),
+        fn.SUM(fn.COALESCE(BouncerBatch.refunded, 0)), fn.SUM(BouncerBatch.rechecks))
         .group_by(BouncerBatch.check_type, BouncerBatch.status))
-    totals = {check_type: {"credits_spent_today": 0, "credits_spent_total": 0, "emails_verified_total": 0,
+    totals = {check_type: {"credits_spent_today": 0, "credits_spent_total": 0, "credits_refunded_total": 0,
+                           "credits_rechecks_total": 0, "emails_verified_total": 0,
                            "possible_orphans": 0, "batches_ended": dict.fromkeys(ENDED_STATES, 0)}
               for check_type in CHECK_TYPES}
-    for check_type, status, batches, addresses, today_addresses in query.tuples():
+    for check_type, status, batches, addresses, today_addresses, refunded, rechecks in query.tuples():
         if check_type not in totals:
             continue
         t = totals[check_type]
         if status in CHARGED_STATES:
             t["credits_spent_total"] += addresses or 0
             t["credits_spent_today"] += today_addresses or 0
+            t["credits_refunded_total"] += refunded or 0
+            t["credits_rechecks_total"] += rechecks or 0
         if status == BouncerBatchState.COMPLETED:
-            t["emails_verified_total"] = addresses or 0
+            t["emails_verified_total"] = (addresses or 0) - (refunded or 0)
         if status == BouncerBatchState.ABANDONED:
             t["possible_orphans"] = batches
         if status in ENDED_STATES:

@@ -37,6 +37,11 @@ class SandboxOptions:
               "variable keeps it off the command line, where `ps` would show it.", "str",
         envvar="SANDBOX_API_KEY", secret=True)
     request_log: str | None = option(None, "Append each request as JSON here.", "path")
+    greylist_rate: float = option(
+        0.0, "Share of addresses whose receiving server greylists them: the first try answers "
+             "unknown/timeout with a retryAfter; a try after it gets the real verdict.", "float", 0, 1)
+    greylist_seconds: float = option(
+        60.0, "How far ahead a greylisted address's retryAfter lies.", "float", 0, 86400)
     credits: int | None = option(
         None, "Credits the account holds: a create spends one per distinct address and is "
               "answered 402 when the balance cannot cover it. Unlimited when unset.", "int", 0)

@@ -3,9 +3,10 @@
 It speaks the documented create / status / download / delete / finish lifecycle and the credits
 endpoint (see bouncer-api.md), answers Bouncer's sandbox addresses the way Bouncer does, gives
 every other address a verdict derived from a hash of it (the same address always gets the same
-verdict), and can inject faults (5xx, 429, slow answers) at random with a seed or on demand from a
-test. server.py carries it over real HTTP or behind `responses`; the controls tests use are the
-same either way.
+verdict), can greylist a share of addresses (`unknown` with a `retryAfter` on the first try, the
+real verdict on a try after it), and can inject faults (5xx, 429, slow answers) at random with a
+seed or on demand from a test. server.py carries it over real HTTP or behind `responses`; the
+controls tests use are the same either way.
 
 Standard library only: one lock around the batches, timers for completion callbacks.
 """
@@ -33,7 +34,7 @@ MAX_BATCH_SIZE = 100_000
 # What the credits endpoint shows an account with no limit set.
 UNLIMITED_CREDITS = 1_000_000
 SANDBOX_DOMAIN = "sandbox.usebouncer.com"
-REQUEST_KINDS = ("create", "status", "download", "other")
+REQUEST_KINDS = ("create", "status", "download", "finish", "delete", "other")
 DOWNLOAD_FILTERS = ("all", "deliverable", "risky", "undeliverable", "unknown")
 CALLBACK_HOSTS = ("127.0.0.1", "localhost")
 CALLBACK_TIMEOUT = 2.0
@@ -59,6 +60,9 @@ NOT_COMPLETED = "batch is not completed"
 # A download 405 with this message is final: the results are gone (bouncer-api.md; Bouncer's Java
 # SDK handles it). The exact wording is not documented, so clients should match it leniently.
 RESULTS_REMOVED = "batch email addresses and results have been removed"
+NOT_RUNNING = "batch has to be running to finish"
+NOT_DELETABLE = "batch cannot be deleted in current state"
+GREYLISTED = {"status": "unknown", "reason": "timeout", "score": 0}
 # Faults whose answer comes late: the request is acted on, its answer only after slow_seconds.
 DELAYED_FAULTS = ("slow", "timeout")
 
@@ -137,10 +141,23 @@ def risky_verdict(free, role, score):
     return verdict("risky", "low_deliverability", score, role=role, acceptAll="yes")
 
 
-def build_record(item):
-    """One download record, shaped like Bouncer's, for an item as it was sent."""
+def is_greylisted(email, rate):
+    """Whether the receiving server of `email` greylists it: a stable share `rate` of the
+    addresses (never a sandbox address: those have fixed answers)."""
+    local, domain = split_address(email)
+    if not rate or domain == SANDBOX_DOMAIN:
+        return False
+    digest = hashlib.sha256(("greylist:" + email.strip().lower()).encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big") < rate * 2 ** 32
+
+
+def build_record(item, retry_after=None):
+    """One download record, shaped like Bouncer's, for an item as it was sent; greylisted
+    (`unknown`, `timeout`, tried again not before `retry_after`, epoch seconds) when given."""
     email = item["email"]
     found = verdict_for(email)
+    if retry_after is not None:
+        found.update(GREYLISTED, acceptAll="unknown")
     domain = split_address(email)[1]
     record = {"email": email}
     if item.get("name") is not None:
@@ -158,7 +175,7 @@ def build_record(item):
         "toxic": "unknown",
         "toxicity": 0,
         "didYouMean": None,
-        "retryAfter": None,
+        "retryAfter": iso_utc(retry_after) if retry_after is not None else None,
     })
     return record
 
@@ -224,7 +241,7 @@ def parse_route(path):
 def request_kind(method, action):
     """The kind a request is counted and fault-matched under."""
     kinds = {("POST", "create"): "create", ("GET", "status"): "status",
-             ("GET", "download"): "download"}
+             ("GET", "download"): "download", ("POST", "finish"): "finish", ("DELETE", "status"): "delete"}
     return kinds.get((method, action), "other")
 
 
@@ -296,6 +313,9 @@ def new_batch(items, distinct, duplicates, path, callback):
         "callback_sent": False,
         "status_override": None,
         "results_removed": False,
+        "greylisted": {},        # address (lowercased) -> its retryAfter (epoch): greylisted this time
+        "processed": None,       # addresses verified so far, when a test says so
+        "verified": None,        # addresses verified before a finish: the download holds only these
         # Built once, on first need, and kept: a download of 10,000 records costs its encoding
         # once, however often it is asked for.
         "records": None,
@@ -375,6 +395,8 @@ class Simulator:
     rate_limit_rate = OptionAttribute()
     slow_rate = OptionAttribute()
     slow_seconds = OptionAttribute()
+    greylist_rate = OptionAttribute()
+    greylist_seconds = OptionAttribute()
 
     def __init__(self, options=None, **overrides):
         options = options if options is not None else SandboxOptions()
@@ -391,6 +413,8 @@ class Simulator:
         self._counts = {"by_kind": Counter(), "by_method": Counter(), "faults": Counter()}
         self._batches_created = 0
         self._emails_received = 0
+        self._greylist = {}         # address (lowercased) -> when its server accepts a try (epoch)
+        self._early_retries = 0     # greylisted addresses sent again before their retryAfter
         self._timers = []
         self._closed = False
 
@@ -442,6 +466,12 @@ class Simulator:
         with self._lock:
             self.batches.pop(batch_id, None)
 
+    def set_processed(self, batch_id, processed):
+        """Bouncer has verified the batch's first `processed` addresses so far: its status stats
+        say so, and a finish keeps only those (the rest refunded)."""
+        with self._lock:
+            self._known(batch_id)["processed"] = processed
+
     def set_status(self, batch_id, status):
         """Status answers for the batch say `status` (an undocumented one, or "completed" while
         its download still answers 405); None gives the batch its own status back."""
@@ -488,6 +518,8 @@ class Simulator:
                 "faults": dict(self._counts["faults"]),
                 "batches_created": self._batches_created,
                 "emails_received": self._emails_received,
+                "greylisted": len(self._greylist),
+                "early_retries": self._early_retries,
             }
 
     # -- one request ---------------------------------------------------------------------------
@@ -615,6 +647,7 @@ class Simulator:
             refused = self._spend_credits(len(distinct))
             if refused is not None:
                 return refused
+            batch["greylisted"] = self._greylist_of(distinct, batch["created_at"])
             self._store(batch)
         logger.debug("sandbox batch %s created: %d emails, %d duplicates",
                      batch["batchId"], batch["quantity"], duplicates)
@@ -635,7 +668,7 @@ class Simulator:
             answer["started"] = iso_utc(self._started_at(batch))
         if phase == "completed":
             answer["completed"] = iso_utc(self._completed_at(batch))
-            answer["credits"] = len(batch["distinct"])
+            answer["credits"] = len(self._records(batch))
         if query.get("with-stats", [""])[0].lower() in ("true", "1"):
             answer.update(self._progress(batch, phase, now))
         return json_reply(200, answer)
@@ -660,14 +693,22 @@ class Simulator:
 
     def _delete(self, batch, query):
         with self._lock:
+            if self._phase(batch, time.monotonic()) != "completed":
+                return error_reply(405, NOT_DELETABLE)
             self.batches.pop(batch["batchId"], None)
         logger.debug("sandbox batch %s deleted", batch["batchId"])
         return json_reply(200, {})
 
     def _finish(self, batch, query):
+        """Stop the batch: what it verified so far is its download, the rest is refunded."""
         with self._lock:
-            if self._phase(batch, time.monotonic()) == "completed":
-                return error_reply(400, "batch has to be running to finish")
+            now = time.monotonic()
+            if self._phase(batch, now) == "completed":
+                return error_reply(400, NOT_RUNNING)
+            verified = self._processed(batch, self._phase(batch, now), now)
+            batch["verified"] = verified
+            if self.credits is not None:
+                self.credits += len(batch["distinct"]) - verified
             self._complete(batch)
         return json_reply(202, {})
 
@@ -692,10 +733,35 @@ class Simulator:
             self._schedule_callback(batch["batchId"], self.options.processing_time)
 
     def _records(self, batch):
-        """The batch's download records, one per distinct address as sent, built once."""
+        """The batch's download records: one per distinct address as sent or, after a finish,
+        per address it had verified."""
+        return self._all_records(batch)[:batch["verified"]]
+
+    def _all_records(self, batch):
+        """A record for each distinct address of the batch, built once."""
         if batch["records"] is None:
-            batch["records"] = [build_record(item) for item in batch["distinct"]]
+            greylisted = batch["greylisted"]
+            batch["records"] = [build_record(item, greylisted.get(item["email"].strip().lower()))
+                                for item in batch["distinct"]]
         return batch["records"]
+
+    def _greylist_of(self, items, now):
+        """{address: its retryAfter} of the addresses greylisted this time: on a first try, and
+        on a try before the retryAfter the first one gave (counted as an early retry). Lock held."""
+        found = {}
+        for item in items:
+            if not is_greylisted(item["email"], self.options.greylist_rate):
+                continue
+            address = item["email"].strip().lower()
+            retry_at = self._greylist.get(address)
+            if retry_at is None:
+                retry_at = self._greylist[address] = now + self.options.greylist_seconds
+            elif now >= retry_at:
+                continue    # tried again late enough: the server accepts it
+            else:
+                self._early_retries += 1
+            found[address] = retry_at
+        return found
 
     def _phase(self, batch, now):
         elapsed = now - batch["created_mono"]
@@ -714,18 +780,24 @@ class Simulator:
 
     def _progress(self, batch, phase, now):
         """`processed` and per-status `stats` over the addresses verified so far."""
-        records = self._records(batch)
         if phase == "completed":
-            processed = len(records)
-        elif phase == "queued":
-            processed = 0
+            processed = len(self._records(batch))
         else:
-            share = (now - batch["created_mono"] - self.start_delay) / (
-                self.options.processing_time - self.start_delay)
-            processed = int(len(records) * min(max(share, 0.0), 1.0))
-        counts = Counter(record["status"] for record in records[:processed])
+            processed = self._processed(batch, phase, now)
+        counts = Counter(record["status"] for record in self._all_records(batch)[:processed])
         stats = {status: counts[status] for status in DOWNLOAD_FILTERS[1:]}
         return {"processed": processed, "stats": stats}
+
+    def _processed(self, batch, phase, now):
+        """How many of a running batch's addresses are verified by now."""
+        total = len(batch["distinct"])
+        if batch["processed"] is not None:
+            return min(batch["processed"], total)
+        if phase == "queued":
+            return 0
+        share = (now - batch["created_mono"] - self.start_delay) / (
+            self.options.processing_time - self.start_delay)
+        return int(total * min(max(share, 0.0), 1.0))
 
     def _complete(self, batch):
         """Complete the batch now, if it is not yet. Lock held."""

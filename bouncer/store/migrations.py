@@ -4,8 +4,8 @@ this release's definitions).
 Versions (table `schema_version`): 1, the first release (`user_batches.user`, no defaults, rows
 numbered from 0); 2, the host tables with their defaults and checks, a row `sent` while it rides
 on a Bouncer batch; 3, the line (`queued_emails`) and the rows riding on Bouncer batches
-(`riding_rows`) are tables of their own, so a claim no longer rewrites the rows it takes; 4, this
-one: no index of `user_batch_emails` depends on a row's status, and on PostgreSQL its pages keep
+(`riding_rows`) are tables of their own, so a claim no longer rewrites the rows it takes; 4, no
+index of `user_batch_emails` depends on a row's status, and on PostgreSQL its pages keep
 room, so ending a row rewrites it in place (a HOT update) rather than adding an entry to each of
 its indexes; 5, this one (each feature's statements under its own comment in `upgrade_to_5`).
 """
@@ -16,8 +16,8 @@ from bouncer.store.database import database, dialect, write_transaction
 from bouncer.store.models import INTERNAL_MODELS, FifoCounter, SchemaVersion
 from bouncer.store.schema import (
     ADDRESS_INDEX, CHECKS, INDEXES, NEW_ROW_CHECK, NEW_ROW_RULE, RESULTS_VIEW, ROWS_FILLFACTOR, SQLITE_TRIGGERS,
-    UNADMITTED_INDEX, USER_BATCH_EMAILS, USER_BATCHES, VERSION, create_all, current_version, host_triggers,
-    render,
+    UNADMITTED_INDEX, UNDELETED_INDEX, USER_BATCH_EMAILS, USER_BATCHES, VERSION, create_all, current_version,
+    host_triggers, render,
 )
 
 log = logging.getLogger(__name__)
@@ -216,20 +216,35 @@ def finish_upgrade():
 
 
 
+TO_VERSION_4 = {1: upgrade_from_1, 2: upgrade_from_2, 3: upgrade_from_3}
+
+
 def upgrade_to_5():
-    """From version 4 (each statement safe to run again)."""
+    """Version 4 to 5, each statement safe to run again."""
+    # Bouncer's batch lifecycle: greylisted verdicts re-checked, batches finished and deleted at
+    # Bouncer, the credits Bouncer reports.
+    add_columns("bouncer_batches", [
+        ("finish_reason", "TEXT"), ("finish_asked_at", "{time}"), ("finish_accepted_at", "{time}"),
+        ("credits", "INTEGER"), ("refunded", "INTEGER"), ("rechecks", "INTEGER NOT NULL DEFAULT 0"),
+        ("deleted_at", "{time}")])
+    database.execute_sql(UNDELETED_INDEX)
+    add_columns("user_batch_emails", [("rechecks", "INTEGER NOT NULL DEFAULT 0")])
+    add_columns("queued_emails", [("rechecks", "INTEGER NOT NULL DEFAULT 0"), ("not_before", "{time}")])
+    for table in ("email_deliverable_results", "email_catchall_results"):
+        add_columns(table, [("retry_after", "{time}")])
     # Personal data: a pruned batch keeps its counts; the rows naming an address are found by it.
-    add_column("user_batches", "pruned_at", render("{time}"))
-    add_column("user_batches", "kept_counts", "TEXT")
+    add_columns("user_batches", [("pruned_at", "{time}"), ("kept_counts", "TEXT")])
     database.execute_sql(ADDRESS_INDEX)
 
 
-def add_column(table, column, kind):
-    """Add a column unless the table has it already."""
-    if column not in {c.name for c in database.get_columns(table)}:
-        database.execute_sql('ALTER TABLE "%s" ADD COLUMN "%s" %s' % (table, column, kind))
+def add_columns(table, columns):
+    """Add each `(name, type)` column `table` does not have yet (an upgrade that ran halfway, or
+    a table made from this release's models on the way, already has some)."""
+    present = {column.name for column in database.get_columns(table)}
+    for name, kind in columns:
+        if name not in present:
+            database.execute_sql('ALTER TABLE "%s" ADD COLUMN "%s" %s' % (table, name, render(kind)))
 
 
-TO_VERSION_4 = {1: upgrade_from_1, 2: upgrade_from_2, 3: upgrade_from_3}
 # {version: the step that brings a database from the version before it to this one}
 STEPS = {5: upgrade_to_5}

@@ -12,11 +12,12 @@ A submitted row (`UserBatchEmail.status`):
     queued -> done | failed
     new | queued -> cancelled (its batch was cancelled before it was sent)
 A queued row is either waiting in line (`QueuedEmail`) or riding on a Bouncer batch of the
-ledger (`RidingRows`); one whose batch is rejected or abandoned goes back in line. (`sent` is
+ledger (`RidingRows`); one whose batch is rejected or abandoned goes back in line, and so does
+one whose address came back greylisted (until Bouncer's retryAfter: `QueuedEmail.not_before`). (`sent` is
 what schema version 2 wrote for a riding row; no row is in it any more.)
 """
 
-from peewee import CompositeKey, DateTimeField, FloatField, ForeignKeyField, IntegerField, Model, TextField
+from peewee import SQL, CompositeKey, DateTimeField, FloatField, ForeignKeyField, IntegerField, Model, TextField
 
 from bouncer.names import CHECK_TYPES
 from bouncer.states import BouncerBatchState, DeliveryState
@@ -84,10 +85,19 @@ class BouncerBatch(BaseModel):
     finished_at = DateTimeField(null=True)
     failure_reason = TextField(null=True)
     bouncer_completed_at = DateTimeField(null=True)   # when Bouncer says it completed
+    # Finishing it at Bouncer (stop it, refund what it had not verified): why and when that was
+    # decided (BATCH_TIMEOUT, an operator, no live row left on it), when Bouncer took it.
+    finish_reason = TextField(null=True)
+    finish_asked_at = DateTimeField(null=True)
+    finish_accepted_at = DateTimeField(null=True)
+    credits = IntegerField(null=True)        # what Bouncer says it charged, once completed
+    refunded = IntegerField(null=True)       # credits a finish gave back
+    rechecks = IntegerField(default=0, constraints=[SQL("DEFAULT 0")])  # addresses sent again after greylisting
+    deleted_at = DateTimeField(null=True)    # deleted at Bouncer (BOUNCER_DELETE_RESULTS), or found gone
 
     class Meta:
         table_name = "bouncer_batches"
-        indexes = ((("check_type", "status"), False),)
+        indexes = ((("check_type", "status"), False),)   # and schema.UNDELETED_INDEX
 
 
 class BouncerBatchEmail(BaseModel):
@@ -120,6 +130,7 @@ class UserBatchEmail(BaseModel):
     bouncer_batch = Reference(BouncerBatch, null=True, index=False)
     failure_reason = TextField(null=True)
     completed_at = DateTimeField(null=True)
+    rechecks = IntegerField(null=True)       # database default 0: times sent again after greylisting
 
     class Meta:
         table_name = "user_batch_emails"
@@ -138,6 +149,8 @@ class QueuedEmail(BaseModel):
     position = IntegerField()
     email_global = Reference(EmailGlobal, index=False)
     email = TextField()
+    rechecks = IntegerField(default=0, constraints=[SQL("DEFAULT 0")])   # the row's, copied
+    not_before = DateTimeField(null=True)    # a re-check waits for Bouncer's retryAfter
 
     class Meta:
         table_name = "queued_emails"
@@ -175,6 +188,9 @@ class ResultBase(BaseModel):
     raw = TextField()
     checked_at = DateTimeField()
     bouncer_batch_id = IntegerField(null=True)   # which batch brought it (not indexed: read by no query)
+    # An `unknown` whose receiving server asked to be tried again (greylisting): never reused
+    # as a fresh verdict, and its address is not sent again before then.
+    retry_after = DateTimeField(null=True)
 
 
 class DeliverableResult(ResultBase):

@@ -105,7 +105,9 @@ def list_batches(query):
 @blueprint.output(StatusObject)
 @blueprint.doc(summary="Cancel a user batch", security="BearerAuth", responses=errors(404, 409),
                description="Emails not yet sent end cancelled; those in flight finish with their "
-                           "verdicts; the batch becomes cancelled when its last email ends.")
+                           "verdicts (a Bouncer batch left with no other user's emails is finished at "
+                           "Bouncer: what it had not verified ends cancelled, its credits refunded); the "
+                           "batch becomes cancelled when its last email ends.")
 def cancel(batch_id):
     try:
         batches.cancel_user_batch(bouncer_app(), batch_id)

@@ -7,7 +7,8 @@ page again and swaps its live sections. Every figure comes from the reporting la
 never disagree.
 
 Actions are POSTs with a CSRF token (Flask-WTF), each recorded in the audit log: pause and
-resume batch creation per check type, cancel a user batch, fail a stuck Bouncer batch, erase
+resume batch creation per check type, cancel a user batch, finish a stuck Bouncer batch at
+Bouncer (its verified part kept, the rest refunded; failed as before if Bouncer refuses), erase
 what the service holds of a user or of an address (an erasure request, confirmed by a tick). The
 session and CSRF key is derived from OPERATOR_PASSWORD, so every web process agrees on it;
 only the console's POSTs ask for the token (the API and Bouncer's callback do not).
@@ -222,19 +223,21 @@ def cancel(batch_id):
     return back()
 
 
-@blueprint.post("/bouncer-batches/<int:ledger_id>/fail")
-def fail(ledger_id):
+@blueprint.post("/bouncer-batches/<int:ledger_id>/finish")
+def finish(ledger_id):
     reason = form_text("reason")
     if not reason:
-        abort(400, "say why the Bouncer batch is failed (reason)")
+        abort(400, "say why the Bouncer batch is finished (reason)")
     try:
-        failed = batches.fail_bouncer_batch(bouncer_app(), ledger_id, reason, who=OPERATOR)
+        asked = batches.finish_bouncer_batch(bouncer_app(), ledger_id, reason, who=OPERATOR)
     except NotFound:
         abort(404)
-    if failed is None:
-        flash("Bouncer batch %d is not outstanding: nothing failed." % ledger_id, "error")
+    if not asked:
+        flash("Bouncer batch %d is not outstanding, or is being finished already: nothing done." % ledger_id,
+              "error")
         return back()
-    flash("Bouncer batch %d failed: %d email(s) failed with your reason." % (ledger_id, failed))
+    flash("Bouncer batch %d is being finished at Bouncer: what it verified is kept, the rest is refunded and "
+          "fails with your reason." % ledger_id)
     return back()
 
 

@@ -90,10 +90,16 @@ def queue_families(o):
                 ("check_type", "state"),
                 [((t, state), c[key]) for t, c in types.items()
                  for state, key in (("new", "new_emails"), ("queued", "queued_emails"), ("sent", "sent_emails"))])
+    yield gauge("bouncer_emails_rechecking", "Queued emails waiting in line for a re-check: Bouncer answered "
+                "unknown with a retryAfter (greylisting); among the queued", ("check_type",),
+                [((t,), c["rechecking_emails"]) for t, c in types.items()])
     yield gauge("bouncer_batches_in_flight", "Bouncer batches reserved or outstanding, counted against "
                 "BOUNCER_MAX_OUTSTANDING", ("check_type",), [((t,), c["in_flight_batches"]) for t, c in types.items()])
     yield gauge("bouncer_batches_outstanding", "Bouncer batches created at Bouncer and not yet ingested",
                 ("check_type",), [((t,), c["outstanding_batches"]) for t, c in types.items()])
+    yield gauge("bouncer_batches_finishing", "Outstanding Bouncer batches being finished at Bouncer (past "
+                "BATCH_TIMEOUT, an operator's, or every row on them cancelled)", ("check_type",),
+                [((t,), c["finishing_batches"]) for t, c in types.items()])
     yield gauge("bouncer_max_outstanding", "BOUNCER_MAX_OUTSTANDING: the most Bouncer batches in flight per check type",
                 samples=[((), next(iter(types.values()))["max_outstanding"])])
     yield gauge("bouncer_requests_last_minute", "Bouncer requests recorded in the last 60 s, all processes together",
@@ -106,6 +112,10 @@ def queue_families(o):
                   ("check_type",), [((t,), c["emails_verified_total"]) for t, c in types.items()])
     yield counter("bouncer_credits_spent", "Addresses sent in Bouncer batches that Bouncer accepted (one credit each)",
                   ("check_type",), [((t,), c["credits_spent_total"]) for t, c in types.items()])
+    yield counter("bouncer_credits_refunded", "Credits Bouncer gave back for the addresses of finished batches it "
+                  "had not verified", ("check_type",), [((t,), c["credits_refunded_total"]) for t, c in types.items()])
+    yield counter("bouncer_credits_rechecks", "Credits spent on re-checks of greylisted addresses (among the "
+                  "credits spent)", ("check_type",), [((t,), c["credits_rechecks_total"]) for t, c in types.items()])
     yield gauge("bouncer_credits_spent_today", "Credits spent since midnight UTC", ("check_type",),
                 [((t,), c["credits_spent_today"]) for t, c in types.items()])
     yield counter("bouncer_possible_orphans", "Bouncer batches whose create call went unanswered: Bouncer may "

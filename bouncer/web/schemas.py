@@ -27,6 +27,7 @@ class StatusObject(Schema):
     total = Integer()
     done = Integer()
     counts = Nested(Counts)
+    rechecking = Integer(metadata={"description": "pending rows whose greylisted verdict is being tried again"})
     created_at = String(metadata={"format": "date-time"})
     completed_at = String(allow_none=True, metadata={"format": "date-time"})
     failure_reason = String(allow_none=True)

@@ -132,7 +132,8 @@ def describe_requests(table, run):
     strictly_over = len(invariants.requests_over_budget(arrivals, RATE_LIMIT_BUFFER))
     table.line("faults injected", ", ".join("%s %d" % item for item in sorted(faults.items())) or "none")
     table.line("requests by kind", ", ".join("%s %d" % (k, kinds[k])
-                                             for k in ("create", "status", "download", "other")))
+                                             for k in ("create", "status", "download", "finish", "delete",
+                                                       "other")))
     table.line("max in flight (ledger / sampled)", ", ".join(
         "%s %d / %d of %d" % (t, run.max_history[t], run.checker.max_sampled[t], MAX_OUTSTANDING)
         for t in CHECK_TYPES))
@@ -144,7 +145,7 @@ def describe_requests(table, run):
 
 
 def kind_of(entry):
-    """create, status, download or other: what a request of the sandbox's log asked for."""
+    """create, status, download, finish, delete or other: what a request of the sandbox's log asked for."""
     return request_kind(entry["method"], parse_route(entry["path"])[0])
 
 

@@ -21,7 +21,8 @@ SERVICE_SETTINGS = {
     "LOG_LEVEL": "INFO",
 }
 # Settings left at their defaults whatever the caller's environment says.
-DEFAULTED_SETTINGS = ("BATCH_TIMEOUT", "RESULT_CACHE_DAYS", "BOUNCER_CATCHALL_PATH")
+DEFAULTED_SETTINGS = ("BATCH_TIMEOUT", "RESULT_CACHE_DAYS", "BOUNCER_CATCHALL_PATH", "UNKNOWN_RECHECKS",
+                      "UNKNOWN_RECHECK_MAX_DELAY", "BOUNCER_DELETE_RESULTS")
 PROCESSING_SECONDS = 3
 # Longer than BOUNCER_TIMEOUT: a slow answer is a timeout for the client, and the sandbox still
 # creates the batch afterwards, as Bouncer would (a batch nobody follows).
