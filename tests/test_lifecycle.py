@@ -282,7 +282,7 @@ def test_a_batch_of_cancelled_rows_is_finished_and_its_credits_come_back(sandbox
 def test_a_batch_whose_rows_were_all_erased_is_finished_and_its_credits_come_back(sandbox_app, sandbox):
     from bouncer.services import erasure
     app = sandbox_app
-    alice = submit("alice", addresses("a", 10))
+    submit("alice", addresses("a", 10))
     create(app)
     [bouncer_id] = sandbox.batches
     sandbox.set_processed(bouncer_id, 4)
