@@ -85,10 +85,11 @@ def write_transaction():
     return dialect().write_transaction(database)
 
 
-def serialize_on(name):
+def serialize_on(name, shared=False):
     """Inside a write transaction: wait for every other transaction serialized on `name`
-    (PostgreSQL: an advisory lock; SQLite: every writer is serialized already)."""
-    dialect().serialize_on(database, name)
+    (PostgreSQL: an advisory lock; SQLite: every writer is serialized already). A `shared` one
+    waits only for those that are not: many may hold it at once."""
+    dialect().serialize_on(database, name, shared)
 
 
 def lock_rows_for_share(query):

@@ -18,7 +18,7 @@ from bouncer.store.models import ALL_MODELS, INTERNAL_MODELS, FifoCounter, Schem
 log = logging.getLogger(__name__)
 
 
-VERSION = 4
+VERSION = 5
 ROWS_FILLFACTOR = 50
 
 
