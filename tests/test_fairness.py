@@ -3,15 +3,19 @@ each user's rows in order; batches stay full, one credit per address; switching 
 a weight reorders what is still in line within one creation cycle. The FIFO invariant under
 `fifo` is tests/test_invariants.py's and tests/test_creation_cycle.py's, unchanged; the fault
 run, kill -9 and lock-loss tests run under `fair` there too."""
+import datetime
+
 import pytest
 from conftest import addresses, rode_on, statuses, submit, with_settings
 from peewee import IntegrityError
 
 from bouncer.cycles.runner import run_cycle
 from bouncer.names import CREATION, STATUS
-from bouncer.queue import fairness
+from bouncer.queue import fairness, pauses
+from bouncer.queue.waiting import waiting_of
+from bouncer.reading.batches import batch_status, page_of_batches
 from bouncer.states import SENT, RowState
-from bouncer.store.database import database
+from bouncer.store.database import database, utcnow
 from bouncer.store.models import BouncerBatch, LineOrder, QueuedEmail, SentShare, UserBatch, UserBatchEmail
 from support import invariants
 
@@ -226,3 +230,35 @@ def test_the_database_refuses_a_weight_not_above_zero(db, weight):
     with pytest.raises(IntegrityError), database.atomic():
         database.execute_sql("UPDATE user_weights SET weight = %s" % database.param, (weight,))
     assert fairness.weight_of("alice") == 0.5 and fairness.weight_of("bob") == 1.0
+
+
+def test_the_status_object_says_the_weight_the_place_in_line_and_an_estimated_start(app, bouncer):
+    app = with_settings(app, batch_size=10, max_outstanding=1)
+    host_sets_weight("bob", 2)
+    alice, bob = submit("alice", addresses("a", 30)), submit("bob", addresses("b", 5))
+    now = utcnow()
+    # Alice's next row leads the line: it goes out now. Bob's has alice's 30 ahead of it, and no
+    # pace is known yet to say when.
+    assert waiting_of(list(UserBatch.select().order_by(UserBatch.id)), now) == {
+        alice: {"weight": 1.0, "place_in_line": 0, "estimated_start_at": now.isoformat() + "Z"},
+        bob: {"weight": 2.0, "place_in_line": 30, "estimated_start_at": None}}
+    run_cycle(app, CREATION, "deliverable")
+    bouncer.complete_now()
+    run_cycle(app, STATUS, "deliverable")
+    # The pace of the last hour: 10 addresses sent 100 s ago and done since, 0.1 a second.
+    now = utcnow()
+    BouncerBatch.update(sent_at=now - datetime.timedelta(seconds=100), finished_at=now).execute()
+    in_200_s = (now + datetime.timedelta(seconds=200)).isoformat() + "Z"
+    assert waiting_of([UserBatch.get_by_id(bob)], now)[bob] == {
+        "weight": 2.0, "place_in_line": 20, "estimated_start_at": in_200_s}
+    assert {k: batch_status(bob)[k] for k in ("weight", "place_in_line")} == {"weight": 2.0, "place_in_line": 20}
+    # Under fair the line is numbered anew (creation paused, so nothing is sent): bob's first
+    # row shares turn 0 with alice's first, which came first.
+    pauses.pause("deliverable", "a look at the line", "test")
+    run_cycle(fair(app), CREATION, "deliverable")
+    assert batch_status(bob)["place_in_line"] == 1
+    assert {b["batch_id"]: b["place_in_line"] for b in page_of_batches(10)[0]} == {alice: 0, bob: 1}
+    pauses.resume("deliverable", "test")
+    drain(fair(app), bouncer)
+    assert {k: batch_status(bob)[k] for k in ("status", "place_in_line", "estimated_start_at")} == {
+        "status": "completed", "place_in_line": None, "estimated_start_at": None}

@@ -1,9 +1,10 @@
 """The status object of a user batch (design.md, "Status object"): what every door shows of it,
 and what a webhook carries. Its counts are of rows, one query per check type for any number of
-batches."""
+batches; what the batch waits for (weight, place in line, estimated start) is waiting.py's."""
 
 from peewee import JOIN, fn
 
+from bouncer.queue.waiting import waiting_of
 from bouncer.states import VERDICTS, RowState
 from bouncer.store.bulk import among
 from bouncer.store.models import UserBatchEmail, result_model
@@ -16,14 +17,16 @@ def iso(moment):
     return moment.isoformat() + "Z" if moment else None
 
 
-def status_object(batch, counts=None):
+def status_object(batch, counts=None, waiting=None):
+    """`counts` (count_outcomes) and `waiting` (waiting.waiting_of) when they were read in bulk."""
     counts = counts if counts is not None else count_outcomes(batch)
+    waiting = waiting if waiting is not None else waiting_of([batch])[batch.id]
     total = sum(counts.values())
     return {
         "batch_id": batch.id, "user_id": batch.user_id, "check_type": batch.check_type,
         "status": batch.status, "total": total, "done": total - counts["pending"], "counts": counts,
         "created_at": iso(batch.created_at), "completed_at": iso(batch.completed_at),
-        "failure_reason": batch.failure_reason,
+        "failure_reason": batch.failure_reason, **waiting,
     }
 
 
