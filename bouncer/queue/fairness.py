@@ -63,6 +63,11 @@ def weight_of(user_id):
     return weights_of([user_id])[user_id]
 
 
+def stored_weight(user_id):
+    """The user's weight as stored, None when none is."""
+    return UserWeight.select(UserWeight.weight).where(UserWeight.user_id == user_id).scalar()
+
+
 def weights_of(user_ids):
     """{user id: weight as stored, 1 when none is} for `user_ids`."""
     found = dict(UserWeight.select(UserWeight.user_id, UserWeight.weight)
