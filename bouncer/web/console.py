@@ -7,7 +7,8 @@ page again and swaps its live sections. Every figure comes from the reporting la
 never disagree.
 
 Actions are POSTs with a CSRF token (Flask-WTF), each recorded in the audit log: pause and
-resume batch creation per check type, cancel a user batch, fail a stuck Bouncer batch. The
+resume batch creation per check type, cancel a user batch, fail a stuck Bouncer batch, set a
+user's weight (QUEUE_POLICY=fair). The
 session and CSRF key is derived from OPERATOR_PASSWORD, so every web process agrees on it;
 only the console's POSTs ask for the token (the API and Bouncer's callback do not).
 """
@@ -21,7 +22,7 @@ from flask import Response, flash, redirect, render_template, request, stream_wi
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from markupsafe import Markup
 
-from bouncer.errors import Conflict, NotFound
+from bouncer.errors import Conflict, InputError, NotFound
 from bouncer.masking import mask_secrets
 from bouncer.names import CHECK_TYPES
 from bouncer.queue import audit, pauses
@@ -30,7 +31,7 @@ from bouncer.reading.batches import iter_results, page_of_batches, results_csv, 
 from bouncer.reading.health import service_state
 from bouncer.reading.history import DEFAULT_HOURS, WINDOWS, chart_series
 from bouncer.reading.overview import rq_backlog
-from bouncer.services import batches
+from bouncer.services import batches, weights
 from bouncer.states import ENDED_BATCH_STATES, BatchState
 from bouncer.store.database import utcnow
 from bouncer.web.charts import line_chart
@@ -230,6 +231,18 @@ def fail(ledger_id):
         flash("Bouncer batch %d is not outstanding: nothing failed." % ledger_id, "error")
         return back()
     flash("Bouncer batch %d failed: %d email(s) failed with your reason." % (ledger_id, failed))
+    return back()
+
+
+@blueprint.post("/weights")
+def set_weight():
+    user_id = form_text("user_id")
+    try:
+        before, after = weights.set_user_weight(user_id, form_text("weight"), who=OPERATOR)
+    except InputError as exc:
+        abort(400, str(exc))
+    flash("User %s weighs %g now (was %g); the rows in line take it at the next creation cycle."
+          % (user_id, after, before))
     return back()
 
 
