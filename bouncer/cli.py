@@ -270,6 +270,8 @@ def format_overview(o):
         lines.append("%-12s %8d %8d %8d %12d/%-3d" % (
             check_type, c["new_emails"], c["queued_emails"], c["sent_emails"],
             c["in_flight_batches"], c["max_outstanding"]))
+    lines.append("line order (QUEUE_POLICY): %s" % ", ".join(
+        "%s %s" % (t, c["queue_policy"]) for t, c in o["check_types"].items()))
     r = o["rate_limit"]
     lines.append("requests in the last 60 s: %d (buffer %d, Bouncer's limit %d)" % (
         r["requests_last_60s"], r["buffer"], r["bouncer_limit"]))

@@ -100,6 +100,7 @@ def test_status_overview_without_id(app, database_url, bouncer):
     run_cycle(app, CREATION, "deliverable")
     out = ok(run(database_url, "status"))
     assert "queued" in out and "Bouncer batches" in out
+    assert "line order (QUEUE_POLICY): deliverable fifo, catchall fifo" in out
     assert "requests in the last 60 s: 3" in out
     assert "deliverable" in out and "catchall" in out
     assert "alice" in out and "bob" in out
