@@ -158,9 +158,10 @@ def run_one_creation_cycle(url, settings):
 
 
 def measure_fair_share(url, queued, settings):
-    """On a line of `queued` rows (fifo): (seconds to number it anew for fair, seconds of one
-    creation cycle under fair after it, seconds of the status object's place in line of the
-    last user batch)."""
+    """On a line of `queued` rows in user batches of 100, each of its own user (fifo): (seconds
+    of the status object's place in line of the last user batch, every row but its own ahead of
+    it; seconds to number the line anew for fair; seconds of one creation cycle under fair
+    after it, each Bouncer batch holding a row of every user)."""
     reset_database(url)
     in_child_process(seed_in_child, url, queued)
     return in_child_process(switch_to_fair_and_create, url, settings.replace(queue_policy="fair"))
@@ -169,6 +170,11 @@ def measure_fair_share(url, queued, settings):
 def switch_to_fair_and_create(url, settings):
     open_database(url)
     database.connect(reuse_if_open=True)
+    last = UserBatch.select().order_by(UserBatch.fifo_order.desc()).first()
+    started = time.perf_counter()
+    ahead = waiting.place_in_line(last)
+    placing = time.perf_counter() - started
+    assert ahead == QueuedEmail.select().count() - last.total, ahead
     started = time.perf_counter()
     numbered = fairness.order_line("deliverable", "fair")
     ordering = time.perf_counter() - started
@@ -179,12 +185,7 @@ def switch_to_fair_and_create(url, settings):
     create_batches(cycle)
     creating = time.perf_counter() - started
     assert sum(n for _, _, n in cycle.report.created) == SLOTS * BATCH, cycle.report.summary()
-    last = UserBatch.select().order_by(UserBatch.fifo_order.desc()).first()
-    started = time.perf_counter()
-    ahead = waiting.place_in_line(last)
-    placing = time.perf_counter() - started
-    assert ahead > 0, ahead
-    return ordering, creating, placing
+    return placing, ordering, creating
 
 
 def measure_ingest(url):
@@ -381,12 +382,13 @@ def run_in_process(url, backlogs, naive, submit_lines, backend):
         rows.append(("creation cycle, 15 x 10k, %s queued" % format(queued, ","), seconds,
                      statements, rss, ""))
     largest = max(backlogs)
-    ordering, creating, placing = measure_fair_share(url, largest, settings)
-    rows.append(("creation cycle, 15 x 10k, %s queued, QUEUE_POLICY=fair" % format(largest, ","), creating,
-                 None, None, "%.2fx fifo" % (creating / creation[largest])))
+    placing, ordering, creating = measure_fair_share(url, largest, settings)
+    rows.append(("creation cycle, 15 x 10k, %s queued, QUEUE_POLICY=fair, %s users interleaved"
+                 % (format(largest, ","), format(largest // 100, ",")), creating, None, None,
+                 "%.2fx fifo" % (creating / creation[largest])))
     rows.append(("switching to fair: %s rows in line numbered anew (one transaction)" % format(largest, ","),
                  ordering, None, None, ""))
-    rows.append(("a status object's place in line behind %s rows" % format(largest, ","), placing, None, None, ""))
+    rows.append(("a status object's place in line, %s rows ahead" % format(largest, ","), placing, None, None, ""))
     ingest_seconds, ingest_statements, ingest_rss = measure_ingest(url)
     floor = measure_raw_insert_floor(SLOTS * BATCH)
     rows.append(("ingest 15 batches (150k results)", ingest_seconds, ingest_statements, ingest_rss,

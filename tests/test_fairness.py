@@ -262,3 +262,14 @@ def test_the_status_object_says_the_weight_the_place_in_line_and_an_estimated_st
     drain(fair(app), bouncer)
     assert {k: batch_status(bob)[k] for k in ("status", "place_in_line", "estimated_start_at")} == {
         "status": "completed", "place_in_line": None, "estimated_start_at": None}
+
+
+def test_a_page_of_batches_is_placed_in_line_in_one_pass_each_behind_all_before_it(app, bouncer):
+    from bouncer.queue.waiting import places_in_line
+    ids = [submit(user, addresses(user, n)) for user, n in (("a", 10), ("b", 20), ("c", 5))]
+    catchall = submit("d", addresses("d", 3), check_type="catchall")
+    batches = list(UserBatch.select().order_by(UserBatch.id.desc()))
+    assert places_in_line(batches) == {ids[0]: 0, ids[1]: 10, ids[2]: 30, catchall: 0}
+    run_cycle(fair(app, batch_size=9, max_outstanding=1), CREATION, "deliverable")
+    # Fair: a, b and c each had 3 of the first 9; their next rows are at turn 3, in their order.
+    assert places_in_line(list(UserBatch.select())) == {ids[0]: 0, ids[1]: 1, ids[2]: 2, catchall: 0}

@@ -40,7 +40,7 @@ from peewee import JOIN, SQL, Case, Tuple, fn
 
 from bouncer.errors import InputError
 from bouncer.names import FAIR, FIFO
-from bouncer.store.bulk import among
+from bouncer.store.bulk import among, insert_tuples
 from bouncer.store.database import database, serialize_on, utcnow, write_transaction
 from bouncer.store.models import LineOrder, LineWeight, QueuedEmail, SentShare, UserWeight
 
@@ -283,9 +283,8 @@ def keep_weights(check_type, user_ids=None):
 
 def record_shares(ledger_id, check_type, shares, now):
     """`shares`: {user id: new addresses} of a Bouncer batch being reserved."""
-    if shares:
-        SentShare.insert_many([{"bouncer_batch": ledger_id, "check_type": check_type, "user_id": user_id,
-                                "addresses": n, "reserved_at": now} for user_id, n in shares.items()]).execute()
+    insert_tuples(SentShare, ("bouncer_batch", "check_type", "user_id", "addresses", "reserved_at"),
+                  [(ledger_id, check_type, user_id, n, now) for user_id, n in shares.items()])
 
 
 def forget_shares_of(ledger_id):
