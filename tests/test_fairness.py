@@ -273,3 +273,22 @@ def test_a_page_of_batches_is_placed_in_line_in_one_pass_each_behind_all_before_
     run_cycle(fair(app, batch_size=9, max_outstanding=1), CREATION, "deliverable")
     # Fair: a, b and c each had 3 of the first 9; their next rows are at turn 3, in their order.
     assert places_in_line(list(UserBatch.select())) == {ids[0]: 0, ids[1]: 1, ids[2]: 2, catchall: 0}
+
+
+@pytest.mark.parametrize("written,counted", [(1e9, 1000.0), (1e-9, 0.001), (float("inf"), 1000.0),
+                                             (float("nan"), 1000.0)])
+def test_a_weight_a_host_writes_out_of_bounds_counts_as_the_nearest_bound(app, bouncer, written, counted):
+    from conftest import on_postgres
+    if written != written and not on_postgres():
+        with pytest.raises(IntegrityError), database.atomic():   # SQLite stores NaN as NULL
+            host_sets_weight("bob", written)
+        return
+    host_sets_weight("bob", written)       # PostgreSQL takes 'NaN' as above 0
+    assert fairness.weight_of("bob") == counted
+    submit("alice", addresses("a", 30))
+    submit("bob", addresses("b", 30))
+    run_cycle(fair(app, batch_size=10, max_outstanding=1), CREATION, "deliverable")
+    # Alice's first row and bob's share turn 0; then bob's fill the batch, or alice's do.
+    bob = {1000.0: 9, 0.001: 1}[counted]
+    assert users_per_bouncer_batch()[0].get("bob") == bob
+    assert batch_status(UserBatch.get(UserBatch.user_id == "bob").id)["weight"] == counted

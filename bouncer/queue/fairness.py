@@ -59,7 +59,7 @@ KEEP_SHARES = datetime.timedelta(hours=24)
 # -- weights --
 
 def weight_of(user_id):
-    """The user's weight as stored (1 when none is)."""
+    """The user's weight (1 when none is stored), within the bounds."""
     return weights_of([user_id])[user_id]
 
 
@@ -69,10 +69,10 @@ def stored_weight(user_id):
 
 
 def weights_of(user_ids):
-    """{user id: weight as stored, 1 when none is} for `user_ids`."""
+    """{user id: its weight, 1 when none is stored, within the bounds} for `user_ids`."""
     found = dict(UserWeight.select(UserWeight.user_id, UserWeight.weight)
                  .where(among(UserWeight.user_id, list(user_ids))).tuples()) if user_ids else {}
-    return {user_id: found.get(user_id, DEFAULT_WEIGHT) for user_id in user_ids}
+    return {user_id: bounded(found.get(user_id, DEFAULT_WEIGHT)) for user_id in user_ids}
 
 
 def set_weight(user_id, weight):
@@ -104,16 +104,21 @@ def checked_weight(weight):
 
 
 def bounded(weight):
+    """A weight as the line counts it: within the bounds. PostgreSQL takes 'NaN' as above 0 (and
+    above every number, so the SQL below makes it the largest); so does this."""
+    if math.isnan(weight):
+        return MAX_WEIGHT
     return min(max(weight, MIN_WEIGHT), MAX_WEIGHT)
 
 
 def step_of(user_id):
     """How far apart the turns of a user's rows are: 1 / its weight."""
-    return 1.0 / bounded(weight_of(user_id))
+    return 1.0 / weight_of(user_id)
 
 
 def bounded_weight_sql(column):
-    """`column` (NULL: 1) within MIN_WEIGHT and MAX_WEIGHT, in SQL both databases speak."""
+    """`column` (NULL: 1) within MIN_WEIGHT and MAX_WEIGHT, in SQL both databases speak (NaN,
+    which PostgreSQL sorts above every number, counts as MAX_WEIGHT)."""
     weight = fn.COALESCE(column, DEFAULT_WEIGHT)
     return Case(None, ((weight < MIN_WEIGHT, MIN_WEIGHT), (weight > MAX_WEIGHT, MAX_WEIGHT)), weight)
 
@@ -176,7 +181,7 @@ def turns_for_returning_rows(check_type, rows):
     if line_policy(check_type) != FAIR or not rows:
         return [0.0] * len(rows), []
     front = front_turn(check_type)
-    steps = {user_id: 1.0 / bounded(w) for user_id, w in weights_of({r[0] for r in rows}).items()}
+    steps = {user_id: 1.0 / w for user_id, w in weights_of({r[0] for r in rows}).items()}
     turns, later = {}, {}
     for user_id, fifo_order, position in sorted(rows, reverse=True):
         later[user_id] = later.get(user_id, 0) + 1
