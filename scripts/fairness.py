@@ -87,11 +87,11 @@ def run_policy(policy, args, workdir):
 
 
 def database_url(base, policy, workdir):
+    """An empty database of the run's own: a SQLite file in `workdir`, or one beside `base`."""
     if base is None:
         return "sqlite:///%s" % os.path.join(workdir, "fairness-%s.db" % policy)
-    url = workloads.side_url(base, "fairness_%s" % policy)
-    workloads.drop_database(url)
-    return workloads.side_url(base, "fairness_%s" % policy)
+    workloads.drop_database(workloads.side_url(base, "fairness_%s" % policy))
+    return workloads.side_url(base, "fairness_%s" % policy)     # made again, empty
 
 
 def submit_backlog(processes, count, workdir):

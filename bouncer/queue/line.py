@@ -44,6 +44,8 @@ LINE_COPIES = ((Line.row, Row.id), (Line.batch_id, Row.batch), (Line.check_type,
 
 LINE_TARGET = tuple(line.column_name for line, _ in LINE_COPIES)
 LINE_SOURCE = tuple(row.column_name for _, row in LINE_COPIES)
+# Where each field of the line is in a row of LINE_SOURCE columns.
+AT = {line.name: index for index, (line, _) in enumerate(LINE_COPIES)}
 
 
 # A row not yet admitted: it has no check type until admission (or a cancel) gives it its
@@ -71,9 +73,11 @@ def return_to_line(rows):
     """Rows (`LINE_SOURCE` columns of `user_batch_emails`, then their user) wait in line again,
     each check type's first in its users' order (fairness.turns_for_returning_rows)."""
     names = [line.name for line, _ in LINE_COPIES] + ["user_id", "turn"]
-    for check_type in {row[2] for row in rows}:
-        back = [row for row in rows if row[2] == check_type]
-        turns, disordered = fairness.turns_for_returning_rows(check_type, [(r[-1], r[3], r[4]) for r in back])
+    check_type_at, place_at, position_at = AT["check_type"], AT["fifo_order"], AT["position"]
+    for check_type in {row[check_type_at] for row in rows}:
+        back = [row for row in rows if row[check_type_at] == check_type]
+        turns, disordered = fairness.turns_for_returning_rows(
+            check_type, [(row[-1], row[place_at], row[position_at]) for row in back])
         insert_tuples(Line, names, [row + (turn,) for row, turn in zip(back, turns)])
         fairness.renumber_users(check_type, disordered)
 
