@@ -163,7 +163,7 @@ def mean_slot_turnover():
                 .where(BouncerBatch.status == "completed").order_by(BouncerBatch.finished_at).tuples()]
     turnovers = [(finished[i + SLOTS] - finished[i]).total_seconds() for i in range(SLOTS, len(finished) - SLOTS)]
     if not turnovers:
-        raise RuntimeError("too few Bouncer batches to measure a slot turnover; a larger --backlog")
+        raise RuntimeError("too few Bouncer batches to measure a slot turnover: a --backlog of 400,000 at least")
     return sum(turnovers) / len(turnovers)
 
 
