@@ -251,6 +251,10 @@ def format_batch(b):
         text += "\n%d greylisted email(s) waiting for a re-check" % b["rechecking"]
     if b["failure_reason"]:
         text += "\nfailure: %s" % b["failure_reason"]
+    if b.get("place_in_line") is not None:
+        text += "\nin line: %s address(es) ahead of its next one; it goes to Bouncer %s (estimated)" % (
+            format(b["place_in_line"], ","), "at about %s" % b["estimated_start_at"][:19].replace("T", " ") + " UTC"
+            if b["estimated_start_at"] else "when the pace is known")
     hook = b.get("webhook")
     if hook:
         text += "\nwebhook %s: %s after %d attempt(s)%s" % (
@@ -273,6 +277,8 @@ def format_overview(o):
                      "being finished" % (check_type, c["credits_spent_total"], c["credits_spent_today"],
                                          c["credits_refunded_total"], c["credits_rechecks_total"],
                                          c["finishing_batches"]))
+    lines.append("line order (QUEUE_POLICY): %s" % ", ".join(
+        "%s %s" % (t, c["queue_policy"]) for t, c in o["check_types"].items()))
     r = o["rate_limit"]
     lines.append("requests in the last 60 s: %d (buffer %d, Bouncer's limit %d)" % (
         r["requests_last_60s"], r["buffer"], r["bouncer_limit"]))
@@ -407,6 +413,29 @@ def prune(days):
     with connection():
         report = erasure.prune(app, who=cli_operator(), days=days)
     click.echo(report.summary())
+# A negative WEIGHT is refused with its reason, not taken for an unknown option.
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("user")
+@click.argument("new_weight", metavar="[WEIGHT]", required=False)
+def weight(user, new_weight):
+    """Show USER's weight under QUEUE_POLICY=fair (1 unless set), or set it to WEIGHT (0.001 to
+    1000; 2 is twice everyone's share). The rows in line take it at the next creation cycle.
+
+    \b
+    Example: python -m bouncer weight alice 3
+    """
+    from bouncer.queue.fairness import DEFAULT_WEIGHT, checked_user, stored_weight
+    from bouncer.services.weights import set_user_weight
+    from bouncer.store.database import connection
+    app_from_env()
+    with connection():
+        if new_weight is None:
+            stored = stored_weight(checked_user(user))
+            click.echo("%s: weight %g" % (user, stored) if stored is not None
+                       else "%s: weight %g (the default)" % (user, DEFAULT_WEIGHT))
+            return
+        before, after = set_user_weight(user, new_weight, who=cli_operator())
+    click.echo("%s: weight %g (was %g)" % (user, after, before))
 
 
 class SandboxCommand(Command):

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from bouncer.errors import ConfigError
 from bouncer.masking import redact_url
+from bouncer.names import FIFO, QUEUE_POLICIES
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
@@ -54,6 +55,7 @@ class Settings:
     batch_timeout: int = setting("BATCH_TIMEOUT", 86400, "int", 1, 30 * 86400)
     result_cache_days: int = setting("RESULT_CACHE_DAYS", 30, "int", 0, 3650)
     retention_days: int = setting("RETENTION_DAYS", 0, "int", 0, 36500)
+    queue_policy: str = setting("QUEUE_POLICY", FIFO, choices=QUEUE_POLICIES)
     catchall_path: str = setting("BOUNCER_CATCHALL_PATH", "/v1.1/email/verify/batch")
     public_url: str | None = setting("PUBLIC_URL", kind="base_url")
     callback_secret: str | None = setting("CALLBACK_SECRET", secret=True)

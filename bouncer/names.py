@@ -10,6 +10,9 @@ code that queues a job (a trigger, deep in a cycle) never imports the runtime th
 from enum import StrEnum
 
 CHECK_TYPES = ("deliverable", "catchall")
+# QUEUE_POLICY: the line as the original plan has it (oldest user batch first), or weighted fair
+# share between users (queue/fairness.py).
+FIFO, FAIR = QUEUE_POLICIES = ("fifo", "fair")
 
 
 class CycleKind(StrEnum):

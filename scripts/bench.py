@@ -11,8 +11,10 @@ host-written rows, a large submit, a streamed submit over HTTP to the web proces
 imports. Markdown tables, one set per database.
 
 In-process (printed after): the creation cycle that fills 15 x 10k (time, SQL statements) with
-each backlog size; ingesting 15 completed batches (150k results) against the floor of one raw
-bulk insert of the same rows; with --naive, the naive per-row designs beside them; with
+each backlog size, under QUEUE_POLICY=fifo and, for the largest, under fair too, with what
+switching to fair costs there (numbering the whole line anew) and what a status object's place
+in line costs behind it; ingesting 15 completed batches (150k results) against the floor of one
+raw bulk insert of the same rows; with --naive, the naive per-row designs beside them; with
 --erasure, a prune and a `forget --user` of 150k rows, with the longest transaction each held
 (what a cycle may wait on them); peak RSS. Bouncer is replaced by an in-process stub, so only
 our own work is timed.
@@ -39,6 +41,7 @@ from bouncer.cycles.creation import create_batches
 from bouncer.cycles.ingest import ingest_download, read_download
 from bouncer.cycles.runner import Cycle
 from bouncer.names import CREATION
+from bouncer.queue import fairness, waiting
 from bouncer.queue.ledger import batches_to_check
 from bouncer.states import BatchState, RowState
 from bouncer.store.bulk import bulk_insert
@@ -156,6 +159,37 @@ def run_one_creation_cycle(url, settings):
         seconds = time.perf_counter() - started
     assert sum(n for _, _, n in report.created) == SLOTS * BATCH, report.summary()
     return seconds, counter.count, peak_rss_mb()
+
+
+def measure_fair_share(url, queued, settings):
+    """On a line of `queued` rows in user batches of 100, each of its own user (fifo): (seconds
+    of the status object's place in line of the last user batch, every row but its own ahead of
+    it; seconds to number the line anew for fair; seconds of one creation cycle under fair
+    after it, each Bouncer batch holding a row of every user)."""
+    reset_database(url)
+    in_child_process(seed_in_child, url, queued)
+    return in_child_process(switch_to_fair_and_create, url, settings.replace(queue_policy="fair"))
+
+
+def switch_to_fair_and_create(url, settings):
+    open_database(url)
+    database.connect(reuse_if_open=True)
+    last = UserBatch.select().order_by(UserBatch.fifo_order.desc()).first()
+    started = time.perf_counter()
+    ahead = waiting.place_in_line(last)
+    placing = time.perf_counter() - started
+    assert ahead == QueuedEmail.select().count() - last.total, ahead
+    started = time.perf_counter()
+    numbered = fairness.order_line("deliverable", "fair")
+    ordering = time.perf_counter() - started
+    assert numbered == QueuedEmail.select().count(), numbered
+    analyze()
+    cycle = Cycle(App(settings, redis=None, client=StubBouncer()), CREATION, "deliverable")
+    started = time.perf_counter()
+    create_batches(cycle)
+    creating = time.perf_counter() - started
+    assert sum(n for _, _, n in cycle.report.created) == SLOTS * BATCH, cycle.report.summary()
+    return placing, ordering, creating
 
 
 def measure_ingest(url):
@@ -437,6 +471,14 @@ def run_in_process(url, backlogs, naive, submit_lines, backend, erasure=False):
         creation[queued] = seconds
         rows.append(("creation cycle, 15 x 10k, %s queued" % format(queued, ","), seconds,
                      statements, rss, ""))
+    largest = max(backlogs)
+    placing, ordering, creating = measure_fair_share(url, largest, settings)
+    rows.append(("creation cycle, 15 x 10k, %s queued, QUEUE_POLICY=fair, %s users interleaved"
+                 % (format(largest, ","), format(largest // 100, ",")), creating, None, None,
+                 "%.2fx fifo" % (creating / creation[largest])))
+    rows.append(("switching to fair: %s rows in line numbered anew (one transaction)" % format(largest, ","),
+                 ordering, None, None, ""))
+    rows.append(("a status object's place in line, %s rows ahead" % format(largest, ","), placing, None, None, ""))
     ingest_seconds, ingest_statements, ingest_rss = measure_ingest(url)
     floor = measure_raw_insert_floor(SLOTS * BATCH)
     rows.append(("ingest 15 batches (150k results)", ingest_seconds, ingest_statements, ingest_rss,

@@ -10,7 +10,9 @@ from peewee import JOIN, fn
 
 from bouncer.states import FINAL_ROW_STATES, IN_FLIGHT_STATES, BouncerBatchState, RowState
 from bouncer.store.bulk import among
-from bouncer.store.models import BouncerBatch, BouncerBatchEmail, QueuedEmail, RidingRows, UserBatchEmail, result_model
+from bouncer.store.models import (
+    BouncerBatch, BouncerBatchEmail, QueuedEmail, RidingRows, UserBatch, UserBatchEmail, result_model,
+)
 
 
 def no_address_in_two_in_flight_batches():
@@ -136,6 +138,31 @@ def waited_on_purpose(check_type, moment):
                  .join(BouncerBatch, on=(BouncerBatch.id == BouncerBatchEmail.bouncer_batch))
                  .where((Line.check_type == check_type) & BouncerBatch.finish_reason.is_null(False)))
     return [row_id for query in (not_due, held, finishing) for (row_id,) in query.tuples()]
+
+
+def sent_out_of_user_order(before_ledger_id, check_type):
+    """Invariant 5 within each user (what QUEUE_POLICY=fair keeps of it), for what one creation
+    cycle did: no queued email of a user is older than an address this cycle sent for that user,
+    unless that email's own attempt failed in this very cycle."""
+    cycle = BouncerBatch.select().where((BouncerBatch.id > before_ledger_id)
+                                        & (BouncerBatch.check_type == check_type))
+    failed_calls = (BouncerBatchState.REJECTED, BouncerBatchState.ABANDONED)
+    sent = [b.id for b in cycle if b.status not in failed_calls]
+    if not sent:
+        return []
+    rejected_now = [b.id for b in cycle if b.status in failed_calls]
+    Row = UserBatchEmail
+    newest = {}
+    for user_id, place, position in (Row.select(UserBatch.user_id, Row.fifo_order, Row.position).join(UserBatch)
+                                     .where(rows_of_ledgers(sent)).tuples()):
+        newest[user_id] = max(newest.get(user_id, (place, position)), (place, position))
+    waiting = (Row.select(Row.id, Row.fifo_order, Row.position, Row.bouncer_batch, UserBatch.user_id)
+               .join_from(Row, QueuedEmail, on=(QueuedEmail.row == Row.id)).join_from(Row, UserBatch)
+               .where(Row.check_type == check_type).tuples())
+    return ["queued email %s of %s (%s) is older than its sent %s" % (row_id, user_id, (place, position),
+                                                                     newest[user_id])
+            for row_id, place, position, attempt, user_id in waiting
+            if user_id in newest and (place, position) < newest[user_id] and attempt not in rejected_now]
 
 
 def rows_of_ledgers(ledger_ids):

@@ -89,6 +89,9 @@ def test_status_with_id_plain_text(app, database_url):
     batch_id = submit("alice", ["a@example.com", "bad"])
     out = ok(run(database_url, "status", batch_id))
     assert "batch %s" % batch_id in out and "alice" in out and "queued" in out and "1/2" in out
+    behind = submit("bob", addresses("b", 3))
+    out = ok(run(database_url, "status", behind))
+    assert "in line: 1 address(es) ahead of its next one; it goes to Bouncer when the pace is known" in out
 
 
 def test_status_overview_without_id(app, database_url, bouncer):
@@ -97,6 +100,7 @@ def test_status_overview_without_id(app, database_url, bouncer):
     run_cycle(app, CREATION, "deliverable")
     out = ok(run(database_url, "status"))
     assert "queued" in out and "Bouncer batches" in out
+    assert "line order (QUEUE_POLICY): deliverable fifo, catchall fifo" in out
     assert "requests in the last 60 s: 3" in out
     assert "deliverable" in out and "catchall" in out
     assert "alice" in out and "bob" in out
@@ -363,3 +367,25 @@ def test_a_command_loads_only_what_it_uses(tmp_path, args, loaded, not_loaded):
     unwanted = set(NOT_FOR_THESE_COMMANDS) | set(not_loaded)
     assert sorted(m for m in modules if any(m == u or m.startswith(u + ".") for u in unwanted)) == []
 
+
+
+# -- weight --
+
+def test_weight_shows_the_default_sets_and_shows_a_users_weight_audited(db, database_url):
+    from bouncer.store.models import AuditEntry, UserWeight
+    assert ok(run(database_url, "weight", "alice")) == "alice: weight 1 (the default)\n"
+    assert ok(run(database_url, "weight", "alice", "2.5")) == "alice: weight 2.5 (was 1)\n"
+    assert ok(run(database_url, "weight", "alice")) == "alice: weight 2.5\n"
+    assert ok(run(database_url, "weight", "alice", "0.5")) == "alice: weight 0.5 (was 2.5)\n"
+    assert [(w.user_id, w.weight) for w in UserWeight.select()] == [("alice", 0.5)]
+    assert [(a.who, a.action, a.target, a.detail) for a in AuditEntry.select().order_by(AuditEntry.id)] == [
+        ("cli", "weight", "user alice", "from 1 to 2.5"), ("cli", "weight", "user alice", "from 2.5 to 0.5")]
+
+
+@pytest.mark.parametrize("value,words", [("0", "out of bounds"), ("-1", "out of bounds"), ("abc", "not a number"),
+                                         ("nan", "out of bounds"), ("1e9", "out of bounds")])
+def test_weight_refuses_a_weight_out_of_bounds_in_one_line_writing_nothing(db, database_url, value, words):
+    from bouncer.store.models import AuditEntry, UserWeight
+    line = assert_clean_failure(run(database_url, "weight", "alice", value), words, "0.001", "1000")
+    assert "weight" in line
+    assert UserWeight.select().count() == 0 and AuditEntry.select().count() == 0

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 from clirun import invoke
-from conftest import API_KEY, addresses, submit
+from conftest import API_KEY, addresses, submit, with_settings
 from operating import API_TOKEN, CALLBACK_SECRET, PASSWORD, basic, busy_queue, operator_app, secrets_of
 
 from bouncer.app import App
@@ -16,12 +16,12 @@ from bouncer.cycles.runner import run_cycle
 from bouncer.names import CREATION, STATUS
 from bouncer.queue.ledger import fail_bouncer_batch
 from bouncer.store.database import database, open_database
-from bouncer.store.models import AuditEntry, BouncerBatch, Pause, UserBatch, UserBatchEmail
+from bouncer.store.models import AuditEntry, BouncerBatch, Pause, UserBatch, UserBatchEmail, UserWeight
 from bouncer.web import create_web_app
 
 CONSOLE_GETS = ["/", "/?user=alice", "/batches/1", "/batches/1/results.csv", "/console/static/console.js"]
 CONSOLE_POSTS = ["/check-types/deliverable/pause", "/check-types/deliverable/resume", "/batches/1/cancel",
-                 "/bouncer-batches/1/finish", "/erasure/user", "/erasure/email"]
+                 "/bouncer-batches/1/finish", "/erasure/user", "/erasure/email", "/weights"]
 
 
 @pytest.fixture
@@ -258,6 +258,11 @@ def test_finish_a_stuck_bouncer_batch_with_the_operators_reason(client, app, bou
     ("POST", "/bouncer-batches/1/finish", {"reason": "   "}, 400),
     ("POST", "/bouncer-batches/1/fail", {"reason": "x"}, 404),
     ("GET", "/check-types/deliverable/pause", {}, 405),
+    ("POST", "/weights", {"user_id": "alice", "weight": "0"}, 400),
+    ("POST", "/weights", {"user_id": "alice", "weight": "-2"}, 400),
+    ("POST", "/weights", {"user_id": "alice", "weight": "lots"}, 400),
+    ("POST", "/weights", {"user_id": " ", "weight": "2"}, 400),
+    ("GET", "/weights", {}, 405),
 ])
 def test_bad_input_is_a_one_line_error(client, app, bouncer, method, path, fields, status):
     submit("alice", addresses("a", 3))
@@ -269,6 +274,28 @@ def test_bad_input_is_a_one_line_error(client, app, bouncer, method, path, field
         response = post(client, path, token, **fields)
     one_line_error(response, status)
     assert AuditEntry.select().count() == 0
+
+
+def test_the_users_weights_and_shares_are_shown_and_a_weight_set_is_audited(client, app, bouncer):
+    app = with_settings(app, queue_policy="fair")
+    submit("alice", addresses("a", 30))
+    submit("bob", addresses("b", 30))
+    run_cycle(app, CREATION, "deliverable")               # 3 batches: 15 addresses each
+    html = page(client)
+    assert 'data-figure="check_types.deliverable.queue_policy" data-value="&#34;fair&#34;"' in html
+    rows = re.findall(r'<tr data-user="(\w+)">.*?value="([\d.]+)".*?data-count="queued">(\d+)<.*?'
+                      r'data-count="sent">(\d+)<.*?data-count="share">([\d.]+%)<', html, re.S)
+    assert sorted(rows) == [("alice", "1", "15", "15", "50.0%"), ("bob", "1", "15", "15", "50.0%")]
+    response = post(client, "/weights", csrf_token(html), user_id="bob", weight="3")
+    assert response.status_code == 303
+    assert "User bob weighs 3 now (was 1)" in page(client)
+    assert UserWeight.get_by_id("bob").weight == 3
+    assert [(a.who, a.action, a.target, a.detail) for a in AuditEntry.select()] == [
+        ("operator", "weight", "user bob", "from 1 to 3")]
+    bouncer.complete_now()
+    run_cycle(app, STATUS, "deliverable")
+    assert run_cycle(app, CREATION, "deliverable").reordered == 15      # bob's rows in line
+    assert 'value="3"' in page(client)
 
 
 def test_results_csv_is_the_clis(client, app, bouncer):

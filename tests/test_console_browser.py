@@ -8,7 +8,7 @@ import os
 import threading
 
 import pytest
-from conftest import addresses, submit
+from conftest import addresses, submit, with_settings
 from operating import PASSWORD, busy_queue, figure, operator_app, status_json
 from selenium import webdriver
 from selenium.common.exceptions import WebDriverException
@@ -20,7 +20,7 @@ from werkzeug.serving import make_server
 from bouncer.cycles.runner import run_cycle
 from bouncer.names import CREATION, STATUS
 from bouncer.queue.pauses import pause
-from bouncer.store.models import AuditEntry, BouncerBatch, Pause, UserBatch
+from bouncer.store.models import AuditEntry, BouncerBatch, Pause, UserBatch, UserWeight
 from bouncer.web import console as console_module
 from bouncer.web import create_web_app
 
@@ -241,6 +241,33 @@ def test_cancel_and_finish_from_the_page(console, app, bouncer):
     console.open("/batches/%d" % busy)
     assert "Bouncer batch %s was finished before verifying it (stuck at Bouncer)" % stuck.bouncer_id \
         in console.driver.find_element(By.ID, "preview").text
+    assert console.errors() == []
+
+
+def test_weights_from_the_page_and_the_users_shares(console, app, bouncer):
+    app = with_settings(app, queue_policy="fair")
+    submit("alice", addresses("a", 30))
+    submit("bob", addresses("b", 30))
+    run_cycle(app, CREATION, "deliverable")
+    console.open("/")
+    table = '#fair-share table[data-check-type="deliverable"]'
+    assert [" ".join(row.split()) for row in console.texts(table + " tr[data-user]")] == [
+        "alice Set 15 15 50.0%", "bob Set 15 15 50.0%"]
+    assert console.figures()["check_types.deliverable.queue_policy"] == "fair"
+    weight = console.driver.find_element(By.CSS_SELECTOR, table + ' tr[data-user="bob"] input[name=weight]')
+    weight.clear()
+    weight.send_keys("4")
+    console.click(table + ' tr[data-user="bob"] button.set-weight')
+    assert "User bob weighs 4 now (was 1)" in console.texts(".flashes li")[0]
+    form = "#weight-form"
+    console.driver.find_element(By.CSS_SELECTOR, form + " input[name=user_id]").send_keys("carol")
+    console.driver.find_element(By.CSS_SELECTOR, form + " input[name=weight]").send_keys("0.5")
+    console.click(form + " button.set-weight")
+    assert "User carol weighs 0.5 now (was 1)" in console.texts(".flashes li")[0]
+    assert {w.user_id: w.weight for w in UserWeight.select()} == {"bob": 4.0, "carol": 0.5}
+    assert [a.detail for a in AuditEntry.select().order_by(AuditEntry.id)] == ["from 1 to 4", "from 1 to 0.5"]
+    assert console.driver.find_element(
+        By.CSS_SELECTOR, table + ' tr[data-user="bob"] input[name=weight]').get_attribute("value") == "4"
     assert console.errors() == []
 
 

@@ -25,7 +25,7 @@ from bouncer.names import CREATION, STATUS
 from bouncer.queue.ratelimit import WINDOW, take_request_slot
 from bouncer.states import BouncerBatchState, RowState
 from bouncer.store.database import database, open_database, utcnow
-from bouncer.store.models import BouncerBatch, BouncerBatchEmail, Pause, UserBatchEmail
+from bouncer.store.models import BouncerBatch, BouncerBatchEmail, LineOrder, Pause, QueuedEmail, UserBatchEmail
 from support import invariants
 
 CHECK_TYPES = ("deliverable", "catchall")
@@ -38,9 +38,12 @@ def last_ledger_id():
 def assert_invariants(settings, before=None):
     problems = (invariants.no_address_in_two_in_flight_batches()
                 + invariants.at_most_max_outstanding(settings.max_outstanding))
+    # Invariant 5: the FIFO under fifo; under fair, within each user.
+    out_of_order = (invariants.sent_out_of_fifo_order if settings.queue_policy == "fifo"
+                    else invariants.sent_out_of_user_order)
     if before is not None:
         for check_type in CHECK_TYPES:
-            problems += invariants.sent_out_of_fifo_order(before[check_type], check_type)
+            problems += out_of_order(before[check_type], check_type)
     assert problems == []
 
 
@@ -65,10 +68,11 @@ def inject_random_fault(rng, bouncer):
         bouncer.fail_next(fault, kind="create")
 
 
+@pytest.mark.parametrize("policy", ["fifo", "fair"])
 @pytest.mark.parametrize("seed, greylist_rate", [(7, 0), (11, 0), (13, 0.3)])
-def test_invariants_1_2_3_5_7_hold_under_random_faults(app, bouncer, seed, greylist_rate):
+def test_invariants_1_2_3_5_7_hold_under_random_faults(app, bouncer, seed, greylist_rate, policy):
     rng = random.Random(seed)
-    app = with_settings(app, batch_size=7, max_outstanding=3)
+    app = with_settings(app, batch_size=7, max_outstanding=3, queue_policy=policy)
     # A share of the addresses greylisted, tried again once their retryAfter (now) has come.
     bouncer.greylist_rate, bouncer.greylist_seconds = greylist_rate, 0
     pool = (addresses("p", 40) + ["P%d@Example.com" % i for i in range(10)]
@@ -166,7 +170,7 @@ def install_kill_switch(step, marker):
     """Make this process die by SIGKILL at `step` of a cycle."""
     import bouncer.client as client
     from bouncer.cycles import ingest
-    from bouncer.queue import ledger
+    from bouncer.queue import fairness, ledger
 
     def before(module, name):
         def die(*args, **kwargs):
@@ -190,6 +194,7 @@ def install_kill_switch(step, marker):
         setattr(module, name, announced)
 
     {
+        "reordering": lambda: after(fairness, "renumber"),
         "claimed": lambda: before(ledger, "write_reservation"),
         "reserved": lambda: before(ledger, "note_calling"),
         "calling": lambda: before(client.BouncerClient, "create_batch"),
@@ -231,9 +236,9 @@ def download_apart_slowly():
     downloads.FetchedApart = Slow
 
 
-def run_cycle_until_killed(database_url, redis_url, api_url, cycle, step, marker):
+def run_cycle_until_killed(database_url, redis_url, api_url, cycle, step, marker, policy="fifo"):
     open_database(database_url)
-    settings = make_settings(database_url, api_url=api_url, redis_url=redis_url)
+    settings = make_settings(database_url, api_url=api_url, redis_url=redis_url, queue_policy=policy)
     install_kill_switch(step, marker)
     app = App(settings)
     run_cycle(app, CREATION if cycle == "create" else STATUS, "deliverable")
@@ -248,7 +253,8 @@ def kill_cycle(app, sandbox, cycle, step, tmp_path):
     marker = str(tmp_path / "calling")
     context = multiprocessing.get_context("spawn")
     child = context.Process(target=run_cycle_until_killed, args=(
-        app.settings.database_url, app.settings.redis_url, sandbox.url, cycle, step, marker))
+        app.settings.database_url, app.settings.redis_url, sandbox.url, cycle, step, marker,
+        app.settings.queue_policy))
     child.start()
     if step == "call_in_flight":
         sandbox.slow_rate, sandbox.slow_seconds = 1.0, 1.0
@@ -300,18 +306,25 @@ def sends_per_address(sandbox):
     return counts
 
 
-@pytest.mark.parametrize("step", CREATE_STEPS)
-def test_invariant_6_kill_9_in_the_creation_cycle_loses_nothing(sandbox_app, sandbox, step, tmp_path, caplog):
-    app = sandbox_app
+@pytest.mark.parametrize("policy,step", [("fifo", step) for step in CREATE_STEPS]
+                         + [("fair", step) for step in ["reordering"] + CREATE_STEPS])
+def test_invariant_6_kill_9_in_the_creation_cycle_loses_nothing(sandbox_app, sandbox, policy, step, tmp_path,
+                                                                caplog):
+    app = with_settings(sandbox_app, queue_policy=policy)
     emails = addresses("k", 25)
-    batch = submit("alice", emails)
+    # Under fair, two users share the line.
+    batches = [submit("alice", emails)] if policy == "fifo" else [submit("alice", emails[:15]),
+                                                                  submit("bob", emails[15:])]
     database.close()
     kill_cycle(app, sandbox, "create", step, tmp_path)
     database.connect(reuse_if_open=True)
+    if step == "reordering":
+        # Killed with the line half numbered, uncommitted: it is the FIFO it was.
+        assert LineOrder.select().count() == 0 and QueuedEmail.select().where(QueuedEmail.turn != 0).count() == 0
     recover_and_finish(app, sandbox)
 
     assert invariants.every_email_finished() == []
-    assert UserBatchEmail.select().where((UserBatchEmail.batch == batch)
+    assert UserBatchEmail.select().where(UserBatchEmail.batch.in_(batches)
                                          & (UserBatchEmail.status == RowState.DONE)).count() == 25
     sends = sends_per_address(sandbox)
     assert sorted(sends) == sorted(emails)

@@ -190,3 +190,21 @@ def test_the_grafana_dashboard_charts_only_metrics_that_exist(app, bouncer):
     assert used and used <= exported, used - exported
     assert set(CONTRACT) <= {re.sub("_total$", "", name) for name in used}
     assert dashboard["title"] and dashboard["uid"]
+
+
+def test_queued_emails_per_user_are_the_top_users_and_the_rest_summed(app, bouncer):
+    from bouncer.reading.overview import TOP_USERS
+    for n in range(TOP_USERS + 5):
+        submit("user%02d" % n, addresses("u%02d-" % n, 30 - n))      # user00 has the most
+    values, families = samples(scrape(create_web_app(app)).get_data(as_text=True))
+    shown = {labels: v for (name, labels), v in values.items() if name == "bouncer_queued_emails_by_user"}
+    assert len(shown) == TOP_USERS
+    assert shown[(("check_type", "deliverable"), ("user", "user00"))] == 30
+    assert (("check_type", "deliverable"), ("user", "user%02d" % TOP_USERS)) not in shown
+    others = metric(values, "bouncer_queued_emails_other_users", check_type="deliverable")
+    assert others == sum(30 - n for n in range(TOP_USERS, TOP_USERS + 5))
+    assert sum(shown.values()) + others == metric(values, "bouncer_emails", check_type="deliverable", state="queued")
+    assert metric(values, "bouncer_queue_policy", check_type="deliverable", policy="fifo") == 1
+    answer = status_json()["check_types"]["deliverable"]
+    assert [u["user_id"] for u in answer["users"]] == ["user%02d" % n for n in range(TOP_USERS)]
+    assert answer["other_users"] == {"users": 5, "queued_emails": others, "sent_last_hour": 0, "share_last_hour": 0.0}

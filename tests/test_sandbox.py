@@ -997,3 +997,49 @@ def test_cli_sandbox_out_of_range_is_one_clean_line(monkeypatch, args, flag):
     result = invoke(["sandbox", *args])
 
     assert_clean_failure(result, flag)
+
+
+# -- throughput: an account rate shared by the batches processed at once -----------------------
+
+
+def test_the_accounts_rate_is_shared_by_the_batches_it_processes_and_the_others_wait():
+    from bouncer.sandbox.account import Account
+    account = Account(per_hour=3600, parallel=2)       # one address a second in all
+    for batch_id, size in (("a", 10), ("b", 10), ("c", 5)):
+        account.add(batch_id, size, now=0.0)
+    assert account.state("a", 10.0) == ("processing", 0.0, None, 5.0)     # half the rate each
+    assert account.state("c", 10.0) == ("queued", None, None, None)
+    assert account.load(10.0) == (2, 1)
+    assert account.state("b", 20.0) == ("completed", 0.0, 20.0, 0)
+    assert account.state("c", 22.0) == ("processing", 20.0, None, 3.0)      # alone: the whole rate
+    assert account.state("c", 100.0) == ("completed", 20.0, 25.0, 0)
+
+
+def test_a_batch_arriving_slows_the_one_in_progress_and_a_finished_one_frees_its_slot():
+    from bouncer.sandbox.account import Account
+    account = Account(per_hour=3600, parallel=1)
+    account.add("a", 10, now=0.0)
+    account.add("b", 4, now=5.0)                        # waits: one batch at a time
+    assert account.state("b", 6.0)[0] == "queued"
+    account.complete("a", now=7.0)                       # finished early (complete_now, a finish)
+    assert account.state("a", 7.5) == ("completed", 0.0, 7.0, 0)
+    assert account.state("b", 100.0) == ("completed", 7.0, 11.0, 0)
+    shared = Account(per_hour=3600, parallel=25)
+    shared.add("a", 10, now=0.0)
+    shared.add("b", 10, now=5.0)                         # from 5 s on, a gets half the rate
+    assert shared.state("a", 100.0)[2] == 15.0 and shared.state("b", 100.0)[2] == 20.0
+
+
+def test_with_a_throughput_status_follows_the_load_and_callbacks_come_when_each_is_done(make_sandbox,
+                                                                                     callback_receiver):
+    url, received = callback_receiver
+    box = make_sandbox(throughput=36000, parallel_batches=1)     # 10 addresses a second
+    first = create_batch(box, ["a%d@example.com" % i for i in range(5)], params={"callback": url})
+    second = create_batch(box, ["b%d@example.com" % i for i in range(5)], params={"callback": url})
+    assert get_status(box, second).json()["status"] == "queued"      # behind the first
+    assert received.get(timeout=5) == {"batchId": first, "status": "completed"}
+    assert received.get(timeout=5) == {"batchId": second, "status": "completed"}
+    answers = [get_status(box, b, params={"with-stats": "true"}).json() for b in (first, second)]
+    assert [(a["status"], a["processed"]) for a in answers] == [("completed", 5), ("completed", 5)]
+    assert answers[1]["started"] == answers[0]["completed"]          # the slot it waited for
+    assert len(download(box, second).json()) == 5

@@ -413,3 +413,26 @@ def test_a_version_4_database_gains_the_batch_lifecycle_and_carries_on_with_it(v
     assert [r["status"] for r in iter_results(1)] == ["deliverable"] + [
         verdict_for(e)["status"] for e in ("b@example.com", "c@example.com")]
     assert BouncerBatch.select().where(BouncerBatch.rechecks > 0).count() == 1
+def test_init_db_gives_a_version_4_line_its_users_and_turns_and_makes_the_fair_share_tables(
+        v4_database, redis_conn, bouncer):
+    from peewee import IntegrityError
+
+    from bouncer.store.models import LineOrder, UserWeight
+    with database.connection_context():
+        assert create_schema() == "schema upgraded from version 4 to %d" % VERSION
+        # Bob's two rows in line know their user, and keep turn 0: the line is the FIFO it was.
+        assert sorted(QueuedEmail.select(QueuedEmail.row, QueuedEmail.user_id, QueuedEmail.turn).tuples()) == [
+            (2, "bob", 0.0), (3, "bob", 0.0)]
+        assert indexes_of("queued_emails") >= {"queued_emails_check_type_turn_fifo_order_position",
+                                              "queued_emails_check_type_user_id_fifo_order_position"}
+        assert "queued_emails_check_type_fifo_order_position" not in indexes_of("queued_emails")
+        assert UserWeight.select().count() == 0 and LineOrder.select().count() == 0
+        with pytest.raises(IntegrityError), database.atomic():
+            database.execute_sql("INSERT INTO user_weights (user_id, weight) VALUES ('bob', 0)")
+    app = upgraded_app(v4_database, redis_conn)
+    app = App(app.settings.replace(queue_policy="fair"), redis=redis_conn, client=app.client)
+    database.execute_sql("INSERT INTO user_weights (user_id, weight) VALUES ('bob', 2)")
+    report = run_cycle(app, CREATION, "deliverable")
+    assert report.reordered == 3           # bob's two rows, and dave's admitted by this cycle
+    # Bob (weight 2) and dave take turns from the start: bob's first, dave's, bob's second.
+    assert bouncer.sent_addresses() == ["b@example.com", "d@example.com", "c@example.com"]

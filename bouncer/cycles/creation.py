@@ -5,6 +5,8 @@ Steps, each recoverable if the process dies right after it:
    hold a cycle for long; when more is left the cycle asks to run again at once;
 1. recover: queue again the emails of rejected attempts; abandon reservations older than
    RESERVATION_TIMEOUT (their cycle died; possible orphans at Bouncer, logged and counted);
+   order the line by QUEUE_POLICY and the users' weights when it is not (a policy switched, a
+   weight changed: what is still in line takes new turns, in one transaction);
    while creation is paused (an operator; or out of credits, when the balance is asked for at
    most once a minute and creation resumes by itself), the cycle ends here;
 2. capacity = BOUNCER_MAX_OUTSTANDING - batches in flight;
@@ -33,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from bouncer.doors import admission
 from bouncer.errors import BouncerError
 from bouncer.logs import ids
-from bouncer.queue import ledger, pauses
+from bouncer.queue import fairness, ledger, pauses
 from bouncer.queue.ratelimit import forget_old_requests, take_request_slot
 from bouncer.store.database import utcnow, write_transaction
 
@@ -50,9 +52,11 @@ def create_batches(cycle, now=None):
     now = now or utcnow()
     admit_new_rows(cycle, now)
     forget_old_requests(now)
+    fairness.forget_old_shares(now)
     report.requeued = ledger.requeue_failed_attempts(check_type)
     report.abandoned, report.released = ledger.release_stale_reservations(
         check_type, now - datetime.timedelta(seconds=settings.reservation_timeout))
+    report.reordered = fairness.order_line(check_type, settings.queue_policy)
     if is_paused(cycle, now):
         return
     report.free_slots = max(0, settings.max_outstanding - ledger.count_in_flight(check_type))

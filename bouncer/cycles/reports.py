@@ -37,6 +37,7 @@ class CreationReport(CycleReport):
     abandoned: list = field(default_factory=list)      # (ledger id, addresses): possible orphans
     released: list = field(default_factory=list)       # (ledger id, addresses): a dead cycle's, never sent
     admission: object = None                           # admission.AdmissionReport
+    reordered: int | None = None                       # rows in line numbered anew (QUEUE_POLICY, weights)
 
     def done(self):
         parts = ["%s: %d Bouncer batch(es) created (%d addresses)" % (
@@ -54,6 +55,8 @@ class CreationReport(CycleReport):
             parts.append("%d abandoned reservation(s) released (possible orphans)" % len(self.abandoned))
         if self.released:
             parts.append("%d unsent reservation(s) of a dead cycle released" % len(self.released))
+        if self.reordered is not None:
+            parts.append("line ordered anew (%d row(s) took a new turn)" % self.reordered)
         parts.append("%d free slot(s) at start" % self.free_slots)
         return "; ".join(parts)
 

@@ -251,13 +251,16 @@ def register_addresses(addresses, now):
 
 def queue_rows(batch, rows):
     """Rows (id, position, email_global id) still new become queued, in the batch's place in
-    line, and join the line."""
+    line, and join the line, taking their turns (line.joining_line)."""
     if not rows:
         return 0
-    return update_new_rows(
+    joining, renumber_from = line.joining_line(batch, rows[0][1])
+    admitted = update_new_rows(
         batch, rows, "email_global_id",
         "status = 'queued', check_type = %s, fifo_order = %s" % (database.param, database.param),
-        (batch.check_type, batch.fifo_order), into_line=True)
+        (batch.check_type, batch.fifo_order), joining)
+    line.after_joining(batch, renumber_from)
+    return admitted
 
 
 def mark_invalid(batch, rows, now):
@@ -269,12 +272,11 @@ def mark_invalid(batch, rows, now):
                            (batch.check_type, now))
 
 
-def update_new_rows(batch, rows, column, assignments, params, into_line=False):
+def update_new_rows(batch, rows, column, assignments, params, joining=None):
     """One UPDATE of the rows `(id, position, value)` of `batch` that are still new: `column`
-    takes the value, `assignments` (SQL with placeholders for `params`) the rest. `into_line`:
-    the rows it changed join the line. Returns how many changed."""
-    return dialect().update_new_rows(database, batch.id, rows, column, assignments, params,
-                                     (line.LINE_TARGET, line.LINE_SOURCE) if into_line else None)
+    takes the value, `assignments` (SQL with placeholders for `params`) the rest. With `joining`
+    (line.joining_line), the rows it changed join the line. Returns how many changed."""
+    return dialect().update_new_rows(database, batch.id, rows, column, assignments, params, joining)
 
 
 def count_admitted(batch, report):

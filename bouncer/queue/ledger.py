@@ -35,7 +35,7 @@ from peewee import SQL, fn
 
 from bouncer.logs import ids
 from bouncer.names import RESERVATION_LOCK
-from bouncer.queue import line, packing, progress
+from bouncer.queue import fairness, line, packing, progress
 from bouncer.states import IN_FLIGHT_STATES, BouncerBatchState
 from bouncer.store.bulk import insert_tuples
 from bouncer.store.database import lock_rows_for_share, lock_rows_for_update, serialize_on, utcnow, write_transaction
@@ -155,6 +155,7 @@ def write_reservation(check_type, plan, now):
     insert_tuples(BouncerBatchEmail, ("bouncer_batch", "email_global", "check_type", "email_sent"),
                   [(ledger.id, global_id, check_type, email) for global_id, email in plan.send.items()])
     line.send_rows(plan.send_rows, ledger.id, plan.span)
+    fairness.record_shares(ledger.id, check_type, plan.shares, now)
     return ledger.id
 
 
@@ -170,6 +171,7 @@ def cancel_reservation(ledger_id):
     with write_transaction():
         line.unsend_rows(ledger_id)
         end_flight(ledger_id)
+        fairness.forget_shares_of(ledger_id)
         BouncerBatch.delete().where((BouncerBatch.id == ledger_id)
                                     & (BouncerBatch.status == BouncerBatchState.RESERVED)).execute()
 

@@ -1,12 +1,14 @@
 """The line: admitted rows waiting to be sent, and rows riding on a Bouncer batch.
 
 A queued row is in exactly one of two places: waiting in line (`queued_emails`, one narrow row
-each, walked by packing in order of place in line, then position), or riding on a Bouncer batch
-in flight (`riding_rows`, one row per Bouncer batch and user batch, holding the rows' ids). A
-batch that became visible takes its place in line from a counter (`take_places`), so places are
-given in commit order. A row riding on a rejected or abandoned attempt goes back in line where
-it was; so does a row whose address came back greylisted (`unknown` with a `retryAfter`), not to
-be sent before that time (`not_before`). Nothing here ends a row: progress.py does.
+each, walked by packing in order of turn, place in line, then position), or riding on a Bouncer
+batch in flight (`riding_rows`, one row per Bouncer batch and user batch, holding the rows'
+ids). A batch that became visible takes its place in line from a counter (`take_places`), so
+places are given in commit order; a row's turn is 0 under QUEUE_POLICY `fifo` and its fair
+share's start tag under `fair` (fairness.py). A row riding on a rejected or abandoned attempt
+goes back in line where it was: first, in its user's order; so does a row whose address came
+back greylisted (`unknown` with a `retryAfter`), not to be sent before that time
+(`not_before`). Nothing here ends a row: progress.py does.
 """
 
 import json
@@ -14,9 +16,11 @@ import logging
 
 from peewee import SQL, Query, Tuple
 
+from bouncer.queue import fairness
 from bouncer.states import RowState
 from bouncer.store.bulk import among, chunked, insert_tuples
 from bouncer.store.database import database, dialect, lock_rows_for_update
+from bouncer.store.dialect import LineJoin
 from bouncer.store.models import FifoCounter, QueuedEmail, RidingRows, UserBatch, UserBatchEmail
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,8 @@ LINE_COPIES = ((Line.row, Row.id), (Line.batch_id, Row.batch), (Line.check_type,
 
 LINE_TARGET = tuple(line.column_name for line, _ in LINE_COPIES)
 LINE_SOURCE = tuple(row.column_name for _, row in LINE_COPIES)
+# Where each field of the line is in a row of LINE_SOURCE columns.
+AT = {line.name: index for index, (line, _) in enumerate(LINE_COPIES)}
 
 
 # A row not yet admitted: it has no check type until admission (or a cancel) gives it its
@@ -52,9 +58,32 @@ def not_admitted():
     return Row.check_type.is_null() & (Row.status == RowState.NEW)
 
 
-def join_line(rows):
-    """Rows, as `LINE_SOURCE` columns of `user_batch_emails`, wait in line."""
-    insert_tuples(Line, [line.name for line, _ in LINE_COPIES], rows)
+def joining_line(batch, first_position):
+    """Inside an admitter's write transaction: how rows of `batch`, the first at
+    `first_position`, join the line (their turns); `after_joining` with it once they did."""
+    first, step, renumber_from = fairness.turns_for_new_rows(batch.check_type, batch.user_id,
+                                                             (batch.fifo_order, first_position))
+    return LineJoin(LINE_TARGET, LINE_SOURCE, batch.user_id, first, step), renumber_from
+
+
+def after_joining(batch, renumber_from):
+    fairness.keep_user_order(batch.check_type, batch.user_id, renumber_from)
+
+
+def return_to_line(rows, not_before=None):
+    """Rows (`LINE_SOURCE` columns of `user_batch_emails`, then their user) wait in line again,
+    each check type's first in its users' order (fairness.turns_for_returning_rows). With
+    `not_before` ({email_global id: time}), each waits until its address's time (a re-check)."""
+    names = [line.name for line, _ in LINE_COPIES] + ["user_id", "turn"] + (["not_before"] if not_before else [])
+    check_type_at, place_at, position_at = AT["check_type"], AT["fifo_order"], AT["position"]
+    global_at = AT["email_global"]
+    for check_type in {row[check_type_at] for row in rows}:
+        back = [row for row in rows if row[check_type_at] == check_type]
+        turns, disordered = fairness.turns_for_returning_rows(
+            check_type, [(row[-1], row[place_at], row[position_at]) for row in back])
+        due = [(not_before[row[global_at]],) if not_before else () for row in back]
+        insert_tuples(Line, names, [row + (turn,) + when for row, turn, when in zip(back, turns, due)])
+        fairness.renumber_users(check_type, disordered)
 
 
 def leave_line(row_ids, span=None):
@@ -68,18 +97,24 @@ def leave_line(row_ids, span=None):
     where = among(Line.row, row_ids)
     if span is not None:
         check_type, first, last = span
-        place = Tuple(Line.fifo_order, Line.position)
+        place = Tuple(Line.turn, Line.fifo_order, Line.position)
         where &= (Line.check_type == check_type) & (place >= Tuple(*first)) & (place <= Tuple(*last))
     return take_out_of_line(where)
 
 
 def leave_line_of_batch(batch):
-    """Take every row of one user batch out of the line (through the line's index: a batch's
-    rows share its place in line); returns their ids."""
+    """Take every row of one user batch out of the line (through the index of its user's rows:
+    a batch's rows share its place in line); returns their ids."""
     if batch.fifo_order is None:
         return []
-    return take_out_of_line((Line.check_type == batch.check_type) & (Line.fifo_order == batch.fifo_order)
-                            & (Line.batch_id == batch.id))
+    return take_out_of_line(rows_in_line_of(Line, batch))
+
+
+def rows_in_line_of(line, batch):
+    """The condition on `line` (the model or an alias) for the rows in line of `batch` (a user
+    batch, or a reference to one in the enclosing query), a range of the index of a user's rows."""
+    return ((line.check_type == batch.check_type) & (line.user_id == batch.user_id)
+            & (line.fifo_order == batch.fifo_order) & (line.batch_id == batch.id))
 
 
 def take_out_of_line(where):
@@ -130,18 +165,17 @@ def unsend_rows(ledger_id):
 def requeue_rows_of(ledger_ids, name_attempt=True):
     """Rows riding on failed attempts (`ledger_ids`: ids or a subquery) go back in line where
     they were; `bouncer_batch` names the last attempt that carried them. Returns how many."""
-    count = 0
+    back = []
     for ledger_id, row_ids in riding_rows_of(ledger_ids).items():
         for part in chunked(row_ids):
-            back = (Row.select(*[row for _, row in LINE_COPIES])
+            rows = (Row.select(*[row for _, row in LINE_COPIES], UserBatch.user_id).join(UserBatch)
                     .where(among(Row.id, part) & (Row.status == RowState.QUEUED)).tuples())
-            back = database.execute_sql(*back.sql()).fetchall()
-            join_line(back)
+            back += [tuple(row) for row in database.execute_sql(*rows.sql()).fetchall()]
             if name_attempt:
                 Row.update(bouncer_batch=ledger_id).where(among(Row.id, part)).execute()
-            count += len(back)
+    return_to_line(back)
     Riding.delete().where(is_one_of(Riding.bouncer_batch, ledger_ids)).execute()
-    return count
+    return len(back)
 
 
 def ledgers_ridden_by(batch_ids):
@@ -185,15 +219,15 @@ def requeue_for_recheck(ledger_id, due, max_rechecks):
     if not due or not max_rechecks:
         return []
     # A row whose user batch's cancel was asked for is not sent again: it ends with the unknown.
-    back = (Row.select(*[row for _, row in LINE_COPIES]).join(UserBatch, on=(UserBatch.id == Row.batch))
+    back = (Row.select(*[row for _, row in LINE_COPIES], UserBatch.user_id)
+            .join(UserBatch, on=(UserBatch.id == Row.batch))
             .where(Row.id.in_(riding_rows(ledger_id)) & (Row.status == RowState.QUEUED)
                    & among(Row.email_global, list(due)) & (Row.rechecks < max_rechecks)
                    & UserBatch.cancelled_at.is_null()).tuples())
-    back = database.execute_sql(*back.sql()).fetchall()
-    global_id, rechecks = LINE_SOURCE.index(Row.email_global.column_name), LINE_SOURCE.index(Row.rechecks.column_name)
-    insert_tuples(Line, [line.name for line, _ in LINE_COPIES] + ["not_before"],
-                  [row[:rechecks] + (row[rechecks] + 1,) + row[rechecks + 1:] + (due[row[global_id]],)
-                   for row in back])
+    rechecks = AT["rechecks"]
+    back = [row[:rechecks] + (row[rechecks] + 1,) + tuple(row[rechecks + 1:])
+            for row in database.execute_sql(*back.sql()).fetchall()]
+    return_to_line(back, not_before=due)
     row_ids = [row[0] for row in back]
     for part in chunked(row_ids):
         Row.update(rechecks=Row.rechecks + 1, bouncer_batch=ledger_id).where(among(Row.id, part)).execute()

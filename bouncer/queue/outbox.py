@@ -6,6 +6,7 @@ import logging
 import os
 
 from bouncer.queue.outcomes import count_outcomes_of, status_object
+from bouncer.queue.waiting import waiting_of
 from bouncer.store.bulk import among, chunked, insert_tuples
 from bouncer.store.models import UserBatch, WebhookDelivery
 
@@ -25,11 +26,12 @@ def record_endings(ended, now):
     for part in chunked(ended, ENDINGS_PER_STATEMENT):
         status_of = dict(part)
         batches = list(UserBatch.select().where(among(UserBatch.id, status_of)).order_by(UserBatch.id))
-        counts = count_outcomes_of(batches)
+        counts, waiting = count_outcomes_of(batches), waiting_of(batches, now)
         rows = []
         for batch in batches:
             event = "batch.%s" % status_of[batch.id]
-            payload = {"type": event, "timestamp": timestamp, "data": status_object(batch, counts[batch.id])}
+            payload = {"type": event, "timestamp": timestamp,
+                       "data": status_object(batch, counts[batch.id], waiting[batch.id])}
             rows.append((batch.id, event, "msg_%s" % os.urandom(12).hex(),
                          json.dumps(payload, separators=(",", ":")), now, now))
         insert_tuples(WebhookDelivery, DELIVERY_COLUMNS, rows)

@@ -2,11 +2,13 @@
 and what a webhook carries. Its counts are of rows, one query per check type for any number of
 batches; a batch whose rows were pruned shows the counts kept when they were removed.
 `rechecking` counts the pending rows whose greylisted verdict is being tried again (back in line
-until Bouncer's `retryAfter`, or sent again); they are among `pending`."""
+until Bouncer's `retryAfter`, or sent again); they are among `pending`. What the batch waits for
+(weight, place in line, estimated start) is waiting.py's."""
 import json
 
 from peewee import JOIN, Case, fn
 
+from bouncer.queue.waiting import waiting_of
 from bouncer.states import VERDICTS, RowState
 from bouncer.store.bulk import among
 from bouncer.store.models import UserBatchEmail, result_model
@@ -19,16 +21,18 @@ def iso(moment):
     return moment.isoformat() + "Z" if moment else None
 
 
-def status_object(batch, counts=None):
+def status_object(batch, counts=None, waiting=None):
+    """`counts` (count_outcomes) and `waiting` (waiting.waiting_of) when they were read in bulk."""
     counts = counts if counts is not None else count_outcomes(batch)
     counts = dict(counts)
     rechecking = counts.pop(RECHECKING, 0)
+    waiting = waiting if waiting is not None else waiting_of([batch])[batch.id]
     total = sum(counts.values())
     return {
         "batch_id": batch.id, "user_id": batch.user_id, "check_type": batch.check_type,
         "status": batch.status, "total": total, "done": total - counts["pending"], "counts": counts,
         "rechecking": rechecking, "created_at": iso(batch.created_at), "completed_at": iso(batch.completed_at),
-        "failure_reason": batch.failure_reason, "pruned_at": iso(batch.pruned_at),
+        "failure_reason": batch.failure_reason, "pruned_at": iso(batch.pruned_at), **waiting,
     }
 
 

@@ -1,8 +1,10 @@
 """The greedy packer: which pending emails go into the next Bouncer batch.
 
-The queue is read in FIFO order (oldest user batch first, then line), a page at a time, rows
-waiting for a re-check's `retryAfter` left out by the walk itself, and `plan_batch` decides for
-each row, without touching the database:
+The line is read in its order (turn, then place in line, then position: under QUEUE_POLICY
+`fifo` every turn is 0, so oldest user batch first; under `fair` the users' rows interleave by
+their weights, see fairness.py), a page at a time, rows waiting for a re-check's `retryAfter`
+left out by the walk itself, and `plan_batch` decides for each row, without touching the
+database:
 - its stripped address has a verdict younger than RESULT_CACHE_DAYS: completed from it, free
   (never a greylisted `unknown`, one that carried a `retryAfter`);
 - its address is already in flight in another Bouncer batch: the row joins that batch, unless
@@ -15,7 +17,7 @@ each row, without touching the database:
   batch, and everything older has been taken (or waits, as above).
 """
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from peewee import JOIN, Tuple
@@ -36,28 +38,35 @@ class Plan:
     cached: list = field(default_factory=list)        # row ids a fresh verdict completes
     touched_batches: set = field(default_factory=set)  # user batches of attached/cached rows
     rechecked: set = field(default_factory=set)       # addresses of `send` a re-check put there
-    span: tuple = None  # (check type, first place, last place): the stretch of the line walked
+    shares: Counter = field(default_factory=Counter)  # user id -> new addresses its rows put in
+    span: tuple = None  # (check type, first key, last key): the stretch of the line walked
 
     @property
     def is_empty(self):
         return not (self.send or self.attach or self.cached)
 
 
+# A row in line as packing reads it; its key (turn, place in line, position) is the line's order.
+ROW_ID, USER_BATCH, EMAIL, GLOBAL_ID, USER_ID, RECHECKS = range(6)
+KEY = slice(6, 9)
+
+
 def plan_batch(check_type, pages, in_flight_of, verdicts_of, batch_size):
     """Plan one Bouncer batch from `pages` (lists of rows in line `(row id, user batch, email,
-    email_global id, re-checks, fifo order, position)` in FIFO order). `in_flight_of(global_ids)`
-    gives {global id: ledger id} of addresses already in flight (ledger id None: a batch being
-    finished); `verdicts_of(global_ids)` the subsets (fresh, held) with a fresh verdict, and with
-    a greylisted one whose re-check is not yet due. Reads pages only as far as it needs to."""
+    email_global id, user id, re-checks, turn, fifo order, position)` in the line's order).
+    `in_flight_of(global_ids)` gives {global id: ledger id} of addresses already in flight
+    (ledger id None: a batch being finished); `verdicts_of(global_ids)` the subsets (fresh, held)
+    with a fresh verdict, and with a greylisted one whose re-check is not yet due. Reads pages
+    only as far as it needs to."""
     plan = Plan()
     for page in pages:
-        global_ids = {row[3] for row in page}
+        global_ids = {row[GLOBAL_ID] for row in page}
         flying = in_flight_of(global_ids)
         cached, held = verdicts_of(global_ids - flying.keys())
         if plan.span is None:
-            plan.span = (check_type, page[0][5:], None)
+            plan.span = (check_type, page[0][KEY], None)
         for row in page:
-            row_id, user_batch, email, global_id, rechecks = row[:5]
+            row_id, user_batch, email, global_id, user_id, rechecks = row[:KEY.start]
             if global_id in cached:
                 plan.cached.append(row_id)
             elif global_id in flying:
@@ -67,7 +76,9 @@ def plan_batch(check_type, pages, in_flight_of, verdicts_of, batch_size):
             elif global_id in held:
                 continue       # the receiving server asked to be tried again later
             elif global_id in plan.send or len(plan.send) < batch_size:
-                plan.send.setdefault(global_id, email)   # the oldest row's spelling is sent
+                if global_id not in plan.send:
+                    plan.send[global_id] = email   # the oldest row's spelling is sent
+                    plan.shares[user_id] += 1
                 plan.send_rows.append((row_id, user_batch))
                 if rechecks:
                     plan.rechecked.add(global_id)
@@ -83,7 +94,7 @@ def plan_batch(check_type, pages, in_flight_of, verdicts_of, batch_size):
 def walked_to(plan, row):
     """The plan, its span ending at `row` (the last row it read; it may not take it)."""
     check_type, first, _ = plan.span
-    plan.span = (check_type, first, row[5:])
+    plan.span = (check_type, first, row[KEY])
     return plan
 
 
@@ -98,9 +109,9 @@ def plan_next_batch(check_type, batch_size, cutoff, now, hold_within=None):
 
 
 def queued_pages(check_type, page_size, now):
-    """Pages of the line in FIFO order: each user batch's place in line (taken when it became
-    visible), then the row's position; a row whose re-check is not yet due is not read. A walk
-    of the line's index."""
+    """Pages of the line in its order: the row's turn, its user batch's place in line (taken
+    when it became visible), then the row's position; a row whose re-check is not yet due is not
+    read. A walk of the line's index."""
     after = None
     while True:
         page = queued_page(check_type, after, page_size, now)
@@ -108,24 +119,24 @@ def queued_pages(check_type, page_size, now):
             yield page
         if len(page) < page_size:
             return
-        after = page[-1][5:]
+        after = page[-1][KEY]
 
 
 def queued_page(check_type, after, limit, now):
     Row = QueuedEmail
-    query = (Row.select(Row.row, Row.batch_id, Row.email, Row.email_global, Row.rechecks, Row.fifo_order,
-                        Row.position)
+    key = (Row.turn, Row.fifo_order, Row.position)
+    query = (Row.select(Row.row, Row.batch_id, Row.email, Row.email_global, Row.user_id, Row.rechecks, *key)
              .where((Row.check_type == check_type) & (Row.not_before.is_null() | (Row.not_before <= now))))
     if after:
-        query = query.where(Tuple(Row.fifo_order, Row.position) > Tuple(*after))
-    query = query.order_by(Row.fifo_order, Row.position).limit(limit)
+        query = query.where(Tuple(*key) > Tuple(*after))
+    query = query.order_by(*key).limit(limit)
     # Plain rows straight from the cursor: per-row type conversion would cost more than the query.
     return database.execute_sql(*query.sql()).fetchall()
 
 
 def in_flight_batches_of(check_type, global_ids):
     """{email_global id: ledger id of the in-flight batch holding it, or None when that batch is
-    being finished at Bouncer} for `global_ids`. Looked up apart from the FIFO walk, so a planner
+    being finished at Bouncer} for `global_ids`. Looked up apart from the walk of the line, so a planner
     with stale statistics can at worst scan once, never once per row."""
     Sent = BouncerBatchEmail
     if not global_ids:

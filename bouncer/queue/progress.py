@@ -12,8 +12,8 @@ from peewee import SQL, Case, fn
 from bouncer.errors import Conflict
 from bouncer.queue import outbox
 from bouncer.queue.line import (
-    batches_of_bouncer_batch, is_one_of, leave_line, leave_line_of_batch, not_admitted, riding_rows, take_off_batch,
-    take_off_rows,
+    batches_of_bouncer_batch, is_one_of, leave_line, leave_line_of_batch, not_admitted, riding_rows, rows_in_line_of,
+    take_off_batch, take_off_rows,
 )
 from bouncer.states import ENDED_BATCH_STATES, BatchState, RowState
 from bouncer.store.bulk import among, chunked
@@ -91,9 +91,7 @@ def has_pending_rows():
     line, or riding on a Bouncer batch (every queued row is one of the last two). Each is one
     probe of an index; none reads a row's status, which no index holds."""
     return (fn.EXISTS(Row.select(SQL("1")).where((Row.batch == UserBatch.id) & not_admitted()))
-            | fn.EXISTS(Line.select(SQL("1")).where((Line.check_type == UserBatch.check_type)
-                                                    & (Line.fifo_order == UserBatch.fifo_order)
-                                                    & (Line.batch_id == UserBatch.id)))
+            | fn.EXISTS(Line.select(SQL("1")).where(rows_in_line_of(Line, UserBatch)))
             | fn.EXISTS(Riding.select(SQL("1")).where(Riding.batch_id == UserBatch.id)))
 
 

@@ -20,6 +20,7 @@ from peewee import fn
 
 from bouncer.errors import Gone, NotFound
 from bouncer.queue.outcomes import count_outcomes_of, iso, status_object
+from bouncer.queue.waiting import waiting_of
 from bouncer.reading.activity import deliveries_of_batches, delivery_of
 from bouncer.states import SENT, RowState
 from bouncer.store.database import database
@@ -85,8 +86,8 @@ def page_of_batches(limit=20, user_id=None, status=None, before=None, with_webho
     queries for the whole page, whatever its size."""
     batches = list(select_batches(limit + 1, user_id, status, before))
     shown = batches[:limit]
-    counts = count_outcomes_of(shown)
-    page = [status_object(b, counts[b.id]) for b in shown]
+    counts, waiting = count_outcomes_of(shown), waiting_of(shown)
+    page = [status_object(b, counts[b.id], waiting[b.id]) for b in shown]
     if with_webhooks:
         latest = deliveries_of_batches([b.id for b in shown])
         for answer in page:
@@ -107,6 +108,7 @@ def pending_counts(batches):
         if placed:
             waiting = (QueuedEmail.select(QueuedEmail.batch_id, fn.COUNT(QueuedEmail.row))
                        .where((QueuedEmail.check_type == check_type)
+                              & QueuedEmail.user_id.in_(sorted({b.user_id for b in placed}))
                               & QueuedEmail.fifo_order.in_([b.fifo_order for b in placed])
                               & QueuedEmail.batch_id.in_([b.id for b in placed]))
                        .group_by(QueuedEmail.batch_id))

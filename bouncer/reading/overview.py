@@ -1,29 +1,39 @@
 """The queue at a glance, the one answer behind `status`, the console and /metrics: per check
 type, rows and Bouncer batches in their states, credits spent (refunded by finishes, spent on
-re-checks of greylisted addresses), the request budget in use, possible orphans; user batches
-and webhook deliveries by state; RQ's backlog.
+re-checks of greylisted addresses), the request budget in use, possible orphans, the policy the
+line is ordered by and the users sharing it (the top ones by rows in line, the rest summed);
+user batches and webhook deliveries by state; RQ's backlog.
 
 The totals (credits spent and refunded, emails verified, Bouncer batches ended, possible orphans)
 are read from the ledger, whose rows are never removed once sent: they never go down, so /metrics
 may call them counters.
 """
 
+import datetime
+
 from peewee import Case, fn
 
 from bouncer.names import CHECK_TYPES, CYCLE_QUEUE, WEBHOOK_QUEUE
 from bouncer.queue import line
+from bouncer.queue.fairness import line_policy, weights_of
 from bouncer.queue.ledger import count_finishing, count_in_flight, count_outstanding, count_possible_orphans
 from bouncer.queue.outcomes import iso
 from bouncer.queue.ratelimit import requests_in_window
 from bouncer.states import BatchState, BouncerBatchState, DeliveryState
 from bouncer.store.database import utcnow
-from bouncer.store.models import BouncerBatch, QueuedEmail, RidingRows, UserBatch, UserBatchEmail, WebhookDelivery
+from bouncer.store.models import (
+    BouncerBatch, QueuedEmail, RidingRows, SentShare, UserBatch, UserBatchEmail, WebhookDelivery,
+)
 
 Row = UserBatchEmail
 # Ledger states of a Bouncer batch that Bouncer accepted (and charged for), and that ended.
 CHARGED_STATES = (BouncerBatchState.OUTSTANDING, BouncerBatchState.COMPLETED, BouncerBatchState.FAILED)
 ENDED_STATES = (BouncerBatchState.COMPLETED, BouncerBatchState.FAILED, BouncerBatchState.REJECTED,
                 BouncerBatchState.ABANDONED)
+# Users shown one by one (the console, /metrics' labels); the others are summed, so a million
+# users never make a million series.
+TOP_USERS = 20
+SHARE_WINDOW = datetime.timedelta(hours=1)
 
 
 def queue_overview(settings, now=None):
@@ -52,6 +62,7 @@ def queue_overview(settings, now=None):
                 "in_flight_batches": count_in_flight(check_type),
                 "max_outstanding": settings.max_outstanding,
                 **ledger[check_type],
+                **users_sharing(check_type, now),
             } for check_type in CHECK_TYPES},
         "rate_limit": {
             "requests_last_60s": requests_in_window(now),
@@ -67,6 +78,38 @@ def queue_overview(settings, now=None):
             for b in BouncerBatch.select().where(BouncerBatch.status == "outstanding")
             .order_by(BouncerBatch.id)],
     }
+
+
+def users_sharing(check_type, now):
+    """The policy the line of `check_type` is ordered by, and its users: the TOP_USERS with the
+    most rows in line (then the most addresses sent in the last hour), each with its weight,
+    rows in line, addresses sent in the last hour and its share of them; the others summed."""
+    queued = dict(QueuedEmail.select(QueuedEmail.user_id, fn.COUNT(QueuedEmail.row))
+                  .where(QueuedEmail.check_type == check_type).group_by(QueuedEmail.user_id).tuples())
+    sent = sent_per_user(check_type, now - SHARE_WINDOW)
+    everyone = sorted(set(queued) | set(sent), key=lambda u: (-queued.get(u, 0), -sent.get(u, 0), u))
+    top, rest = everyone[:TOP_USERS], everyone[TOP_USERS:]
+    weights, total_sent = weights_of(top), sum(sent.values())
+    return {"queue_policy": line_policy(check_type),
+            "users": [{"user_id": u, "weight": weights[u], "queued_emails": queued.get(u, 0),
+                       "sent_last_hour": sent.get(u, 0), "share_last_hour": share(sent.get(u, 0), total_sent)}
+                      for u in top],
+            "other_users": {"users": len(rest), "queued_emails": sum(queued.get(u, 0) for u in rest),
+                            "sent_last_hour": sum(sent.get(u, 0) for u in rest),
+                            "share_last_hour": share(sum(sent.get(u, 0) for u in rest), total_sent)}}
+
+
+def sent_per_user(check_type, since):
+    """{user id: new addresses its rows put into Bouncer batches Bouncer accepted since `since`}."""
+    query = (SentShare.select(SentShare.user_id, fn.SUM(SentShare.addresses)).join(BouncerBatch)
+             .where((SentShare.check_type == check_type) & (SentShare.reserved_at > since)
+                    & BouncerBatch.status.in_(CHARGED_STATES))
+             .group_by(SentShare.user_id))
+    return {user_id: int(n) for user_id, n in query.tuples()}
+
+
+def share(part, whole):
+    return round(part / whole, 4) if whole else 0.0
 
 
 def start_of_day(now):

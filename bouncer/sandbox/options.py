@@ -22,7 +22,15 @@ def option(default, help, kind, minimum=None, maximum=None, envvar=None, secret=
 class SandboxOptions:
     port: int = option(8025, "Port to listen on (127.0.0.1); 0 picks a free one.", "int", 0, 65535)
     processing_time: float = option(
-        5.0, "Seconds a batch takes to complete; 0 completes it at once.", "float", 0)
+        5.0, "Seconds a batch takes to complete; 0 completes it at once. Unused with --throughput.",
+        "float", 0)
+    throughput: float = option(
+        0.0, "Addresses the account verifies an hour, shared equally by the batches it processes at "
+             "once, so a batch's time depends on the load (Bouncer: 100,000 to 200,000); 0: every batch "
+             "takes --processing-time.", "float", 0)
+    parallel_batches: int = option(
+        25, "With --throughput: batches processed at once; the others wait, queued, in order "
+            "(Bouncer's docs: up to 25).", "int", 1, 1000)
     fail_rate: float = option(0.0, "Share of requests answered 500/503.", "float", 0, 1)
     rate_limit_rate: float = option(0.0, "Share of requests answered 429.", "float", 0, 1)
     slow_rate: float = option(

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
+from bouncer.sandbox.account import Account
 from bouncer.sandbox.options import SandboxOptions
 
 logger = logging.getLogger("bouncer.sandbox")
@@ -41,6 +42,8 @@ CALLBACK_TIMEOUT = 2.0
 # A batch leaves "queued" after this share of its processing time, capped so long runs still move.
 START_SHARE = 0.25
 MAX_START_DELAY = 5.0
+# With --throughput, how often the account's completions are looked for, to post their callbacks.
+CALLBACK_TICK = 0.1
 
 FREE_DOMAINS = frozenset({"gmail.com", "yahoo.com", "outlook.com", "hotmail.com"})
 ROLE_LOCAL_PARTS = frozenset({
@@ -417,6 +420,10 @@ class Simulator:
         self._early_retries = 0     # greylisted addresses sent again before their retryAfter
         self._timers = []
         self._closed = False
+        # With a throughput, the account decides when batches complete (account.py).
+        self.account = Account(self.options.throughput, self.options.parallel_batches) \
+            if self.options.throughput else None
+        self._ticking = False
 
     @property
     def start_delay(self):
@@ -465,6 +472,8 @@ class Simulator:
         """The batch answers 404 from now on, as if deleted on Bouncer's side."""
         with self._lock:
             self.batches.pop(batch_id, None)
+        if self.account is not None:
+            self.account.forget(batch_id, time.monotonic())
 
     def set_processed(self, batch_id, processed):
         """Bouncer has verified the batch's first `processed` addresses so far: its status stats
@@ -696,6 +705,8 @@ class Simulator:
             if self._phase(batch, time.monotonic()) != "completed":
                 return error_reply(405, NOT_DELETABLE)
             self.batches.pop(batch["batchId"], None)
+        if self.account is not None:
+            self.account.forget(batch["batchId"], time.monotonic())
         logger.debug("sandbox batch %s deleted", batch["batchId"])
         return json_reply(200, {})
 
@@ -729,7 +740,11 @@ class Simulator:
         self._sent.append(batch["emails"])
         self._batches_created += 1
         self._emails_received += batch["quantity"]
-        if batch["callback"]:
+        if self.account is not None:
+            self.account.add(batch["batchId"], len(batch["distinct"]), batch["created_mono"])
+            if batch["callback"]:
+                self._keep_ticking()
+        elif batch["callback"]:
             self._schedule_callback(batch["batchId"], self.options.processing_time)
 
     def _records(self, batch):
@@ -764,19 +779,30 @@ class Simulator:
         return found
 
     def _phase(self, batch, now):
+        if self.account is not None:
+            return self.account.state(batch["batchId"], now)[0]
         elapsed = now - batch["created_mono"]
         if batch["completed_mono"] is not None or elapsed >= self.options.processing_time:
             return "completed"
         return "processing" if elapsed >= self.start_delay else "queued"
 
     def _started_at(self, batch):
+        if self.account is not None:
+            return self._epoch(batch, self.account.state(batch["batchId"], time.monotonic())[1])
         started = batch["created_at"] + self.start_delay
         return min(started, self._completed_at(batch))
 
     def _completed_at(self, batch):
+        if self.account is not None:
+            return self._epoch(batch, self.account.state(batch["batchId"], time.monotonic())[2])
         if batch["completed_at"] is not None:
             return batch["completed_at"]
         return batch["created_at"] + self.options.processing_time
+
+    @staticmethod
+    def _epoch(batch, moment):
+        """A monotonic moment of the batch's life as Unix time."""
+        return None if moment is None else batch["created_at"] + (moment - batch["created_mono"])
 
     def _progress(self, batch, phase, now):
         """`processed` and per-status `stats` over the addresses verified so far."""
@@ -795,6 +821,8 @@ class Simulator:
             return min(batch["processed"], total)
         if phase == "queued":
             return 0
+        if self.account is not None:   # at the account's pace, shared with the batches beside it
+            return int(total - self.account.state(batch["batchId"], now)[3])
         share = (now - batch["created_mono"] - self.start_delay) / (
             self.options.processing_time - self.start_delay)
         return int(total * min(max(share, 0.0), 1.0))
@@ -805,6 +833,8 @@ class Simulator:
             return
         batch["completed_at"] = time.time()
         batch["completed_mono"] = time.monotonic()
+        if self.account is not None:
+            self.account.complete(batch["batchId"], batch["completed_mono"])
         logger.debug("sandbox batch %s completed early", batch["batchId"])
         if batch["callback"]:
             self._schedule_callback(batch["batchId"], 0)
@@ -827,6 +857,29 @@ class Simulator:
         self._timers = [t for t in self._timers if t.is_alive()] + [timer]
         timer.start()
 
+    def _keep_ticking(self):
+        """With a throughput: look for completed batches every CALLBACK_TICK, and post their
+        callbacks, while any batch with one is not yet done. Lock held."""
+        if self._ticking or self._closed:
+            return
+        self._ticking = True
+        timer = threading.Timer(CALLBACK_TICK, self._tick)
+        timer.daemon = True
+        self._timers = [t for t in self._timers if t.is_alive()] + [timer]
+        timer.start()
+
+    def _tick(self):
+        now = time.monotonic()
+        with self._lock:
+            self._ticking = False
+            waiting = [b["batchId"] for b in self.batches.values() if b["callback"] and not b["callback_sent"]]
+        done = [b for b in waiting if self.account.state(b, now)[0] == "completed"]
+        for batch_id in done:
+            self._send_callback(batch_id)
+        if len(done) < len(waiting):
+            with self._lock:
+                self._keep_ticking()
+
     def _send_callback(self, batch_id):
         with self._lock:
             batch = self.batches.get(batch_id)
@@ -834,6 +887,8 @@ class Simulator:
                 return
             now = time.monotonic()
             if self._phase(batch, now) != "completed":
+                if self.account is not None:
+                    return          # the ticker comes back for it
                 # The timer woke a hair early: try again when the batch is really done.
                 remaining = batch["created_mono"] + self.options.processing_time - now
                 self._schedule_callback(batch_id, max(remaining, 0.01))

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+from dataclasses import dataclass
 
 from peewee import SQL, fn
 
@@ -92,25 +93,25 @@ class Sqlite:
                          " ON CONFLICT DO NOTHING")
         return {}
 
-    def update_new_rows(self, db, batch_id, rows, column, assignments, params, line_columns=None):
+    def update_new_rows(self, db, batch_id, rows, column, assignments, params, joining=None):
         """One UPDATE of the rows `(id, position, value)` of a batch that are still new: `column`
         takes the value, `assignments` (SQL with placeholders for `params`) the rest. With
-        `line_columns` ((target, source) column names), the rows it changed join the line.
-        Returns how many changed."""
+        `joining` (see `LineJoin`), the rows it changed join the line. Returns how many changed."""
         sql = ("UPDATE user_batch_emails SET %s, %s = v.%s FROM (SELECT value ->> 0 AS id, value ->> 1 AS %s"
                " FROM json_each(?)) AS v WHERE user_batch_emails.id = v.id AND user_batch_emails.status = 'new'"
                % (assignments, column, column, column))
         values = json.dumps([(row_id, value) for row_id, _, value in rows])
-        if line_columns is None:
+        if joining is None:
             return db.execute_sql(sql, list(params) + [values]).rowcount
         # The ids it changed, then their line rows copied by one INSERT ... SELECT: the line costs
         # 0.8 us a row this way, 4.4 us when every column came back to be bound again.
         admitted = [r for (r,) in db.execute_sql(sql + " RETURNING user_batch_emails.id",
                                                  list(params) + [values]).fetchall()]
-        target, source = line_columns
-        db.execute_sql("INSERT INTO queued_emails (%s) SELECT %s FROM user_batch_emails WHERE id IN"
-                       " (SELECT value FROM json_each(?))" % (", ".join(target), ", ".join(source)),
-                       [json.dumps(admitted)])
+        turn, turn_params = joining.turns("?")
+        db.execute_sql("INSERT INTO queued_emails (%s, user_id, turn) SELECT %s, ?, %s FROM user_batch_emails"
+                       " WHERE id IN (SELECT value FROM json_each(?))"
+                       % (", ".join(joining.target), ", ".join(joining.source), turn),
+                       [joining.user_id, *turn_params, json.dumps(admitted)])
         return len(admitted)
 
     def let_go_after_fork(self, db):
@@ -193,7 +194,7 @@ class Postgres:
             "INSERT INTO emails_global (email, created_at) SELECT unnest(%s), %%s ON CONFLICT DO NOTHING"
             " RETURNING id, email" % marks, params + [now]).fetchall()}
 
-    def update_new_rows(self, db, batch_id, rows, column, assignments, params, line_columns=None):
+    def update_new_rows(self, db, batch_id, rows, column, assignments, params, joining=None):
         """The rows are found by one range of the batch's positions in the index of rows not yet
         admitted, and each takes its value by its position, found by a binary search of the
         positions given (`width_bucket`). Joined to the values by id instead, the plan rested on
@@ -210,10 +211,12 @@ class Postgres:
                " AND e.check_type IS NULL AND e.status = 'new' AND a.positions[%s] = e.position"
                % (assignments, column, index, positions, values, index))
         sql_params = list(params) + position_params + value_params + [batch_id, rows[0][1], rows[-1][1]]
-        if line_columns is not None:
-            target, source = line_columns
-            sql = ("WITH admitted AS (%s RETURNING %s) INSERT INTO queued_emails (%s) SELECT * FROM admitted"
-                   % (sql, ", ".join("e." + c for c in source), ", ".join(target)))
+        if joining is not None:
+            turn, turn_params = joining.turns("CAST(%s AS DOUBLE PRECISION)")
+            sql = ("WITH admitted AS (%s RETURNING %s) INSERT INTO queued_emails (%s, user_id, turn)"
+                   " SELECT *, %%s, %s FROM admitted"
+                   % (sql, ", ".join("e." + c for c in joining.source), ", ".join(joining.target), turn))
+            sql_params += [joining.user_id, *turn_params]
         return db.execute_sql(sql, sql_params).rowcount
 
     def let_go_after_fork(self, db):
@@ -231,6 +234,25 @@ class Postgres:
 
     def empty_tables(self, db, tables):
         db.execute_sql("TRUNCATE %s RESTART IDENTITY CASCADE" % ", ".join(quote(t) for t in tables))
+
+
+@dataclass(frozen=True)
+class LineJoin:
+    """Rows joining the line as an UPDATE admits them: the line's columns `target`, copied from
+    the rows' `source`; their user; the first one's turn, and `step` more for each next one in
+    position order (0: all the same, no window to compute)."""
+    target: tuple
+    source: tuple
+    user_id: str
+    first: float = 0.0
+    step: float = 0.0
+
+    def turns(self, number):
+        """(SQL of each row's turn, its parameters), with `number` the placeholder of a float."""
+        if not self.step:
+            return number, [float(self.first)]
+        return ("%s + (ROW_NUMBER() OVER (ORDER BY position) - 1) * %s" % (number, number),
+                [float(self.first), float(self.step)])
 
 
 def array(values):

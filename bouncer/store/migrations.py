@@ -7,13 +7,16 @@ on a Bouncer batch; 3, the line (`queued_emails`) and the rows riding on Bouncer
 (`riding_rows`) are tables of their own, so a claim no longer rewrites the rows it takes; 4, no
 index of `user_batch_emails` depends on a row's status, and on PostgreSQL its pages keep
 room, so ending a row rewrites it in place (a HOT update) rather than adding an entry to each of
-its indexes; 5, this one (each feature's statements under its own comment in `upgrade_to_5`).
+its indexes; 5, this release: see `upgrade_to_5`, one part per feature.
 """
 
 import logging
 
+
 from bouncer.store.database import database, dialect, write_transaction
-from bouncer.store.models import INTERNAL_MODELS, FifoCounter, SchemaVersion
+from bouncer.store.models import (
+    INTERNAL_MODELS, FifoCounter, LineOrder, LineWeight, QueuedEmail, SchemaVersion, SentShare, UserWeight,
+)
 from bouncer.store.schema import (
     ADDRESS_INDEX, CHECKS, INDEXES, NEW_ROW_CHECK, NEW_ROW_RULE, RESULTS_VIEW, ROWS_FILLFACTOR, SQLITE_TRIGGERS,
     UNADMITTED_INDEX, UNDELETED_INDEX, USER_BATCH_EMAILS, USER_BATCHES, VERSION, create_all, current_version,
@@ -112,9 +115,10 @@ def move_rows_into_line():
     """Rows of an earlier version: queued ones join the line, sent ones ride on their batch (and
     are `queued`, as every pending row is now)."""
     for statement in (
-        "INSERT INTO queued_emails (row_id, batch_id, check_type, fifo_order, position, email_global_id, email)"
-        " SELECT id, batch_id, check_type, fifo_order, position, email_global_id, email FROM user_batch_emails"
-        " WHERE status = 'queued' OR (status = 'sent' AND bouncer_batch_id IS NULL)",
+        "INSERT INTO queued_emails (row_id, batch_id, check_type, fifo_order, position, email_global_id, email,"
+        " user_id) SELECT e.id, e.batch_id, e.check_type, e.fifo_order, e.position, e.email_global_id, e.email,"
+        " b.user_id FROM user_batch_emails e JOIN user_batches b ON b.id = e.batch_id"
+        " WHERE e.status = 'queued' OR (e.status = 'sent' AND e.bouncer_batch_id IS NULL)",
         "INSERT INTO riding_rows (bouncer_batch_id, batch_id, row_ids, rows)"
         " SELECT bouncer_batch_id, batch_id, %s, count(*) FROM user_batch_emails"
         " WHERE status = 'sent' AND bouncer_batch_id IS NOT NULL GROUP BY bouncer_batch_id, batch_id"
@@ -220,7 +224,16 @@ TO_VERSION_4 = {1: upgrade_from_1, 2: upgrade_from_2, 3: upgrade_from_3}
 
 
 def upgrade_to_5():
-    """Version 4 to 5, each statement safe to run again."""
+    """Version 4 to 5, each feature's statements together, each safe to run again."""
+    # Fair share (QUEUE_POLICY=fair): each row in line knows its user and its turn, walked by
+    # (check type, turn, place, position), and found by user; the weights, the line's order and
+    # the users' shares of what was sent have tables of their own. Every row in line keeps turn
+    # 0: the line stays the FIFO it was until a creation cycle under `fair` numbers it.
+    add_columns("queued_emails", [("user_id", "TEXT NOT NULL DEFAULT ''"), ("turn", "{double} NOT NULL DEFAULT 0")])
+    database.execute_sql("UPDATE queued_emails SET user_id = (SELECT b.user_id FROM user_batches b"
+                         " WHERE b.id = queued_emails.batch_id)")
+    database.execute_sql('DROP INDEX IF EXISTS "queued_emails_check_type_fifo_order_position"')
+    database.create_tables([QueuedEmail, UserWeight, LineOrder, LineWeight, SentShare], safe=True)
     # Bouncer's batch lifecycle: greylisted verdicts re-checked, batches finished and deleted at
     # Bouncer, the credits Bouncer reports.
     add_columns("bouncer_batches", [

@@ -17,7 +17,10 @@ one whose address came back greylisted (until Bouncer's retryAfter: `QueuedEmail
 what schema version 2 wrote for a riding row; no row is in it any more.)
 """
 
-from peewee import SQL, CompositeKey, DateTimeField, FloatField, ForeignKeyField, IntegerField, Model, TextField
+from peewee import (
+    SQL, Check, CompositeKey, DateTimeField, DoubleField, FloatField, ForeignKeyField, IntegerField, Model,
+    TextField,
+)
 
 from bouncer.names import CHECK_TYPES
 from bouncer.states import BouncerBatchState, DeliveryState
@@ -141,7 +144,12 @@ class QueuedEmail(BaseModel):
     Written at admission, taken out (one DELETE) when a creation cycle sends, attaches, cancels
     or completes it from the cache. Kept apart from `user_batch_emails` and narrow, so a claim
     of 10,000 rows removes 10,000 small rows instead of rewriting 10,000 wide ones and their
-    five index entries (measured on PostgreSQL: 2.0 s of a 4.2 s creation cycle)."""
+    five index entries (measured on PostgreSQL: 2.0 s of a 4.2 s creation cycle).
+
+    Packing walks the line by (check type, turn, place in line, position): under QUEUE_POLICY
+    `fifo` every turn is 0, so the walk is the FIFO; under `fair` a row's turn is its start tag
+    in start-time fair queueing over users (queue/fairness.py). The second index finds one
+    user's rows (and, through its place in line, one user batch's)."""
     row = Reference(UserBatchEmail, primary_key=True, column_name="row_id")
     batch_id = IntegerField()
     check_type = TextField()
@@ -151,10 +159,15 @@ class QueuedEmail(BaseModel):
     email = TextField()
     rechecks = IntegerField(default=0, constraints=[SQL("DEFAULT 0")])   # the row's, copied
     not_before = DateTimeField(null=True)    # a re-check waits for Bouncer's retryAfter
+    # Its user batch's user, copied when it joins the line; the turn: 0 under fifo, its start
+    # tag under fair. (Database defaults too, for the rows an upgrade moves in with plain SQL.)
+    user_id = TextField(default="", constraints=[SQL("DEFAULT ''")])
+    turn = DoubleField(default=0.0, constraints=[SQL("DEFAULT 0")])
 
     class Meta:
         table_name = "queued_emails"
-        indexes = ((("check_type", "fifo_order", "position"), False),)
+        indexes = ((("check_type", "turn", "fifo_order", "position"), False),
+                   (("check_type", "user_id", "fifo_order", "position"), False))
 
 
 class RidingRows(BaseModel):
@@ -316,6 +329,54 @@ class FifoCounter(BaseModel):
         table_name = "fifo_counter"
 
 
+class UserWeight(BaseModel):
+    """A user's share under QUEUE_POLICY `fair`, written by a host with SQL or by `weight`; a
+    user not here weighs 1. The database refuses a weight that is not above 0."""
+    user_id = TextField(primary_key=True)
+    weight = DoubleField(constraints=[Check("weight > 0")])
+
+    class Meta:
+        table_name = "user_weights"
+
+
+class LineOrder(BaseModel):
+    """The policy each check type's line is ordered by now (none: `fifo`). A creation cycle
+    that runs with another QUEUE_POLICY orders the line anew and records it here, in one
+    transaction; every admitter gives its rows turns by what this says."""
+    check_type = TextField(primary_key=True)
+    policy = TextField()
+
+    class Meta:
+        table_name = "line_orders"
+
+
+class LineWeight(BaseModel):
+    """Under `fair`: the weights a check type's line is numbered by (a user not here, 1), so a
+    creation cycle finds the users whose weight a host changed since, and numbers their rows
+    in line anew."""
+    check_type = TextField()
+    user_id = TextField()
+    weight = DoubleField()
+
+    class Meta:
+        table_name = "line_weights"
+        primary_key = CompositeKey("check_type", "user_id")
+
+
+class SentShare(BaseModel):
+    """How many new addresses each user put into a Bouncer batch, written with its
+    reservation: the users' shares of what was sent (the console's last hour), without reading
+    the rows. Kept as long as the request history (ratelimit.KEEP_HISTORY)."""
+    bouncer_batch = Reference(BouncerBatch)
+    check_type = TextField()
+    user_id = TextField()
+    addresses = IntegerField()
+    reserved_at = DateTimeField(index=True)
+
+    class Meta:
+        table_name = "sent_shares"
+
+
 class SchemaVersion(BaseModel):
     version = IntegerField()
 
@@ -328,7 +389,7 @@ RESULT_MODELS = dict(zip(CHECK_TYPES, (DeliverableResult, CatchallResult)))
 INTERNAL_MODELS = [
     EmailGlobal, BouncerBatch, BouncerBatchEmail, QueuedEmail, RidingRows, DeliverableResult, CatchallResult,
     RateLimitTracker, IdempotencyKey, WebhookDelivery, WebhookAttempt, JobRun, Pause, AuditEntry,
-    FifoCounter, SchemaVersion,
+    FifoCounter, SchemaVersion, UserWeight, LineOrder, LineWeight, SentShare,
 ]
 
 

@@ -47,6 +47,7 @@ FRAGMENTS["sqlite"] = {
     "row_id": "INTEGER PRIMARY KEY",
     "now_utc": "(strftime('%Y-%m-%d %H:%M:%f', 'now'))",
     "time": "DATETIME",
+    "double": "REAL",
     "trim": "trim",
     "rows_storage": "",
     "new_row_check": "",    # a trigger: SQLite cannot add a check to an existing table
@@ -58,6 +59,7 @@ FRAGMENTS["postgres"] = {
     "row_id": "SERIAL PRIMARY KEY",
     "now_utc": "(now() AT TIME ZONE 'utc')",
     "time": "TIMESTAMP",
+    "double": "DOUBLE PRECISION",
     "trim": "btrim",
     # Half of each page left free at insert, so the row's later versions (admitted, then ended)
     # find room beside it and are written in place: measured, ending 150k rows took 0.8-0.9 s

@@ -9,7 +9,8 @@ never disagree.
 Actions are POSTs with a CSRF token (Flask-WTF), each recorded in the audit log: pause and
 resume batch creation per check type, cancel a user batch, finish a stuck Bouncer batch at
 Bouncer (its verified part kept, the rest refunded; failed as before if Bouncer refuses), erase
-what the service holds of a user or of an address (an erasure request, confirmed by a tick). The
+what the service holds of a user or of an address (an erasure request, confirmed by a tick), set
+a user's weight (QUEUE_POLICY=fair). The
 session and CSRF key is derived from OPERATOR_PASSWORD, so every web process agrees on it;
 only the console's POSTs ask for the token (the API and Bouncer's callback do not).
 """
@@ -32,7 +33,7 @@ from bouncer.reading.batches import batch_with_rows, iter_results, page_of_batch
 from bouncer.reading.health import service_state
 from bouncer.reading.history import DEFAULT_HOURS, WINDOWS, chart_series
 from bouncer.reading.overview import rq_backlog
-from bouncer.services import batches, erasure
+from bouncer.services import batches, erasure, weights
 from bouncer.states import ENDED_BATCH_STATES, BatchState
 from bouncer.store.database import utcnow
 from bouncer.web.charts import line_chart
@@ -261,6 +262,18 @@ def erase(action, value, kind):
         flash("Nothing erased: %s." % exc, "error")
         return back()
     flash("The %s was erased: %s." % (kind, outcome.erased.summary()))
+    return back()
+
+
+@blueprint.post("/weights")
+def set_weight():
+    user_id = form_text("user_id")
+    try:
+        before, after = weights.set_user_weight(user_id, form_text("weight"), who=OPERATOR)
+    except InputError as exc:
+        abort(400, str(exc))
+    flash("User %s weighs %g now (was %g); the rows in line take it at the next creation cycle."
+          % (user_id, after, before))
     return back()
 
 

@@ -18,7 +18,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from bouncer.reading.health import describe_error, service_state
-from bouncer.reading.overview import rq_backlog
+from bouncer.reading.overview import TOP_USERS, rq_backlog
 from bouncer.web.auth import bearer_token, token_matches
 from bouncer.web.context import bouncer_app, started_at
 
@@ -123,6 +123,16 @@ def queue_families(o):
     yield counter("bouncer_batches_ended", "Bouncer batches that ended, by how: completed, failed, rejected "
                   "(Bouncer refused the create), abandoned (possible orphans)", ("check_type", "status"),
                   [((t, status), n) for t, c in types.items() for status, n in c["batches_ended"].items()])
+    yield gauge("bouncer_queue_policy", "1 for the policy each check type's line is ordered by (QUEUE_POLICY, "
+                "as the last creation cycle applied it)", ("check_type", "policy"),
+                [((t, c["queue_policy"]), 1) for t, c in types.items()])
+    yield gauge("bouncer_queued_emails_by_user", "Emails waiting for a Bouncer batch, for the users with the most "
+                "(at most %d per check type; the others in bouncer_queued_emails_other_users)" % TOP_USERS,
+                ("check_type", "user"),
+                [((t, u["user_id"]), u["queued_emails"]) for t, c in types.items() for u in c["users"]])
+    yield gauge("bouncer_queued_emails_other_users", "Emails waiting for a Bouncer batch, of the users not in "
+                "bouncer_queued_emails_by_user", ("check_type",),
+                [((t,), c["other_users"]["queued_emails"]) for t, c in types.items()])
     yield gauge("bouncer_user_batches", "User batches by status", ("status",),
                 [((status,), n) for status, n in o["user_batch_counts"].items()])
     yield gauge("bouncer_webhook_deliveries", "Webhook deliveries by state", ("state",),

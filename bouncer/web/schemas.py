@@ -2,7 +2,7 @@
 
 
 from apiflask import Schema
-from apiflask.fields import Dict, Integer, List, Nested, String
+from apiflask.fields import Dict, Float, Integer, List, Nested, String
 
 from bouncer.names import CHECK_TYPES
 from bouncer.states import BatchState
@@ -34,6 +34,13 @@ class StatusObject(Schema):
     pruned_at = String(allow_none=True, metadata={"format": "date-time",
                                                   "description": "when its rows were removed after the retention "
                                                                  "period (its counts remain)"})
+    weight = Float(metadata={"description": "the user's share under QUEUE_POLICY=fair (1 unless set)"})
+    place_in_line = Integer(allow_none=True, metadata={
+        "description": "an estimate: addresses in line ahead of this batch's next one; null when none of its "
+                       "addresses is in line"})
+    estimated_start_at = String(allow_none=True, metadata={
+        "format": "date-time", "description": "an estimate: when its next address goes to Bouncer, from the "
+                                              "pace of the last hour; null when unknown or none is in line"})
     webhook = Dict(allow_none=True, metadata={"description": "the latest webhook delivery, if any"})
 
 
