@@ -13,7 +13,7 @@ from clirun import invoke
 from conftest import addresses, assert_clean_failure, submit
 
 from bouncer.app import set_current_app
-from bouncer.cli import cli
+from bouncer.cli import cli_operator, cli
 from bouncer.cycles.runner import run_cycle
 from bouncer.doors.loading import create_user_batch
 from bouncer.names import CREATION, STATUS, job_intervals
@@ -379,7 +379,8 @@ def test_weight_shows_the_default_sets_and_shows_a_users_weight_audited(db, data
     assert ok(run(database_url, "weight", "alice", "0.5")) == "alice: weight 0.5 (was 2.5)\n"
     assert [(w.user_id, w.weight) for w in UserWeight.select()] == [("alice", 0.5)]
     assert [(a.who, a.action, a.target, a.detail) for a in AuditEntry.select().order_by(AuditEntry.id)] == [
-        ("cli", "weight", "user alice", "from 1 to 2.5"), ("cli", "weight", "user alice", "from 2.5 to 0.5")]
+        (cli_operator(), "weight", "user alice", "from 1 to 2.5"),
+        (cli_operator(), "weight", "user alice", "from 2.5 to 0.5")]
 
 
 @pytest.mark.parametrize("value,words", [("0", "out of bounds"), ("-1", "out of bounds"), ("abc", "not a number"),

@@ -14,13 +14,20 @@ from bouncer.app import set_current_app
 from bouncer.cycles.runner import run_cycle
 from bouncer.names import CREATION, STATUS
 from bouncer.queue.audit import fingerprint
+from bouncer.queue.fairness import set_weight, stored_weight
 from bouncer.queue.progress import cancel_batch
 from bouncer.reading.batches import batch_status, iter_results
 from bouncer.services import erasure as erasure_service
 from bouncer.services.idempotency import remember
 from bouncer.store.database import database, utcnow
 from bouncer.store.models import (
-    AuditEntry, BouncerBatchEmail, DeliverableResult, EmailGlobal, UserBatch, UserBatchEmail, WebhookDelivery,
+    AuditEntry,
+    BouncerBatchEmail,
+    DeliverableResult,
+    EmailGlobal,
+    UserBatch,
+    UserBatchEmail,
+    WebhookDelivery,
 )
 from bouncer.web import create_web_app
 from support import invariants
@@ -90,13 +97,18 @@ def test_forget_user_leaves_nothing_of_theirs_and_everything_of_others(keyed, bo
     assert "Jane.Doe+alice@gmail.com" in verdict_of("janedoe@gmail.com").raw
     assert holding("alice") and WebhookDelivery.select().where(WebhookDelivery.batch_id == ids["a1"]).exists()
     bob_batches, bob_rows = rows_of("bob")
+    set_weight("alice", 3)
+    set_weight("bob", 2)
 
     outcome = erasure_service.forget_user(keyed, "alice", who="test")
 
     erased = outcome.erased
     # Three batches: one ended, one in flight, one in line; a delivery each (the last two's
-    # written by their cancel, and gone with it); the API's idempotency record of the first.
-    assert (erased.batches, erased.rows, erased.cancelled, erased.deliveries, erased.keys) == (3, 5, 3, 3, 1)
+    # written by their cancel, and gone with it); the API's idempotency record of the first;
+    # her weight (Bob's stays).
+    assert (erased.batches, erased.rows, erased.cancelled, erased.deliveries, erased.keys, erased.weights) \
+        == (3, 5, 3, 3, 1, 1)
+    assert stored_weight("alice") is None and stored_weight("bob") == 2
     assert holding("alice") == [] and holding("only.alice") == []
     assert rows_of("bob") == (bob_batches, bob_rows)           # Bob's batches and rows untouched
     # Bob's mailboxes stay, under his spellings: in the verdict already stored and in flight.

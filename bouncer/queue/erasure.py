@@ -64,6 +64,7 @@ class Erased:
     respelled: int = 0     # spellings of addresses others hold, replaced
     deliveries: int = 0
     keys: int = 0          # API idempotency records
+    weights: int = 0       # the user's weight under QUEUE_POLICY=fair
 
     def add(self, other):
         for f in fields(self):
@@ -76,7 +77,8 @@ class Erased:
             parts.insert(0, "%d user batch(es)" % self.batches)
         named = (("cancelled", "of them pending, cancelled"), ("addresses", "address(es)"),
                  ("verdicts", "verdict(s)"), ("respelled", "spelling(s) of addresses others hold replaced"),
-                 ("deliveries", "webhook delivery(ies)"), ("keys", "idempotency record(s)"))
+                 ("deliveries", "webhook delivery(ies)"), ("keys", "idempotency record(s)"),
+                 ("weights", "weight"))
         parts += ["%d %s" % (getattr(self, name), words) for name, words in named if getattr(self, name)]
         return ", ".join(parts)
 

@@ -297,6 +297,15 @@ def forget_shares_of(ledger_id):
     SentShare.delete().where(SentShare.bouncer_batch == ledger_id).execute()
 
 
+def forget_user(user_id):
+    """What fair share holds of a user who is erased: the weight, the weight the line was numbered
+    by, the shares of what was sent. Returns how many weights went (0 or 1)."""
+    with write_transaction():
+        LineWeight.delete().where(LineWeight.user_id == user_id).execute()
+        SentShare.delete().where(SentShare.user_id == user_id).execute()
+        return UserWeight.delete().where(UserWeight.user_id == user_id).execute()
+
+
 def forget_old_shares(now=None):
     """Drop the shares older than KEEP_SHARES; a read first, so nothing is locked when none is."""
     old = SentShare.reserved_at < (now or utcnow()) - KEEP_SHARES

@@ -11,7 +11,7 @@ from bouncer.addresses import strip_email_modifiers
 from bouncer.doors.admission import row_problem
 from bouncer.doors.loading import echo
 from bouncer.errors import Conflict, InputError, NotFound
-from bouncer.queue import erasure, retention
+from bouncer.queue import erasure, fairness, retention
 from bouncer.queue.audit import UNKEYED, audit, erased_before, fingerprint
 from bouncer.services import idempotency
 from bouncer.services.batches import tell_webhook_sender
@@ -50,6 +50,7 @@ def forget_user(app, user_id, who, now=None):
     erased = erasure.Erased()
     for batch_id in batch_ids:
         erased.add(erasure.erase_batch(batch_id, now))
+    erased.weights = fairness.forget_user(user_id)
     return finish(who, "forget user", erased, now, mark=mark)
 
 
