@@ -406,16 +406,20 @@ def scheduler():
 
 @cli.command()
 @click.option("--port", type=int, help="Port to serve on; default $PORT or 8000.")
-def web(port):
+@click.option("--host", help="Address to listen on; default $HOST or 0.0.0.0 (every interface).")
+def web(port, host):
     """Serve the operator console (/), /metrics, the HTTP API (/api/v1), /health and the Bouncer
     completion callback.
 
     \b
-    Example: PORT=8000 python -m bouncer web
+    Example: HOST=127.0.0.1 PORT=8000 python -m bouncer web
     """
+    from bouncer.config import check_host
     from bouncer.web.server import serve
     app = app_from_env()
-    serve(app, port or app.settings.port)
+    if host is not None:
+        check_host(host)
+    serve(app, port or app.settings.port, host or app.settings.host)
 
 
 def main():

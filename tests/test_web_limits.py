@@ -8,7 +8,7 @@ import time
 import pytest
 from conftest import with_settings
 
-from bouncer.web.server import SMALL_BODY, make_server
+from bouncer.web.server import SMALL_BODY, make_server, stop_server
 
 TOKEN = "tok-host-app-3f9a2c71"
 
@@ -21,7 +21,7 @@ def served(app):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     yield server.effective_port
-    server.close()
+    stop_server(server, thread)
 
 
 def send_head(port, head):
@@ -93,3 +93,19 @@ def test_idle_connections_do_not_starve_health_and_are_closed(served):
     finally:
         for conn in idle:
             conn.close()
+
+
+def test_a_server_stopped_from_another_thread_ends_its_loop_without_an_error(app, monkeypatch):
+    failures = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: failures.append(args.exc_value))
+    server = make_server(app, 0, host="127.0.0.1")
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    idle = socket.create_connection(("127.0.0.1", server.effective_port), timeout=5)
+    time.sleep(0.3)                        # the loop waits in its poll, a connection open
+    stop_server(server, thread)
+    assert not thread.is_alive() and failures == []
+    assert idle.recv(1) == b""             # closed by the server's own loop
+    idle.close()
+    with pytest.raises(OSError):
+        send_head(server.effective_port, "GET /health HTTP/1.1\r\n\r\n")
