@@ -48,6 +48,8 @@ def create_web_app(app, started_at=None):
 def json_error(error):
     """Every error is `{"error": "<one line>"}`, whatever raised it."""
     message = error.message if isinstance(error.message, str) else "error"
+    if error.detail:       # a query parameter refused by its schema: which, and why
+        message = describe_invalid(error.detail)
     if error.status_code == 404:
         message = "not found"
     elif error.status_code == 405:
@@ -55,6 +57,16 @@ def json_error(error):
     body = {"error": message}
     body.update(error.extra_data or {})
     return body, error.status_code, error.headers
+
+
+def describe_invalid(detail):
+    """`{"query": {"format": ["Must be one of: json, csv."]}}` -> "format: must be one of: json, csv"."""
+    problems = []
+    for fields in detail.values():
+        for name, messages in fields.items():
+            text = " ".join(messages) if isinstance(messages, list) else str(messages)
+            problems.append("%s: %s" % (name, text[:1].lower() + text[1:].rstrip(".")))
+    return "; ".join(problems) or "invalid request"
 
 
 def database_unavailable(error):

@@ -22,6 +22,7 @@ from bouncer.store.database import utcnow
 log = logging.getLogger(__name__)
 
 MAX_KEY = 200
+MAX_LINE = 1024 * 1024     # bytes of one line of a text or CSV body
 
 
 class Refused(Exception):
@@ -65,6 +66,8 @@ class Submission:
                 body.read_fields()
             except MalformedInput as exc:
                 raise Refused(400, str(exc)) from None
+            except InputError as exc:
+                raise Refused(422, str(exc)) from None
             return body.fields, self.json_rows(body)
         if kind in ("text/plain", "text/csv"):
             form = "csv" if kind == "text/csv" else "text"
@@ -185,10 +188,12 @@ def canonical_query():
 
 class HashingStream:
     """A binary stream that feeds what is read through a digest (the Idempotency-Key's request
-    hash is taken while the body streams in)."""
+    hash is taken while the body streams in). A line is read whole, so a text or CSV line longer
+    than MAX_LINE is refused rather than held: a body with no newline would be one line."""
 
     def __init__(self, stream, digest):
         self.stream, self.digest = stream, digest
+        self.lines = 0
 
     def read(self, size=-1):
         if size == 0:   # ijson probes with read(0), which werkzeug takes for a hang-up
@@ -198,7 +203,10 @@ class HashingStream:
         return data
 
     def readline(self, size=-1):
-        data = self.stream.readline(size)
+        data = self.stream.readline(MAX_LINE + 1 if size < 0 else min(size, MAX_LINE + 1))
+        self.lines += 1
+        if len(data) > MAX_LINE:
+            raise InputError("body: line %d is longer than %d bytes; no address is" % (self.lines, MAX_LINE))
         self.digest.update(data)
         return data
 
