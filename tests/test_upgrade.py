@@ -5,7 +5,9 @@ import datetime
 from pathlib import Path
 
 import pytest
-from conftest import POSTGRES_URL, make_settings, on_postgres, postgres_admin, rode_on, row_states, statuses
+from conftest import (
+    POSTGRES_URL, make_settings, on_postgres, postgres_admin, rode_on, row_states, statuses, with_settings,
+)
 
 from bouncer.app import App
 from bouncer.client import BouncerClient
@@ -16,6 +18,7 @@ from bouncer.store.database import database, open_database
 from bouncer.store.migrations import RETIRED_INDEXES, create_schema
 from bouncer.store.models import BouncerBatch, BouncerBatchEmail, QueuedEmail, UserBatch, UserBatchEmail
 from bouncer.store.schema import VERSION, current_version
+from bouncer.web import create_web_app
 
 DATA = Path(__file__).parent / "data"
 T = "2026-11-20 10:00:00"
@@ -347,3 +350,22 @@ def test_init_db_brings_a_version_4_database_to_this_release_keeping_every_row(v
     run_cycle(app, STATUS, "deliverable")
     assert statuses(1) == {"done": 3} and statuses(3) == {"done": 1, "invalid": 1}
     assert batch_status(2)["status"] == "cancelled"
+
+
+def test_a_version_4_database_gains_the_api_token_of_each_batch(v4_database, redis_conn, bouncer):
+    """Tenants on the HTTP door: release 4's batches belong to no token; a batch made over the API
+    after the upgrade belongs to its token, and each token lists its own."""
+    with database.connection_context():
+        assert create_schema() == "schema upgraded from version 4 to %d" % VERSION
+        assert "user_batches_api_token" in indexes_of("user_batches")
+        assert {b.api_token_digest for b in UserBatch.select()} == {None}
+    app = upgraded_app(v4_database, redis_conn)
+    tokens = ("tok-upgrade-a-1234", "tok-upgrade-b-5678")
+    client = create_web_app(with_settings(app, api_tokens=tokens)).test_client()
+    made = client.post("/api/v1/batches?user_id=erin&check_type=deliverable", data="e@example.com\n",
+                       headers={"Authorization": "Bearer %s" % tokens[0]}, content_type="text/plain")
+    assert made.status_code == 201
+    listing = {token: [b["batch_id"] for b in client.get("/api/v1/batches", headers={
+        "Authorization": "Bearer %s" % token}).get_json()["batches"]] for token in tokens}
+    assert listing == {tokens[0]: [made.get_json()["batch_id"]], tokens[1]: []}
+    assert client.get("/api/v1/batches/1", headers={"Authorization": "Bearer %s" % tokens[0]}).status_code == 404

@@ -4,10 +4,11 @@ this release's definitions).
 Versions (table `schema_version`): 1, the first release (`user_batches.user`, no defaults, rows
 numbered from 0); 2, the host tables with their defaults and checks, a row `sent` while it rides
 on a Bouncer batch; 3, the line (`queued_emails`) and the rows riding on Bouncer batches
-(`riding_rows`) are tables of their own, so a claim no longer rewrites the rows it takes; 4, this
-one: no index of `user_batch_emails` depends on a row's status, and on PostgreSQL its pages keep
-room, so ending a row rewrites it in place (a HOT update) rather than adding an entry to each of
-its indexes.
+(`riding_rows`) are tables of their own, so a claim no longer rewrites the rows it takes; 4: no
+index of `user_batch_emails` depends on a row's status, and on PostgreSQL its pages keep room, so
+ending a row rewrites it in place (a HOT update) rather than adding an entry to each of its
+indexes; 5, this one: a user batch names the API token that created it (a digest), each token
+a tenant of the HTTP door.
 """
 
 import logging
@@ -15,7 +16,7 @@ import logging
 from bouncer.store.database import database, dialect, write_transaction
 from bouncer.store.models import INTERNAL_MODELS, FifoCounter, SchemaVersion
 from bouncer.store.schema import (
-    CHECKS, INDEXES, NEW_ROW_CHECK, NEW_ROW_RULE, RESULTS_VIEW, ROWS_FILLFACTOR, SQLITE_TRIGGERS,
+    API_TOKEN_INDEX, CHECKS, INDEXES, NEW_ROW_CHECK, NEW_ROW_RULE, RESULTS_VIEW, ROWS_FILLFACTOR, SQLITE_TRIGGERS,
     UNADMITTED_INDEX, USER_BATCH_EMAILS, USER_BATCHES, VERSION, create_all, current_version, host_triggers,
     render,
 )
@@ -217,5 +218,20 @@ def finish_upgrade():
 
 
 TO_VERSION_4 = {1: upgrade_from_1, 2: upgrade_from_2, 3: upgrade_from_3}
+def upgrade_to_5():
+    """From version 4, in one transaction; each statement may find its work already done."""
+    # Tenants on the HTTP door: the API token that created a batch, as its digest.
+    add_column("user_batches", "api_token_digest", "TEXT")
+    database.execute_sql(API_TOKEN_INDEX)
+
+
+def add_column(table, column, kind):
+    """ALTER TABLE ... ADD COLUMN, unless the table has it already (a table made anew by an
+    earlier step of the same upgrade has this release's columns)."""
+    if column not in {c.name for c in database.get_columns(table)}:
+        database.execute_sql('ALTER TABLE "%s" ADD COLUMN "%s" %s' % (table, column, kind))
+
+
 # {version: the step that brings a database from the version before it to this one}
 STEPS = {}
+STEPS[5] = upgrade_to_5

@@ -55,6 +55,7 @@ class UserBatch(BaseModel):
     cancelled_at = DateTimeField(null=True)  # cancel asked for; the batch ends once nothing flies
     source = TextField(null=True)            # cli, api, library; none for a host's own rows
     loader_seen_at = DateTimeField(null=True)  # our loaders' heartbeat while `loading`
+    api_token_digest = TextField(null=True)  # the API token that created it (its SHA-256); none: SQL, CLI
 
     class Meta:
         table_name = "user_batches"

@@ -18,7 +18,7 @@ from bouncer.store.models import ALL_MODELS, INTERNAL_MODELS, FifoCounter, Schem
 log = logging.getLogger(__name__)
 
 
-VERSION = 4
+VERSION = 5
 ROWS_FILLFACTOR = 50
 
 
@@ -83,7 +83,8 @@ CREATE TABLE user_batches (
     callback_url TEXT,
     cancelled_at {time},
     source TEXT,
-    loader_seen_at {time}
+    loader_seen_at {time},
+    api_token_digest TEXT
 )"""
 
 
@@ -108,6 +109,11 @@ CREATE TABLE user_batch_emails (
 # pending is asked of the line, the riding rows and the rows not yet admitted (progress.py).
 UNADMITTED_INDEX = ("CREATE INDEX IF NOT EXISTS user_batch_emails_unadmitted ON user_batch_emails (batch_id, position)"
                     " WHERE check_type IS NULL")
+
+
+# Tenants on the HTTP door: a token lists its own batches, newest first.
+API_TOKEN_INDEX = ("CREATE INDEX IF NOT EXISTS user_batches_api_token ON user_batches (api_token_digest, id)"
+                   " WHERE api_token_digest IS NOT NULL")
 
 
 INDEXES = [
@@ -182,7 +188,7 @@ def current_version():
 def create_all():
     with write_transaction():
         database.create_tables(INTERNAL_MODELS)
-        for statement in (USER_BATCHES, USER_BATCH_EMAILS, *INDEXES, *host_triggers(), RESULTS_VIEW):
+        for statement in (USER_BATCHES, USER_BATCH_EMAILS, *INDEXES, API_TOKEN_INDEX, *host_triggers(), RESULTS_VIEW):
             database.execute_sql(render(statement))
         FifoCounter.create(last=0)
         SchemaVersion.create(version=VERSION)

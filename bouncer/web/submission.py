@@ -18,6 +18,7 @@ from bouncer.names import CHECK_TYPES
 from bouncer.reading.batches import get_user_batch
 from bouncer.services import idempotency
 from bouncer.store.database import utcnow
+from bouncer.web.tenants import caller
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class Submission:
         if check_type is None:
             return self.note(422, "check_type is required: one of %s" % ", ".join(CHECK_TYPES))
         try:
-            return Loader(user_id, check_type, source="api")
+            return Loader(user_id, check_type, source="api", api_token_digest=caller().token_digest)
         except InputError as exc:
             return self.note(422, str(exc))
 
@@ -139,7 +140,7 @@ class Submission:
     def replay(self, digest):
         """A request already answered under this key: the same batch (200), or 409 for another
         request. Removes what this one wrote."""
-        earlier = idempotency.answered_before(request.token_digest, self.key, utcnow())
+        earlier = idempotency.answered_before(caller().token_digest, self.key, utcnow())
         if earlier is None:
             return None
         self.remove()
@@ -150,7 +151,7 @@ class Submission:
 
     def remember_key(self, digest):
         if self.key is not None:
-            idempotency.remember(request.token_digest, self.key, digest, self.loader.batch_id,
+            idempotency.remember(caller().token_digest, self.key, digest, self.loader.batch_id,
                                  invalid_lines(self.loader.invalid_examples), utcnow())
 
     def remove(self):
