@@ -8,6 +8,8 @@ code that queues a job (a trigger, deep in a cycle) never imports the runtime th
 """
 from enum import StrEnum
 
+from bouncer import __version__
+
 CHECK_TYPES = ("deliverable", "catchall")
 
 
@@ -64,3 +66,6 @@ SENDER_LOCK = ("webhooks", "all")                       # lock_key(*SENDER_LOCK)
 REGISTRATION_LOCK_KEY = "bouncer:lock:schedule-registration"
 RUN_AGAIN_KEY = "bouncer:again:%s:%s"    # kind, check type: a trigger came while the cycle ran
 CALLED_BACK_KEY = "bouncer:called:%s"    # check type: Bouncer batches its callback named
+
+
+USER_AGENT = "bouncer-queue/%s" % __version__     # on every request to Bouncer and to a webhook receiver

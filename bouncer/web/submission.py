@@ -5,7 +5,6 @@ refused request leaves nothing visible."""
 
 import hashlib
 import logging
-from urllib.parse import urlsplit
 
 from apiflask import abort
 from flask import request, url_for
@@ -15,6 +14,7 @@ from bouncer.doors.loading import MAX_REPORTED_INVALID, Loader, chunks
 from bouncer.doors.reader import JsonBatch, read_stream
 from bouncer.errors import InputError, MalformedInput
 from bouncer.names import CHECK_TYPES
+from bouncer.news import targets
 from bouncer.reading.batches import get_user_batch
 from bouncer.services import idempotency
 from bouncer.store.database import utcnow
@@ -173,14 +173,10 @@ def invalid_lines(examples):
 
 
 def callback_url_problem(url, settings):
-    if not isinstance(url, str):
-        return "callback_url must be a string"
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "callback_url must be an http or https URL with a host"
-    if not settings.webhook_secret:
+    problem = targets.url_problem(url)
+    if problem is None and not settings.webhook_secret:
         return "callback_url needs WEBHOOK_SECRET to be set on the service (webhooks are signed)"
-    return None
+    return problem or targets.submit_problem(url, settings.webhook_allow_private)
 
 
 def canonical_query():
