@@ -65,6 +65,13 @@ def remove_loading_batch(batch_id):
             Row.delete().where(among(Row.id, doomed)).execute()
 
 
+def is_admitted(batch_id):
+    """Whether a visible batch has every row admitted, so its counts are final."""
+    batch = UserBatch.get_or_none(UserBatch.id == batch_id)
+    return batch is not None and batch.status not in (BatchState.LOADING, BatchState.NEW) and not (
+        Row.select().where((Row.batch == batch_id) & Row.check_type.is_null()).exists())
+
+
 def remove_dead_loads(now=None):
     """Remove the batches of our loaders that died mid-load (silent for DEAD_LOADER_AFTER).
     A host's own `loading` batches have no heartbeat and are never touched. Returns their ids."""

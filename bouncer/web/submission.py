@@ -5,11 +5,13 @@ refused request leaves nothing visible."""
 
 import hashlib
 import logging
+import time
 
 from apiflask import abort
 from flask import request, url_for
+from peewee import IntegrityError
 
-from bouncer.doors.admission import SLICE
+from bouncer.doors.admission import SLICE, is_admitted
 from bouncer.doors.loading import MAX_REPORTED_INVALID, Loader, chunks
 from bouncer.doors.reader import JsonBatch, read_stream
 from bouncer.errors import InputError, MalformedInput
@@ -23,6 +25,8 @@ from bouncer.web.tenants import caller
 log = logging.getLogger(__name__)
 
 MAX_KEY = 200
+REPLAY_WAIT = 60           # seconds a retry waits for the first request's batch to be admitted
+ADMISSION_POLL = 0.1
 MAX_LINE = 1024 * 1024     # bytes of one line of a text or CSV body
 
 
@@ -133,13 +137,22 @@ class Submission:
             replay = self.replay(digest)
             if replay is not None:
                 return replay
-        summary = self.loader.finish(before_visible=lambda: self.remember_key(digest), callback_url=callback_url)
+        try:
+            summary = self.loader.finish(before_visible=lambda: self.remember_key(digest), callback_url=callback_url)
+        except IntegrityError:
+            # Another request with this key made its batch visible first (the key's unique
+            # index refused this one's): answer as it did.
+            answer = self.replay(digest) if self.key is not None else None
+            if answer is None:
+                raise
+            return answer
         body = submitted(summary.batch_id, summary.invalid_examples)
         return body, 201, {"Location": url_for("api.status", batch_id=summary.batch_id)}
 
     def replay(self, digest):
         """A request already answered under this key: the same batch (200), or 409 for another
-        request. Removes what this one wrote."""
+        request. Removes what this one wrote. The answer waits until the batch is admitted,
+        when its counts are those the first request answered with."""
         earlier = idempotency.answered_before(caller().token_digest, self.key, utcnow())
         if earlier is None:
             return None
@@ -147,6 +160,7 @@ class Submission:
         request_digest, batch_id, lines = earlier
         if request_digest != digest:
             raise Refused(409, "Idempotency-Key was used for another request in the last 24 h")
+        wait_for_admission(batch_id)
         return submitted(batch_id, lines, stored=True), 200, {"Location": url_for("api.status", batch_id=batch_id)}
 
     def remember_key(self, digest):
@@ -158,6 +172,17 @@ class Submission:
         if self.loader is not None and self.loader.summary is None:
             self.loader.remove()
             self.loader.summary = False
+
+
+def wait_for_admission(batch_id):
+    """Until the batch is admitted (its first request's loader admits it as it answers); a 503
+    to retry after REPLAY_WAIT, should that loader have died and left it to a cycle."""
+    deadline = time.monotonic() + REPLAY_WAIT
+    while not is_admitted(batch_id):
+        if time.monotonic() > deadline:
+            abort(503, "the batch of this Idempotency-Key is still being admitted; retry in a minute",
+                  headers={"Retry-After": str(REPLAY_WAIT)})
+        time.sleep(ADMISSION_POLL)
 
 
 def submitted(batch_id, examples, stored=False):
