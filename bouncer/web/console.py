@@ -236,9 +236,15 @@ def fail(ledger_id):
 def back():
     """To the page the form was on (a path of this site only), else the overview."""
     target = request.form.get("next", "")
-    if not target.startswith("/") or target.startswith("//") or "\\" in target:
-        target = url_for("console.overview")
-    return redirect(target, code=303)
+    return redirect(target if is_own_path(target) else url_for("console.overview"), code=303)
+
+
+def is_own_path(target):
+    """Whether `target` is a path of this site: `/`, then no second `/` or `\\` at once, and no
+    control character or space anywhere (a browser drops tabs and line breaks from a URL, so
+    `/\t/evil.example` is `//evil.example` to it, and a line break cannot go in a header)."""
+    return (target[:1] == "/" and target[1:2] not in ("/", "\\") and "\\" not in target
+            and not any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in target))
 
 
 # -- reading the request --
