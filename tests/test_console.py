@@ -147,9 +147,9 @@ def test_pause_and_resume_are_audited_and_shown(client, app, bouncer):
         ("operator", "pause", "deliverable"), ("operator", "resume", "deliverable")]
 
 
-@pytest.mark.parametrize("target", ["//evil.example", "/\t/evil.example", "/\n/evil.example", "/\r\n/evil.example",
-                                    "/ /evil.example", "/\\evil.example", "https://evil.example/", "/x\r\nSet-Cookie: a=b",
-                                    "", "batches/1", "/\x00/evil.example"])
+@pytest.mark.parametrize("target", [
+    "//evil.example", "/\t/evil.example", "/\n/evil.example", "/\r\n/evil.example", "/ /evil.example",
+    "/\\evil.example", "https://evil.example/", "/x\r\nSet-Cookie: a=b", "", "batches/1", "/\x00/evil.example"])
 def test_the_next_page_of_a_console_action_is_a_path_of_this_site_only(client, target):
     token = csrf_token(page(client))
     response = client.post("/check-types/deliverable/resume", headers=basic(),

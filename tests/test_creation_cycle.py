@@ -75,6 +75,18 @@ def test_create_sends_each_stripped_address_once_with_oldest_spelling(app, bounc
     assert statuses() == {SENT: 5}
 
 
+def test_one_mailbox_in_both_spellings_of_its_international_domain_is_one_credit(app, bouncer):
+    first = submit("alice", ["idn@bücher.example", "idn@xn--bcher-kva.example"])
+    second = submit("bob", ["IDN@XN--BCHER-KVA.EXAMPLE"])
+    assert UserBatch.get_by_id(first).duplicates == 1
+    run_cycle(app, CREATION, "deliverable")
+    assert bouncer.sent_addresses() == ["idn@bücher.example"]        # the oldest spelling, once
+    bouncer.complete_now()
+    run_cycle(app, STATUS, "deliverable")
+    assert statuses(first) == {"done": 2} and statuses(second) == {"done": 1}
+    assert EmailGlobal.select().count() == 1
+
+
 def test_create_respects_max_outstanding_across_cycles(app, bouncer):
     submit("alice", addresses("a", 100))
     first = run_cycle(app, CREATION, "deliverable")
