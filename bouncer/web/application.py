@@ -70,13 +70,14 @@ def describe_invalid(detail):
 
 
 def database_unavailable(error):
-    """A database that does not answer, or has no schema yet, is a one-line 503 on every route."""
-    message = describe_error(error, bouncer_app().settings)
-    if NO_SCHEMA.search(message):
-        message = "the database has no schema yet: run `python -m bouncer init-db` (%s)" % message
+    """A database that does not answer, or has no schema yet, is a one-line 503 on every route.
+    What the driver said (a host, a port, a database's name) goes to the log, not the answer."""
+    detail = describe_error(error, bouncer_app().settings)
+    if NO_SCHEMA.search(detail):
+        message = "the database has no schema yet: run `python -m bouncer init-db`"
     else:
-        message = "the database does not answer: %s" % message
-    log.warning("%s %s: %s", request.method, masked_path(request.path, bouncer_app().settings), message)
+        message = "the database does not answer"
+    log.warning("%s %s: %s: %s", request.method, masked_path(request.path, bouncer_app().settings), message, detail)
     return {"error": message}, 503
 
 
