@@ -80,7 +80,7 @@ class BouncerClient:
         if not isinstance(batch_id, str) or not batch_id.strip():
             raise self._error("create", status, "Bouncer create failed: HTTP %d answer had no batchId: %s"
                               % (status, self._snippet(response.content) or "(empty)"))
-        log.info("Bouncer created %s batch %s with %d emails", check_type, batch_id, len(emails))
+        log.debug("Bouncer created %s batch %s with %d emails", check_type, batch_id, len(emails))
         return answer
 
     def get_batch(self, check_type: str, batch_id: str) -> dict:

@@ -16,6 +16,12 @@ class CycleReport:
     refused: tuple | None = None   # (status, message): Bouncer's 401, 402 or 429 ended the cycle
     seconds: float = 0.0
 
+    def worth_telling(self):
+        """Whether the cycle's line is for INFO: it did something, or Bouncer or a stop ended it
+        (a pause held is no news). An idle cycle's line is for DEBUG."""
+        ended_early = self.stopped is not None and not self.stopped.startswith("paused")
+        return not self.skipped and (self.did_something() or self.refused is not None or ended_early)
+
     def summary(self):
         if self.skipped:
             return "%s: another %s cycle is running; nothing done" % (self.check_type, self.kind)
@@ -37,6 +43,13 @@ class CreationReport(CycleReport):
     abandoned: list = field(default_factory=list)      # (ledger id, addresses): possible orphans
     released: list = field(default_factory=list)       # (ledger id, addresses): a dead cycle's, never sent
     admission: object = None                           # admission.AdmissionReport
+
+    def did_something(self):
+        admission = self.admission
+        admitted = admission is not None and bool(admission.admitted or admission.invalid or admission.noticed
+                                                  or admission.removed or admission.failed)
+        return admitted or bool(self.created or self.failed_calls or self.cached or self.attached
+                                or self.requeued or self.abandoned or self.released)
 
     def done(self):
         parts = ["%s: %d Bouncer batch(es) created (%d addresses)" % (
@@ -66,6 +79,9 @@ class StatusReport(CycleReport):
     failed: list = field(default_factory=list)     # (ledger id, reason)
     waiting: int = 0
     errors: int = 0
+
+    def did_something(self):
+        return bool(self.checked or self.ingested or self.failed or self.errors)
 
     def done(self):
         parts = ["%s: %d Bouncer batch(es) checked, %d ingested (%d emails verified), %d waiting" % (

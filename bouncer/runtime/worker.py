@@ -59,9 +59,22 @@ class BouncerWorker(HerokuWorker):
         super().request_stop(signum, frame)
 
     def request_stop_sigrtmin(self, signum, frame):
-        # In the horse: the worker was asked to stop. The cycle ends between two steps.
+        # In the horse: the worker was asked to stop. The cycle ends between two steps, long
+        # before the cut rq arms here (rq also warns of it: a clean stop is no warning).
         SHUTDOWN.set()
-        super().request_stop_sigrtmin(signum, frame)
+        log.debug("Worker %s: stop requested; the job ends at its next step (cut after %ds)", self.name,
+                  self.imminent_shutdown_delay)
+        signal.signal(signal.SIGRTMIN, self.request_force_stop_sigrtmin)
+        signal.signal(signal.SIGALRM, self.request_force_stop_sigrtmin)
+        signal.alarm(self.imminent_shutdown_delay)
+
+    def handle_warm_shutdown_request(self):
+        # Between two jobs (nearly always) there is no horse to tell: a clean stop, not the
+        # warning rq gives it.
+        if self.horse_pid == 0:
+            log.debug("Worker %s: stop requested between jobs", self.name)
+            return
+        super().handle_warm_shutdown_request()
 
     def fork_work_horse(self, job, queue):
         close_database()
@@ -92,6 +105,7 @@ def run_worker(app):
         queues = [Queue(name, connection=app.redis) for name in (CYCLE_QUEUE, WEBHOOK_QUEUE)]
         worker = BouncerWorker(queues, connection=app.redis,
                                maintenance_interval=MAINTENANCE_INTERVAL)
+        log.info("Worker %s: listening on %s (pid %d)", worker.name, ", ".join(q.name for q in queues), os.getpid())
         try:
             # No logging_level: rq then leaves logging to the handlers bouncer.logs installed.
             worker.work(with_scheduler=False)
