@@ -98,6 +98,12 @@ class Settings:
         return Settings(**values).validate()
 
     @property
+    def keyless_for_bouncer(self):
+        """Whether the service would call Bouncer's own API with no key: it then sends nothing
+        (a local sandbox, which takes any key, is another URL)."""
+        return not self.api_key and (urlsplit(self.api_url).hostname or "").endswith(BOUNCER_DOMAIN)
+
+    @property
     def every_api_token(self):
         """Every token the API takes: API_TOKENS and API_OPERATOR_TOKENS."""
         return self.api_tokens + self.api_operator_tokens
@@ -165,6 +171,10 @@ class Settings:
 
 
 URL_KINDS = ("url", "base_url")
+BOUNCER_DOMAIN = "usebouncer.com"
+NO_KEY = ("BOUNCER_API_KEY is not set: nothing is sent to Bouncer. To run without an account, start the "
+          "local sandbox (`python -m bouncer sandbox --port 8025`) and set BOUNCER_API_URL=http://127.0.0.1:8025 "
+          "(the README's local run does both)")
 BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 URL_SAFE_SECRET = re.compile(r"[A-Za-z0-9._~-]+")

@@ -10,6 +10,7 @@ from conftest import addresses, rode_on, row_states, statuses, submit, with_sett
 from bouncer.cycles.runner import run_cycle
 from bouncer.names import CREATION, STATUS
 from bouncer.queue.ledger import count_possible_orphans, reserve_next_batch
+from bouncer.reading.health import service_state
 from bouncer.states import SENT, BouncerBatchState, RowState
 from bouncer.store.database import database, utcnow
 from bouncer.store.models import (
@@ -85,6 +86,19 @@ def test_one_mailbox_in_both_spellings_of_its_international_domain_is_one_credit
     run_cycle(app, STATUS, "deliverable")
     assert statuses(first) == {"done": 2} and statuses(second) == {"done": 1}
     assert EmailGlobal.select().count() == 1
+
+
+def test_without_a_key_nothing_is_sent_to_bouncers_own_api_and_status_says_how_to_run_locally(app, bouncer):
+    keyless = with_settings(app, api_key=None, api_url="https://api.usebouncer.com")
+    submit("alice", addresses("a", 3))
+    report = run_cycle(keyless, CREATION, "deliverable")
+    assert (report.stopped, report.created, report.failed_calls) == ("not sending: BOUNCER_API_KEY is not set", [], [])
+    assert BouncerBatch.select().count() == 0 and statuses() == {RowState.QUEUED: 3}
+    reason = service_state(keyless.settings)["reasons"][-1]
+    assert reason.startswith("BOUNCER_API_KEY is not set: nothing is sent to Bouncer.")
+    assert "python -m bouncer sandbox --port 8025" in reason and "BOUNCER_API_URL=http://127.0.0.1:8025" in reason
+    # A sandbox needs no key of ours: its URL is another.
+    assert not with_settings(app, api_key=None, api_url="http://127.0.0.1:8025").settings.keyless_for_bouncer
 
 
 def test_create_respects_max_outstanding_across_cycles(app, bouncer):

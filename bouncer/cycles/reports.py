@@ -7,6 +7,8 @@ from bouncer.names import CREATION, STATUS
 
 log = logging.getLogger(__name__)
 
+HELD = ("paused", "not sending")   # how a cycle held back by a standing state says so
+
 
 @dataclass
 class CycleReport:
@@ -18,8 +20,9 @@ class CycleReport:
 
     def worth_telling(self):
         """Whether the cycle's line is for INFO: it did something, or Bouncer or a stop ended it
-        (a pause held is no news). An idle cycle's line is for DEBUG."""
-        ended_early = self.stopped is not None and not self.stopped.startswith("paused")
+        (a pause, or a missing key, held since the last cycle is no news). An idle cycle's line is
+        for DEBUG."""
+        ended_early = self.stopped is not None and not self.stopped.startswith(HELD)
         return not self.skipped and (self.did_something() or self.refused is not None or ended_early)
 
     def summary(self):

@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 
+from bouncer.config import NO_KEY
 from bouncer.masking import mask_secrets, redact_url
 from bouncer.names import job_intervals
 from bouncer.queue.pauses import current_pauses
@@ -112,6 +113,8 @@ def service_state(settings, started_at=None, now=None):
     reasons = ["%s: %s" % (job_id, problem) for job_id, job in jobs.items() for problem in job["problems"]]
     reasons += ["%s batch creation paused: %s" % (check_type, p["reason"])
                 for check_type, p in paused.items() if p["cause"] == "credits"]
+    if settings.keyless_for_bouncer:
+        reasons.append(NO_KEY)
     return {"overview": queue_overview(settings), "jobs": jobs, "paused": paused, "reasons": reasons}
 
 

@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.worker import HerokuWorker
 
-from bouncer.config import MAX_BOUNCER_TIMEOUT
+from bouncer.config import MAX_BOUNCER_TIMEOUT, NO_KEY
 from bouncer.cycles.runner import SHUTDOWN
 from bouncer.names import CYCLE_QUEUE, WEBHOOK_QUEUE
 from bouncer.store.database import database
@@ -98,6 +98,8 @@ def preload(app):
 
 
 def run_worker(app):
+    if app.settings.keyless_for_bouncer:
+        log.warning(NO_KEY)
     preload(app)
     close_database()
     while True:
