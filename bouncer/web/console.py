@@ -27,7 +27,7 @@ from bouncer.names import CHECK_TYPES
 from bouncer.queue import audit, pauses
 from bouncer.reading import activity
 from bouncer.reading.batches import iter_results, page_of_batches, results_csv, row_states
-from bouncer.reading.health import service_state
+from bouncer.reading.health import runtime_reasons, service_state
 from bouncer.reading.history import DEFAULT_HOURS, WINDOWS, chart_series
 from bouncer.reading.overview import rq_backlog
 from bouncer.services import batches
@@ -132,6 +132,7 @@ def overview():
     user_id, status, before, hours = batch_filters(), status_filter(), int_arg("before"), hours_arg()
     now = utcnow()
     state = service_state(settings, started_at(), now)
+    state["reasons"] = runtime_reasons(bouncer_app()) + state["reasons"]     # as `status` says them
     page, next_before = page_of_batches(PAGE, user_id, status, before)
     return render_template(
         "console/overview.html", state=state, overview=state["overview"], redis=redis_figures(),
