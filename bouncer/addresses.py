@@ -55,21 +55,43 @@ def validator_error(address):
 
 
 def strip_email_modifiers(address):
-    """The address that identifies a mailbox: lowercased, with provider-specific modifiers gone.
+    """The address that identifies a mailbox: lowercased, its domain in one spelling, with
+    provider-specific modifiers gone.
 
-    Gmail ignores dots and `+tags` (and googlemail.com is gmail.com); Outlook, iCloud, Fastmail,
-    Proton and Bouncer's sandbox ignore `+tags`; elsewhere only case is folded.
+    An internationalised domain has two spellings, `bücher.example` and `xn--bcher-kva.example`:
+    one mailbox, one credit. Gmail ignores dots and `+tags` (and googlemail.com is gmail.com);
+    Outlook, iCloud, Fastmail, Proton and Bouncer's sandbox ignore `+tags`; elsewhere only case
+    is folded.
     """
     address = address.strip().lower()
     local, at, domain = address.rpartition("@")
     if not at or not local:
         return address
+    domain = one_spelling(domain)
     if domain in GMAIL_DOMAINS:
         local, domain = drop_plus_tag(local).replace(".", ""), "gmail.com"
     elif domain in PLUS_TAG_DOMAINS or MICROSOFT_COUNTRY_DOMAIN.match(domain):
         local = drop_plus_tag(local)
     # `+tag@gmail.com` has nothing left of its local part: keep it whole rather than invent one.
     return "%s@%s" % (local, domain) if local else address
+
+
+def one_spelling(domain):
+    """A domain's Unicode form, as email-validator normalises it (IDNA 2008, UTS 46 mapping):
+    `xn--bcher-kva.example` and `BÜCHER.example` are `bücher.example`. An ASCII name with no
+    `xn--` label is already in it."""
+    if domain.isascii() and "xn--" not in domain:
+        return domain
+    return unicode_domain(domain)
+
+
+@lru_cache(maxsize=65536)
+def unicode_domain(domain):
+    from email_validator import EmailNotValidError, validate_email
+    try:
+        return validate_email("a@" + domain, check_deliverability=False).domain
+    except EmailNotValidError:
+        return domain      # not an address anyone could send to: as it is
 
 
 def drop_plus_tag(local):

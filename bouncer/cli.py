@@ -221,14 +221,14 @@ check_batches = cycle_command("check-batches", "status", "Run one status cycle n
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 def status(batch_id, as_json):
     """Progress of user batches, outstanding Bouncer batches, queued emails, rate-limit use, and
-    the jobs' health with the reasons it is degraded (as /health says, Redis aside). With
-    BATCH_ID, that user batch's status instead.
+    the service's health with the reasons it is degraded: what /health says (the database,
+    Redis, the jobs), and whether a worker runs. With BATCH_ID, that user batch's status instead.
 
     \b
     Example: python -m bouncer status 42 --json
     """
     from bouncer.reading.batches import batch_status, recent_batches
-    from bouncer.reading.health import service_state
+    from bouncer.reading.health import runtime_reasons, service_state
     from bouncer.store.database import connection
     app = app_from_env()
     with connection():
@@ -237,8 +237,9 @@ def status(batch_id, as_json):
             click.echo(json.dumps(answer) if as_json else format_batch(answer))
             return
         state = service_state(app.settings)
-        overview = dict(state["overview"], status="degraded" if state["reasons"] else "ok",
-                        reasons=state["reasons"], jobs=state["jobs"], paused=state["paused"],
+        reasons = runtime_reasons(app) + state["reasons"]
+        overview = dict(state["overview"], status="degraded" if reasons else "ok",
+                        reasons=reasons, jobs=state["jobs"], paused=state["paused"],
                         user_batches=recent_batches())
     click.echo(json.dumps(overview, indent=2) if as_json else format_overview(overview))
 
@@ -514,16 +515,20 @@ def scheduler():
 
 @cli.command()
 @click.option("--port", type=int, help="Port to serve on; default $PORT or 8000.")
-def web(port):
+@click.option("--host", help="Address to listen on; default $HOST or 0.0.0.0 (every interface).")
+def web(port, host):
     """Serve the operator console (/), /metrics, the HTTP API (/api/v1), /health and the Bouncer
     completion callback.
 
     \b
-    Example: PORT=8000 python -m bouncer web
+    Example: HOST=127.0.0.1 PORT=8000 python -m bouncer web
     """
+    from bouncer.config import check_host
     from bouncer.web.server import serve
     app = app_from_env()
-    serve(app, port or app.settings.port)
+    if host is not None:
+        check_host(host)
+    serve(app, port or app.settings.port, host or app.settings.host)
 
 
 def main():

@@ -18,13 +18,12 @@ import urllib3
 from bouncer.config import MAX_BATCH_EMAILS
 from bouncer.errors import BouncerError
 from bouncer.masking import mask_secrets
-from bouncer.names import CHECK_TYPES
+from bouncer.names import CHECK_TYPES, USER_AGENT
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_PATH = "/v1.1/email/verify/batch"
 CREDITS_PATH = "/v1.1/credits"
-USER_AGENT = "bouncer-queue/1.0"
 # How much of an unexpected answer goes into a message: enough to recognise it, not a page of HTML.
 SNIPPET_CHARS = 200
 # Only the start of a large body is looked at when building a snippet.
@@ -82,7 +81,7 @@ class BouncerClient:
         if not isinstance(batch_id, str) or not batch_id.strip():
             raise self._error("create", status, "Bouncer create failed: HTTP %d answer had no batchId: %s"
                               % (status, self._snippet(response.content) or "(empty)"))
-        log.info("Bouncer created %s batch %s with %d emails", check_type, batch_id, len(emails))
+        log.debug("Bouncer created %s batch %s with %d emails", check_type, batch_id, len(emails))
         return answer
 
     def get_batch(self, check_type: str, batch_id: str) -> dict:

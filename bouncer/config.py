@@ -5,6 +5,7 @@ Every setting is one field of `Settings`, declared with its environment variable
 os.environ. A value out of its range stops the process with one line naming the variable.
 """
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -75,6 +76,11 @@ class Settings:
     unknown_rechecks: int = setting("UNKNOWN_RECHECKS", 1, "int", 0, 10)
     unknown_recheck_max_delay: int = setting("UNKNOWN_RECHECK_MAX_DELAY", 3600, "int", 0, 86400)
     delete_results: bool = setting("BOUNCER_DELETE_RESULTS", False, kind="bool")
+    # Tokens of the API that see every batch (the SQL door's and the CLI's too); API_TOKENS see
+    # only the batches they created.
+    api_operator_tokens: tuple = setting("API_OPERATOR_TOKENS", (), kind="list", secret=True)
+    webhook_allow_private: bool = setting("WEBHOOK_ALLOW_PRIVATE", False, kind="bool")
+    host: str = setting("HOST", "0.0.0.0", kind="host")
 
     def __repr__(self):
         # No secret may reach a log line through a repr: passwords in URLs are masked, secrets
@@ -97,6 +103,17 @@ class Settings:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(changes)
         return Settings(**values).validate()
+
+    @property
+    def keyless_for_bouncer(self):
+        """Whether the service would call Bouncer's own API with no key: it then sends nothing
+        (a local sandbox, which takes any key, is another URL)."""
+        return not self.api_key and (urlsplit(self.api_url).hostname or "").endswith(BOUNCER_DOMAIN)
+
+    @property
+    def every_api_token(self):
+        """Every token the API takes: API_TOKENS and API_OPERATOR_TOKENS."""
+        return self.api_tokens + self.api_operator_tokens
 
     def secrets(self):
         """Every secret these settings hold: keys, tokens, and passwords inside URLs."""
@@ -129,6 +146,7 @@ class Settings:
                 if f.metadata["secret"] and secret and len(secret) < MIN_SECRET_LENGTH:
                     raise ConfigError("%s is too short to be real (fewer than %d characters); check it"
                                       % (f.metadata["env"], MIN_SECRET_LENGTH))
+        check_host(self.host)
         if not self.catchall_path.startswith("/"):
             raise ConfigError("BOUNCER_CATCHALL_PATH=%r must start with '/'" % self.catchall_path)
         self.check_callback()
@@ -170,6 +188,12 @@ class Settings:
 
 MIN_ERASURE_KEY_LENGTH = 16
 URL_KINDS = ("url", "base_url")
+BOUNCER_DOMAIN = "usebouncer.com"
+NO_KEY = ("BOUNCER_API_KEY is not set: nothing is sent to Bouncer. To run without an account, start the "
+          "local sandbox (`python -m bouncer sandbox --port 8025`) and set BOUNCER_API_URL=http://127.0.0.1:8025 "
+          "(the README's local run does both)")
+BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 URL_SAFE_SECRET = re.compile(r"[A-Za-z0-9._~-]+")
 
 
@@ -222,11 +246,27 @@ def check_redis_url(value):
                           % (redact_url(value), number))
 
 
+def check_host(value):
+    try:
+        ipaddress.ip_address(value)
+        return
+    except ValueError:
+        pass
+    if not HOST_NAME.fullmatch(value):
+        raise ConfigError("HOST=%r is not an address to listen on; use 0.0.0.0 (every interface), "
+                          "127.0.0.1 (this machine only) or another address of this machine" % value)
+
+
 def read_value(f, env):
-    """The value of field `f` from `env`, or its default when unset or blank."""
+    """The value of field `f` from `env`, or its default when unset or empty. A secret of blank
+    space is refused, not taken as unset: it is a mistake, and the service would start silently
+    without what it guards (the console, the API)."""
     meta = f.metadata
     raw = env.get(meta["env"], "").strip()
     if raw == "":
+        if meta["secret"] and env.get(meta["env"]):
+            raise ConfigError("%s is blank space; set it to the secret, or leave it out to keep it unset"
+                              % meta["env"])
         return f.default
     kind = meta["kind"]
     if kind == "int":
@@ -236,25 +276,21 @@ def read_value(f, env):
             raise ConfigError("%s=%r is not a whole number; set it to e.g. %s"
                               % (meta["env"], raw, f.default)) from None
     if kind == "list":
-        return tuple(part.strip() for part in raw.split(",") if part.strip())
+        return tuple(list_items(meta, raw))
     if kind == "int_list":
         try:
-            return tuple(int(part) for part in raw.split(",") if part.strip())
+            return tuple(int(part) for part in list_items(meta, raw))
         except ValueError:
             raise ConfigError("%s=%r must be whole numbers of seconds separated by commas, e.g. %s"
                               % (meta["env"], raw, ",".join(map(str, f.default)))) from None
-    if kind == "base_url":
-        return raw.rstrip("/")
     if kind == "bool":
         return read_bool(meta["env"], raw)
+    if kind == "base_url":
+        return raw.rstrip("/")
     for choice in meta["choices"] or ():
         if raw.lower() == choice.lower():
             return choice
     return raw
-
-
-BOOLEANS = {"true": True, "1": True, "yes": True, "on": True,
-            "false": False, "0": False, "no": False, "off": False}
 
 
 def read_bool(name, raw):
@@ -262,6 +298,18 @@ def read_bool(name, raw):
         return BOOLEANS[raw.lower()]
     except KeyError:
         raise ConfigError("%s=%r must be true or false" % (name, raw)) from None
+
+
+def list_items(meta, raw):
+    """The items of a comma-separated value; an empty one (`a,,b`, `,,,`) is refused, a trailing
+    comma is harmless. A secret list is never echoed."""
+    items = [part.strip() for part in raw.split(",")]
+    if len(items) > 1 and items[-1] == "":
+        items.pop()
+    if "" in items:
+        shown = meta["env"] if meta["secret"] else "%s=%r" % (meta["env"], raw)
+        raise ConfigError("%s has an empty item between commas; separate the items with single commas" % shown)
+    return items
 
 
 def load_settings(env=None):

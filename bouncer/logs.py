@@ -14,6 +14,9 @@ from bouncer.masking import mask_secrets
 ID_FIELDS = ("ledger_id", "bouncer_id", "user_batch_id", "job_id", "check_type", "cycle")
 # Per-request chatter from libraries is noise next to the cycle's own lines.
 QUIET_LIBRARIES = ("urllib3", "peewee", "waitress.queue")
+# rq and rq-scheduler say at INFO what every job does (three lines a run, every few seconds);
+# the service says it once, for a cycle that did something. Heard again at LOG_LEVEL=DEBUG.
+QUIET_UNLESS_DEBUG = ("rq.worker", "rq_scheduler")
 
 
 def ids(**values):
@@ -67,3 +70,5 @@ def setup_logging(settings=None):
     root.setLevel(level)
     for noisy in QUIET_LIBRARIES:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for chatty in QUIET_UNLESS_DEBUG:
+        logging.getLogger(chatty).setLevel(logging.NOTSET if level == "DEBUG" else logging.WARNING)

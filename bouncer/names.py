@@ -9,6 +9,8 @@ code that queues a job (a trigger, deep in a cycle) never imports the runtime th
 """
 from enum import StrEnum
 
+from bouncer import __version__
+
 CHECK_TYPES = ("deliverable", "catchall")
 # QUEUE_POLICY: the line as the original plan has it (oldest user batch first), or weighted fair
 # share between users (queue/fairness.py).
@@ -83,3 +85,4 @@ RESERVATION_LOCK = "reservation:%s"
 # Admission holds it shared while it finds or makes addresses and writes the rows that name them;
 # whatever removes an address holds it alone, so no row ever names an address removed meanwhile.
 ADDRESSES_LOCK = "addresses"
+USER_AGENT = "bouncer-queue/%s" % __version__     # on every request to Bouncer and to a webhook receiver

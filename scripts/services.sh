@@ -1,8 +1,8 @@
 # Loopback servers for local runs and tests, started only when nothing answers already.
 # Source it, then call: ensure_venv, ensure_redis URL, ensure_postgres PORT; and, when done,
 # stop_started_servers, which stops only what these functions started (a server that was
-# already running is left as it was). Started servers keep their data and logs under
-# $STATE_DIR (default .local/).
+# already running is left as it was) and removes a PostgreSQL cluster they created. Started
+# servers keep their data and logs under $STATE_DIR (default .local/) while they run.
 
 STATE_DIR=${STATE_DIR:-$PWD/.local}
 STARTED_SERVERS=()   # how to stop each server started here, one command line each
@@ -31,6 +31,12 @@ ensure_venv() {
         "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements-test.txt 2>&1 \
             | { grep -v "^WARNING: Location" || true; } >&2
         touch "$VENV/.installed"
+    fi
+    # The package itself, editable, so the venv has the `bouncer` command; only in a venv of this
+    # checkout's own (a link to another checkout's venv is that checkout's business).
+    if [ ! -x "$VENV/bin/bouncer" ] && [[ "$(realpath "$VENV")" == "$(realpath "$PWD")"/* ]]; then
+        say "installing this checkout into $VENV (editable: the bouncer command)"
+        "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation -e . >&2
     fi
     PY="$VENV/bin/python"
 }
@@ -77,9 +83,11 @@ ensure_postgres() {
         id postgres >/dev/null 2>&1 || useradd --system --no-create-home postgres
         run=(runuser -u postgres --)
     fi
-    mkdir -p "$dir"; if [ "$(id -u)" = 0 ]; then chown postgres "$dir"; fi
+    local created=false
     if [ ! -f "$dir/data/PG_VERSION" ]; then
         say "creating a PostgreSQL cluster in $dir"
+        mkdir -p "$dir"; if [ "$(id -u)" = 0 ]; then chown postgres "$dir"; fi
+        created=true
         "${run[@]}" "$bin/initdb" -D "$dir/data" -A trust -U postgres >"$dir/initdb.log" 2>&1 \
             || { say "initdb failed; see $dir/initdb.log"; return 1; }
     fi
@@ -87,7 +95,10 @@ ensure_postgres() {
     "${run[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
         -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=200" \
         start >/dev/null || { say "PostgreSQL did not start; see $dir/server.log"; return 1; }
-    STARTED_SERVERS+=("${run[*]} $bin/pg_ctl -D $dir/data -m fast stop")
+    STARTED_SERVERS+=("${run[*]} $bin/pg_ctl -D $dir/data -m fast -w stop")
+    # A cluster made here goes when it stops (hundreds of MB under the temporary directory);
+    # one found there is left as it was.
+    if $created; then STARTED_SERVERS+=("rm -rf $dir"); fi
 }
 
 # wait_for_port PORT NAME LOG PID -- until something answers on 127.0.0.1:PORT, or PID dies.
@@ -105,11 +116,12 @@ wait_for_port() {
     say "$name did not answer on port $port within 30 s; see $log"; exit 1
 }
 
-# stop_started_servers -- stop what ensure_redis and ensure_postgres started in this shell.
+# stop_started_servers -- stop what ensure_redis and ensure_postgres started in this shell, and
+# remove the cluster ensure_postgres created.
 stop_started_servers() {
     local command
     for command in "${STARTED_SERVERS[@]}"; do
-        say "stopping the server this script started: ${command%% *} ..."
+        say "undoing what this script started: $command"
         $command >/dev/null 2>&1 || true
     done
     STARTED_SERVERS=()

@@ -7,6 +7,7 @@ exports TEST_REDIS_URL and TEST_POSTGRES_URL.
 import logging
 import multiprocessing
 import os
+import socket
 from urllib.parse import urlsplit
 
 import psycopg2
@@ -17,6 +18,7 @@ from bouncer.app import App, set_current_app
 from bouncer.client import BouncerClient
 from bouncer.config import Settings
 from bouncer.doors.loading import create_user_batch
+from bouncer.news import targets
 from bouncer.sandbox import Sandbox
 from bouncer.states import SENT, RowState
 from bouncer.store.database import database, open_database
@@ -73,6 +75,30 @@ def postgres_admin(url, statement):
     with admin.cursor() as cur:
         cur.execute(statement % {"name": parts.path.lstrip("/")})
     admin.close()
+
+
+# Names a callback_url may use in tests, and what they resolve to: no test asks DNS (see `dns`).
+PUBLIC_ADDRESS = "93.184.216.34"
+NAMES = {"host.example.com": [PUBLIC_ADDRESS], "hooks.example.com": [PUBLIC_ADDRESS],
+         "localhost": ["127.0.0.1", "::1"]}
+
+
+@pytest.fixture(autouse=True)
+def dns(monkeypatch):
+    """The resolver of callback URLs (targets.resolve, its one seam), without DNS: an address
+    literal in any spelling (`2130706433`, `127.1`, `::1`) is read by the system's own
+    getaddrinfo, which asks no server for one; a name is looked up in the returned dict (a test
+    may change it); any other name does not resolve."""
+    names = {name: list(addresses) for name, addresses in NAMES.items()}
+
+    def resolve(host, port):
+        if host in names:
+            return list(names[host])
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+        return [info[4][0] for info in infos]
+
+    monkeypatch.setattr(targets, "resolve", resolve)
+    return names
 
 
 @pytest.fixture(autouse=True)

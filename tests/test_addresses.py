@@ -75,8 +75,19 @@ def test_strip_edge_cases(address, stripped):
     assert strip_email_modifiers(address) == stripped
 
 
+@pytest.mark.parametrize("address", ["idn@bücher.example", "idn@xn--bcher-kva.example", "IDN@BÜCHER.example",
+                                     "idn@XN--BCHER-KVA.EXAMPLE", "idn@bücher\u3002example"])
+def test_strip_gives_an_internationalised_domain_one_spelling(address):
+    assert strip_email_modifiers(address) == "idn@bücher.example"
+
+
+def test_strip_applies_a_providers_rules_to_its_domain_in_any_spelling():
+    assert strip_email_modifiers("a.b+x@XN--ZZ.com") == "a.b+x@xn--zz.com"       # not a valid A-label: as is
+    assert strip_email_modifiers("J.Doe+x@GMAIL.com") == strip_email_modifiers("jdoe@gmail.com")
+
+
 def test_strip_is_idempotent():
-    for address in ("John.Doe+x@googlemail.com", "a.b+c@hotmail.co.uk", "A+b@Example.com"):
+    for address in ("John.Doe+x@googlemail.com", "a.b+c@hotmail.co.uk", "A+b@Example.com", "x@XN--BCHER-KVA.example"):
         once = strip_email_modifiers(address)
         assert strip_email_modifiers(once) == once
 

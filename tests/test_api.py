@@ -106,6 +106,13 @@ def test_submit_json_in_any_key_order(client):
     (b'["a@x.com"]', "JSON object"),
     (b'{"user_id": "a", "check_type": "deliverable", "emails": "a@x.com"}', "list"),
     (b'{"user_id": "a", "check_type": "deliverable", "emails": [1, 2]}', "not a string"),
+    (b'{"user_id": "a", "check_type": "deliverable", "emails": ["a@x.com"], "emails": ["b@x.com"]}',
+     "the body has emails twice"),
+    (b'{"user_id": "a", "user_id": "b", "check_type": "deliverable", "emails": ["a@x.com"]}',
+     "the body has user_id twice"),
+    (b'{"user_id": "a", "check_type": "deliverable", "emails": ["a@x.com"], "priority": 1}',
+     "unknown field 'priority'"),
+    (b'{"user_id": "a", "check_type": "deliverable", "emails": [["a@x.com"]]}', "item 1 is not a string"),
 ])
 def test_submit_malformed_json_is_400_and_writes_nothing(client, body, fragment):
     response = post_json(client, body)
@@ -125,6 +132,9 @@ def test_submit_malformed_json_is_400_and_writes_nothing(client, body, fragment)
      "callback_url must be an http or https URL"),
     ({"user_id": "a", "check_type": "deliverable", "emails": ["a@x.com"], "callback_url": "https://"},
      "callback_url must be an http or https URL"),
+    ({"user_id": {"id": "a"}, "check_type": "deliverable", "emails": ["a@x.com"]}, "user_id must be a string"),
+    ({"check_type": "deliverable", "emails": ["a@x.com"], "user_id": ["a"]}, "user_id must be a string"),
+    ({"user_id": "a", "emails": ["a@x.com"], "check_type": {"is": "deliverable"}}, "check_type must be a string"),
 ])
 def test_submit_refused_is_422_and_leaves_nothing(client, body, fragment):
     response = post_json(client, body)
@@ -169,6 +179,16 @@ def test_submit_csv_with_bom_and_crlf_numbers_lines_from_the_header(client):
     assert (body["accepted"], body["invalid"]) == (2, 1)
     assert body["invalid_lines"][0]["line"] == 3 and body["invalid_lines"][0]["email"] == "broken"
     assert [r["email"] for r in iter_results(body["batch_id"])] == ["a@example.com", "broken", "c@example.com"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "text/csv"])
+def test_submit_a_line_longer_than_any_address_could_be_is_refused_not_held(client, content_type):
+    body = b"email\na@example.com\n" + b"x" * (2 * 1024 * 1024) + b"@example.com\nb@example.com\n"
+    response = client.post("/api/v1/batches?user_id=a&check_type=deliverable", headers=auth(), data=body,
+                           content_type=content_type)
+    assert response.status_code == 422
+    assert response.get_json() == {"error": "body: line 3 is longer than 1048576 bytes; no address is"}
+    assert nothing_written()
 
 
 def test_submit_csv_without_email_column_and_unknown_type_are_refused(client):
@@ -272,6 +292,21 @@ def test_cancel_while_in_flight_lets_those_finish(client, api_app, bouncer):
     assert final["counts"]["cancelled"] == 3 - sum(final["counts"][v] for v in
                                                    ("deliverable", "risky", "undeliverable", "unknown"))
     assert [d.event for d in WebhookDelivery.select()] == ["batch.cancelled"]
+
+
+@pytest.mark.parametrize("query, message", [
+    ("format=xml", "format: must be one of: json, csv"),
+    ("format=", "format: must be one of: json, csv"),
+])
+def test_results_in_a_format_it_has_not_is_refused_naming_it(client, query, message):
+    batch_id = submit(client).get_json()["batch_id"]
+    response = client.get("/api/v1/batches/%d/results?%s" % (batch_id, query), headers=auth())
+    assert response.status_code == 422 and response.get_json() == {"error": message}
+
+
+def test_a_list_query_refused_by_its_schema_names_the_parameter(client):
+    response = client.get("/api/v1/batches?limit=abc", headers=auth())
+    assert response.status_code == 422 and response.get_json() == {"error": "limit: not a valid integer"}
 
 
 def test_cancel_of_a_missing_batch_is_404(client):

@@ -11,9 +11,10 @@ from types import SimpleNamespace
 import pytest
 from clirun import invoke
 from conftest import addresses, assert_clean_failure, submit
+from rq import Worker
 
-from bouncer.app import set_current_app
-from bouncer.cli import cli_operator, cli
+from bouncer.app import App, set_current_app
+from bouncer.cli import cli, cli_operator
 from bouncer.cycles.runner import run_cycle
 from bouncer.doors.loading import create_user_batch
 from bouncer.names import CREATION, STATUS, job_intervals
@@ -119,6 +120,25 @@ def test_status_overview_json(app, database_url, bouncer):
     assert overview["check_types"]["deliverable"]["outstanding_batches"] == 3
     assert overview["rate_limit"]["requests_last_60s"] == 3
     assert len(overview["user_batches"]) == 1
+
+
+def test_status_says_what_health_would_with_redis_down(app, database_url):
+    set_current_app(App(app.settings.replace(redis_url="redis://127.0.0.1:1/0")))   # nothing listens there
+    out = ok(run(database_url, "status"))
+    assert out.startswith("service: degraded\n  - redis: unreachable\n")
+    overview = json.loads(ok(run(database_url, "status", "--json")))
+    assert overview["status"] == "degraded" and overview["reasons"][0] == "redis: unreachable"
+
+
+def test_status_says_when_no_worker_runs_the_jobs(app, database_url, redis_conn):
+    out = ok(run(database_url, "status"))
+    assert out.startswith("service: degraded\n  - no worker is running: the jobs wait in Redis")
+    worker = Worker(["bouncer-queue"], connection=redis_conn)
+    worker.register_birth()              # a worker alive, as `python -m bouncer worker` registers one
+    try:
+        assert ok(run(database_url, "status")).startswith("service: ok\n")
+    finally:
+        worker.register_death()
 
 
 @pytest.mark.parametrize("args", [["status", "999"], ["status", "999", "--json"],
@@ -343,7 +363,8 @@ runpy.run_module("bouncer", run_name="__main__", alter_sys=True)
 @pytest.mark.parametrize("args, loaded, not_loaded", [
     (["--help"], ["click"], ["peewee", "email_validator", "bouncer.store", "bouncer.sandbox.options"]),
     (["sandbox", "--help"], ["bouncer.sandbox.options"], ["peewee", "email_validator"]),
-    (["status", "--json"], ["peewee", "bouncer.reading.overview", "bouncer.reading.health"],
+    # The overview asks Redis, as /health does.
+    (["status", "--json"], ["peewee", "bouncer.reading.overview", "bouncer.reading.health", "redis", "rq"],
      ["email_validator", "bouncer.doors", "bouncer.cycles.ingest", "bouncer.sandbox.options"]),
     (["submit", "{file}", "--user", "u", "--check-type", "deliverable", "--json"],
      ["email_validator", "bouncer.doors.loading", "bouncer.doors.reader"],
@@ -364,7 +385,7 @@ def test_a_command_loads_only_what_it_uses(tmp_path, args, loaded, not_loaded):
     assert completed.returncode == 0, completed.stderr
     modules = set(out.read_text().split())
     assert set(loaded) <= modules
-    unwanted = set(NOT_FOR_THESE_COMMANDS) | set(not_loaded)
+    unwanted = (set(NOT_FOR_THESE_COMMANDS) - set(loaded)) | set(not_loaded)
     assert sorted(m for m in modules if any(m == u or m.startswith(u + ".") for u in unwanted)) == []
 
 

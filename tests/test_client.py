@@ -8,6 +8,7 @@ import requests
 import responses
 from requests.exceptions import ConnectionError, ConnectTimeout, ReadTimeout
 
+from bouncer import __version__
 from bouncer.client import DEFAULT_BATCH_PATH, BouncerClient, BouncerError
 
 BASE = "https://api.bouncer.test"
@@ -70,7 +71,7 @@ def test_create_batch_sends_json_body_path_and_headers(api, client):
     assert json.loads(request.body) == [{"email": "a@x.com"}, {"email": "b@y.com"}]
     assert request.headers["x-api-key"] == KEY
     assert request.headers["Accept"] == "application/json"
-    assert request.headers["User-Agent"] == "bouncer-queue/1.0"
+    assert request.headers["User-Agent"] == "bouncer-queue/%s" % __version__
     assert request.headers["Content-Type"] == "application/json"
     assert query(request) == {}
 

@@ -42,6 +42,9 @@ DEFAULTS = {
     "unknown_rechecks": 1,
     "unknown_recheck_max_delay": 3600,
     "delete_results": False,
+    "api_operator_tokens": (),
+    "webhook_allow_private": False,
+    "host": "0.0.0.0",
 }
 
 INTEGER_SETTINGS = [
@@ -250,6 +253,42 @@ def test_load_settings_api_tokens_are_a_list():
     assert "API_TOKENS is too short" in config_error({"API_TOKENS": "tok-aaaaaaaa,short"})
 
 
+@pytest.mark.parametrize("env, named", [
+    ({"OPERATOR_PASSWORD": "   "}, "OPERATOR_PASSWORD is blank space"),
+    ({"BOUNCER_API_KEY": "\t "}, "BOUNCER_API_KEY is blank space"),
+    ({"METRICS_TOKEN": " "}, "METRICS_TOKEN is blank space"),
+    ({"API_TOKENS": ",,,"}, "API_TOKENS has an empty item"),
+    ({"API_TOKENS": "tok-aaaaaaaa,,tok-bbbbbbbb"}, "API_TOKENS has an empty item"),
+    ({"API_OPERATOR_TOKENS": " , "}, "API_OPERATOR_TOKENS has an empty item"),
+    ({"WEBHOOK_RETRY_SCHEDULE": "5,,6"}, "WEBHOOK_RETRY_SCHEDULE='5,,6' has an empty item"),
+])
+def test_load_settings_blank_secret_or_empty_list_item_stops_naming_it(env, named):
+    message = config_error(env)
+    assert message.startswith(named) and "\n" not in message
+    assert "tok-aaaaaaaa" not in message           # a secret list is never echoed
+
+
+def test_load_settings_an_empty_secret_is_unset():
+    assert load_settings({"OPERATOR_PASSWORD": "", "API_TOKENS": ""}).operator_password is None
+
+
+@pytest.mark.parametrize("raw, value", [("true", True), ("TRUE", True), ("1", True), ("yes", True),
+                                        ("false", False), ("0", False), ("no", False)])
+def test_load_settings_reads_a_boolean(raw, value):
+    assert load_settings({"WEBHOOK_ALLOW_PRIVATE": raw}).webhook_allow_private is value
+    assert "WEBHOOK_ALLOW_PRIVATE='maybe' must be true or false" in config_error({"WEBHOOK_ALLOW_PRIVATE": "maybe"})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::", "::1", "localhost", "web.internal"])
+def test_load_settings_host_takes_an_address_or_a_name(host):
+    assert load_settings({"HOST": host}).host == host
+
+
+@pytest.mark.parametrize("host", ["http://0.0.0.0", "0.0.0.0:8000", "my host", "-x"])
+def test_load_settings_host_that_is_not_an_address_is_refused(host):
+    assert config_error({"HOST": host}).startswith("HOST=%r is not an address to listen on" % host)
+
+
 def test_load_settings_webhook_secret_form_and_url():
     good = "whsec_" + "A" * 43 + "="
     assert load_settings({"WEBHOOK_URL": "https://host.example.com/hooks/", "WEBHOOK_SECRET": good}
@@ -379,6 +418,9 @@ def test_every_setting_is_documented_with_its_default():
         if isinstance(default, int) and not isinstance(default, bool):
             assert in_readme[env].strip() == str(default), env
             assert in_example[env] == str(default), env
+        elif isinstance(default, bool):
+            assert in_readme[env].strip() == f"`{str(default).lower()}`", env
+            assert in_example[env] == str(default).lower(), env
         elif isinstance(default, tuple) and default:
             shown = ",".join(map(str, default))
             assert in_readme[env].strip() == f"`{shown}`" and in_example[env] == shown, env

@@ -10,6 +10,7 @@ from conftest import addresses, rode_on, row_states, statuses, submit, with_sett
 from bouncer.cycles.runner import run_cycle
 from bouncer.names import CREATION, STATUS
 from bouncer.queue.ledger import count_possible_orphans, reserve_next_batch
+from bouncer.reading.health import service_state
 from bouncer.states import SENT, BouncerBatchState, RowState
 from bouncer.store.database import database, utcnow
 from bouncer.store.models import (
@@ -73,6 +74,31 @@ def test_create_sends_each_stripped_address_once_with_oldest_spelling(app, bounc
     run_cycle(app, CREATION, "deliverable")
     assert sorted(bouncer.sent_addresses()) == ["John.Doe+news@gmail.com", "x@example.com", "y@example.com"]
     assert statuses() == {SENT: 5}
+
+
+def test_one_mailbox_in_both_spellings_of_its_international_domain_is_one_credit(app, bouncer):
+    first = submit("alice", ["idn@bücher.example", "idn@xn--bcher-kva.example"])
+    second = submit("bob", ["IDN@XN--BCHER-KVA.EXAMPLE"])
+    assert UserBatch.get_by_id(first).duplicates == 1
+    run_cycle(app, CREATION, "deliverable")
+    assert bouncer.sent_addresses() == ["idn@bücher.example"]        # the oldest spelling, once
+    bouncer.complete_now()
+    run_cycle(app, STATUS, "deliverable")
+    assert statuses(first) == {"done": 2} and statuses(second) == {"done": 1}
+    assert EmailGlobal.select().count() == 1
+
+
+def test_without_a_key_nothing_is_sent_to_bouncers_own_api_and_status_says_how_to_run_locally(app, bouncer):
+    keyless = with_settings(app, api_key=None, api_url="https://api.usebouncer.com")
+    submit("alice", addresses("a", 3))
+    report = run_cycle(keyless, CREATION, "deliverable")
+    assert (report.stopped, report.created, report.failed_calls) == ("not sending: BOUNCER_API_KEY is not set", [], [])
+    assert BouncerBatch.select().count() == 0 and statuses() == {RowState.QUEUED: 3}
+    reason = service_state(keyless.settings)["reasons"][-1]
+    assert reason.startswith("BOUNCER_API_KEY is not set: nothing is sent to Bouncer.")
+    assert "python -m bouncer sandbox --port 8025" in reason and "BOUNCER_API_URL=http://127.0.0.1:8025" in reason
+    # A sandbox needs no key of ours: its URL is another.
+    assert not with_settings(app, api_key=None, api_url="http://127.0.0.1:8025").settings.keyless_for_bouncer
 
 
 def test_create_respects_max_outstanding_across_cycles(app, bouncer):

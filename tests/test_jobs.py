@@ -43,7 +43,7 @@ def test_job_records_success_and_logs_what_the_cycle_did(app, bouncer, caplog):
     Queue(CYCLE_QUEUE, connection=app.redis).enqueue(create_batches_job, "deliverable")
     work(app)
     assert job_runs()["batch_creator_deliverable"].last_success_at is not None
-    assert "Job batch_creator_deliverable done" in caplog.text and "1 Bouncer batch(es) created" in caplog.text
+    assert "Creation cycle deliverable: 1 Bouncer batch(es) created" in caplog.text
 
 
 def test_job_failure_is_logged_not_retried_and_not_recorded(app, bouncer, caplog, monkeypatch):

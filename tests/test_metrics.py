@@ -168,7 +168,8 @@ def test_metrics_503_when_the_database_is_down(app):
         database.initialize(original)
     assert response.status_code == 503
     body = response.get_data(as_text=True)
-    assert body.count("\n") == 1 and json.loads(body)["error"].startswith("cannot read the service's figures: ")
+    assert body.count("\n") == 1 and json.loads(body)["error"] == (
+        "cannot read the service's figures (the web process's log says why)")
     assert "db-pw-8b8b" not in body
 
 

@@ -88,3 +88,30 @@ def test_plain_honcho_start_brings_the_whole_service_up_and_keeps_it_up(tmp_path
     assert "schema created" in output and "staying up" in output
     for name in ("web", "worker", "scheduler", "release"):
         assert re.search(r"%s\.1 +\| " % name, output), output[-3000:]
+
+
+def test_the_version_is_written_in_one_place():
+    """`bouncer/__init__.py` alone writes the version; the package's metadata, --version, the
+    API's description and the User-Agent read it from there."""
+    from bouncer.names import USER_AGENT
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    written = []
+    for name in tracked:
+        if name.startswith(("examples/", "tests/data/")) or not name.endswith((".py", ".toml", ".cfg", ".txt", ".md")):
+            continue
+        text = (ROOT / name).read_text(errors="replace")
+        if re.search(r"(?im)^\s*(__version__|version)\s*=\s*[\"']\d", text) or re.search(r"bouncer-queue/\d", text):
+            written.append(name)
+    assert written == ["bouncer/__init__.py"]
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dynamic"] == ["version"]
+    assert USER_AGENT == "bouncer-queue/%s" % __version__
+
+
+def test_the_changelog_keeps_a_changelog():
+    text = (ROOT / "CHANGELOG.md").read_text()
+    assert text.startswith("# Changelog\n") and "keepachangelog.com" in text
+    releases = re.findall(r"^## \[([^\]]+)\]", text, re.M)
+    assert releases[0] == "Unreleased"
+    assert all(re.fullmatch(r"\d+\.\d+\.\d+", r) for r in releases[1:]), releases
+    assert set(re.findall(r"^### (\w+)", text, re.M)) <= {"Added", "Changed", "Deprecated", "Removed", "Fixed",
+                                                         "Security"}

@@ -13,6 +13,7 @@ from conftest import assert_clean_failure
 
 import bouncer.store.dialect
 from bouncer.cycles.runner import run_cycle
+from bouncer.doors.admission import SLICE
 from bouncer.doors.loading import create_user_batch
 from bouncer.errors import InputError
 from bouncer.names import CREATION
@@ -79,6 +80,14 @@ def test_create_user_batch_duplicates_use_stripped_address(db, emails, duplicate
     summary = create_user_batch("alice", "deliverable", emails)
     assert (summary.accepted, summary.duplicates) == (len(emails), duplicates)
     assert EmailGlobal.select().count() == len(emails) - duplicates
+
+
+@pytest.mark.parametrize("rows", [SLICE, 2 * SLICE])
+def test_a_batch_of_whole_slices_counts_its_duplicates_too(db, rows):
+    emails = ["u%d@example.com" % i for i in range(rows - 1)] + ["U0@Example.com"]
+    summary = create_user_batch("alice", "deliverable", emails)
+    assert (summary.accepted, summary.duplicates) == (rows, 1)
+    assert UserBatch.get_by_id(summary.batch_id).duplicates == 1
 
 
 def test_create_user_batch_invalid_rows_stored_with_reason_and_line(db):

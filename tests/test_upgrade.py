@@ -5,7 +5,9 @@ import datetime
 from pathlib import Path
 
 import pytest
-from conftest import POSTGRES_URL, make_settings, on_postgres, postgres_admin, rode_on, row_states, statuses
+from conftest import (
+    POSTGRES_URL, make_settings, on_postgres, postgres_admin, rode_on, row_states, statuses, with_settings,
+)
 
 from bouncer.app import App
 from bouncer.client import BouncerClient
@@ -17,6 +19,7 @@ from bouncer.sandbox.simulator import verdict_for
 from bouncer.store.migrations import RETIRED_INDEXES, create_schema, upgrade_to_5
 from bouncer.store.models import BouncerBatch, BouncerBatchEmail, QueuedEmail, UserBatch, UserBatchEmail
 from bouncer.store.schema import VERSION, current_version
+from bouncer.web import create_web_app
 
 DATA = Path(__file__).parent / "data"
 T = "2026-11-20 10:00:00"
@@ -374,7 +377,11 @@ def test_a_version_4_database_gains_what_erasure_and_retention_need(v4_database,
     UserBatch.update(completed_at=datetime.datetime.now()).where(UserBatch.id == 2).execute()
     assert erasure.prune(app, who="test", days=30).batches == 1      # dave's; carol's ended within the period
     assert batch_status(3)["counts"]["invalid"] == 1 and batch_status(3)["pruned_at"]
+
+
 # What version 5 adds for Bouncer's batch lifecycle, by table.
+
+
 LIFECYCLE_COLUMNS = {
     "bouncer_batches": {"finish_reason", "finish_asked_at", "finish_accepted_at", "credits", "refunded", "rechecks",
                         "deleted_at"},
@@ -413,6 +420,8 @@ def test_a_version_4_database_gains_the_batch_lifecycle_and_carries_on_with_it(v
     assert [r["status"] for r in iter_results(1)] == ["deliverable"] + [
         verdict_for(e)["status"] for e in ("b@example.com", "c@example.com")]
     assert BouncerBatch.select().where(BouncerBatch.rechecks > 0).count() == 1
+
+
 def test_init_db_gives_a_version_4_line_its_users_and_turns_and_makes_the_fair_share_tables(
         v4_database, redis_conn, bouncer):
     from peewee import IntegrityError
@@ -436,3 +445,22 @@ def test_init_db_gives_a_version_4_line_its_users_and_turns_and_makes_the_fair_s
     assert report.reordered == 3           # bob's two rows, and dave's admitted by this cycle
     # Bob (weight 2) and dave take turns from the start: bob's first, dave's, bob's second.
     assert bouncer.sent_addresses() == ["b@example.com", "d@example.com", "c@example.com"]
+
+
+def test_a_version_4_database_gains_the_api_token_of_each_batch(v4_database, redis_conn, bouncer):
+    """Tenants on the HTTP door: release 4's batches belong to no token; a batch made over the API
+    after the upgrade belongs to its token, and each token lists its own."""
+    with database.connection_context():
+        assert create_schema() == "schema upgraded from version 4 to %d" % VERSION
+        assert "user_batches_api_token" in indexes_of("user_batches")
+        assert {b.api_token_digest for b in UserBatch.select()} == {None}
+    app = upgraded_app(v4_database, redis_conn)
+    tokens = ("tok-upgrade-a-1234", "tok-upgrade-b-5678")
+    client = create_web_app(with_settings(app, api_tokens=tokens)).test_client()
+    made = client.post("/api/v1/batches?user_id=erin&check_type=deliverable", data="e@example.com\n",
+                       headers={"Authorization": "Bearer %s" % tokens[0]}, content_type="text/plain")
+    assert made.status_code == 201
+    listing = {token: [b["batch_id"] for b in client.get("/api/v1/batches", headers={
+        "Authorization": "Bearer %s" % token}).get_json()["batches"]] for token in tokens}
+    assert listing == {tokens[0]: [made.get_json()["batch_id"]], tokens[1]: []}
+    assert client.get("/api/v1/batches/1", headers={"Authorization": "Bearer %s" % tokens[0]}).status_code == 404

@@ -26,7 +26,8 @@ from bouncer.runtime.schedule import JOB_TIMEOUT
 from bouncer.store.database import database, open_database, utcnow
 from bouncer.web import create_web_app as make_app
 from support.ports import free_port
-from support.processes import ROOT, bouncer_command
+from support.processes import ROOT, Supervisor, bouncer_command
+from support.waiting import wait_until
 
 WINDOW_30S = OVERDUE_INTERVALS * 30 + GRACE_SECONDS   # the overdue window of a 30 s job
 
@@ -155,15 +156,15 @@ def test_job_health_window(db, last_success, up_for, overdue):
     assert health["status_checker_deliverable"]["overdue"] is overdue
 
 
-def test_health_503_when_redis_is_down(callback_app):
+def test_health_503_when_redis_is_down(callback_app, caplog):
     settings = replace(callback_app.settings, redis_url="redis://:redis-pw-7a7a@127.0.0.1:1/0")
     response = call(make_app(App(settings)), "GET", "/health")
     assert response.status == 503
     body = response.json
-    assert body["redis"]["ok"] is False and "Connection" in body["redis"]["error"]
+    assert body["redis"] == {"ok": False, "error": "unreachable"} and body["reasons"][0] == "redis: unreachable"
     assert body["database"] == {"ok": True}
-    assert body["reasons"][0].startswith("redis: ")
-    assert "redis-pw-7a7a" not in response.raw
+    assert "redis-pw-7a7a" not in response.raw and "127.0.0.1" not in response.raw
+    assert "Health: the redis does not answer: ConnectionError" in caplog.text     # the detail: in the log
 
 
 def test_health_answers_in_time_when_redis_hangs(callback_app, monkeypatch):
@@ -180,7 +181,7 @@ def test_health_answers_in_time_when_redis_hangs(callback_app, monkeypatch):
     assert elapsed < 3
 
 
-def test_health_503_when_the_database_is_down(callback_app, redis_conn):
+def test_health_503_when_the_database_is_down(callback_app, redis_conn, caplog):
     record_all_successes(callback_app, utcnow())
     broken = "postgresql://postgres:db-pw-8b8b@127.0.0.1:1/bouncer_test"
     settings = replace(callback_app.settings, database_url=broken)
@@ -192,10 +193,15 @@ def test_health_503_when_the_database_is_down(callback_app, redis_conn):
         database.initialize(original)
     assert response.status == 503
     body = response.json
-    assert body["database"]["ok"] is False and body["database"]["error"]
+    assert body["database"] == {"ok": False, "error": "unreachable"}
+    assert body["reasons"] == ["database: unreachable"]
     assert body["redis"] == {"ok": True}
     assert body["check_types"] is None and body["rate_limit"] is None
-    assert "db-pw-8b8b" not in response.raw
+    # Anyone may read /health: no host, port or database name; the log has them.
+    for detail in ("db-pw-8b8b", "127.0.0.1", "port 1", "bouncer_test"):
+        assert detail not in response.raw
+    assert 'the database does not answer: DatabaseUnavailable: cannot open database \'bouncer_test\': connection ' \
+           'to server at "127.0.0.1", port 1 failed' in caplog.text
 
 
 def test_health_wrong_method(web):
@@ -369,3 +375,48 @@ def test_web_command_over_http_stops_cleanly_on_sigterm(settings, redis_conn, db
     assert "Web process stopped" in stderr
     assert "POST /bouncer/callback/*** 202" in stderr
     assert SECRET not in stderr + stdout and API_KEY not in stderr + stdout
+
+
+def start_web(tmp_path, settings, **env):
+    """`python -m bouncer web` as a real process under a Supervisor; its port."""
+    port = int(env.setdefault("PORT", str(free_port())))
+    supervisor = Supervisor(tmp_path, dict(os.environ, DATABASE_URL=settings.database_url, REDIS_URL=REDIS_URL,
+                                           BOUNCER_API_KEY=API_KEY, LOG_LEVEL="INFO", **env))
+    return supervisor, supervisor.start("web", "web"), port
+
+
+@pytest.mark.slow
+def test_web_command_listens_on_host_only(settings, redis_conn, db, tmp_path):
+    supervisor, web, port = start_web(tmp_path, settings, HOST="127.0.0.2")
+    try:
+        wait_until(lambda: answers("127.0.0.2", port), "web on 127.0.0.2", 20)
+        assert not answers("127.0.0.1", port)        # the same port, another address: nothing
+    finally:
+        supervisor.stop_all()
+    assert "listening on 127.0.0.2:%d" % port in web.log()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("answered", [True, False])
+def test_a_local_public_url_nothing_answers_on_is_reported_once_loudly(settings, redis_conn, db, tmp_path, answered):
+    port = free_port()
+    public_url = "http://127.0.0.1:%d" % (port if answered else free_port())
+    supervisor, web, _ = start_web(tmp_path, settings, PORT=str(port), PUBLIC_URL=public_url, CALLBACK_SECRET=SECRET)
+    try:
+        wait_until(lambda: "GET /health" in web.log() or "ERROR" in web.log(), "the PUBLIC_URL check", 20)
+    finally:
+        supervisor.stop_all()
+    errors = [line for line in web.log().splitlines() if " ERROR " in line]
+    if answered:
+        assert errors == [] and "GET /health 200" in web.log()
+    else:
+        assert len(errors) == 1 and "PUBLIC_URL=%s does not answer" % public_url in errors[0]
+        assert "Bouncer's completion callbacks will go nowhere" in errors[0]
+
+
+def answers(host, port):
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 # Admission's share of a creation cycle: its slices are short transactions, and past this the
 # cycle packs what it has and runs again at once for the rest.
 ADMISSION_BUDGET = 1.0
+NOT_SENDING = "not sending: BOUNCER_API_KEY is not set"
 
 
 def create_batches(cycle, now=None):
@@ -57,7 +58,7 @@ def create_batches(cycle, now=None):
     report.abandoned, report.released = ledger.release_stale_reservations(
         check_type, now - datetime.timedelta(seconds=settings.reservation_timeout))
     report.reordered = fairness.order_line(check_type, settings.queue_policy)
-    if is_paused(cycle, now):
+    if is_paused(cycle, now) or has_no_key(cycle):
         return
     report.free_slots = max(0, settings.max_outstanding - ledger.count_in_flight(check_type))
     try:
@@ -83,6 +84,13 @@ def is_paused(cycle, now):
     if paused is not None:
         cycle.report.stopped = "paused: %s" % paused.reason
     return paused is not None
+
+
+def has_no_key(cycle):
+    """True (and said in the report) when there is no key for Bouncer's own API: nothing is sent."""
+    if cycle.settings.keyless_for_bouncer:
+        cycle.report.stopped = NOT_SENDING
+    return cycle.settings.keyless_for_bouncer
 
 
 def check_credits(cycle, now):

@@ -7,6 +7,8 @@ from bouncer.names import CREATION, STATUS
 
 log = logging.getLogger(__name__)
 
+HELD = ("paused", "not sending")   # how a cycle held back by a standing state says so
+
 
 @dataclass
 class CycleReport:
@@ -15,6 +17,13 @@ class CycleReport:
     stopped: str | None = None
     refused: tuple | None = None   # (status, message): Bouncer's 401, 402 or 429 ended the cycle
     seconds: float = 0.0
+
+    def worth_telling(self):
+        """Whether the cycle's line is for INFO: it did something, or Bouncer or a stop ended it
+        (a pause, or a missing key, held since the last cycle is no news). An idle cycle's line is
+        for DEBUG."""
+        ended_early = self.stopped is not None and not self.stopped.startswith(HELD)
+        return not self.skipped and (self.did_something() or self.refused is not None or ended_early)
 
     def summary(self):
         if self.skipped:
@@ -38,6 +47,13 @@ class CreationReport(CycleReport):
     released: list = field(default_factory=list)       # (ledger id, addresses): a dead cycle's, never sent
     admission: object = None                           # admission.AdmissionReport
     reordered: int | None = None                       # rows in line numbered anew (QUEUE_POLICY, weights)
+
+    def did_something(self):
+        admission = self.admission
+        admitted = admission is not None and bool(admission.admitted or admission.invalid or admission.noticed
+                                                  or admission.removed or admission.failed)
+        return admitted or bool(self.created or self.failed_calls or self.cached or self.attached
+                                or self.requeued or self.abandoned or self.released)
 
     def done(self):
         parts = ["%s: %d Bouncer batch(es) created (%d addresses)" % (
@@ -71,6 +87,9 @@ class StatusReport(CycleReport):
     waiting: int = 0
     errors: int = 0
     deleted: int = 0                               # batches deleted at Bouncer
+
+    def did_something(self):
+        return bool(self.checked or self.ingested or self.failed or self.errors)
 
     def done(self):
         parts = ["%s: %d Bouncer batch(es) checked, %d ingested (%d emails verified), %d waiting" % (

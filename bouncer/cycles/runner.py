@@ -18,7 +18,7 @@ from bouncer.cycles import creation, status, triggers
 from bouncer.cycles.locks import CycleLock
 from bouncer.cycles.reports import REPORTS
 from bouncer.logs import ids
-from bouncer.names import CREATION, STATUS
+from bouncer.names import CREATION, STATUS, job_id
 from bouncer.store.database import connection
 
 log = logging.getLogger(__name__)
@@ -79,15 +79,16 @@ def run_cycle(app, kind, check_type, now=None, refill=False):
     with connection(), lock as held:
         if not held:
             cycle.report.skipped = True
-            log.info("%s cycle %s skipped: another one holds the lock", kind.capitalize(), check_type,
-                     extra=ids(cycle=kind, check_type=check_type))
+            log.debug("%s cycle %s skipped: another one holds the lock", kind.capitalize(), check_type,
+                      extra=ids(cycle=kind, check_type=check_type))
             return cycle.report
         STEPS[kind](cycle, now)
         if cycle.report.stopped is None:
             cycle.report.stopped = cycle.stop_reason()
     cycle.report.seconds = time.monotonic() - started
-    log.info("%s cycle %s", kind.capitalize(), cycle.report.summary(),
-             extra=ids(cycle=kind, check_type=check_type))
+    # One line a cycle, at INFO only when it did something: an idle service says nothing.
+    log.log(logging.INFO if cycle.report.worth_telling() else logging.DEBUG, "%s cycle %s", kind.capitalize(),
+            cycle.report.summary(), extra=ids(cycle=kind, check_type=check_type, job_id=job_id(kind, check_type)))
     return cycle.report
 
 

@@ -66,6 +66,14 @@ def remove_loading_batch(batch_id):
             Row.delete().where(among(Row.id, doomed)).execute()
 
 
+def is_admitted(batch_id):
+    """Whether a visible batch's admission has ended, so its counts are final: its loader's
+    heartbeat is cleared with the duplicates' count (finish_admission), whoever admitted it."""
+    batch = UserBatch.get_or_none(UserBatch.id == batch_id)
+    return (batch is not None and batch.status not in (BatchState.LOADING, BatchState.NEW)
+            and batch.loader_seen_at is None)
+
+
 def remove_dead_loads(now=None):
     """Remove the batches of our loaders that died mid-load (silent for DEAD_LOADER_AFTER).
     A host's own `loading` batches have no heartbeat and are never touched. Returns their ids."""
@@ -204,6 +212,8 @@ def admit_slice(batch_id, now, limit=SLICE, heartbeat=False, checked=None, after
             .order_by(Row.position).limit(limit).tuples())
     rows = database.execute_sql(*rows.sql()).fetchall()
     if not rows:
+        if after:     # the slice before was full and took the last rows: the batch is admitted
+            finish_admission(batch_id, report, now)
         return report
     report.last_position = rows[-1][1]
     valid, invalid = [], []
@@ -295,7 +305,8 @@ def finish_admission(batch_id, report, now):
     valid, distinct = (Row.select(fn.COUNT(Row.email_global), fn.COUNT(Row.email_global.distinct()))
                        .where(Row.batch == batch_id).scalar(as_tuple=True))
     with write_transaction():
-        UserBatch.update(duplicates=valid - distinct).where(UserBatch.id == batch_id).execute()
+        # The loader's heartbeat goes with it: the batch's counts are final from here on.
+        UserBatch.update(duplicates=valid - distinct, loader_seen_at=None).where(UserBatch.id == batch_id).execute()
         batch = UserBatch.get_or_none(UserBatch.id == batch_id)
         if batch is None:   # erased meanwhile
             return

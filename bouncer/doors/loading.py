@@ -66,7 +66,7 @@ class Loader:
     A loader that died (kill -9) is told from a slow one by its heartbeat (`loader_seen_at`,
     renewed with every slice): after DEAD_LOADER_AFTER of silence a cycle removes its rows."""
 
-    def __init__(self, user_id, check_type, source, callback_url=None, now=None):
+    def __init__(self, user_id, check_type, source, callback_url=None, now=None, api_token_digest=None):
         check_submission(user_id, check_type)
         self.check_type = check_type
         self.rows = 0
@@ -79,7 +79,7 @@ class Loader:
         with write_transaction():
             self.batch = UserBatch.create(user_id=str(user_id).strip(), check_type=check_type,
                                           status=BatchState.LOADING, source=source, callback_url=callback_url,
-                                          created_at=now, loader_seen_at=now)
+                                          created_at=now, loader_seen_at=now, api_token_digest=api_token_digest)
         self.batch_id = self.batch.id
 
     def __enter__(self):

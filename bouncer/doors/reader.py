@@ -141,16 +141,23 @@ def echo(text):
 class JsonBatch:
     """`{"user_id", "check_type", "emails": [...], "callback_url"?}` read as a stream (ijson):
     `fields` fills as the parser meets them; `emails()` yields (index, text). Emails that come
-    before the fields a loader needs are kept in a spool file, never in memory."""
+    before the fields a loader needs are kept in a spool file, never in memory.
+
+    The body's form is known, so it is checked event by event, from ijson's basic events (no
+    path is built per level): an unknown or repeated field, or a value nested where the form has
+    none, is refused at its first event. However deep a body was written, it is read at most two
+    levels down (the object, its list of emails): a body nested 100,000 deep costs what its
+    first few brackets cost."""
 
     def __init__(self, stream):
         import ijson
         self.ijson = ijson
         self.fields = {}
+        self.seen = set()
         self.count = 0
         self.spool = None
         self.held = None
-        self.parsed = self.parse(ijson.parse(stream, use_float=True))
+        self.parsed = self.parse(ijson.basic_parse(stream, use_float=True))
 
     def fields_ready(self):
         return "user_id" in self.fields and "check_type" in self.fields
@@ -190,33 +197,57 @@ class JsonBatch:
 
     def parse(self, events):
         """Yields each email as (index, text), and None after each field."""
-        depth = 0
         try:
-            for prefix, event, value in events:
-                if event in ("start_map", "start_array"):
-                    depth += 1
-                elif event in ("end_map", "end_array"):
-                    depth -= 1
-                if depth == 1 and prefix in JSON_FIELDS and event in ("string", "number", "null", "boolean"):
-                    self.fields[prefix] = value
+            if next(events, (None, None))[0] != "start_map":
+                raise MalformedInput(BODY_FORM)
+            for event, key in events:
+                if event == "end_map":
+                    break
+                self.check_field(key)
+                if key == "emails":
+                    yield from self.parse_emails(events)
+                else:
+                    self.fields[key] = scalar(key, *next(events, (None, None)))
                     yield None
-                elif prefix == "emails.item" and depth == 2:
-                    if event != "string":
-                        raise MalformedInput("emails: item %d is not a string" % (self.count + 1))
-                    self.count += 1
-                    yield self.count, value
-                elif prefix == "" and event not in ("start_map", "end_map", "map_key"):
-                    raise MalformedInput("the body must be a JSON object with user_id, check_type and emails")
-                elif prefix == "emails" and event not in ("start_array", "end_array"):
-                    raise MalformedInput("emails must be a list of addresses")
+            for _ in events:     # anything after the object: ijson refuses it
+                pass
         except self.ijson.JSONError as exc:
             raise MalformedInput("the body is not valid JSON: %s" % one_line(exc)) from None
+
+    def check_field(self, key):
+        if key not in JSON_FIELDS and key != "emails":
+            raise MalformedInput("unknown field %r: %s" % (echo(key), BODY_FORM))
+        if key in self.seen:
+            raise MalformedInput("the body has %s twice" % key)
+        self.seen.add(key)
+
+    def parse_emails(self, events):
+        if next(events, (None, None))[0] != "start_array":
+            raise MalformedInput("emails must be a list of addresses")
+        for event, value in events:
+            if event == "end_array":
+                return
+            if event != "string":
+                raise MalformedInput("emails: item %d is not a string" % (self.count + 1))
+            self.count += 1
+            yield self.count, value
 
     def spool_email(self, item):
         if self.spool is None:
             import tempfile
             self.spool = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
         self.spool.write(json.dumps(item[1]) + "\n")
+
+
+BODY_FORM = "the body must be a JSON object with user_id, check_type, emails and, optionally, callback_url"
+SCALARS = ("string", "number", "boolean", "null")
+
+
+def scalar(key, event, value):
+    """A field's value; a list or an object where the form wants a string is refused at once."""
+    if event not in SCALARS:
+        raise InputError("%s must be a string" % key)
+    return value
 
 
 def one_line(exc):

@@ -7,7 +7,8 @@ scheduled every few seconds and triggered when a batch ends) claims the deliveri
 and POSTs them a few at a time, each with a short timeout; a timeout or a non-2xx answer is
 retried after WEBHOOK_RETRY_SCHEDULE (about 5 s, 5 min, 30 min, 2 h, 5 h, 10 h), then given up.
 Each attempt is stored. A receiver that never answers costs one timeout per attempt, on the
-sender's queue, never a cycle.
+sender's queue, never a cycle. A batch's own callback_url is checked again before each attempt and
+reached only at a public address (targets.py); the operator's WEBHOOK_URL is trusted as set.
 """
 
 import datetime
@@ -19,6 +20,8 @@ import requests
 from standardwebhooks import Webhook
 
 from bouncer.logs import ids
+from bouncer.names import USER_AGENT
+from bouncer.news import targets
 from bouncer.states import DeliveryState
 from bouncer.store.database import utcnow, write_transaction
 from bouncer.store.models import UserBatch, WebhookAttempt, WebhookDelivery
@@ -38,9 +41,12 @@ MAX_ERROR = 300
 
 
 def target_of(delivery, settings):
-    """The batch's own callback_url, else WEBHOOK_URL, else None."""
+    """(URL, whether it is the batch's own callback_url): the batch's callback_url, else
+    WEBHOOK_URL, else (None, False)."""
     batch = UserBatch.get_or_none(UserBatch.id == delivery.batch_id)
-    return (batch.callback_url if batch is not None else None) or settings.webhook_url
+    if batch is not None and batch.callback_url:
+        return batch.callback_url, True
+    return settings.webhook_url, False
 
 
 def has_due(now=None):
@@ -53,7 +59,7 @@ def send_due(settings, session=None, now=None):
     """Deliver what is due, a few at a time, until nothing is due or the budget is spent.
     Returns {state: deliveries that reached it}."""
 
-    session = session or requests.Session()
+    sessions = Sessions(settings, session)
     deadline = time.monotonic() + SENDER_BUDGET
     done = {}
     with ThreadPoolExecutor(SENDER_THREADS, thread_name_prefix="webhook") as pool:
@@ -61,7 +67,7 @@ def send_due(settings, session=None, now=None):
             claimed = claim_due(now)
             if not claimed:
                 break
-            for state in pool.map(lambda d: attempt(d, settings, session), claimed):
+            for state in pool.map(lambda d: attempt(d, settings, sessions), claimed):
                 done[state] = done.get(state, 0) + 1
     return done
 
@@ -80,16 +86,32 @@ def claim_due(now=None):
     return list(WebhookDelivery.select().where(WebhookDelivery.id.in_(due))) if due else []
 
 
-def attempt(delivery, settings, session):
+class Sessions:
+    """The sender's HTTP sessions: one for WEBHOOK_URL (the operator's, trusted), one that reaches
+    public addresses only for the batches' own callback_urls (unless WEBHOOK_ALLOW_PRIVATE)."""
+
+    def __init__(self, settings, session=None):
+        self.trusted = session or requests.Session()
+        self.callbacks = self.trusted if settings.webhook_allow_private else targets.public_only_session()
+
+    def for_target(self, own):
+        return self.callbacks if own else self.trusted
+
+
+def attempt(delivery, settings, sessions):
     """One attempt of one delivery: POST, record, and decide what comes next. Returns the
     delivery's state after it."""
-    url = target_of(delivery, settings)
+    url, own = target_of(delivery, settings)
     now = utcnow()
     if url is None or not settings.webhook_secret:
         return finish(delivery, DeliveryState.NO_TARGET, now, error="no callback_url, no WEBHOOK_URL" if url is None
                       else "WEBHOOK_SECRET is not set")
+    if own and not settings.webhook_allow_private:
+        refused = refusal(delivery, url, now)
+        if refused is not None:
+            return refused
     started = time.monotonic()
-    status, error = post(session, url, delivery, settings.webhook_secret, settings.webhook_timeout)
+    status, error = post(sessions.for_target(own), url, delivery, settings.webhook_secret, settings.webhook_timeout)
     seconds = time.monotonic() - started
     with write_transaction():
         WebhookAttempt.create(delivery_id=delivery.id, attempted_at=now, status_code=status,
@@ -115,6 +137,22 @@ def attempt(delivery, settings, session):
     return DeliveryState.PENDING
 
 
+def refusal(delivery, url, now):
+    """The callback_url checked again before it is reached (a name may resolve elsewhere since
+    the submit): one that now resolves to an address it may not reach is given up at once,
+    nothing sent. None when it may be tried."""
+    try:
+        targets.check_public(url)
+    except targets.Unresolvable:
+        return None      # a lookup failing now is the attempt's failure, retried as any other
+    except targets.Refused as exc:
+        log.warning("Webhook %s for user batch %s given up: its callback_url is refused: %s", delivery.message_id,
+                    delivery.batch_id, exc, extra=ids(user_batch_id=delivery.batch_id))
+        return finish(delivery, DeliveryState.GIVEN_UP, now, attempts=delivery.attempts,
+                      error="refused, nothing sent: %s" % exc, url=url)
+    return None
+
+
 def finish(delivery, state, now, attempts=None, status=None, error=None, url=None):
     with write_transaction():
         (WebhookDelivery.update(state=state, finished_at=now, lease_until=None,
@@ -134,12 +172,16 @@ def post(session, url, delivery, secret, timeout):
     signature = Webhook(secret).sign(delivery.message_id, timestamp, delivery.payload)
     headers = {"content-type": "application/json", "webhook-id": delivery.message_id,
                "webhook-timestamp": str(int(timestamp.timestamp())), "webhook-signature": signature,
-               "user-agent": "bouncer-queue/1.0"}
+               "user-agent": USER_AGENT}
     try:
         response = session.post(url, data=delivery.payload.encode("utf-8"), headers=headers,
                                 timeout=(min(5, timeout), timeout), allow_redirects=False)
     except requests.Timeout:
         return None, "no answer within %ss" % timeout
+    except requests.ConnectionError as exc:
+        if targets.refused_connection(exc):
+            return None, "refused, nothing sent: %s" % targets.RULE
+        return None, ("%s: %s" % (type(exc).__name__, exc))[:MAX_ERROR]
     except requests.RequestException as exc:
         return None, ("%s: %s" % (type(exc).__name__, exc))[:MAX_ERROR]
     if 300 <= response.status_code < 400:

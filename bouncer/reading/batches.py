@@ -69,8 +69,11 @@ def recent_batches(limit=20, user_id=None, status=None, before=None):
              "created_at": iso(b.created_at)} for b in batches]
 
 
-def select_batches(limit, user_id=None, status=None, before=None):
+def select_batches(limit, user_id=None, status=None, before=None, api_token_digest=None):
+    """The latest user batches (of one API token's, when given), newest first."""
     query = UserBatch.select().order_by(UserBatch.id.desc()).limit(limit)
+    if api_token_digest is not None:
+        query = query.where(UserBatch.api_token_digest == api_token_digest)
     if user_id is not None:
         query = query.where(UserBatch.user_id == user_id)
     if status is not None:
@@ -80,11 +83,11 @@ def select_batches(limit, user_id=None, status=None, before=None):
     return query
 
 
-def page_of_batches(limit=20, user_id=None, status=None, before=None, with_webhooks=False):
-    """(status objects of the latest user batches, newest first, each with its latest webhook
-    delivery when asked; the `before` of the next page, or None when there is none). A few
-    queries for the whole page, whatever its size."""
-    batches = list(select_batches(limit + 1, user_id, status, before))
+def page_of_batches(limit=20, user_id=None, status=None, before=None, with_webhooks=False, api_token_digest=None):
+    """(status objects of the latest user batches (of one API token's, when given), newest
+    first, each with its latest webhook delivery when asked; the `before` of the next page, or
+    None when there is none). A few queries for the whole page, whatever its size."""
+    batches = list(select_batches(limit + 1, user_id, status, before, api_token_digest))
     shown = batches[:limit]
     counts, waiting = count_outcomes_of(shown), waiting_of(shown)
     page = [status_object(b, counts[b.id], waiting[b.id]) for b in shown]

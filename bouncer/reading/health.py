@@ -20,10 +20,11 @@ import logging
 import threading
 import time
 
+from bouncer.config import NO_KEY
 from bouncer.masking import mask_secrets, redact_url
 from bouncer.names import job_intervals
 from bouncer.queue.pauses import current_pauses
-from bouncer.reading.overview import queue_overview
+from bouncer.reading.overview import queue_overview, rq_backlog
 from bouncer.store.database import connection, utcnow, write_transaction
 from bouncer.store.models import FifoCounter, JobRun
 
@@ -47,8 +48,8 @@ REFUSALS = {401: "Bouncer refuses the API key (401): check BOUNCER_API_KEY",
 
 def service_health(app, started_at, now=None):
     """(healthy, answer) for /health: the database (a read and a write), Redis, every job."""
-    database = Probe(read_state, app.settings, started_at, now)
-    redis = Probe(ping, app.redis)
+    database = Probe("database", read_state, app.settings, started_at, now)
+    redis = Probe("redis", ping, app.redis)
     deadline = time.monotonic() + CHECK_TIMEOUT
     database_status, state = database.outcome(deadline, app.settings)
     redis_status, _ = redis.outcome(deadline, app.settings)
@@ -68,6 +69,24 @@ def service_health(app, started_at, now=None):
         "check_types": state["overview"]["check_types"] if state else None,
         "rate_limit": state["overview"]["rate_limit"] if state else None,
     }
+
+
+NO_WORKER = "no worker is running: the jobs wait in Redis (start `python -m bouncer worker`)"
+
+
+def runtime_reasons(app):
+    """What `status` and /metrics add to the database's reasons: Redis answering, as /health
+    asks, and a worker to run the jobs. (/health leaves workers out: a platform restarts a web
+    process whose health check fails, which would not bring a worker back.)"""
+    redis_status, workers = Probe("redis", count_workers, app.redis).outcome(
+        time.monotonic() + CHECK_TIMEOUT, app.settings)
+    if not redis_status["ok"]:
+        return ["redis: %s" % redis_status["error"]]
+    return [NO_WORKER] if workers == 0 else []
+
+
+def count_workers(redis):
+    return rq_backlog(redis)["workers"]
 
 
 def read_state(settings, started_at, now=None):
@@ -94,6 +113,8 @@ def service_state(settings, started_at=None, now=None):
     reasons = ["%s: %s" % (job_id, problem) for job_id, job in jobs.items() for problem in job["problems"]]
     reasons += ["%s batch creation paused: %s" % (check_type, p["reason"])
                 for check_type, p in paused.items() if p["cause"] == "credits"]
+    if settings.keyless_for_bouncer:
+        reasons.append(NO_KEY)
     return {"overview": queue_overview(settings), "jobs": jobs, "paused": paused, "reasons": reasons}
 
 
@@ -103,12 +124,15 @@ def ping(redis):
 
 class Probe:
     """One check running in a daemon thread. A check still stuck at the deadline is abandoned:
-    it ends on its own once the driver gives up, and never holds the process open."""
+    it ends on its own once the driver gives up, and never holds the process open. /health is
+    for anyone to read, so a failure says `unreachable` there; what the driver said (a host, a
+    port, a database's name) goes to the log."""
 
-    def __init__(self, check, *args):
+    def __init__(self, name, check, *args):
+        self.name = name
         self.value = self.error = None
         self.thread = threading.Thread(target=self.run, args=(check, *args), daemon=True,
-                                       name="health-%s" % check.__name__)
+                                       name="health-%s" % name)
         self.thread.start()
 
     def run(self, check, *args):
@@ -123,7 +147,8 @@ class Probe:
         if self.thread.is_alive():
             return {"ok": False, "error": "no answer within %ss" % CHECK_TIMEOUT}, None
         if self.error is not None:
-            return {"ok": False, "error": describe_error(self.error, settings)}, None
+            log.warning("Health: the %s does not answer: %s", self.name, describe_error(self.error, settings))
+            return {"ok": False, "error": "unreachable"}, None
         return {"ok": True}, self.value
 
 

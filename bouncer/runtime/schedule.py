@@ -87,7 +87,7 @@ def place_job(scheduler, job_id, spec, current, now):
     if current is None:
         if not restore_existing_job(scheduler, job_id, definition, now):
             schedule_job(scheduler, job_id, spec, now)
-        log.info("Scheduled job %s added: every %ss", job_id, definition["interval"])
+        log.debug("Scheduled job %s added: every %ss", job_id, definition["interval"])
         return "added"
     job, next_run = current
     if definition_of(job) == definition:

@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.worker import HerokuWorker
 
-from bouncer.config import MAX_BOUNCER_TIMEOUT
+from bouncer.config import MAX_BOUNCER_TIMEOUT, NO_KEY
 from bouncer.cycles.runner import SHUTDOWN
 from bouncer.names import CYCLE_QUEUE, WEBHOOK_QUEUE
 from bouncer.store.database import database
@@ -59,9 +59,22 @@ class BouncerWorker(HerokuWorker):
         super().request_stop(signum, frame)
 
     def request_stop_sigrtmin(self, signum, frame):
-        # In the horse: the worker was asked to stop. The cycle ends between two steps.
+        # In the horse: the worker was asked to stop. The cycle ends between two steps, long
+        # before the cut rq arms here (rq also warns of it: a clean stop is no warning).
         SHUTDOWN.set()
-        super().request_stop_sigrtmin(signum, frame)
+        log.debug("Worker %s: stop requested; the job ends at its next step (cut after %ds)", self.name,
+                  self.imminent_shutdown_delay)
+        signal.signal(signal.SIGRTMIN, self.request_force_stop_sigrtmin)
+        signal.signal(signal.SIGALRM, self.request_force_stop_sigrtmin)
+        signal.alarm(self.imminent_shutdown_delay)
+
+    def handle_warm_shutdown_request(self):
+        # Between two jobs (nearly always) there is no horse to tell: a clean stop, not the
+        # warning rq gives it.
+        if self.horse_pid == 0:
+            log.debug("Worker %s: stop requested between jobs", self.name)
+            return
+        super().handle_warm_shutdown_request()
 
     def fork_work_horse(self, job, queue):
         close_database()
@@ -85,6 +98,8 @@ def preload(app):
 
 
 def run_worker(app):
+    if app.settings.keyless_for_bouncer:
+        log.warning(NO_KEY)
     preload(app)
     close_database()
     while True:
@@ -92,6 +107,7 @@ def run_worker(app):
         queues = [Queue(name, connection=app.redis) for name in (CYCLE_QUEUE, WEBHOOK_QUEUE)]
         worker = BouncerWorker(queues, connection=app.redis,
                                maintenance_interval=MAINTENANCE_INTERVAL)
+        log.info("Worker %s: listening on %s (pid %d)", worker.name, ", ".join(q.name for q in queues), os.getpid())
         try:
             # No logging_level: rq then leaves logging to the handlers bouncer.logs installed.
             worker.work(with_scheduler=False)

@@ -18,9 +18,9 @@ from bouncer.store.models import (
     INTERNAL_MODELS, FifoCounter, LineOrder, LineWeight, QueuedEmail, SchemaVersion, SentShare, UserWeight,
 )
 from bouncer.store.schema import (
-    ADDRESS_INDEX, CHECKS, INDEXES, NEW_ROW_CHECK, NEW_ROW_RULE, RESULTS_VIEW, ROWS_FILLFACTOR, SQLITE_TRIGGERS,
-    UNADMITTED_INDEX, UNDELETED_INDEX, USER_BATCH_EMAILS, USER_BATCHES, VERSION, create_all, current_version,
-    host_triggers, render,
+    ADDRESS_INDEX, API_TOKEN_INDEX, CHECKS, INDEXES, NEW_ROW_CHECK, NEW_ROW_RULE, RESULTS_VIEW, ROWS_FILLFACTOR,
+    SQLITE_TRIGGERS, UNADMITTED_INDEX, UNDELETED_INDEX, USER_BATCH_EMAILS, USER_BATCHES, VERSION, create_all,
+    current_version, host_triggers, render,
 )
 
 log = logging.getLogger(__name__)
@@ -248,6 +248,9 @@ def upgrade_to_5():
     # Personal data: a pruned batch keeps its counts; the rows naming an address are found by it.
     add_columns("user_batches", [("pruned_at", "{time}"), ("kept_counts", "TEXT")])
     database.execute_sql(ADDRESS_INDEX)
+    # Tenants on the HTTP door: the API token that created a batch, as its digest.
+    add_columns("user_batches", [("api_token_digest", "TEXT")])
+    database.execute_sql(API_TOKEN_INDEX)
 
 
 def add_columns(table, columns):

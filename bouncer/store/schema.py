@@ -87,7 +87,8 @@ CREATE TABLE user_batches (
     source TEXT,
     loader_seen_at {time},
     pruned_at {time},
-    kept_counts TEXT
+    kept_counts TEXT,
+    api_token_digest TEXT
 )"""
 
 
@@ -124,6 +125,9 @@ ADDRESS_INDEX = ("CREATE INDEX IF NOT EXISTS user_batch_emails_address ON user_b
 # before the ledger has the column.
 UNDELETED_INDEX = ("CREATE INDEX IF NOT EXISTS bouncer_batches_undeleted ON bouncer_batches"
                    " (check_type, status, deleted_at)")
+# Tenants on the HTTP door: a token lists its own batches, newest first.
+API_TOKEN_INDEX = ("CREATE INDEX IF NOT EXISTS user_batches_api_token ON user_batches (api_token_digest, id)"
+                   " WHERE api_token_digest IS NOT NULL")
 
 
 INDEXES = [
@@ -199,8 +203,8 @@ def current_version():
 def create_all():
     with write_transaction():
         database.create_tables(INTERNAL_MODELS)
-        for statement in (USER_BATCHES, USER_BATCH_EMAILS, *INDEXES, UNDELETED_INDEX, *host_triggers(),
-                          RESULTS_VIEW):
+        for statement in (USER_BATCHES, USER_BATCH_EMAILS, *INDEXES, UNDELETED_INDEX, API_TOKEN_INDEX,
+                          *host_triggers(), RESULTS_VIEW):
             database.execute_sql(render(statement))
         FifoCounter.create(last=0)
         SchemaVersion.create(version=VERSION)

@@ -1,10 +1,10 @@
 """`/api/v1`: the HTTP door, for host applications in any language (design.md, "The HTTP door").
 
-Every call carries `Authorization: Bearer <token>` (API_TOKENS); no or a wrong token is the same
-401 on every route, so an answer never says whether a batch exists. A submit is read as a stream
+Every call carries `Authorization: Bearer <token>` (API_TOKENS, API_OPERATOR_TOKENS); no or a
+wrong token is the same 401 on every route, so an answer never says whether a batch exists. Each
+token is a tenant: it sees only the batches it created (tenants.py). A submit is read as a stream
 (submission.py); the OpenAPI description is made from the schemas (schemas.py).
 """
-import hashlib
 import json
 import logging
 
@@ -12,16 +12,15 @@ from apiflask import APIBlueprint, abort
 from flask import Response, request, stream_with_context
 
 from bouncer.errors import Conflict, Gone, NotFound
-from bouncer.reading.batches import (
-    batch_status, batch_with_rows, get_user_batch, iter_results, page_of_batches, results_csv,
-)
+from bouncer.reading.batches import batch_status, batch_with_rows, iter_results, page_of_batches, results_csv
 from bouncer.services import batches, erasure
 from bouncer.web.auth import bearer_token, token_matches
-from bouncer.web.context import batch_status_or_404, bouncer_app
+from bouncer.web.context import bouncer_app
 from bouncer.web.schemas import (
     BatchList, ListQuery, ResultsQuery, StatusObject, SubmitQuery, Submitted, describe_submit_body, errors,
 )
 from bouncer.web.submission import Submission
+from bouncer.web.tenants import caller, own_batch_or_404, set_caller
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +40,12 @@ def register(web):
 @blueprint.before_request
 def authenticate():
     settings = bouncer_app().settings
-    if not settings.api_tokens:
+    if not settings.every_api_token:
         abort(503, "the HTTP API is off: set API_TOKENS to turn it on")
     token = bearer_token(request.headers.get("Authorization"))
-    if not token_matches(token, settings.api_tokens):
+    if not token_matches(token, settings.every_api_token):
         abort(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-    request.token_digest = hashlib.sha256(token.encode()).hexdigest()
+    set_caller(token, sees_all=token_matches(token, settings.api_operator_tokens))
 
 
 # -- routes --
@@ -55,7 +54,8 @@ def authenticate():
 @blueprint.output(StatusObject)
 @blueprint.doc(summary="One user batch's status", security="BearerAuth", responses=errors(404))
 def status(batch_id):
-    return batch_status_or_404(batch_id)
+    own_batch_or_404(batch_id)
+    return batch_status(batch_id)
 
 
 @blueprint.post("/batches")
@@ -75,7 +75,7 @@ def submit(query):
                                 "headers": {"X-Batch-Status": {"schema": {"type": "string"}}}},
                           **errors(404, 410)})
 def results(batch_id, query):
-    callers_batch_or_404(batch_id)
+    own_batch_or_404(batch_id)
     try:
         batch = batch_with_rows(batch_id)
     except Gone as exc:
@@ -97,7 +97,7 @@ def results(batch_id, query):
 def list_batches(query):
     limit = max(1, min(query.get("limit", 50), 500))
     page, next_before = page_of_batches(limit, user_id=query.get("user_id"), before=query.get("before"),
-                                        with_webhooks=True)
+                                        with_webhooks=True, api_token_digest=caller().listing_filter)
     return {"batches": page, "next_before": next_before}
 
 
@@ -109,6 +109,7 @@ def list_batches(query):
                            "Bouncer: what it had not verified ends cancelled, its credits refunded); the "
                            "batch becomes cancelled when its last email ends.")
 def cancel(batch_id):
+    own_batch_or_404(batch_id)
     try:
         batches.cancel_user_batch(bouncer_app(), batch_id)
     except NotFound:
@@ -126,23 +127,14 @@ def cancel(batch_id):
                            "with its verdicts. Audited without the erased data. 409 while it is still being "
                            "written (a submit under way).")
 def erase(batch_id):
-    callers_batch_or_404(batch_id)
+    own_batch_or_404(batch_id)
     try:
-        erasure.erase_user_batch(bouncer_app(), batch_id, who="api:token %s" % request.token_digest[:12])
+        erasure.erase_user_batch(bouncer_app(), batch_id, who="api:token %s" % caller().token_digest[:12])
     except NotFound:
         abort(404)
     except Conflict as exc:
         abort(409, str(exc))
     return ""
-
-
-def callers_batch_or_404(batch_id):
-    """The user batch `batch_id`, if the caller may act on it; a 404 otherwise, the same for a
-    batch that does not exist (the one place a route asks whose a batch is)."""
-    try:
-        return get_user_batch(batch_id)
-    except NotFound:
-        abort(404)
 
 
 def json_lines(rows):

@@ -48,6 +48,8 @@ def create_web_app(app, started_at=None):
 def json_error(error):
     """Every error is `{"error": "<one line>"}`, whatever raised it."""
     message = error.message if isinstance(error.message, str) else "error"
+    if error.detail:       # a query parameter refused by its schema: which, and why
+        message = describe_invalid(error.detail)
     if error.status_code == 404:
         message = "not found"
     elif error.status_code == 405:
@@ -57,14 +59,25 @@ def json_error(error):
     return body, error.status_code, error.headers
 
 
+def describe_invalid(detail):
+    """`{"query": {"format": ["Must be one of: json, csv."]}}` -> "format: must be one of: json, csv"."""
+    problems = []
+    for fields in detail.values():
+        for name, messages in fields.items():
+            text = " ".join(messages) if isinstance(messages, list) else str(messages)
+            problems.append("%s: %s" % (name, text[:1].lower() + text[1:].rstrip(".")))
+    return "; ".join(problems) or "invalid request"
+
+
 def database_unavailable(error):
-    """A database that does not answer, or has no schema yet, is a one-line 503 on every route."""
-    message = describe_error(error, bouncer_app().settings)
-    if NO_SCHEMA.search(message):
-        message = "the database has no schema yet: run `python -m bouncer init-db` (%s)" % message
+    """A database that does not answer, or has no schema yet, is a one-line 503 on every route.
+    What the driver said (a host, a port, a database's name) goes to the log, not the answer."""
+    detail = describe_error(error, bouncer_app().settings)
+    if NO_SCHEMA.search(detail):
+        message = "the database has no schema yet: run `python -m bouncer init-db`"
     else:
-        message = "the database does not answer: %s" % message
-    log.warning("%s %s: %s", request.method, masked_path(request.path, bouncer_app().settings), message)
+        message = "the database does not answer"
+    log.warning("%s %s: %s: %s", request.method, masked_path(request.path, bouncer_app().settings), message, detail)
     return {"error": message}, 503
 
 

@@ -30,7 +30,7 @@ from bouncer.names import CHECK_TYPES
 from bouncer.queue import audit, pauses
 from bouncer.reading import activity
 from bouncer.reading.batches import batch_with_rows, iter_results, page_of_batches, results_csv, row_states
-from bouncer.reading.health import service_state
+from bouncer.reading.health import runtime_reasons, service_state
 from bouncer.reading.history import DEFAULT_HOURS, WINDOWS, chart_series
 from bouncer.reading.overview import rq_backlog
 from bouncer.services import batches, erasure, weights
@@ -135,6 +135,7 @@ def overview():
     user_id, status, before, hours = batch_filters(), status_filter(), int_arg("before"), hours_arg()
     now = utcnow()
     state = service_state(settings, started_at(), now)
+    state["reasons"] = runtime_reasons(bouncer_app()) + state["reasons"]     # as `status` says them
     page, next_before = page_of_batches(PAGE, user_id, status, before)
     return render_template(
         "console/overview.html", state=state, overview=state["overview"], redis=redis_figures(),
@@ -280,9 +281,15 @@ def set_weight():
 def back():
     """To the page the form was on (a path of this site only), else the overview."""
     target = request.form.get("next", "")
-    if not target.startswith("/") or target.startswith("//") or "\\" in target:
-        target = url_for("console.overview")
-    return redirect(target, code=303)
+    return redirect(target if is_own_path(target) else url_for("console.overview"), code=303)
+
+
+def is_own_path(target):
+    """Whether `target` is a path of this site: `/`, then no second `/` or `\\` at once, and no
+    control character or space anywhere (a browser drops tabs and line breaks from a URL, so
+    `/\t/evil.example` is `//evil.example` to it, and a line break cannot go in a header)."""
+    return (target[:1] == "/" and target[1:2] not in ("/", "\\") and "\\" not in target
+            and not any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in target))
 
 
 # -- reading the request --

@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
-from bouncer.reading.health import describe_error, service_state
+from bouncer.reading.health import describe_error, runtime_reasons, service_state
 from bouncer.reading.overview import TOP_USERS, rq_backlog
 from bouncer.web.auth import bearer_token, token_matches
 from bouncer.web.context import bouncer_app, started_at
@@ -49,9 +49,8 @@ def metrics():
     try:
         body = encode(registry)
     except Exception as exc:
-        message = describe_error(exc, app.settings)
-        log.warning("/metrics: cannot read the service's figures (%s)", message)
-        abort(503, "cannot read the service's figures: %s" % message)
+        log.warning("/metrics: cannot read the service's figures (%s)", describe_error(exc, app.settings))
+        abort(503, "cannot read the service's figures (the web process's log says why)")
     return Response(body, content_type=content_type)
 
 
@@ -64,7 +63,7 @@ class ServiceCollector:
     def collect(self):
         state = service_state(self.app.settings, self.started_at)
         yield from queue_families(state["overview"])
-        yield from job_families(state)
+        yield from job_families(state, state["reasons"] + runtime_reasons(self.app))
         yield from redis_families(self.app.redis)
 
 
@@ -139,7 +138,7 @@ def queue_families(o):
                 [((state,), n) for state, n in o["webhook_deliveries"].items()])
 
 
-def job_families(state):
+def job_families(state, reasons):
     jobs = state["jobs"].items()
     yield gauge("bouncer_job_last_success_timestamp_seconds", "When each repeating job last succeeded (Unix time)",
                 ("job",), [((job,), epoch(j["last_success"])) for job, j in jobs if j["last_success"]])
@@ -152,7 +151,7 @@ def job_families(state):
     yield gauge("bouncer_creation_paused", "1 while batch creation is paused (by an operator, or out of credits)",
                 ("check_type",), [((t,), int(t in state["paused"])) for t in state["overview"]["check_types"]])
     yield gauge("bouncer_healthy", "1 when status finds no reason to call the service degraded",
-                samples=[((), int(not state["reasons"]))])
+                samples=[((), int(not reasons))])
 
 
 def redis_families(redis):

@@ -7,6 +7,7 @@ wrong one looks exactly like a route that does not exist.
 import hmac
 import json
 import logging
+import re
 
 from apiflask import APIBlueprint, abort
 from flask import request
@@ -23,6 +24,9 @@ log = logging.getLogger(__name__)
 
 MAX_CALLBACK_BODY = 64 * 1024
 MAX_ID_DIGITS = 18          # a ledger id fits a signed 64-bit integer
+MAX_CALLBACK_DEPTH = 8      # Bouncer's payload is a flat object; a little room for what it may add
+JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+BRACKETS = re.compile(rb"[\[\]{}]")
 
 
 blueprint = APIBlueprint("service", __name__, enable_openapi=False)
@@ -53,7 +57,10 @@ def callback(rest):
     if request.method not in ("POST", "GET"):
         abort(405, headers={"Allow": "POST, GET"})
     reservation = reservation_named()
-    recognise_reservation(reservation, request.stream.read(MAX_CALLBACK_BODY))
+    body = request.stream.read(MAX_CALLBACK_BODY)
+    if nesting_depth(body) > MAX_CALLBACK_DEPTH:
+        abort(400, "the body nests deeper than %d levels" % MAX_CALLBACK_DEPTH)
+    recognise_reservation(reservation, body)
     try:
         for check_type in check_types:
             if reservation is not None:
@@ -92,6 +99,16 @@ def recognise_reservation(reservation, body):
     bouncer_id = next((payload[k] for k in ("batchId", "batch_id", "id") if isinstance(payload.get(k), str)), None)
     if bouncer_id and len(bouncer_id) <= 100:
         recognise_from_callback(reservation, bouncer_id.strip())
+
+
+def nesting_depth(body):
+    """How deep a JSON text nests, found without parsing it (a parser takes memory or stack
+    for each level): its brackets counted, its strings left out."""
+    depth = deepest = 0
+    for bracket in BRACKETS.finditer(JSON_STRING.sub(b"", body)):
+        depth += 1 if bracket.group() in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def is_redis_error(exc):

@@ -3,9 +3,13 @@
 
 from apiflask import Schema
 from apiflask.fields import Dict, Float, Integer, List, Nested, String
+from apiflask.validators import OneOf
 
 from bouncer.names import CHECK_TYPES
 from bouncer.states import BatchState
+
+
+RESULT_FORMATS = ("json", "csv")
 
 
 class Counts(Schema):
@@ -88,7 +92,7 @@ class BatchList(Schema):
 
 
 class ResultsQuery(Schema):
-    format = String(metadata={"enum": ["json", "csv"]})
+    format = String(validate=OneOf(RESULT_FORMATS), metadata={"enum": list(RESULT_FORMATS)})
 
 
 class Error(Schema):

@@ -10,10 +10,17 @@ large (API_MAX_EMAILS rows); everything else gets SMALL_BODY. Idle connections a
 IDLE_TIMEOUT; at most CONNECTION_LIMIT are open at once.
 """
 import copy
+import ipaddress
 import json
 import logging
 import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from urllib.parse import urlsplit
 
+from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.server import create_server
@@ -29,6 +36,9 @@ CONNECTION_LIMIT = 1000
 IDLE_TIMEOUT = 30          # seconds an idle connection is kept (waitress's default is 120)
 SMALL_BODY = 64 * 1024
 BYTES_PER_ROW = 400        # an address of up to 320 characters, quoted, with a comma and slack
+PUBLIC_URL_CHECK_DELAY = 1     # seconds after start before this process asks its own PUBLIC_URL
+PUBLIC_URL_TIMEOUT = 10
+MAX_HEALTH_BODY = 64 * 1024
 
 
 class JsonTooLarge(RequestEntityTooLarge):
@@ -42,7 +52,7 @@ class JsonTooLarge(RequestEntityTooLarge):
 def body_limit(settings, method, path, authorization):
     """The largest body a request may send, from its request line and headers."""
     if method == "POST" and path.rstrip("/") == "/api/v1/batches" \
-            and token_matches(bearer_token(authorization), settings.api_tokens):
+            and token_matches(bearer_token(authorization), settings.every_api_token):
         return settings.api_max_emails * BYTES_PER_ROW + SMALL_BODY
     return SMALL_BODY
 
@@ -77,7 +87,8 @@ def bounded_channel(settings):
 
 def make_server(app, port, host="0.0.0.0", idle_timeout=IDLE_TIMEOUT):
     """The waitress server of the web application, bounded, not yet running."""
-    largest = app.settings.api_max_emails * BYTES_PER_ROW + SMALL_BODY if app.settings.api_tokens else SMALL_BODY
+    largest = app.settings.api_max_emails * BYTES_PER_ROW + SMALL_BODY if app.settings.every_api_token \
+        else SMALL_BODY
     server = create_server(create_web_app(app), host=host, port=port, threads=THREADS,
                            connection_limit=CONNECTION_LIMIT, channel_timeout=idle_timeout,
                            cleanup_interval=max(1, min(30, idle_timeout)), max_request_body_size=largest,
@@ -86,12 +97,15 @@ def make_server(app, port, host="0.0.0.0", idle_timeout=IDLE_TIMEOUT):
     return server
 
 
-def serve(app, port, host="0.0.0.0"):
+def serve(app, port, host):
     """Serve until SIGTERM (what Heroku and Render send) or Ctrl-C, then return, so the process
     exits 0."""
     server = make_server(app, port, host)
     signal.signal(signal.SIGTERM, stop_serving)
     log.info("Web process listening on %s:%s", server.effective_host, server.effective_port)
+    if names_this_machine(app.settings.public_url):
+        threading.Thread(target=check_public_url, args=(app.settings.public_url,), daemon=True,
+                         name="public-url-check").start()
     try:
         server.run()
     finally:
@@ -99,6 +113,55 @@ def serve(app, port, host="0.0.0.0"):
     log.info("Web process stopped")
 
 
+def names_this_machine(url):
+    """Whether `url` is a loopback URL: a local run's PUBLIC_URL. A public one is not asked from
+    inside (a platform's router or a firewall may well not loop back, and say nothing of Bouncer)."""
+    host = urlsplit(url).hostname if url else None
+    if host == "localhost":
+        return True
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_public_url(public_url, delay=PUBLIC_URL_CHECK_DELAY):
+    """Once, as the web process comes up: does this service answer at PUBLIC_URL? If not,
+    Bouncer's completion callbacks go nowhere and every batch waits for the next poll, which
+    nothing else would say (a local run whose web process is on another port, say)."""
+    time.sleep(delay)     # the server's loop is running by then
+    try:
+        with urllib.request.urlopen(public_url + "/health", timeout=PUBLIC_URL_TIMEOUT) as answer:
+            body = answer.read(MAX_HEALTH_BODY)
+    except urllib.error.HTTPError as answer:   # 503: degraded, but it is this service answering
+        body = answer.read(MAX_HEALTH_BODY)
+    except (OSError, ValueError) as exc:
+        log.error("PUBLIC_URL=%s does not answer (%s): Bouncer's completion callbacks will go nowhere "
+                  "and batches wait for the next status poll. Is the web process on that port? "
+                  "(`honcho start` gives it $PORT, 5000 unless .env sets PORT)", public_url, exc)
+        return
+    if not is_health_answer(body):
+        log.error("PUBLIC_URL=%s is answered by something other than this service: Bouncer's completion "
+                  "callbacks will go there. Point it at this web process", public_url)
+
+
+def is_health_answer(body):
+    try:
+        return json.loads(body).get("status") in ("ok", "degraded")
+    except (ValueError, AttributeError):
+        return False
+
+
 def stop_serving(signum, frame):
     # waitress's loop ends on SystemExit and then shuts its worker threads down.
     raise SystemExit(0)
+
+
+def stop_server(server, thread, timeout=10):
+    """Stop a server whose loop runs in `thread`, from another thread. Its sockets are closed by
+    the loop itself, between two polls (closing them from here would pull them from under the
+    poll it is in: `OSError: Bad file descriptor` in its thread); the loop then ends, having
+    nothing left to watch, and the worker threads are shut down."""
+    server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+    thread.join(timeout)
+    server.task_dispatcher.shutdown()

@@ -5,23 +5,29 @@ refused request leaves nothing visible."""
 
 import hashlib
 import logging
-from urllib.parse import urlsplit
+import time
 
 from apiflask import abort
 from flask import request, url_for
+from peewee import IntegrityError
 
-from bouncer.doors.admission import SLICE
+from bouncer.doors.admission import SLICE, is_admitted
 from bouncer.doors.loading import MAX_REPORTED_INVALID, Loader, chunks
 from bouncer.doors.reader import JsonBatch, read_stream
 from bouncer.errors import InputError, MalformedInput
 from bouncer.names import CHECK_TYPES
+from bouncer.news import targets
 from bouncer.reading.batches import get_user_batch
 from bouncer.services import idempotency
 from bouncer.store.database import utcnow
+from bouncer.web.tenants import caller
 
 log = logging.getLogger(__name__)
 
 MAX_KEY = 200
+REPLAY_WAIT = 60           # seconds a retry waits for the first request's batch to be admitted
+ADMISSION_POLL = 0.1
+MAX_LINE = 1024 * 1024     # bytes of one line of a text or CSV body
 
 
 class Refused(Exception):
@@ -65,6 +71,8 @@ class Submission:
                 body.read_fields()
             except MalformedInput as exc:
                 raise Refused(400, str(exc)) from None
+            except InputError as exc:
+                raise Refused(422, str(exc)) from None
             return body.fields, self.json_rows(body)
         if kind in ("text/plain", "text/csv"):
             form = "csv" if kind == "text/csv" else "text"
@@ -102,7 +110,7 @@ class Submission:
         if check_type is None:
             return self.note(422, "check_type is required: one of %s" % ", ".join(CHECK_TYPES))
         try:
-            return Loader(user_id, check_type, source="api")
+            return Loader(user_id, check_type, source="api", api_token_digest=caller().token_digest)
         except InputError as exc:
             return self.note(422, str(exc))
 
@@ -129,31 +137,52 @@ class Submission:
             replay = self.replay(digest)
             if replay is not None:
                 return replay
-        summary = self.loader.finish(before_visible=lambda: self.remember_key(digest), callback_url=callback_url)
+        try:
+            summary = self.loader.finish(before_visible=lambda: self.remember_key(digest), callback_url=callback_url)
+        except IntegrityError:
+            # Another request with this key made its batch visible first (the key's unique
+            # index refused this one's): answer as it did.
+            answer = self.replay(digest) if self.key is not None else None
+            if answer is None:
+                raise
+            return answer
         body = submitted(summary.batch_id, summary.invalid_examples)
         return body, 201, {"Location": url_for("api.status", batch_id=summary.batch_id)}
 
     def replay(self, digest):
         """A request already answered under this key: the same batch (200), or 409 for another
-        request. Removes what this one wrote."""
-        earlier = idempotency.answered_before(request.token_digest, self.key, utcnow())
+        request. Removes what this one wrote. The answer waits until the batch is admitted,
+        when its counts are those the first request answered with."""
+        earlier = idempotency.answered_before(caller().token_digest, self.key, utcnow())
         if earlier is None:
             return None
         self.remove()
         request_digest, batch_id, lines = earlier
         if request_digest != digest:
             raise Refused(409, "Idempotency-Key was used for another request in the last 24 h")
+        wait_for_admission(batch_id)
         return submitted(batch_id, lines, stored=True), 200, {"Location": url_for("api.status", batch_id=batch_id)}
 
     def remember_key(self, digest):
         if self.key is not None:
-            idempotency.remember(request.token_digest, self.key, digest, self.loader.batch_id,
+            idempotency.remember(caller().token_digest, self.key, digest, self.loader.batch_id,
                                  invalid_lines(self.loader.invalid_examples), utcnow())
 
     def remove(self):
         if self.loader is not None and self.loader.summary is None:
             self.loader.remove()
             self.loader.summary = False
+
+
+def wait_for_admission(batch_id):
+    """Until the batch is admitted (its first request's loader admits it as it answers); a 503
+    to retry after REPLAY_WAIT, should that loader have died and left it to a cycle."""
+    deadline = time.monotonic() + REPLAY_WAIT
+    while not is_admitted(batch_id):
+        if time.monotonic() > deadline:
+            abort(503, "the batch of this Idempotency-Key is still being admitted; retry in a minute",
+                  headers={"Retry-After": str(REPLAY_WAIT)})
+        time.sleep(ADMISSION_POLL)
 
 
 def submitted(batch_id, examples, stored=False):
@@ -169,14 +198,10 @@ def invalid_lines(examples):
 
 
 def callback_url_problem(url, settings):
-    if not isinstance(url, str):
-        return "callback_url must be a string"
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "callback_url must be an http or https URL with a host"
-    if not settings.webhook_secret:
+    problem = targets.url_problem(url)
+    if problem is None and not settings.webhook_secret:
         return "callback_url needs WEBHOOK_SECRET to be set on the service (webhooks are signed)"
-    return None
+    return problem or targets.submit_problem(url, settings.webhook_allow_private)
 
 
 def canonical_query():
@@ -185,10 +210,12 @@ def canonical_query():
 
 class HashingStream:
     """A binary stream that feeds what is read through a digest (the Idempotency-Key's request
-    hash is taken while the body streams in)."""
+    hash is taken while the body streams in). A line is read whole, so a text or CSV line longer
+    than MAX_LINE is refused rather than held: a body with no newline would be one line."""
 
     def __init__(self, stream, digest):
         self.stream, self.digest = stream, digest
+        self.lines = 0
 
     def read(self, size=-1):
         if size == 0:   # ijson probes with read(0), which werkzeug takes for a hang-up
@@ -198,7 +225,10 @@ class HashingStream:
         return data
 
     def readline(self, size=-1):
-        data = self.stream.readline(size)
+        data = self.stream.readline(MAX_LINE + 1 if size < 0 else min(size, MAX_LINE + 1))
+        self.lines += 1
+        if len(data) > MAX_LINE:
+            raise InputError("body: line %d is longer than %d bytes; no address is" % (self.lines, MAX_LINE))
         self.digest.update(data)
         return data
 
