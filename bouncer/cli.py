@@ -13,7 +13,7 @@ import sys
 import click
 
 from bouncer import __version__
-from bouncer.errors import Conflict, ConfigError, DatabaseUnavailable, Gone, InputError, NotFound
+from bouncer.errors import ConfigError, Conflict, DatabaseUnavailable, Gone, InputError, NotFound
 from bouncer.names import CHECK_TYPES
 
 EXPECTED_ERRORS = (InputError, NotFound, Gone, Conflict, ConfigError, DatabaseUnavailable)

@@ -12,6 +12,7 @@ from conftest import assert_clean_failure, on_postgres, statuses, submit, with_s
 
 from bouncer.app import set_current_app
 from bouncer.cycles.runner import run_cycle
+from bouncer.doors.loading import create_user_batch
 from bouncer.names import CREATION, STATUS
 from bouncer.queue.audit import fingerprint
 from bouncer.queue.fairness import set_weight, stored_weight
@@ -21,15 +22,11 @@ from bouncer.services import erasure as erasure_service
 from bouncer.services.idempotency import remember
 from bouncer.store.database import database, utcnow
 from bouncer.store.models import (
-    AuditEntry,
-    BouncerBatchEmail,
-    DeliverableResult,
-    EmailGlobal,
-    UserBatch,
-    UserBatchEmail,
+    AuditEntry, BouncerBatchEmail, DeliverableResult, EmailGlobal, UserBatch, UserBatchEmail,
     WebhookDelivery,
 )
 from bouncer.web import create_web_app
+from bouncer.web.tenants import token_digest
 from support import invariants
 
 KEY = "erasure-key-0f1e2d3c4b5a6978"
@@ -272,9 +269,14 @@ def auth():
     return {"Authorization": "Bearer %s" % TOKEN}
 
 
+def tokens_batch(user_id, emails):
+    """A user batch made by the test's API token (its tenant's)."""
+    return create_user_batch(user_id, "deliverable", emails, api_token_digest=token_digest(TOKEN)).batch_id
+
+
 def test_delete_erases_one_batch_of_the_caller(client, keyed, bouncer):
-    mine = submit("alice", ["Jane.Doe+a@gmail.com", "a@example.com"])
-    other = submit("alice", ["janedoe@gmail.com"])
+    mine = tokens_batch("alice", ["Jane.Doe+a@gmail.com", "a@example.com"])
+    other = tokens_batch("alice", ["janedoe@gmail.com"])
     create_and_ingest(keyed, bouncer)
     response = client.delete("/api/v1/batches/%d" % mine, headers=auth())
     assert response.status_code == 204 and response.data == b""
@@ -291,7 +293,7 @@ def test_delete_erases_one_batch_of_the_caller(client, keyed, bouncer):
 
 def test_delete_needs_the_token_and_refuses_a_batch_being_written(client, keyed):
     from bouncer.doors.loading import Loader
-    loader = Loader("alice", "deliverable", source="api")
+    loader = Loader("alice", "deliverable", source="api", api_token_digest=token_digest(TOKEN))
     loader.write([(1, "b@example.com")])
     assert client.delete("/api/v1/batches/%d" % loader.batch_id).status_code == 401
     response = client.delete("/api/v1/batches/%d" % loader.batch_id, headers=auth())

@@ -25,8 +25,8 @@ from bouncer.services.batches import cancel_user_batch
 from bouncer.states import SENT, RowState
 from bouncer.store.database import database, open_database, utcnow
 from bouncer.store.models import (
-    BouncerBatch, BouncerBatchEmail, DeliverableResult, EmailGlobal, QueuedEmail, RateLimitTracker, UserBatch,
-    UserBatchEmail,
+    BouncerBatch, BouncerBatchEmail, DeliverableResult, EmailGlobal, QueuedEmail, RateLimitTracker,
+    UserBatch, UserBatchEmail,
 )
 from bouncer.web import create_web_app
 from support import invariants

@@ -37,8 +37,8 @@ def fresh_clone(directory):
 
 
 def recipe():
-    """The README's first block of commands: the local recipe."""
-    block = re.search(r"\n\n((?:    .+\n)+)", README).group(1)
+    """The README's block of commands that ends with `honcho start`: the local recipe."""
+    block = next(b for b in re.findall(r"\n\n((?:    .+\n)+)", README) if "honcho start" in b)
     return [line.strip().split("  #")[0].strip() for line in block.splitlines()]
 
 

@@ -14,8 +14,8 @@ from bouncer.client import BouncerClient
 from bouncer.cycles.runner import run_cycle
 from bouncer.names import CREATION, STATUS
 from bouncer.reading.batches import batch_status, iter_results
-from bouncer.store.database import database, open_database
 from bouncer.sandbox.simulator import verdict_for
+from bouncer.store.database import database, open_database
 from bouncer.store.migrations import RETIRED_INDEXES, create_schema, upgrade_to_5
 from bouncer.store.models import BouncerBatch, BouncerBatchEmail, QueuedEmail, UserBatch, UserBatchEmail
 from bouncer.store.schema import VERSION, current_version

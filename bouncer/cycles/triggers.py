@@ -18,8 +18,8 @@ from rq.job import JobStatus
 
 from bouncer.logs import ids
 from bouncer.names import (
-    CALLED_BACK_KEY, CYCLE_QUEUE, JOB_FUNCTIONS, JOB_TIMEOUT, NOW_FAILURE_TTL, NOW_SUFFIX, PRUNER, RUN_AGAIN_KEY,
-    WEBHOOK_QUEUE, WEBHOOK_SENDER, job_id, lock_key,
+    CALLED_BACK_KEY, CYCLE_QUEUE, JOB_FUNCTIONS, JOB_TIMEOUT, NOW_FAILURE_TTL, NOW_SUFFIX, PRUNER,
+    RUN_AGAIN_KEY, WEBHOOK_QUEUE, WEBHOOK_SENDER, job_id, lock_key,
 )
 
 log = logging.getLogger(__name__)

@@ -44,13 +44,15 @@ class SubmitSummary:
 
 
 def create_user_batch(user_id, check_type, emails, now=None, on_progress=None, source="library",
-                      callback_url=None):
+                      callback_url=None, api_token_digest=None):
     """Create one user batch from `emails` and return its SubmitSummary, once it is admitted.
 
     `emails` is any iterable of address strings, or of `(line_number, address)` pairs (line
-    numbers then name the invalid rows). Raises InputError, leaving nothing visible, for an
+    numbers then name the invalid rows); `api_token_digest`, the API token it belongs to (none:
+    only an operator-level token sees it). Raises InputError, leaving nothing visible, for an
     unknown check type, a bad user id, or input without a single valid address."""
-    loader = Loader(user_id, check_type, source=source, callback_url=callback_url, now=now)
+    loader = Loader(user_id, check_type, source=source, callback_url=callback_url, now=now,
+                    api_token_digest=api_token_digest)
     with loader:
         for chunk in chunks(numbered(emails), SLICE):
             loader.write(chunk)

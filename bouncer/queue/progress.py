@@ -12,8 +12,8 @@ from peewee import SQL, Case, fn
 from bouncer.errors import Conflict
 from bouncer.queue import outbox
 from bouncer.queue.line import (
-    batches_of_bouncer_batch, is_one_of, leave_line, leave_line_of_batch, not_admitted, riding_rows, rows_in_line_of,
-    take_off_batch, take_off_rows,
+    batches_of_bouncer_batch, is_one_of, leave_line, leave_line_of_batch, not_admitted, riding_rows,
+    rows_in_line_of, take_off_batch, take_off_rows,
 )
 from bouncer.states import ENDED_BATCH_STATES, BatchState, RowState
 from bouncer.store.bulk import among, chunked

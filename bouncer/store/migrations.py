@@ -12,15 +12,14 @@ its indexes; 5, this release: see `upgrade_to_5`, one part per feature.
 
 import logging
 
-
 from bouncer.store.database import database, dialect, write_transaction
 from bouncer.store.models import (
     INTERNAL_MODELS, FifoCounter, LineOrder, LineWeight, QueuedEmail, SchemaVersion, SentShare, UserWeight,
 )
 from bouncer.store.schema import (
-    ADDRESS_INDEX, API_TOKEN_INDEX, CHECKS, INDEXES, NEW_ROW_CHECK, NEW_ROW_RULE, RESULTS_VIEW, ROWS_FILLFACTOR,
-    SQLITE_TRIGGERS, UNADMITTED_INDEX, UNDELETED_INDEX, USER_BATCH_EMAILS, USER_BATCHES, VERSION, create_all,
-    current_version, host_triggers, render,
+    ADDRESS_INDEX, API_TOKEN_INDEX, CHECKS, INDEXES, NEW_ROW_CHECK, NEW_ROW_RULE, RESULTS_VIEW,
+    ROWS_FILLFACTOR, SQLITE_TRIGGERS, UNADMITTED_INDEX, UNDELETED_INDEX, USER_BATCH_EMAILS, USER_BATCHES,
+    VERSION, create_all, current_version, host_triggers, render,
 )
 
 log = logging.getLogger(__name__)

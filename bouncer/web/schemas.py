@@ -8,7 +8,6 @@ from apiflask.validators import OneOf
 from bouncer.names import CHECK_TYPES
 from bouncer.states import BatchState
 
-
 RESULT_FORMATS = ("json", "csv")
 
 
