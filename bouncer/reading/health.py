@@ -3,7 +3,7 @@ reasons when it is not.
 
 Degraded when any of these holds (docs/operating.md states the same thresholds):
 - the database does not answer, or does not take a write (read-only, full);
-- Redis does not answer (web process only: the CLI's `status` does not ask it);
+- Redis does not answer (`status` and /metrics also say when no worker runs);
 - a job has not succeeded for OVERDUE_INTERVALS of its intervals plus GRACE_SECONDS (a job never
   seen to succeed counts from when this process started);
 - a job failed FAILING_RUNS times in a row;

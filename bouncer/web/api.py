@@ -7,6 +7,7 @@ token is a tenant: it sees only the batches it created (tenants.py). A submit is
 """
 import json
 import logging
+from contextlib import contextmanager
 
 from apiflask import APIBlueprint, abort
 from flask import Response, request, stream_with_context
@@ -110,12 +111,8 @@ def list_batches(query):
                            "batch becomes cancelled when its last email ends.")
 def cancel(batch_id):
     own_batch_or_404(batch_id)
-    try:
+    with refusals_as_http():
         batches.cancel_user_batch(bouncer_app(), batch_id)
-    except NotFound:
-        abort(404)
-    except Conflict as exc:
-        abort(409, str(exc))
     return batch_status(batch_id)
 
 
@@ -128,13 +125,20 @@ def cancel(batch_id):
                            "written (a submit under way).")
 def erase(batch_id):
     own_batch_or_404(batch_id)
-    try:
+    with refusals_as_http():
         erasure.erase_user_batch(bouncer_app(), batch_id, who="api:token %s" % caller().token_digest[:12])
+    return ""
+
+
+@contextmanager
+def refusals_as_http():
+    """A service's refusal as the API's answer: no such batch, 404; not now, 409 with the reason."""
+    try:
+        yield
     except NotFound:
         abort(404)
     except Conflict as exc:
         abort(409, str(exc))
-    return ""
 
 
 def json_lines(rows):
