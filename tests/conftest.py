@@ -7,6 +7,7 @@ exports TEST_REDIS_URL and TEST_POSTGRES_URL.
 import logging
 import multiprocessing
 import os
+import shutil
 import socket
 from urllib.parse import urlsplit
 
@@ -45,20 +46,41 @@ def claim_redis_database():
     return number if number is not None else 1 + SESSION % 15
 
 
-# Processes a test spawns import this module too: only the pytest session claims a database.
+# Processes a test spawns import this module too: only a pytest process that runs tests claims a
+# database, when a test first asks for it (the controller of parallel workers runs none).
 IN_TEST_SESSION = multiprocessing.parent_process() is None
-REDIS_DB = claim_redis_database() if IN_TEST_SESSION else 1 + SESSION % 15
-REDIS_URL = "%s/%d" % (REDIS_SERVER, REDIS_DB)
+_claimed = []
+
+
+def redis_db():
+    if not _claimed:
+        _claimed.append(claim_redis_database() if IN_TEST_SESSION else 1 + SESSION % 15)
+    return _claimed[0]
+
+
+def redis_url():
+    return "%s/%d" % (REDIS_SERVER, redis_db())
+
+
+def __getattr__(name):
+    """REDIS_DB and REDIS_URL, claimed on first use (`from conftest import REDIS_URL` asks here)."""
+    if name == "REDIS_DB":
+        return redis_db()
+    if name == "REDIS_URL":
+        return redis_url()
+    raise AttributeError(name)
 
 
 def pytest_unconfigure(config):
-    if not IN_TEST_SESSION:
+    if not (IN_TEST_SESSION and _claimed):
         return
     try:
         with RedisClaims(REDIS_SERVER, connect_timeout=2) as claims:
-            claims.release(REDIS_DB, str(SESSION))
+            claims.release(_claimed[0], str(SESSION))
     except redis_lib.ConnectionError:
         pass
+
+
 POSTGRES_URL = "%s_%d" % (os.environ.get("TEST_POSTGRES_URL",
                                          "postgresql://postgres@127.0.0.1:5433/bouncer_test"), SESSION)
 API_KEY = "sk-test-9f8e7d6c5b4a"
@@ -127,13 +149,25 @@ def postgres_url():
     postgres_admin(POSTGRES_URL, 'DROP DATABASE IF EXISTS "%(name)s" WITH (FORCE)')
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory):
+    """A SQLite file with the schema and no rows, made once: each test starts from a copy."""
+    path = tmp_path_factory.mktemp("template") / "bouncer.db"
+    open_database("sqlite:///%s" % path)
+    with database.connection_context():
+        create_schema()
+        database.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)")   # the whole schema in the one file
+    return path
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request, tmp_path):
     """A database with the schema and no rows, once per backend."""
     if request.param == "sqlite":
-        url = "sqlite:///%s" % (tmp_path / "bouncer.db")
+        path = tmp_path / "bouncer.db"
+        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
+        url = "sqlite:///%s" % path
         open_database(url)
-        create_schema()
     else:
         url = request.getfixturevalue("postgres_url")
         open_database(url)
@@ -152,19 +186,19 @@ def db(database_url):
 
 @pytest.fixture
 def redis_conn():
-    conn = redis_lib.Redis.from_url(REDIS_URL)
+    conn = redis_lib.Redis.from_url(redis_url())
     try:
         conn.flushdb()
     except redis_lib.ConnectionError as exc:
         pytest.fail("Redis is not reachable at %s (run the tests with `bash scripts/test`): %s"
-                    % (REDIS_URL, exc))
+                    % (redis_url(), exc))
     yield conn
     conn.flushdb()
     conn.close()
 
 
 def make_settings(database_url, **overrides):
-    values = {"database_url": database_url, "redis_url": REDIS_URL, "api_key": API_KEY,
+    values = {"database_url": database_url, "redis_url": redis_url(), "api_key": API_KEY,
               "api_url": BOUNCER_URL, "batch_size": 10, "max_outstanding": 3, "bouncer_timeout": 5}
     values.update(overrides)
     return Settings(**values).validate()
@@ -297,3 +331,16 @@ def postgres_statistics(query):
     database.execute_sql("SELECT 1")
     database.execute_sql("SELECT pg_stat_clear_snapshot()")
     return database.execute_sql(query).fetchone()
+
+
+def pytest_collection_modifyitems(config, items):
+    """With parallel workers (pytest-xdist), the longest tests first, the soak runs (the longest
+    timeouts) first of all: the first tests are handed out one by one in turn, so the long ones
+    start at once on different workers rather than queue behind each other at the end."""
+    if config.getoption("numprocesses", default=None):
+        items.sort(key=lambda item: (item.get_closest_marker("slow") is None, -longest_allowed(item)))
+
+
+def longest_allowed(item):
+    marker = item.get_closest_marker("timeout")
+    return marker.args[0] if marker is not None and marker.args else 0

@@ -11,6 +11,8 @@ The queue's own tables are created by Peewee from models.py. migrations.py creat
 
 import logging
 
+from peewee import sort_models
+
 from bouncer.states import SENT, BatchState, RowState
 from bouncer.store.database import database, dialect, write_transaction
 from bouncer.store.models import ALL_MODELS, INTERNAL_MODELS, FifoCounter, SchemaVersion
@@ -181,7 +183,8 @@ LEFT JOIN email_catchall_results c
 def empty_tables():
     """Every row gone and the counters back at the start, the schema kept (tests on PostgreSQL,
     where making a database anew is slow)."""
-    tables = [m._meta.table_name for m in ALL_MODELS if m not in (FifoCounter, SchemaVersion)]
+    # Rows before the batches they belong to (a foreign key holds them together).
+    tables = [m._meta.table_name for m in reversed(sort_models(ALL_MODELS)) if m not in (FifoCounter, SchemaVersion)]
     dialect().empty_tables(database, tables)
     FifoCounter.update(last=0).execute()
 
