@@ -2,7 +2,7 @@
 with one table of the targets.
 
     python -m scripts.bench [--quick] [--database-url URL]... [--redis-url URL] [--out DIR]
-                            [--parts steps,intakes,history,imports,in-process]
+                            [--parts steps,intakes,history,imports,in-process] [--reps N]
                             [--queued 150000,1000000] [--naive] [--erasure] [--submit N]
 
 Parts (all by default; `bash scripts/bench` gives a SQLite file and a PostgreSQL database):
@@ -30,6 +30,7 @@ scripts/targets.py prints the targets table from them.
 """
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import multiprocessing
@@ -435,8 +436,11 @@ def main():
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise SystemExit("unknown part(s) %s: choose among %s" % (", ".join(sorted(unknown)), ",".join(PARTS)))
+    args.out = args.out or tempfile.mkdtemp(prefix="bouncer-bench-out-")
     os.makedirs(args.out, exist_ok=True)
     plan = endtoend.QUICK if args.quick else endtoend.Plan()
+    if args.reps:
+        plan = dataclasses.replace(plan, reps=args.reps, large_reps=args.reps)
     records = {url: Record(args.out, url, plan) for url in urls}
     if set(parts) & {"steps", "intakes", "history", "imports"}:
         with claimed_redis(args.redis_url) as redis_url:
@@ -463,11 +467,14 @@ def parse_arguments():
                              "temporary directory)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6390/0",
                         help="a Redis server; the end-to-end parts claim a database number of their own")
-    parser.add_argument("--out", default=tempfile.mkdtemp(prefix="bouncer-bench-out-"),
-                        help="where each database's measurements go (<out>/sqlite.json, <out>/postgresql.json)")
+    parser.add_argument("--out", default=None,
+                        help="where each database's measurements go (<out>/sqlite.json, <out>/postgresql.json; "
+                             "default: a new directory under the temporary one)")
     parser.add_argument("--quick", action="store_true",
                         help="one repetition of each row, 10 files, 200k-row intakes, a tenth of the long "
                              "history, 150k queued in-process")
+    parser.add_argument("--reps", type=int, default=0,
+                        help="repetitions of every end-to-end row (default 3, 1 with --quick)")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help="what to measure, comma-separated, among %s (default: all)" % ",".join(PARTS))
     parser.add_argument("--queued", default=None,
@@ -524,7 +531,7 @@ class Record:
 def machine():
     with open("/proc/meminfo") as meminfo:
         memory = int(meminfo.readline().split()[1]) / 1048576
-    return {"cores": os.cpu_count(), "memory_gib": round(memory), "started": utc_now_text(),
+    return {"cores": os.cpu_count(), "memory_gib": int(memory), "started": utc_now_text(),
             "load_at_the_start": load_average()}
 
 
