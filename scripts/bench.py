@@ -1,26 +1,36 @@
-"""Benchmark of the service, end to end and in-process, measured side by side in one run.
+"""Benchmark of the service on SQLite and PostgreSQL, measured side by side in one run, ending
+with one table of the targets.
 
-    python -m scripts.bench [--quick] [--database-url URL] [--redis-url URL]
-                            [--skip-end-to-end] [--skip-in-process]
-                            [--queued 150000,1000000] [--naive] [--submit 0]
+    python -m scripts.bench [--quick] [--database-url URL]... [--redis-url URL] [--out DIR]
+                            [--parts steps,intakes,history,imports,in-process] [--reps N]
+                            [--queued 150000,1000000] [--naive] [--erasure] [--submit N]
 
-End to end (scripts/endtoend.py): what a user meets, each step a process of its own against the
-sandbox over HTTP on loopback, beside a straightforward implementation of the same contract
-(scripts/straightforward.py) and the floor of each step; then the large intakes (admission of
-host-written rows, a large submit, a streamed submit over HTTP to the web process) and start-up
-imports. Markdown tables, one set per database.
-
-In-process (printed after): the creation cycle that fills 15 x 10k (time, SQL statements) with
-each backlog size, under QUEUE_POLICY=fifo and, for the largest, under fair too, with what
-switching to fair costs there (numbering the whole line anew) and what a status object's place
-in line costs behind it; ingesting 15 completed batches (150k results) against the floor of one
-raw bulk insert of the same rows; with --naive, the naive per-row designs beside them; with
---erasure, a prune and a `forget --user` of 150k rows, with the longest transaction each held
-(what a cycle may wait on them); peak RSS. Bouncer is replaced by an in-process stub, so only
-our own work is timed.
+Parts (all by default; `bash scripts/bench` gives a SQLite file and a PostgreSQL database):
+- steps (scripts/endtoend.py): submit 200k lines as 40 processes, one creation cycle of 15 x 10k
+  from 200k queued, one status cycle of 150k results, each a process against the sandbox over
+  HTTP, on every database in turn, beside a straightforward implementation (scripts/
+  straightforward.py) and the floor of each step;
+- intakes (scripts/endtoend.py): a host-written batch admitted alone and with creation cycles
+  beside it, a large `submit` of each side (with a raw `psql \\copy` of the same lines on
+  PostgreSQL), a streamed submit to the web process; the longest wait of a creation cycle on the
+  database meanwhile;
+- history (scripts/history.py): a database filled with a long history, the three steps on it
+  against an empty database;
+- imports: start-up of three commands;
+- in-process: the creation cycle that fills 15 x 10k (time, SQL statements) with each backlog
+  size, under QUEUE_POLICY=fifo and, for the largest, under fair too, with what switching to fair
+  costs there (numbering the whole line anew) and what a status object's place in line costs
+  behind it; ingesting 15 completed batches (150k results) against the floor of one raw bulk
+  insert of the same rows; with --naive, the naive per-row designs beside them; with --erasure, a
+  prune and a `forget --user` of 150k rows, with the longest transaction each held (what a cycle
+  may wait on them). Bouncer is replaced by an in-process stub, so only our own work is timed.
+Every process's peak RSS is read beside its time. Each database's measurements go to
+<out>/<database>.json after every part (a part that fails is recorded and the run goes on), and
+scripts/targets.py prints the targets table from them.
 """
-import contextlib
 import argparse
+import contextlib
+import dataclasses
 import datetime
 import json
 import multiprocessing
@@ -28,8 +38,10 @@ import os
 import random
 import resource
 import subprocess
+import sys
 import tempfile
 import time
+import traceback
 import uuid
 
 from peewee import fn
@@ -51,7 +63,7 @@ from bouncer.store.models import (
     BouncerBatch, BouncerBatchEmail, DeliverableResult, EmailGlobal, QueuedEmail, RidingRows, UserBatch,
     UserBatchEmail,
 )
-from scripts import endtoend, workloads
+from scripts import endtoend, history, targets, workloads
 from support.processes import ROOT, bouncer_command
 
 BATCH, SLOTS = 10000, 15
@@ -231,8 +243,8 @@ def in_child_process(function, *args):
     """Run `function` in a fresh interpreter, so its peak RSS is its own."""
     database.close()
     context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        result = pool.apply(function, args)
+    with context.Pool(1) as pool:   # a child that hangs is ended with the pool, the run goes on
+        result = pool.apply_async(function, args).get(timeout=endtoend.COMMAND_TIMEOUT)
     database.connect(reuse_if_open=True)
     return result
 
@@ -414,17 +426,57 @@ def measure_naive_upsert(rows):
     return seconds, counter.count
 
 
+PARTS = ("steps", "intakes", "history", "imports", "in-process")
+
+
 def main():
+    args = parse_arguments()
+    urls = args.database_url or ["sqlite:///%s" % os.path.join(tempfile.mkdtemp(), "bench.db")]
+    parts = args.parts.split(",")
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise SystemExit("unknown part(s) %s: choose among %s" % (", ".join(sorted(unknown)), ",".join(PARTS)))
+    args.out = args.out or tempfile.mkdtemp(prefix="bouncer-bench-out-")
+    os.makedirs(args.out, exist_ok=True)
+    plan = endtoend.QUICK if args.quick else endtoend.Plan()
+    if args.reps:
+        plan = dataclasses.replace(plan, reps=args.reps, large_reps=args.reps)
+    records = {url: Record(args.out, url, plan) for url in urls}
+    if set(parts) & {"steps", "intakes", "history", "imports"}:
+        with claimed_redis(args.redis_url) as redis_url:
+            run_end_to_end(urls, redis_url, plan, parts, records)
+    if "in-process" in parts:
+        queued = [int(q) for q in (args.queued or ("150000" if args.quick else "150000,1000000")).split(",")]
+        for url in urls:
+            records[url].part("in-process", run_in_process, url, queued, args.naive, args.submit,
+                              records[url].backend, args.erasure)
+    for record in records.values():
+        record.finish()
+    print()
+    targets.print_table([record.path for record in records.values()])
+    print("\nMeasurements: %s" % " ".join(record.path for record in records.values()))
+    if any(record.data["errors"] for record in records.values()):
+        raise SystemExit(1)
+
+
+def parse_arguments():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--database-url", default=None,
-                        help="default: a SQLite file in a temporary directory")
+    parser.add_argument("--database-url", action="append", default=None,
+                        help="a database to measure on; give it twice for SQLite and PostgreSQL in one run, "
+                             "the three steps measured on both in turn (default: a SQLite file in a "
+                             "temporary directory)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6390/0",
-                        help="a Redis server; the end-to-end rows claim a database number of their own")
+                        help="a Redis server; the end-to-end parts claim a database number of their own")
+    parser.add_argument("--out", default=None,
+                        help="where each database's measurements go (<out>/sqlite.json, <out>/postgresql.json; "
+                             "default: a new directory under the temporary one)")
     parser.add_argument("--quick", action="store_true",
-                        help="one repetition of each end-to-end row, 10 files, 100k-row intakes, "
-                             "150k queued in-process")
-    parser.add_argument("--skip-end-to-end", action="store_true")
-    parser.add_argument("--skip-in-process", action="store_true")
+                        help="one repetition of each row, 10 files, 200k-row intakes, a tenth of the long "
+                             "history, 150k queued in-process")
+    parser.add_argument("--reps", type=int, default=0,
+                        help="repetitions of every end-to-end row (default 3, 1 with --quick)")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help="what to measure, comma-separated, among %s (default: all)" % ",".join(PARTS))
     parser.add_argument("--queued", default=None,
                         help="in-process backlog sizes for the creation cycle, comma-separated "
                              "(default 150000,1000000; 150000 with --quick)")
@@ -436,32 +488,133 @@ def main():
     parser.add_argument("--submit", type=int, default=0,
                         help="lines for the in-process submit measure (0, the default, skips it: "
                              "the end-to-end rows measure submit)")
-    args = parser.parse_args()
-    url = args.database_url or "sqlite:///%s" % os.path.join(tempfile.mkdtemp(), "bench.db")
-    backend = "PostgreSQL" if "postgres" in url else "SQLite"
-    if not args.skip_end_to_end:
-        run_end_to_end(url, args.redis_url, endtoend.QUICK if args.quick else endtoend.Plan(), backend)
-    if not args.skip_in_process:
-        queued = args.queued or ("150000" if args.quick else "150000,1000000")
-        run_in_process(url, [int(q) for q in queued.split(",")], args.naive, args.submit, backend, args.erasure)
+    return parser.parse_args()
 
 
-def run_end_to_end(url, redis_url, plan, backend):
-    """The end-to-end rows, in a Redis database of their own (the tests' claims are kept)."""
+class Record:
+    """One database's measurements, written to <out>/<backend>.json after every part, so what was
+    measured survives a later part's failure. A part that fails is recorded with its error, the
+    run goes on, and the targets table says what was not measured."""
+
+    def __init__(self, out, url, plan):
+        self.url = url
+        self.backend = "PostgreSQL" if workloads.is_postgres_url(url) else "SQLite"
+        self.path = os.path.join(out, "%s.json" % self.backend.lower())
+        self.data = {"backend": self.backend, "quick": plan.quick, "plan": plan.__dict__,
+                     "machine": machine(), "errors": {}}
+        self.save()
+
+    def part(self, name, function, *args):
+        """data[name] = function(*args), printed as it comes; its error recorded instead."""
+        started = time.monotonic()
+        try:
+            self.data[name] = function(*args)
+        except Exception as exc:
+            self.fail(name, exc)
+        self.data.setdefault("seconds", {})[name] = time.monotonic() - started
+        self.save()
+
+    def fail(self, name, exc):
+        traceback.print_exc()
+        self.data["errors"][name] = ("%s: %s" % (type(exc).__name__, exc)).splitlines()[0][:300]
+        print("==> %s: %s failed: %s" % (self.backend, name, self.data["errors"][name]), file=sys.stderr)
+
+    def finish(self):
+        self.data["machine"]["load_at_the_end"] = load_average()
+        self.save()
+
+    def save(self):
+        with open(self.path, "w") as f:
+            json.dump(self.data, f, indent=1)
+
+
+def machine():
+    with open("/proc/meminfo") as meminfo:
+        memory = int(meminfo.readline().split()[1]) / 1048576
+    return {"cores": os.cpu_count(), "memory_gib": int(memory), "started": utc_now_text(),
+            "load_at_the_start": load_average()}
+
+
+def load_average():
+    with open("/proc/loadavg") as loadavg:
+        return " ".join(loadavg.read().split()[:3])
+
+
+def utc_now_text():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+@contextlib.contextmanager
+def claimed_redis(redis_url):
+    """A Redis database number of the bench's own (the tests' claims are kept)."""
     from support.servers import RedisClaims
     owner = "bench-%d" % os.getpid()
     with RedisClaims(redis_url) as claims:
-        number = claims.claim_any(owner, seconds=3 * 3600)
+        number = claims.claim_any(owner, seconds=6 * 3600)
         if number is None:
             raise SystemExit("no free Redis database number on %s" % redis_url)
         try:
-            endtoend.run(url, "%s/%d" % (redis_url.rsplit("/", 1)[0], number), plan, backend)
+            yield "%s/%d" % (redis_url.rsplit("/", 1)[0], number)
         finally:
             claims.release(number, owner)
 
 
+def run_end_to_end(urls, redis_url, plan, parts, records):
+    """The end-to-end parts: the three steps on every database in turn, then each database's
+    large intakes, long history and start-up."""
+    benches = {url: endtoend.Bench(url, redis_url, plan) for url in urls}
+    try:
+        if "steps" in parts:
+            run_steps(benches, plan, records)
+        for part, function in (("intakes", measure_intakes), ("history", measure_history),
+                               ("imports", measure_imports)):
+            if part in parts:
+                for url, bench in benches.items():
+                    records[url].part(part, function, bench, plan)
+    finally:
+        for bench in benches.values():
+            bench.close()
+
+
+def run_steps(benches, plan, records):
+    started = time.monotonic()
+    try:
+        found = endtoend.measure_steps(list(benches.values()), plan)
+    except Exception as exc:
+        for url in benches:
+            records[url].fail("steps", exc)
+            records[url].save()
+        return
+    for url, bench in benches.items():
+        rows = [row.as_json() for row in found[bench.backend]]
+        records[url].data["steps"] = rows
+        records[url].data.setdefault("seconds", {})["steps"] = time.monotonic() - started
+        records[url].save()
+        endtoend.print_steps_table(bench.backend, rows, plan.reps)
+    sys.stdout.flush()
+
+
+def measure_intakes(bench, plan):
+    found = endtoend.measure_intakes(bench)
+    endtoend.print_intakes_table(bench.backend, found)
+    return found
+
+
+def measure_history(bench, plan):
+    found = history.measure(bench, history.QUICK if plan.quick else history.Size())
+    history.print_table(bench.backend, found, plan.reps)
+    return found
+
+
+def measure_imports(bench, plan):
+    found = bench.measure_imports()
+    endtoend.print_imports_table(bench.backend, found, plan.import_runs)
+    return found
+
+
 def run_in_process(url, backlogs, naive, submit_lines, backend, erasure=False):
-    settings = Settings(database_url=url, batch_size=BATCH, max_outstanding=SLOTS,
+    # The stub answers whatever key: a key is set only because the cycle sends nothing without one.
+    settings = Settings(database_url=url, api_key="sk-bench-stub", batch_size=BATCH, max_outstanding=SLOTS,
                         rate_limit_buffer=180, result_cache_days=30)
     random.seed(1)
     rows = []
@@ -509,7 +662,9 @@ def run_in_process(url, backlogs, naive, submit_lines, backend, erasure=False):
     for name, seconds, statements, rss, note in rows:
         print("| %s | %.2f | %s | %s | %s |" % (name, seconds, statements or "",
                                                "%.0f" % rss if rss else "", note))
-
+    sys.stdout.flush()
+    return [{"name": name, "seconds": seconds, "statements": statements, "rss_mb": rss, "note": note}
+            for name, seconds, statements, rss, note in rows]
 
 if __name__ == "__main__":
     main()

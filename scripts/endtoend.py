@@ -1,17 +1,24 @@
 """End to end: the service as a user meets it, side by side with a straightforward implementation
-of the same contract (scripts/straightforward.py), on one database.
+of the same contract (scripts/straightforward.py), on SQLite and PostgreSQL in one run.
 
 Every step is a process of its own (`python -m bouncer ...`, `python -m scripts.straightforward
-...`) talking to the sandbox over HTTP on loopback, answering at once; each row is measured for
-both sides in turn (A B A B ...) in one run, each side in a database of its own made anew for
-every repetition, and each timed on a quiet server (on PostgreSQL: checkpointed, no autovacuum
-running; see workloads.settle). Beside each row, its floor: what the same work costs at least
-(a raw bulk insert of the same rows, interpreter starts, the same HTTP requests and `json.loads`
-of the same bodies). A cycle's floor adds the writes this service's schema makes it do (rows marked sent,
-then done; addresses in and out of flight; verdicts), done in plain SQL on a database `init-db`
-made: the bound of this design, which the straightforward one (no state per row) does not share.
+...`) talking to the sandbox over HTTP on loopback, answering at once, its peak RSS read beside
+its time. The three steps of the targets (submit, a creation cycle, a status cycle) are measured
+for every side of every database in turn (SQLite ours, SQLite straightforward, PostgreSQL ours,
+PostgreSQL straightforward, then back the other way), each side in a database of its own made
+anew for every repetition, and each timed on a quiet server (on PostgreSQL: checkpointed, no
+autovacuum running; see workloads.settle). Beside each row, its floor: what the same work costs
+at least (a raw bulk insert of the same rows, interpreter starts, the same HTTP requests and
+`json.loads` of the same bodies). A cycle's floor adds the writes this service's schema makes it
+do (rows marked sent, then done; addresses in and out of flight; verdicts), done in plain SQL on
+a database `init-db` made: the bound of this design, which the straightforward one (no state per
+row) does not share.
+
+Then, per database: the large intakes (a host-written batch admitted alone and with creation
+cycles beside it; a large `submit` of each side, with the raw `psql \\copy` floor on PostgreSQL; a
+streamed submit to the web process), the longest wait of a creation cycle on the database during
+them, and start-up imports.
 """
-import contextlib
 import json
 import multiprocessing
 import os
@@ -38,7 +45,8 @@ API_KEY = "sk-bench-" + secrets.token_hex(8)
 API_TOKEN = "bench-token-" + secrets.token_hex(8)
 BATCH_PATH = "/v1.1/email/verify/batch"
 PROBE_PAUSE = 1.0             # seconds between two creation cycles during a large intake (the tests' interval)
-COMMAND_TIMEOUT = 1200
+COMMAND_TIMEOUT = 1800
+RSS_POLL = 0.005              # seconds between two readings of a child's peak RSS
 
 
 @dataclass
@@ -47,12 +55,24 @@ class Plan:
     reps: int = 3
     submit_files: int = 40
     large: int = 1000000
+    large_reps: int = 3
     web_lines: int = 200000
     web_reps: int = 2
     import_runs: int = 5
+    quick: bool = False
 
 
-QUICK = Plan(reps=1, submit_files=10, large=100000, web_lines=100000, web_reps=1, import_runs=3)
+QUICK = Plan(reps=1, submit_files=10, large=200000, large_reps=1, web_lines=100000, web_reps=1,
+             import_runs=3, quick=True)
+
+
+@dataclass
+class Run:
+    """A process run to completion: its wall time, its peak RSS, what it printed."""
+    seconds: float
+    rss_mb: float
+    out: str
+    err: str
 
 
 @dataclass
@@ -66,17 +86,12 @@ class Side:
     def command(self, *args, python_options=()):
         return [sys.executable, *python_options, "-m", self.module, *[str(a) for a in args]]
 
-    def run(self, *args, python_options=(), input=None):
-        """Run to completion; (seconds, stdout, stderr). A failure stops the bench, saying why."""
-        started = time.perf_counter()
-        done = subprocess.run(self.command(*args, python_options=python_options), cwd=ROOT,
-                              env=self.env, input=input, capture_output=True, text=True,
-                              timeout=COMMAND_TIMEOUT)
-        seconds = time.perf_counter() - started
-        if done.returncode != 0:
-            raise RuntimeError("%s: %s failed (exit %s): %s" % (
-                self.name, " ".join(map(str, args)), done.returncode, done.stderr[-2000:]))
-        return seconds, done.stdout, done.stderr
+    def run(self, *args, python_options=()):
+        """Run to completion, its peak RSS read meanwhile. A failure stops the bench, saying why."""
+        try:
+            return run_with_peak_rss(self.command(*args, python_options=python_options), self.env)
+        except RuntimeError as exc:
+            raise RuntimeError("%s: %s" % (self.name, exc)) from None
 
     def fresh(self):
         workloads.fresh_database(self.url)
@@ -90,20 +105,28 @@ class Side:
 
 @dataclass
 class Row:
-    """One line of a table: the measurements of each side and of the floor."""
+    """One line of a table: the seconds of each side and of the floor, the sides' peak RSS."""
     name: str
+    key: str = ""
     values: dict = field(default_factory=lambda: {"ours": [], "straightforward": [], "floor": []})
-    unit: str = "s"
+    rss: dict = field(default_factory=lambda: {"ours": [], "straightforward": []})
 
-    def add(self, key, value):
+    def add(self, key, value, rss=None):
         self.values[key].append(value)
+        if rss is not None:
+            self.rss[key].append(rss)
+
+    def as_json(self):
+        return {"name": self.name, **{side: {"seconds": self.values[side], "rss_mb": self.rss.get(side, [])}
+                                      for side in self.values}}
 
 
 class Bench:
-    """One run on one database: the two sides, the sandbox's port, a scratch directory."""
+    """One database: the two sides, the sandbox's port, a scratch directory."""
 
     def __init__(self, database_url, redis_url, plan, workdir=None):
         self.plan = plan
+        self.backend = "PostgreSQL" if workloads.is_postgres_url(database_url) else "SQLite"
         self.workdir = workdir or tempfile.mkdtemp(prefix="bouncer-bench-")
         self.port = free_port()
         self.api_url = "http://127.0.0.1:%d" % self.port
@@ -128,68 +151,62 @@ class Bench:
     def path(self, name):
         return os.path.join(self.workdir, name)
 
+    def copy_of(self, url, name):
+        """A database beside `url` for a snapshot, removed with the bench."""
+        copy = workloads.side_url(url, name)
+        self.scratch.append(copy)
+        return copy
+
     def sandbox(self):
         from bouncer.sandbox import Sandbox
         return Sandbox(port=self.port, processing_time=0).start()
 
-    # -- the three rows of the issue ------------------------------------------------------------
+    # -- the three steps of the targets ---------------------------------------------------------
 
-    def measure_submits(self):
-        """40 files of 5,000 lines, each through `submit` as a process of its own, in turn; the
-        floor: a raw bulk insert of the 200k rows, and 40 bare interpreter starts."""
+    def submit_rows(self):
         count = self.plan.submit_files
-        files = workloads.write_files(self.path("submit"), count, SUBMIT_LINES)
-        row = Row("submit %dk lines as %d files of 5,000 (%d processes)" % (count * 5, count, count))
-        insert = Row("floor: raw bulk insert of the %dk rows" % (count * 5))
-        starts = Row("floor: %d bare interpreter starts" % count)
-        rows = workloads.submitted_rows(count * SUBMIT_LINES)
-        for _ in range(self.plan.reps):
-            for side in self.sides:
-                side.fresh()
-                row.add(side.name, sum(self.submit_file(side, path, "user%d" % n)[0]
-                                       for n, path in enumerate(files)))
-            workloads.fresh_database(self.floor_url)
-            insert.add("floor", workloads.raw_bulk_insert(self.floor_url, workloads.SUBMIT_COLUMNS, rows))
-            starts.add("floor", interpreter_starts(count))
-        row.values["floor"] = sum_of(insert, starts)
-        return [row, insert, starts]
+        return [Row("submit %dk lines as %d files of 5,000 (%d processes)" % (count * 5, count, count), "submit"),
+                Row("floor: raw bulk insert of the %dk rows" % (count * 5)),
+                Row("floor: %d bare interpreter starts" % count)]
+
+    def submit_files(self, side, files, fresh=True):
+        """Every file through `submit`, a process each, in turn: (seconds in all, largest peak
+        RSS of one)."""
+        if fresh:
+            side.fresh()
+        runs = [self.submit_file(side, path, "user%d" % n) for n, path in enumerate(files)]
+        return sum(run.seconds for run in runs), max(run.rss_mb for run in runs)
 
     def submit_file(self, side, path, user):
-        seconds, out, _ = side.run("submit", path, "--user", user, "--check-type", CHECK_TYPE, "--json")
-        answer = json.loads(out)
+        run = side.run("submit", path, "--user", user, "--check-type", CHECK_TYPE, "--json")
+        answer = json.loads(run.out)
         lines = sum(1 for _ in open(path))
         if answer["accepted"] + answer["invalid"] != lines:
             raise RuntimeError("%s: submit of %s answered %s" % (side.name, path, answer))
-        return seconds, answer
+        return run
 
-    def measure_cycles(self):
-        """One creation cycle filling 15 x 10k from 200k queued, then one status cycle ingesting
-        the 15 completed batches; their floors from the same sandbox."""
-        creation = Row("one creation cycle filling 15 x 10k, 200k queued (1 process)")
-        status = Row("one status cycle: 15 statuses, 15 downloads, 150k results ingested (1 process)")
-        floors = {name: Row(name) for name in FLOOR_ROWS}
+    def submit_floors(self, rows, insert, starts):
+        """The floor of a submit: a raw bulk insert of the same rows, and as many bare
+        interpreter starts as processes."""
+        workloads.fresh_database(self.floor_url)
+        insert.add("floor", workloads.raw_bulk_insert(self.floor_url, workloads.SUBMIT_COLUMNS, rows))
+        starts.add("floor", interpreter_starts(self.plan.submit_files))
+
+    def cycle_rows(self):
+        return [Row("one creation cycle filling 15 x 10k, 200k queued (1 process)", "creation"),
+                Row("one status cycle: 15 statuses, 15 downloads, 150k results ingested (1 process)", "status"),
+                *(Row(name) for name in FLOOR_ROWS)]
+
+    def seed_cycles(self):
+        """Every side's queue of 200k, seeded once, untimed; each repetition starts from a copy.
+        Returns {side name: the copy's URL}."""
         files = workloads.write_files(self.path("queue"), QUEUED // BATCH, BATCH, workloads.queued_address)
         seeded = {}
-        for side in self.sides:   # seeded once, untimed; each repetition starts from a copy
+        for side in self.sides:
             self.seed_queue(side, files)
-            seeded[side.name] = workloads.side_url(side.url, "seeded")
+            seeded[side.name] = self.copy_of(side.url, "seeded")
             workloads.snapshot(side.url, seeded[side.name])
-            self.scratch.append(seeded[side.name])
-        for _ in range(self.plan.reps):
-            for side in self.sides:
-                workloads.restore(seeded[side.name], side.url)
-                workloads.settle(side.url)
-                sandbox = self.sandbox()
-                try:
-                    creation.add(side.name, self.creation_cycle(side, sandbox))
-                    status.add(side.name, self.status_cycle(side, sandbox))
-                    if side.is_ours:
-                        self.measure_loopback_floors(sandbox, floors)
-                finally:
-                    sandbox.stop()
-        creation.values["floor"] = sum_of(*(floors[name] for name in CREATION_FLOORS))
-        status.values["floor"] = sum_of(*(floors[name] for name in STATUS_FLOORS))
-        return [creation, status, *floors.values()]
+        return seeded
 
     def seed_queue(self, side, files):
         """200k distinct addresses queued, untimed: ours written as a host writes them and
@@ -203,27 +220,47 @@ class Bench:
             in_child(submit_in_process, side.url, files)
         workloads.analyze(side.url)
 
+    def run_cycles(self, side, seeded, rows):
+        """One creation cycle and one status cycle of `side` from its seeded queue; ours adds the
+        floors of both from the same sandbox."""
+        creation, status, *floors = rows
+        workloads.restore(seeded, side.url)
+        workloads.settle(side.url)
+        sandbox = self.sandbox()
+        try:
+            run = self.creation_cycle(side, sandbox)
+            creation.add(side.name, run.seconds, run.rss_mb)
+            run = self.status_cycle(side, sandbox)
+            status.add(side.name, run.seconds, run.rss_mb)
+            if side.is_ours:
+                self.measure_loopback_floors(sandbox, dict(zip(FLOOR_ROWS, floors)))
+        finally:
+            sandbox.stop()
+
     def creation_cycle(self, side, sandbox):
-        seconds, out, _ = side.run("create-batches", "--check-type", CHECK_TYPE)
-        found = re.search(r"(\d+) Bouncer batch\(es\) created \((\d+) addresses\)", out)
+        run = side.run("create-batches", "--check-type", CHECK_TYPE)
+        found = re.search(r"(\d+) Bouncer batch\(es\) created \((\d+) addresses\)", run.out)
         if not found or (int(found[1]), int(found[2])) != (SLOTS, SLOTS * BATCH) \
                 or sandbox.count("create") != SLOTS:
-            raise RuntimeError("%s: the creation cycle did not fill 15 x 10k: %s" % (side.name, out))
-        return seconds
+            raise RuntimeError("%s: the creation cycle did not fill 15 x 10k: %s" % (side.name, run.out))
+        return run
 
-    def status_cycle(self, side, sandbox):
+    def status_cycle(self, side, sandbox, rows=SLOTS * BATCH):
+        """One status cycle ingesting the 15 batches the sandbox holds, `rows` rows verified
+        (more when repeated addresses ride along: None)."""
         ids = list(sandbox.batches)
         for batch_id in ids:   # the download bodies are made once, before the clock starts
             sandbox.answer("GET", "%s/%s/download" % (BATCH_PATH, batch_id), {"download": ["all"]},
                            API_KEY, b"")
         before = (sandbox.count("status"), sandbox.count("download"))
-        seconds, out, _ = side.run("check-batches", "--check-type", CHECK_TYPE)
-        found = re.search(r"(\d+) ingested \((\d+) emails verified\)", out)
+        run = side.run("check-batches", "--check-type", CHECK_TYPE)
+        found = re.search(r"(\d+) ingested \((\d+) emails verified\)", run.out)
         calls = (sandbox.count("status") - before[0], sandbox.count("download") - before[1])
-        if not found or (int(found[1]), int(found[2])) != (SLOTS, SLOTS * BATCH) or calls != (SLOTS, SLOTS):
-            raise RuntimeError("%s: the status cycle did not ingest 15 x 10k (%s calls): %s"
-                               % (side.name, calls, out))
-        return seconds
+        if not found or int(found[1]) != SLOTS or int(found[2]) != (rows or max(int(found[2]), SLOTS * BATCH)) \
+                or calls != (SLOTS, SLOTS):
+            raise RuntimeError("%s: the status cycle did not ingest 15 batches of 10k addresses (%s calls): %s"
+                               % (side.name, calls, run.out))
+        return run
 
     def measure_loopback_floors(self, sandbox, floors):
         creates, downloads, loads = in_child(loopback_floor, self.api_url, list(sandbox.batches)[:SLOTS])
@@ -239,14 +276,27 @@ class Bench:
         floors[CLAIM_FLOOR].add("floor", claim)
         floors[INGEST_FLOOR].add("floor", ingest)
 
-    # -- large intakes (issue 11) ---------------------------------------------------------------
+    # -- large intakes --------------------------------------------------------------------------
 
-    def measure_admission(self):
-        """1M rows written by a host with plain SQL, then admitted by the product (the time of
-        the admission alone), creation cycles running meanwhile in another process."""
+    def host_rows(self):
+        """`plan.large` rows written by a host with plain SQL into ours' database, once, untimed:
+        the URL of a copy each admission starts from."""
+        rows = self.plan.large
+        self.ours.fresh()
+        workloads.host_write_batch(self.ours.url, "host", (workloads.submitted_line(i) for i in range(rows)))
+        written = self.copy_of(self.ours.url, "hostrows")
+        workloads.snapshot(self.ours.url, written)
+        return written
+
+    def measure_admission(self, written, with_cycles):
+        """The host-written rows admitted by the product (the admission's own time), alone or
+        with creation cycles running meanwhile in another process (they admit too)."""
         side, rows = self.ours, self.plan.large
-        side.fresh()
-        workloads.host_write_batch(side.url, "host", (workloads.submitted_line(i) for i in range(rows)))
+        workloads.restore(written, side.url)
+        workloads.settle(side.url)
+        if not with_cycles:
+            seconds, rss = in_child(admit_everything, side.url)
+            return {"rows_per_s": rows / seconds, "seconds": seconds, "rss_mb": rss}
         sandbox = self.sandbox()
         try:
             with CycleProbe(side) as probe:
@@ -255,27 +305,35 @@ class Bench:
                 seconds, rss = admitter.result()
         finally:
             sandbox.stop()
-        return {"rows_per_s": rows / seconds, "seconds": seconds, "rss_mb": rss, **probe.result}
+        return {"rows_per_s": rows / seconds, "seconds": seconds, "rss_mb": rss, "probe": probe.result}
 
-    def measure_large_submit(self, side):
-        """One `submit` of 1M lines, creation cycles running meanwhile in another process."""
+    def large_file(self):
         path = self.path("large.txt")
         if not os.path.exists(path):
             workloads.write_file(path, self.plan.large)
+        return path
+
+    def measure_large_submit(self, side):
+        """One `submit` of the large file, creation cycles running meanwhile in another process."""
+        path = self.large_file()
         side.fresh()
         sandbox = self.sandbox()
         try:
             with CycleProbe(side) as probe:
                 probe.go.set()
-                seconds, rss, out = run_with_peak_rss(
-                    side.command("submit", path, "--user", "large", "--check-type", CHECK_TYPE, "--json"),
-                    side.env)
+                run = side.run("submit", path, "--user", "large", "--check-type", CHECK_TYPE, "--json")
         finally:
             sandbox.stop()
-        answer = json.loads(out)
+        answer = json.loads(run.out)
         if answer["accepted"] + answer["invalid"] != self.plan.large:
             raise RuntimeError("%s: the large submit answered %s" % (side.name, answer))
-        return {"rows_per_s": self.plan.large / seconds, "seconds": seconds, "rss_mb": rss, **probe.result}
+        return {"rows_per_s": self.plan.large / run.seconds, "seconds": run.seconds, "rss_mb": run.rss_mb,
+                "probe": probe.result}
+
+    def measure_copy_floor(self):
+        """PostgreSQL: a raw `psql \\copy` of the large file into a one-column table, same server."""
+        workloads.fresh_database(self.floor_url)
+        return workloads.copy_floor(self.floor_url, self.large_file())
 
     def measure_web_submit(self):
         """A streamed text/plain submit to the real web process; its wall time and peak RSS."""
@@ -300,7 +358,7 @@ class Bench:
                 answer = response.json()
                 if response.status_code != 201 or answer["accepted"] + answer["invalid"] != lines:
                     raise RuntimeError("web submit answered %s: %s" % (response.status_code, answer))
-                results.append((seconds, vm_hwm_mb(web.pid)))
+                results.append({"seconds": seconds, "rss_mb": vm_hwm_mb(web.pid)})
             finally:
                 processes.stop_all()
         return results
@@ -318,8 +376,9 @@ class Bench:
             side.fresh()
             for label, args in commands.items():
                 runs = [side.run(*args, python_options=("-X", "importtime")) for _ in range(self.plan.import_runs)]
-                found[label, side.name] = (min(import_seconds(err) for _, _, err in runs),
-                                           min(seconds for seconds, _, _ in runs))
+                found["%s | %s" % (label, side.name)] = {
+                    "imports": min(import_seconds(run.err) for run in runs),
+                    "wall": min(run.seconds for run in runs), "rss_mb": max(run.rss_mb for run in runs)}
         return found
 
 
@@ -342,12 +401,75 @@ def sum_of(*rows):
     return [sum(parts) for parts in zip(*(row.values["floor"] for row in rows))]
 
 
+def in_turn(items, rep):
+    """`items` in order on even repetitions, the other way round on odd ones, so that neither
+    side always runs first (A B A B, then B A)."""
+    return list(items) if rep % 2 == 0 else list(reversed(items))
+
+
+def measure_steps(benches, plan):
+    """The three steps on every side of every database, in turn: {backend: [rows]}."""
+    sides = [(bench, side) for bench in benches for side in bench.sides]
+    files = {bench: workloads.write_files(bench.path("submit"), plan.submit_files, SUBMIT_LINES)
+             for bench in benches}
+    lines = workloads.submitted_rows(plan.submit_files * SUBMIT_LINES)
+    submits = {bench: bench.submit_rows() for bench in benches}
+    cycles = {bench: bench.cycle_rows() for bench in benches}
+    seeded = {bench: bench.seed_cycles() for bench in benches}
+    for rep in range(plan.reps):
+        for bench, side in in_turn(sides, rep):
+            submits[bench][0].add(side.name, *bench.submit_files(side, files[bench]))
+        for bench in benches:
+            bench.submit_floors(lines, *submits[bench][1:])
+        for bench, side in in_turn(sides, rep):
+            bench.run_cycles(side, seeded[bench][side.name], cycles[bench])
+        progress("repetition %d of %d of the three steps" % (rep + 1, plan.reps))
+    found = {}
+    for bench in benches:
+        submit, creation, status = submits[bench][0], cycles[bench][0], cycles[bench][1]
+        submit.values["floor"] = sum_of(*submits[bench][1:])
+        creation.values["floor"] = sum_of(*(row for row in cycles[bench] if row.name in CREATION_FLOORS))
+        status.values["floor"] = sum_of(*(row for row in cycles[bench] if row.name in STATUS_FLOORS))
+        found[bench.backend] = submits[bench] + cycles[bench]
+    return found
+
+
+def measure_intakes(bench):
+    """The large intakes on one database, each side and each kind in turn, repetition by
+    repetition: {"admission": {"alone": [...], "with_cycles": [...]}, "submit": {side: [...]},
+    "copy_floor": [...], "web": [...]}."""
+    plan, found = bench.plan, {"rows": bench.plan.large, "web_lines": bench.plan.web_lines}
+    written = bench.host_rows()
+    admission = found["admission"] = {"alone": [], "with_cycles": []}
+    for rep in range(plan.large_reps):
+        for with_cycles in in_turn((False, True), rep):
+            admission["with_cycles" if with_cycles else "alone"].append(
+                bench.measure_admission(written, with_cycles))
+    progress("%s: admission of %s host-written rows" % (bench.backend, format(plan.large, ",")))
+    submits, floors = {side.name: [] for side in bench.sides}, []
+    found["submit"] = submits
+    for rep in range(plan.large_reps):
+        for side in in_turn(bench.sides, rep):
+            submits[side.name].append(bench.measure_large_submit(side))
+        if workloads.is_postgres_url(bench.ours.url):
+            floors.append(bench.measure_copy_floor())
+    if floors:
+        found["copy_floor"] = floors
+    progress("%s: submit of %s lines" % (bench.backend, format(plan.large, ",")))
+    found["web"] = bench.measure_web_submit()
+    return found
+
+
+def progress(what):
+    print("==> %s done at %s" % (what, time.strftime("%H:%M:%S")), file=sys.stderr, flush=True)
+
+
 # -- in child processes -----------------------------------------------------------------------
 
 def in_child(function, *args):
     """`function(*args)` in a fresh interpreter (spawned, so it inherits nothing of this one)."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(function, args)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:   # a child that hangs is ended with the pool
+        return pool.apply_async(function, args).get(timeout=COMMAND_TIMEOUT)
 
 
 def wait_ready(process, ready, timeout=60):
@@ -448,7 +570,7 @@ class CycleProbe:
     """Creation cycles in another process, one every PROBE_PAUSE seconds from when `go` is set
     until the block ends: how long the longest took, and the longest single call into the
     database inside one (a statement, a BEGIN or a COMMIT: a wait for another writer's lock
-    shows there)."""
+    shows there, so it bounds the longest wait), and the process's peak RSS."""
 
     def __init__(self, side):
         context = multiprocessing.get_context("spawn")
@@ -486,7 +608,7 @@ def probe_cycles(module, env, go, stop, ready, answers):
         cycles.append(time.perf_counter() - started)
         stop.wait(PROBE_PAUSE)
     answers.put({"cycles": len(cycles), "longest_cycle": max(cycles, default=0.0), "longest_wait": timer.longest,
-                 "longest_statement": timer.statement, "errors": errors})
+                 "longest_statement": timer.statement, "errors": errors, "rss_mb": own_vm_hwm_mb()})
 
 
 def cycle_runner(module):
@@ -544,27 +666,34 @@ def own_vm_hwm_mb():
 
 
 def run_with_peak_rss(argv, env):
-    """Run to completion, reading the child's VmHWM every few milliseconds (the kernel keeps it
-    rising only, so the last reading is its peak but for the last moments): (seconds, MB,
-    stdout). Not wait4's ru_maxrss: after fork and exec it starts from the parent's size."""
+    """Run to completion, reading the child's VmHWM every RSS_POLL seconds (the kernel keeps it
+    rising only, so the last reading is its peak but for its last moments): a Run. Not wait4's
+    ru_maxrss: after fork and exec it starts from the parent's size."""
     peak = [0.0]
     started = time.perf_counter()
-    child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, encoding="utf-8")
     done = threading.Event()
 
     def watch():
-        while not done.wait(0.005):
+        while not done.wait(RSS_POLL):
             peak[0] = max(peak[0], vm_hwm_mb(child.pid) or 0.0)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    out, err = child.communicate(timeout=COMMAND_TIMEOUT)
+    try:
+        out, err = child.communicate(timeout=COMMAND_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        child.kill()   # an unattended run goes on without it
+        child.communicate()
+        raise RuntimeError("%s did not end within %d s" % (" ".join(argv[2:]), COMMAND_TIMEOUT)) from None
+    finally:
+        done.set()
+        watcher.join()
     seconds = time.perf_counter() - started
-    done.set()
-    watcher.join()
     if child.returncode != 0:
-        raise RuntimeError("%s failed (exit %s): %s" % (" ".join(argv), child.returncode, err[-2000:]))
-    return seconds, peak[0], out
+        raise RuntimeError("%s failed (exit %s): %s" % (" ".join(argv[2:]), child.returncode, err[-2000:]))
+    return Run(seconds, peak[0], out, err)
 
 
 def import_seconds(importtime_output):
@@ -597,90 +726,76 @@ def ratio(a, b):
     return "%.2f" % (statistics.median(a) / statistics.median(b))
 
 
-def print_timing_table(rows):
+def mb(values):
+    """'largest MB', or '' when nothing was read."""
+    return "%.0f MB" % max(values) if values else ""
+
+
+def print_steps_table(backend, rows, reps):
+    """The three steps and their floors on one database (rows as_json)."""
+    print("\n#### %s, end to end (median of %d, min-max; peak RSS: the largest of a process)\n" % (backend, reps))
     print("| row | ours | straightforward | floor | ours / straightforward | ours / floor "
-          "| straightforward / floor |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| straightforward / floor | ours: peak RSS | straightforward: peak RSS |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        v = row.values
-        print("| %s | %s | %s | %s | %s | %s | %s |" % (
-            row.name, spread(v["ours"]), spread(v["straightforward"]), spread(v["floor"]),
-            ratio(v["ours"], v["straightforward"]), ratio(v["ours"], v["floor"]),
-            ratio(v["straightforward"], v["floor"])))
+        ours, plain, floor = (row[side]["seconds"] for side in ("ours", "straightforward", "floor"))
+        print("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            row["name"], spread(ours), spread(plain), spread(floor), ratio(ours, plain), ratio(ours, floor),
+            ratio(plain, floor), mb(row["ours"]["rss_mb"]), mb(row["straightforward"]["rss_mb"])))
 
 
-def print_intake_table(large, web, lines):
-    print("| intake | side | rows/s | seconds | peak RSS (MB) | creation cycles meanwhile "
-          "| longest cycle (s) | longest database call in a cycle (s) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for name, side, found in large:
-        notes = " (%d failed: %s)" % (len(found["errors"]), found["errors"][0]) if found["errors"] else ""
-        print("| %s | %s | %s | %.1f | %.0f | %d%s | %.2f | %.2f |" % (
-            name, side, format(round(found["rows_per_s"]), ","), found["seconds"], found["rss_mb"],
-            found["cycles"], notes, found["longest_cycle"], found["longest_wait"]))
-    seconds, rss = [s for s, _ in web], [r for _, r in web]
-    print("| streamed text/plain submit of %s lines over HTTP to `bouncer web` | ours | %s | %s "
-          "| %s (the web process) | | | |" % (
-              format(lines, ","), format(round(lines / statistics.median(seconds)), ","),
-              spread(seconds, "", 1), spread(rss, "", 0)))
+def print_intakes_table(backend, found):
+    """The large intakes on one database (measure_intakes)."""
+    rows = format(found["rows"], ",")
+    print("\n#### %s, large intakes (median, min-max)\n" % backend)
+    print("| intake | side | rows/s | seconds | peak RSS | creation cycles meanwhile "
+          "| longest cycle | longest database call in a cycle | the probe's peak RSS |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    admission = found["admission"]
+    print_intake_row("admission of %s host-written rows (one batch), alone" % rows, "ours", admission["alone"])
+    print_intake_row("admission of %s host-written rows (one batch), creation cycles beside it" % rows, "ours",
+                     admission["with_cycles"])
+    for side, runs in found["submit"].items():
+        print_intake_row("`submit` of %s lines (one process)" % rows, side, runs)
+    if found.get("copy_floor"):
+        seconds = found["copy_floor"]
+        print("| floor: psql `\\copy` of the same %s lines into a one-column table | | %s | %s | | | | | |" % (
+            rows, format(round(found["rows"] / statistics.median(seconds)), ","), spread(seconds, "s", 2)))
+    web = found["web"]
+    seconds = [w["seconds"] for w in web]
+    print("| streamed text/plain submit of %s lines over HTTP to `bouncer web` | ours | %s | %s | %s "
+          "(the web process) | | | | |" % (
+              format(found["web_lines"], ","), format(round(found["web_lines"] / statistics.median(seconds)), ","),
+              spread(seconds, "s", 1), mb([w["rss_mb"] for w in web if w["rss_mb"]])))
     print("\nThe longest database call of a cycle holds any wait for another writer's lock (SQLite: "
-          "in BEGIN IMMEDIATE or a write; PostgreSQL: a row lock):")
-    for name, side, found in large:
-        print("- %s (%s): %.2f s in `%s`"
-              % (name.split(" (")[0], side, found["longest_wait"], found["longest_statement"]))
+          "in BEGIN IMMEDIATE or a write; PostgreSQL: a row or advisory lock):")
+    for name, runs in [("admission", admission["with_cycles"])] + [("`submit`, " + side, runs)
+                                                                   for side, runs in found["submit"].items()]:
+        worst = max((run["probe"] for run in runs), key=lambda probe: probe["longest_wait"])
+        errors = sum((run["probe"]["errors"] for run in runs), [])
+        print("- %s: %.2f s in `%s`%s" % (name, worst["longest_wait"], worst["longest_statement"],
+                                          "; %d cycle(s) failed: %s" % (len(errors), errors[0]) if errors else ""))
 
 
-def print_import_table(found, runs):
+def print_intake_row(name, side, runs):
+    probes = [run["probe"] for run in runs if "probe" in run]
+    rates, seconds = [run["rows_per_s"] for run in runs], [run["seconds"] for run in runs]
+    cells = [name, side, format(round(statistics.median(rates)), ","), spread(seconds, "s", 1),
+             mb([run["rss_mb"] for run in runs])]
+    if probes:
+        cells += ["%d" % sum(p["cycles"] for p in probes), "%.2f s" % max(p["longest_cycle"] for p in probes),
+                  "%.2f s" % max(p["longest_wait"] for p in probes), mb([p["rss_mb"] for p in probes])]
+    else:
+        cells += ["", "", "", ""]
+    print("| %s |" % " | ".join(cells))
+
+
+def print_imports_table(backend, found, runs):
+    print("\n#### %s, start-up: `python -X importtime -m ...` (sum of top-level imports) and wall time\n" % backend)
     print("| command (least of %d runs) | ours: imports | ours: wall | straightforward: imports "
           "| straightforward: wall |" % runs)
     print("|---|---:|---:|---:|---:|")
     for label in ("--help", "status", "submit FILE"):
-        ours, plain = found[label, "ours"], found[label, "straightforward"]
+        ours, plain = found["%s | ours" % label], found["%s | straightforward" % label]
         print("| `%s` | %.0f ms | %.0f ms | %.0f ms | %.0f ms |" % (
-            label, ours[0] * 1000, ours[1] * 1000, plain[0] * 1000, plain[1] * 1000))
-
-
-@contextlib.contextmanager
-def step(what, backend):
-    """Progress on stderr: what was measured, in how long."""
-    started = time.monotonic()
-    yield
-    print("==> %s: %s measured in %.0f s" % (backend, what, time.monotonic() - started), file=sys.stderr)
-
-
-def run(database_url, redis_url, plan, backend):
-    """Every end-to-end row on one database, printed as three markdown tables."""
-    bench = Bench(database_url, redis_url, plan)
-    try:
-        measured = measure_everything(bench, plan, backend)
-    finally:
-        bench.close()
-    print_tables(backend, plan, *measured)
-
-
-def measure_everything(bench, plan, backend):
-    with step("submits of %d files" % plan.submit_files, backend):
-        timing = bench.measure_submits()
-    with step("creation and status cycles", backend):
-        timing += bench.measure_cycles()
-    rows = format(plan.large, ",")
-    with step("admission of %s rows" % rows, backend):
-        large = [("admission of %s host-written rows (one batch)" % rows, "ours", bench.measure_admission())]
-    for side in bench.sides:
-        with step("submit of %s lines, %s" % (rows, side.name), backend):
-            large.append(("`submit` of %s lines (one process)" % rows, side.name, bench.measure_large_submit(side)))
-    with step("web submit", backend):
-        web = bench.measure_web_submit()
-    with step("imports", backend):
-        imports = bench.measure_imports()
-    return timing, large, web, imports
-
-
-def print_tables(backend, plan, timing, large, web, imports):
-    print("\n#### %s, end to end (median of %d, min-max)\n" % (backend, plan.reps))
-    print_timing_table(timing)
-    print("\n#### %s, large intakes\n" % backend)
-    print_intake_table(large, web, plan.web_lines)
-    print("\n#### Start-up: `python -X importtime -m ...` (sum of top-level imports) and wall time\n")
-    print_import_table(imports, plan.import_runs)
-    sys.stdout.flush()
+            label, ours["imports"] * 1000, ours["wall"] * 1000, plain["imports"] * 1000, plain["wall"] * 1000))

@@ -146,9 +146,30 @@ def copy_database(source, target):
     admin.autocommit = True
     with admin.cursor() as cursor:
         cursor.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % urlsplit(target).path.lstrip("/"))
-        cursor.execute('CREATE DATABASE "%s" TEMPLATE "%s"' % (
-            urlsplit(target).path.lstrip("/"), urlsplit(source).path.lstrip("/")))
+        cursor.execute('CREATE DATABASE "%s" TEMPLATE "%s"%s' % (
+            urlsplit(target).path.lstrip("/"), urlsplit(source).path.lstrip("/"), copy_strategy(cursor)))
     admin.close()
+
+
+def copy_strategy(cursor):
+    """PostgreSQL 15 copies a template block by block through the write-ahead log unless told
+    to copy its files: for a database of gigabytes (the long history) minutes against seconds."""
+    cursor.execute("SHOW server_version_num")
+    return " STRATEGY = FILE_COPY" if int(cursor.fetchone()[0]) >= 150000 else ""
+
+
+def database_bytes(url):
+    """The size of the database at `url` on disk (a SQLite file with its write-ahead log)."""
+    if not is_postgres_url(url):
+        return sum(os.path.getsize(sqlite_path(url) + suffix) for suffix in ("", "-wal")
+                   if os.path.exists(sqlite_path(url) + suffix))
+    connection = connect(url)
+    try:
+        cursor = connection.cursor()
+        cursor.execute("SELECT pg_database_size(current_database())")
+        return cursor.fetchone()[0]
+    finally:
+        connection.close()
 
 
 def side_url(url, name):
@@ -359,3 +380,29 @@ def write_rows(cursor, pg, table, names, rows):
         part = rows[start:start + per_insert]
         cursor.execute("INSERT INTO %s (%s) VALUES %s" % (table, ", ".join(names), ",".join([marks] * len(part))),
                        [v for row in part for v in row])
+
+
+def copy_floor(url, path):
+    """Seconds of a raw `\\copy` of the lines of the file at `path` into a new one-column table
+    on the PostgreSQL server at `url`, by psql as a user runs it (its start and connection
+    included): the least the server needs to take those lines."""
+    import shutil
+    import subprocess
+    connection = connect(url)
+    connection.autocommit = True
+    try:
+        connection.cursor().execute("DROP TABLE IF EXISTS bench_copy_floor")
+        connection.cursor().execute("CREATE TABLE bench_copy_floor (line TEXT)")
+        command = "\\copy bench_copy_floor (line) FROM '%s'" % path
+        started = time.perf_counter()
+        if shutil.which("psql"):
+            subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", command, url], check=True,
+                           stdout=subprocess.DEVNULL)
+        else:   # the same COPY FROM STDIN, from this process
+            with open(path) as lines:
+                connection.cursor().copy_expert("COPY bench_copy_floor (line) FROM STDIN", lines)
+        seconds = time.perf_counter() - started
+        connection.cursor().execute("DROP TABLE bench_copy_floor")
+        return seconds
+    finally:
+        connection.close()
