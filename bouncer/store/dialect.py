@@ -335,6 +335,8 @@ def copy_lines(rows):
 
 def copy_column(values):
     kinds = set(map(type, values))
+    if len(kinds) == 1 and values.count(values[0]) == len(values):   # one value for every row
+        return [copy_value(values[0])] * len(values)
     kinds.discard(type(None))
     if kinds <= {str}:
         text = [v for v in values if v is not None]
