@@ -18,7 +18,7 @@ from peewee import SQL, Query, Tuple
 
 from bouncer.queue import fairness
 from bouncer.states import RowState
-from bouncer.store.bulk import among, chunked, insert_tuples
+from bouncer.store.bulk import among, chunked, insert_tuples, looked_up
 from bouncer.store.database import database, dialect, lock_rows_for_update
 from bouncer.store.dialect import LineJoin
 from bouncer.store.models import FifoCounter, QueuedEmail, RidingRows, UserBatch, UserBatchEmail
@@ -94,7 +94,7 @@ def leave_line(row_ids, span=None):
     PostgreSQL, 10,000 rows: 11 ms against 28 ms)."""
     if not row_ids:
         return []
-    where = among(Line.row, row_ids)
+    where = looked_up(Line.row, row_ids)
     if span is not None:
         check_type, first, last = span
         place = Tuple(Line.turn, Line.fifo_order, Line.position)

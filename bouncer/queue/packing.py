@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from peewee import JOIN, Tuple
 
-from bouncer.store.bulk import among
+from bouncer.store.bulk import looked_up
 from bouncer.store.database import database
 from bouncer.store.models import BouncerBatch, BouncerBatchEmail, QueuedEmail, result_model
 
@@ -143,7 +143,7 @@ def in_flight_batches_of(check_type, global_ids):
         return {}
     query = (Sent.select(Sent.email_global, Sent.bouncer_batch, BouncerBatch.finish_reason.is_null())
              .join(BouncerBatch, JOIN.INNER, on=(BouncerBatch.id == Sent.bouncer_batch))
-             .where((Sent.check_type == check_type) & among(Sent.email_global, global_ids)))
+             .where((Sent.check_type == check_type) & looked_up(Sent.email_global, global_ids)))
     return {global_id: ledger_id if joinable else None
             for global_id, ledger_id, joinable in database.execute_sql(*query.sql()).fetchall()}
 
@@ -162,7 +162,7 @@ def verdicts_of(check_type, global_ids, cutoff, now, hold_within=None):
         wanted.append((Result.retry_after > now) & (Result.retry_after <= now + hold_within))
     either = wanted[0] if len(wanted) == 1 else wanted[0] | wanted[1]
     query = Result.select(Result.email_global, Result.retry_after).where(
-        among(Result.email_global, global_ids) & either)
+        looked_up(Result.email_global, global_ids) & either)
     fresh, held = set(), set()
     for global_id, retry_after in database.execute_sql(*query.sql()).fetchall():
         (fresh if retry_after is None else held).add(global_id)

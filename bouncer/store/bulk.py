@@ -13,6 +13,12 @@ def among(field, values):
     return dialect().among(field, values)
 
 
+def looked_up(field, values):
+    """`field IN values`, found by one probe of the index of `field` per value (see the
+    dialects' `looked_up`): for many values against a large table."""
+    return dialect().looked_up(field, values)
+
+
 def chunked(iterable, size=CHUNK):
     iterator = iter(iterable)
     while True:
