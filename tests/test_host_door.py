@@ -10,7 +10,10 @@ import pytest
 from conftest import postgres_statistics
 
 from bouncer.cycles.runner import run_cycle
-from bouncer.doors.admission import SLICE, AdmissionReport, admit, admit_batch, finish_admission
+from bouncer.doors.admission import (
+    DEAD_ADMITTER_AFTER, SLICE, AdmissionReport, admit, admit_batch, admit_slice, claim_admission,
+    finish_admission, release_admission,
+)
 from bouncer.doors.loading import create_user_batch
 from bouncer.names import CREATION, STATUS
 from bouncer.reading.batches import batch_status, iter_results
@@ -244,9 +247,51 @@ def test_admission_works_a_slice_at_a_time_oldest_batch_first(host, db):
     report = admit("deliverable", max_rows=SLICE)
     assert (report.admitted, report.unfinished) == (SLICE, True)
     assert (host.batch(batch_id)["total"], host.batch(younger)["total"]) == (SLICE, 0)
+    assert claim_of(host, batch_id) is None    # stopped at its bound, it left the batch to the next admitter
     report = admit("deliverable")
     assert (report.admitted, report.unfinished) == (SLICE + 2, False)
     assert (host.batch(batch_id)["total"], host.batch(younger)["total"]) == (2 * SLICE + 1, 1)
+
+
+def claim_of(host, batch_id):
+    return host.run("SELECT admitter_seen_at FROM user_batches WHERE id = ?", (batch_id,))[0][0]
+
+
+def test_one_admitter_at_a_time_works_on_a_hosts_batch(host, db):
+    batch_id = host.write_batch("alice", "deliverable", [(p, "u%d@example.com" % p) for p in range(1, SLICE + 2)])
+    younger = host.write_batch("bob", "deliverable", [(1, "bob@example.com")])
+    admit("deliverable", max_rows=0)           # both take their places in line
+    assert claim_of(host, batch_id) is None
+    assert claim_admission(batch_id, utcnow())   # another admitter (a cycle in another process) at work
+    assert not claim_admission(batch_id, utcnow())
+    report = admit("deliverable")
+    # This one leaves the claimed batch alone (it would only check and write the same rows) and
+    # admits the next one.
+    assert (report.admitted, host.batch(batch_id)["total"], host.batch(younger)["total"]) == (1, 0, 1)
+    release_admission(batch_id)
+    assert admit("deliverable").admitted == SLICE + 1
+    assert (host.batch(batch_id)["total"], claim_of(host, batch_id)) == (SLICE + 1, None)
+
+
+def test_the_claim_of_an_admitter_that_died_is_taken_over(host, db):
+    batch_id = host.write_batch("alice", "deliverable", [(p, "u%d@example.com" % p) for p in range(1, 11)])
+    admit("deliverable", max_rows=0)
+    assert claim_admission(batch_id, utcnow())   # ... and its process is killed
+    assert admit("deliverable", now=utcnow() + DEAD_ADMITTER_AFTER / 2).admitted == 0
+    assert admit("deliverable", now=utcnow() + DEAD_ADMITTER_AFTER + datetime.timedelta(seconds=1)).admitted == 10
+    assert (host.batch(batch_id)["status"], claim_of(host, batch_id)) == ("queued", None)
+
+
+def test_a_claim_renewed_with_every_slice_keeps_its_batch(host, db):
+    """An admitter's claim is its heartbeat: each slice renews it, so a long admission is never
+    taken over while it goes on."""
+    batch_id = host.write_batch("alice", "deliverable", [(p, "u%d@example.com" % p) for p in range(1, 2 * SLICE + 1)])
+    admit("deliverable", max_rows=0)
+    assert claim_admission(batch_id, utcnow())
+    host.run("UPDATE user_batches SET admitter_seen_at = ? WHERE id = ?",
+             (utcnow() - 2 * DEAD_ADMITTER_AFTER, batch_id))      # an old claim
+    admit_slice(batch_id, utcnow(), heartbeat=UserBatch.admitter_seen_at)
+    assert not claim_admission(batch_id, utcnow())               # renewed: alive again
 
 
 def test_admission_gives_each_row_its_own_address_across_gaps_in_its_positions(host, db):

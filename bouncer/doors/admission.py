@@ -13,8 +13,9 @@ Admission, a bounded slice at a time, oldest batch first: a batch that became vi
 place in line (`fifo_order`, from a counter, so in commit order); each new row is checked
 (syntax, with email-validator), stripped of its modifiers, mapped to its `emails_global` row,
 and becomes `queued` (or `invalid` with the reason); the batch's counts follow. Everything is
-a conditional update of rows still `new`, so two admitters at once (a cycle and a loader) never
-admit a row twice.
+a conditional update of rows still `new`, so two admitters at once never admit a row twice;
+and one admitter at a time works on a batch (a loader on its own, a cycle on a host's, which it
+claims), so two never check and write the same rows only for one of them to find them taken.
 """
 
 import datetime
@@ -43,6 +44,9 @@ SLICE = 5000                  # rows a loader commits at once, and rows admitted
 MAX_STORED_EMAIL = 320        # characters of a submitted line kept (an address is at most 254)
 # A loader commits a slice every fraction of a second; one silent for this long died.
 DEAD_LOADER_AFTER = datetime.timedelta(minutes=5)
+# A cycle admitting a host's batch renews its claim with every slice (a fraction of a second);
+# one silent for this long died, and the next admitter takes the batch over.
+DEAD_ADMITTER_AFTER = datetime.timedelta(seconds=30)
 
 
 def row_problem(text):
@@ -122,24 +126,48 @@ def admit(check_type, max_rows=None, deadline=None, now=None, report=None, shoul
     report.noticed += notice_new_batches(check_type, report, now)
     looked_at = 0
     for batch_id in batches_with_new_rows(check_type, now):
+        if not claim_admission(batch_id, now):
+            continue     # another admitter is at work on it
         admitted = AdmissionReport()
-        while True:
-            if ((max_rows is not None and looked_at >= max_rows)
-                    or (deadline is not None and time.monotonic() > deadline)
-                    or (should_stop and should_stop())):
-                report.unfinished = True
-                return report
-            admitted = admit_slice(batch_id, now, limit=SLICE, after=admitted.last_position)
-            report.add(admitted)
-            looked_at += admitted.admitted + admitted.invalid
-            if admitted.admitted + admitted.invalid < SLICE:
-                break
+        try:
+            while True:
+                if ((max_rows is not None and looked_at >= max_rows)
+                        or (deadline is not None and time.monotonic() > deadline)
+                        or (should_stop and should_stop())):
+                    report.unfinished = True
+                    return report
+                admitted = admit_slice(batch_id, now, limit=SLICE, after=admitted.last_position,
+                                       heartbeat=UserBatch.admitter_seen_at)
+                report.add(admitted)
+                looked_at += admitted.admitted + admitted.invalid
+                if admitted.admitted + admitted.invalid < SLICE:
+                    break
+        finally:
+            release_admission(batch_id)
     return report
 
 
-def admit_batch(batch_id, now=None, heartbeat=False, checked=None):
+def claim_admission(batch_id, now):
+    """Whether this admitter may work on a host's batch: it claims it unless another admitter's
+    claim is alive (renewed within DEAD_ADMITTER_AFTER). A claim only saves work: every write is
+    conditional on rows still `new`, so an admitter that lost its claim still admits no row
+    twice."""
+    alive_since = now - DEAD_ADMITTER_AFTER
+    with write_transaction():
+        return bool(UserBatch.update(admitter_seen_at=utcnow()).where(
+            (UserBatch.id == batch_id)
+            & (UserBatch.admitter_seen_at.is_null() | (UserBatch.admitter_seen_at < alive_since))).execute())
+
+
+def release_admission(batch_id):
+    """The batch is free for the next admitter (this one stopped at its bound, or is done)."""
+    with write_transaction():
+        UserBatch.update(admitter_seen_at=None).where(UserBatch.id == batch_id).execute()
+
+
+def admit_batch(batch_id, now=None, heartbeat=None, checked=None):
     """Admit every new row of one batch (a loader admitting what it just wrote, renewing its
-    heartbeat with each slice; `checked`, see admit_slice)."""
+    heartbeat, the column `heartbeat`, with each slice; `checked`, see admit_slice)."""
     now = now or utcnow()
     report, admitted = AdmissionReport(), AdmissionReport()
     while True:
@@ -173,16 +201,20 @@ def notice_new_batches(check_type, report, now):
 def batches_with_new_rows(check_type, now=None):
     """Visible batches of `check_type` with rows not yet admitted, in their order in line,
     except those a live loader is admitting itself. The rows are found by a skip scan of the
-    index of new rows, one probe per batch, so a large batch still loading costs nothing here."""
+    index of new rows, one probe per batch, so a large batch still loading costs nothing here.
+    Those another admitter has claimed are left to it."""
+    now = now or utcnow()
     first = database.execute_sql(DISTINCT_NEW_BATCHES).fetchall()
     batch_ids = [b for (b,) in first]
     if not batch_ids:
         return []
-    loader_alive_since = (now or utcnow()) - DEAD_LOADER_AFTER
+    loader_alive_since = now - DEAD_LOADER_AFTER
     visible = (UserBatch.select(UserBatch.id)
                .where(among(UserBatch.id, batch_ids) & (UserBatch.check_type == check_type)
                       & UserBatch.status.not_in((BatchState.LOADING, BatchState.NEW))
-                      & (UserBatch.loader_seen_at.is_null() | (UserBatch.loader_seen_at < loader_alive_since)))
+                      & (UserBatch.loader_seen_at.is_null() | (UserBatch.loader_seen_at < loader_alive_since))
+                      & (UserBatch.admitter_seen_at.is_null()
+                         | (UserBatch.admitter_seen_at < now - DEAD_ADMITTER_AFTER)))
                .order_by(UserBatch.fifo_order, UserBatch.id))
     return [b for (b,) in visible.tuples()]
 
@@ -198,14 +230,15 @@ SELECT batch_id FROM pending WHERE batch_id IS NOT NULL
 """ % {"new": line.NOT_ADMITTED_SQL}
 
 
-def admit_slice(batch_id, now, limit=SLICE, heartbeat=False, checked=None, after=0):
+def admit_slice(batch_id, now, limit=SLICE, heartbeat=None, checked=None, after=0):
     """Admit up to `limit` new rows of one batch, oldest position first, after position `after`
     (where the slice before ended: on PostgreSQL the index of rows not yet admitted keeps an
     entry for each row admitted until a vacuum, and a scan from the batch's first position
     would step over them all, slice after slice). The addresses are checked before the write
     transaction opens, so it stays short. `checked`: what the loader that wrote the rows found,
     by position (see Loader.classify), so a valid address is not checked twice (an invalid one
-    is checked again for its reason)."""
+    is checked again for its reason). `heartbeat`: the column of the admitter's heartbeat or
+    claim, renewed with the slice."""
     report = AdmissionReport()
     rows = (Row.select(Row.id, Row.position, Row.email)
             .where((Row.batch == batch_id) & (Row.position > after) & line.not_admitted())
@@ -239,8 +272,8 @@ def admit_slice(batch_id, now, limit=SLICE, heartbeat=False, checked=None, after
         report.admitted = queue_rows(batch, [(r, p, global_ids[a]) for r, p, a in valid])
         report.invalid = mark_invalid(batch, invalid, now)
         count_admitted(batch, report)
-        if heartbeat:
-            UserBatch.update(loader_seen_at=utcnow()).where(UserBatch.id == batch_id).execute()
+        if heartbeat is not None:
+            UserBatch.update({heartbeat: utcnow()}).where(UserBatch.id == batch_id).execute()
     if len(rows) < limit:
         finish_admission(batch_id, report, now)
     return report

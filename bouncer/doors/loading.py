@@ -140,7 +140,7 @@ class Loader:
                 changes[UserBatch.callback_url] = callback_url
             (UserBatch.update(changes)
              .where((UserBatch.id == self.batch_id) & (UserBatch.status == BatchState.LOADING)).execute())
-        admit_batch(self.batch_id, now, heartbeat=True, checked=self.checked)
+        admit_batch(self.batch_id, now, heartbeat=UserBatch.loader_seen_at, checked=self.checked)
         UserBatch.update(loader_seen_at=None).where(UserBatch.id == self.batch_id).execute()
         batch = UserBatch.get_by_id(self.batch_id)
         self.summary = SubmitSummary(self.batch_id, accepted=batch.total - batch.invalid,

@@ -250,6 +250,9 @@ def upgrade_to_5():
     # Tenants on the HTTP door: the API token that created a batch, as its digest.
     add_columns("user_batches", [("api_token_digest", "TEXT")])
     database.execute_sql(API_TOKEN_INDEX)
+    # Admission: the cycle admitting a host's batch claims it, so two admitters never do the
+    # same rows' work.
+    add_columns("user_batches", [("admitter_seen_at", "{time}")])
 
 
 def add_columns(table, columns):

@@ -62,6 +62,7 @@ class UserBatch(BaseModel):
     pruned_at = DateTimeField(null=True)     # its rows were removed after the retention period
     kept_counts = TextField(null=True)       # its counts as they were then (JSON), for its status
     api_token_digest = TextField(null=True)  # the API token that created it (its SHA-256); none: SQL, CLI
+    admitter_seen_at = DateTimeField(null=True)  # the claim of the cycle admitting a host's batch
 
     class Meta:
         table_name = "user_batches"

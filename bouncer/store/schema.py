@@ -90,7 +90,8 @@ CREATE TABLE user_batches (
     loader_seen_at {time},
     pruned_at {time},
     kept_counts TEXT,
-    api_token_digest TEXT
+    api_token_digest TEXT,
+    admitter_seen_at {time}
 )"""
 
 
