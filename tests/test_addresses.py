@@ -155,3 +155,57 @@ def test_the_syntax_check_keeps_email_validators_verdicts_over_fuzzed_addresses(
         else:   # lengths around the limits: 64 before the @, 254 in all, 63 a label
             address = "a" * rng.randint(1, 70) + "@" + ("b" * rng.randint(1, 70) + ".") * rng.randint(1, 4) + "com"
         assert syntax_error(address) == validator_error(address), address
+
+
+def host_name(rng):
+    """A host name made to hit the edges of the plain-host path: case, hyphens, digits, dashes
+    in third and fourth place, special-use names, labels and names around their length limits."""
+    import string
+    label_alphabet = string.ascii_letters + string.digits + "-"
+    tails = ["com", "COM", "c", "123", "a1", "1a", "local", "Test", "invalid", "localhost", "onion",
+             "arpa", "xn--p1ai", "ab--cd", "-bad", "bad-", "x" * 63, "x" * 64, ""]
+    labels = ["".join(rng.choice(label_alphabet) for _ in range(rng.choice([1, 2, 3, 4, 5, 62, 63, 64])))
+              for _ in range(rng.randint(0, 5))]
+    return ".".join(labels + [rng.choice(tails)])
+
+
+def test_the_plain_host_path_keeps_email_validators_verdicts():
+    """A host name found valid without email-validator is one it finds valid, the same address
+    both ways, over host names made to hit the edges (long names around 252 characters too)."""
+    import random
+
+    from bouncer.addresses import syntax_error, validator_error
+    rng = random.Random(7)
+    for _ in range(20000):
+        domain = host_name(rng)
+        if rng.random() < 0.1:     # names around MAX_ADDRESS_LENGTH - 2 characters
+            domain = ".".join(["h" * 60] * 4)[:rng.randint(240, 256)].strip(".") + ".com"
+        address = rng.choice(["a", "First.Last", "x" * 10]) + "@" + domain
+        assert syntax_error(address) == validator_error(address), address
+
+
+@pytest.mark.parametrize("text", ["plainaddress", "not an address 999", "a<b", "<a>", "a\uff20b.com", "a\ufe6bb.com",
+                                  '"quoted', "a\u0301", "é日", "a" * 400])
+def test_a_line_without_an_at_sign_gets_email_validators_message(text):
+    from bouncer.addresses import validator_error
+    assert syntax_error(text) == validator_error(text)
+
+
+def test_the_special_use_names_are_email_validators():
+    import email_validator
+
+    from bouncer.addresses import SPECIAL_USE_DOMAINS
+    assert list(SPECIAL_USE_DOMAINS) == email_validator.SPECIAL_USE_DOMAIN_NAMES
+
+
+def test_plain_addresses_and_lines_without_an_at_sign_are_checked_without_email_validator():
+    """What a command pays at start: email-validator is loaded only for an address it alone can
+    judge (here, none)."""
+    import subprocess
+    import sys
+    code = ("import sys; from bouncer.addresses import syntax_error\n"
+            "assert syntax_error('First.Last+tag@Example-1.co.uk') is None\n"
+            "assert syntax_error('not an address 999')\n"
+            "print('email_validator' in sys.modules)")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert found.strip() == "False"

@@ -278,6 +278,18 @@ def test_submit_duplicates_counted(app, database_url, tmp_path, content, accepte
     assert UserBatchEmail.select().count() == content.count(b"\n") - content.startswith(b"email")
 
 
+@pytest.mark.parametrize("when", [datetime.datetime(2026, 1, 2, 3, 4, 5, 678901),
+                                  datetime.datetime(2026, 1, 2, 3, 4, 5)])
+def test_a_new_address_keeps_the_time_it_was_registered_at(db, when):
+    """The time every new address of an admission shares is written once for all of them (on
+    SQLite, as its adapter would write it): it reads back as it was given, to the microsecond."""
+    from bouncer.doors.admission import register_addresses
+    from bouncer.store.database import write_transaction
+    with write_transaction():
+        register_addresses(["a@example.com", "b@example.com"], when)
+    assert [a.created_at for a in EmailGlobal.select()] == [when, when]
+
+
 def test_submit_times_stored_in_utc(app, database_url, tmp_path):
     submitted_json(submit_file(database_url, write_bytes(tmp_path, b"a@example.com\n"), "--json"))
     now = datetime.datetime.utcnow()

@@ -87,12 +87,16 @@ def complete_finished_batches(batch_ids, now):
 
 
 def has_pending_rows():
-    """Whether the user batch of the enclosing query has a row pending: not yet admitted, in
-    line, or riding on a Bouncer batch (every queued row is one of the last two). Each is one
-    probe of an index; none reads a row's status, which no index holds."""
-    return (fn.EXISTS(Row.select(SQL("1")).where((Row.batch == UserBatch.id) & not_admitted()))
-            | fn.EXISTS(Line.select(SQL("1")).where(rows_in_line_of(Line, UserBatch)))
-            | fn.EXISTS(Riding.select(SQL("1")).where(Riding.batch_id == UserBatch.id)))
+    """Whether the user batch of the enclosing query has a row pending: in line, riding on a
+    Bouncer batch (every queued row is one of these two), or not yet admitted. Each is one
+    probe of an index; none reads a row's status, which no index holds. The rows not yet
+    admitted are asked last: on PostgreSQL, right after an admission their index still holds
+    an entry for every row just admitted (until a vacuum), and the probe steps over them all,
+    reading each row to find it admitted (measured: 30 ms for a batch of 5,000 just admitted),
+    where a batch just admitted has its first row in line."""
+    return (fn.EXISTS(Line.select(SQL("1")).where(rows_in_line_of(Line, UserBatch)))
+            | fn.EXISTS(Riding.select(SQL("1")).where(Riding.batch_id == UserBatch.id))
+            | fn.EXISTS(Row.select(SQL("1")).where((Row.batch == UserBatch.id) & not_admitted())))
 
 
 def fail_batches(batch_ids, reason, now):
