@@ -1,10 +1,7 @@
 """Email addresses: the local syntax check, and stripping modifiers down to one global identity.
 
 The syntax check is email-validator's (a maintained implementation of the RFCs, with
-internationalised addresses), run without DNS: deliverability is what Bouncer is paid for. Its
-verdict on the two commonest cases, a plain host name and a line without an @-sign, is given
-here without loading it (its regular expressions take 20 ms of a command's start to compile):
-a test holds both to its verdicts and messages.
+internationalised addresses), run without DNS: deliverability is what Bouncer is paid for.
 """
 import re
 from functools import lru_cache
@@ -31,19 +28,6 @@ MICROSOFT_COUNTRY_DOMAIN = re.compile(r"^(hotmail|outlook|live)\.([a-z]{2,3}|co\
 ATEXT = r"[a-zA-Z0-9!#$%&'*+/=?^_`{|}~-]"
 PLAIN_ADDRESS = re.compile(r"%s+(?:\.%s+)*@([A-Za-z0-9.-]+)" % (ATEXT, ATEXT))
 MAX_ADDRESS_LENGTH = 254
-# A host name email-validator finds valid whatever else it asks: labels of letters, digits and
-# inner hyphens, at most 63 each, the last one ending with a letter (a top-level domain).
-# Labels with "--" in third and fourth place (Punycode, reserved) and special-use names are left
-# to it, and so is a name so long that `a@` and it exceed MAX_ADDRESS_LENGTH.
-HOST_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-PLAIN_HOST = re.compile(r"(?:%s\.)+(?:[a-z0-9][a-z0-9-]{0,61})?[a-z]" % HOST_LABEL, re.IGNORECASE)
-MAX_PLAIN_HOST = MAX_ADDRESS_LENGTH - len("a@")
-# email_validator.SPECIAL_USE_DOMAIN_NAMES (a test keeps the two equal).
-SPECIAL_USE_DOMAINS = ("arpa", "invalid", "local", "localhost", "onion", "test")
-# Characters that make email-validator read a line without an @-sign otherwise than as missing
-# one: an address in angle brackets, and two look-alikes of the @-sign it names.
-NOT_PLAIN_WITHOUT_AT = ("<", "\uff20", "\ufe6b")
-NO_AT_SIGN = "An email address must have an @-sign."
 
 
 def syntax_error(address):
@@ -51,27 +35,13 @@ def syntax_error(address):
     plain = PLAIN_ADDRESS.fullmatch(address)
     if plain and len(address) <= MAX_ADDRESS_LENGTH:
         return domain_error(plain.group(1))
-    if "@" not in address and not any(c in address for c in NOT_PLAIN_WITHOUT_AT):
-        return NO_AT_SIGN
     return validator_error(address)
 
 
 @lru_cache(maxsize=65536)
 def domain_error(domain):
     """email-validator's verdict on an address at `domain` whose local part is plain."""
-    if is_plain_host(domain):
-        return None
     return validator_error("a@" + domain)
-
-
-def is_plain_host(domain):
-    """Whether `domain` is a host name email-validator accepts (see PLAIN_HOST)."""
-    if len(domain) > MAX_PLAIN_HOST or not PLAIN_HOST.fullmatch(domain):
-        return False
-    name = domain.lower()
-    if any(label[2:4] == "--" for label in name.split(".")):
-        return False
-    return not any(name == special or name.endswith("." + special) for special in SPECIAL_USE_DOMAINS)
 
 
 def validator_error(address):

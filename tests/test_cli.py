@@ -366,10 +366,9 @@ runpy.run_module("bouncer", run_name="__main__", alter_sys=True)
     # The overview asks Redis, as /health does.
     (["status", "--json"], ["peewee", "bouncer.reading.overview", "bouncer.reading.health", "redis", "rq"],
      ["email_validator", "bouncer.doors", "bouncer.cycles.ingest", "bouncer.sandbox.options"]),
-    # A plain address is checked without email-validator (bouncer.addresses).
     (["submit", "{file}", "--user", "u", "--check-type", "deliverable", "--json"],
-     ["bouncer.doors.loading", "bouncer.doors.reader"],
-     ["email_validator", "bouncer.reading", "bouncer.queue.ledger", "bouncer.runtime", "bouncer.cycles",
+     ["email_validator", "bouncer.doors.loading", "bouncer.doors.reader"],
+     ["bouncer.reading", "bouncer.queue.ledger", "bouncer.runtime", "bouncer.cycles",
       "bouncer.queue.packing", "bouncer.sandbox.options"]),
 ])
 def test_a_command_loads_only_what_it_uses(tmp_path, args, loaded, not_loaded):
