@@ -141,6 +141,12 @@ def copy_database(source, target):
         connection.close()
         fresh_database(target)
         shutil.copyfile(sqlite_path(source), sqlite_path(target))
+        # On disk before any step is timed: the copy's gigabytes (the long history) otherwise
+        # reach the disk during the next steps, whose first checkpoint waits for them (measured:
+        # a creation cycle right after restoring the full history, 2.99 s against 1.83 s).
+        # PostgreSQL's FILE_COPY makes its copy durable itself.
+        with open(sqlite_path(target), "rb+") as copied:
+            os.fsync(copied.fileno())
         return
     admin = connect(urlsplit(source)._replace(path="/postgres").geturl())
     admin.autocommit = True

@@ -121,6 +121,40 @@ def test_create_attaches_an_address_already_in_flight_instead_of_sending_it(app,
     assert statuses(later) == {SENT: 2}
 
 
+def test_an_address_in_flight_is_found_at_either_end_of_the_ids_looked_up(app, bouncer):
+    from bouncer.queue.packing import in_flight_batches_of
+    submit("alice", ["lo@example.com", "mid@example.com", "hi@example.com"])
+    run_cycle(app, CREATION, "deliverable")
+    submit("bob", ["later@example.com"])
+    ids = {email: global_id for global_id, email in EmailGlobal.select(EmailGlobal.id, EmailGlobal.email).tuples()}
+    (ledger_id,) = {ledger for (ledger,) in BouncerBatch.select(BouncerBatch.id).tuples()}
+    assert in_flight_batches_of("deliverable", {ids["lo@example.com"], ids["later@example.com"]}) \
+        == {ids["lo@example.com"]: ledger_id}
+    assert in_flight_batches_of("deliverable", {ids["hi@example.com"], ids["later@example.com"]}) \
+        == {ids["hi@example.com"]: ledger_id}
+    assert in_flight_batches_of("deliverable", {ids["mid@example.com"]}) == {ids["mid@example.com"]: ledger_id}
+    assert in_flight_batches_of("deliverable", {ids["later@example.com"]}) == {}
+    assert in_flight_batches_of("catchall", {ids["lo@example.com"], ids["hi@example.com"]}) == {}
+
+
+def test_a_fresh_verdict_is_found_at_either_end_of_the_ids_looked_up(app):
+    from bouncer.queue.packing import verdicts_of
+    submit("alice", ["lo@example.com", "mid@example.com", "hi@example.com", "never@example.com"])
+    ids = {email: global_id for global_id, email in EmailGlobal.select(EmailGlobal.id, EmailGlobal.email).tuples()}
+    now = utcnow()
+    for email in ("lo@example.com", "hi@example.com"):
+        DeliverableResult.create(email_global=ids[email], status="deliverable", raw="{}", checked_at=now)
+    cutoff = now - datetime.timedelta(days=1)
+    lo, mid, hi, never = (ids[e] for e in ("lo@example.com", "mid@example.com", "hi@example.com",
+                                           "never@example.com"))
+    assert verdicts_of("deliverable", {lo, mid}, cutoff, now) == ({lo}, set())
+    assert verdicts_of("deliverable", {mid, hi}, cutoff, now) == ({hi}, set())
+    assert verdicts_of("deliverable", {lo, hi}, cutoff, now) == ({lo, hi}, set())
+    assert verdicts_of("deliverable", {mid}, cutoff, now) == verdicts_of("deliverable", {never}, cutoff, now) \
+        == (set(), set())
+    assert verdicts_of("catchall", {lo, hi}, cutoff, now) == (set(), set())
+
+
 def test_create_completes_addresses_with_a_fresh_cached_verdict_without_a_credit(app, bouncer):
     first = submit("alice", ["cached@example.com"])
     EmailGlobal_id = EmailGlobal.get(EmailGlobal.email == "cached@example.com").id

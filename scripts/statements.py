@@ -1,0 +1,195 @@
+"""Where a creation cycle's time goes, statement by statement: 200k addresses queued (written as
+a host writes them, then admitted), then one creation cycle filling 15 x 10k against a stub
+Bouncer that answers at once, in a process of its own, every statement timed (its fetches and
+COPY included) and every commit; the rest of the cycle's time is Python's, between statements.
+
+    python -m scripts.statements [--database-url URL]... [--reps N]
+
+Give --database-url twice (SQLite and PostgreSQL) for both side by side; the queue is seeded once
+per database and each repetition starts from a copy of it, the databases in turn. Prints one
+table of medians: statements grouped by what they do, calls, milliseconds on each database.
+"""
+import argparse
+import collections
+import os
+import re
+import statistics
+import tempfile
+import time
+
+from scripts import bench, endtoend, workloads
+
+QUEUED, FILES = 200000, 40
+GROUPS = (
+    ("read the line, a page at a time", r'FROM "queued_emails" AS "t1" WHERE'),
+    ("take the rows out of the line (DELETE ... RETURNING)", r'^DELETE FROM "queued_emails"'),
+    ("write the batch's addresses in flight", r'"bouncer_batch_emails" \("bouncer_batch_id"'),
+    ("addresses of the page in flight?", r'FROM "bouncer_batch_emails" AS "t1"'),
+    ("fresh verdicts of the page", r'FROM "email_(deliverable|catchall)_results"'),
+    ("rows riding on the batch", r'"riding_rows" \("bouncer_batch_id"'),
+    ("ledger row", r'^INSERT INTO "bouncer_batches"'),
+    ("commits", r"^COMMIT$"),
+    ("advisory locks", r"pg_advisory"),
+)
+
+
+def group_of(sql):
+    for name, pattern in GROUPS:
+        if re.search(pattern, sql.strip()):
+            return name
+    return "other statements"
+
+
+class Timed:
+    """Every statement of the open database timed, fetches included; COPY and commits too."""
+
+    def __init__(self, db):
+        self.db, self.spent, self.calls = db, collections.Counter(), collections.Counter()
+
+    def __enter__(self):
+        timed = self
+        real_execute, real_cursor, real_commit = self.db.execute_sql, self.db.cursor, self.db.commit
+
+        class Cursor:
+            def __init__(self, cursor, group):
+                self.cursor, self.group = cursor, group
+
+            def __getattr__(self, name):
+                return getattr(self.cursor, name)
+
+            def __iter__(self):
+                return iter(self.fetchall())
+
+            def fetchone(self):
+                return timed.add(self.group, self.cursor.fetchone, count=False)
+
+            def fetchall(self):
+                return timed.add(self.group, self.cursor.fetchall, count=False)
+
+
+        class Copying:
+            """A cursor of the driver's own, its COPY timed (PostgreSQL)."""
+
+            def __init__(self, cursor):
+                self.cursor = cursor
+
+            def __getattr__(self, name):
+                return getattr(self.cursor, name)
+
+            def copy_expert(self, sql, *args, **kwargs):
+                return timed.add(group_of(sql), lambda: self.cursor.copy_expert(sql, *args, **kwargs))
+
+        def execute_sql(sql, params=None, *args, **kwargs):
+            group = group_of(sql)
+            return Cursor(self.add(group, lambda: real_execute(sql, params, *args, **kwargs)), group)
+
+        self.db.execute_sql = execute_sql
+        self.db.cursor = lambda *args, **kwargs: Copying(real_cursor(*args, **kwargs))
+        self.db.commit = lambda: self.add("commits", real_commit)
+        return self
+
+    def add(self, group, call, count=True):
+        started = time.perf_counter()
+        try:
+            return call()
+        finally:
+            self.spent[group] += time.perf_counter() - started
+            self.calls[group] += count
+
+    def __exit__(self, *exc):
+        for name in ("execute_sql", "cursor", "commit"):
+            self.db.__dict__.pop(name, None)
+
+
+def seed(url):
+    """200k distinct addresses in 40 user batches, written as a host writes them, admitted."""
+    workloads.fresh_database(url)
+    endtoend.in_child(init_db, url)
+    per_file = QUEUED // FILES
+    for n in range(FILES):
+        workloads.host_write_batch(url, "user%d" % n, (workloads.queued_address(i)
+                                                       for i in range(n * per_file, (n + 1) * per_file)))
+    endtoend.in_child(endtoend.admit_everything, url)
+    workloads.analyze(url)
+
+
+def init_db(url):
+    from bouncer.store.database import database, open_database
+    from bouncer.store.migrations import create_schema
+    open_database(url)
+    database.connect()
+    create_schema()
+    database.close()
+
+
+def one_cycle(url):
+    """One creation cycle, every statement timed: ({group: (calls, seconds)}, seconds in all)."""
+    from bouncer.app import App
+    from bouncer.config import Settings
+    from bouncer.cycles.creation import create_batches
+    from bouncer.cycles.runner import Cycle
+    from bouncer.names import CREATION
+    from bouncer.store.database import database, open_database
+    settings = Settings(database_url=url, api_key="sk-bench-stub", batch_size=bench.BATCH,
+                        max_outstanding=bench.SLOTS, rate_limit_buffer=180)
+    db = open_database(url)
+    with Timed(db) as timed:
+        started = time.perf_counter()
+        database.connect()
+        cycle = Cycle(App(settings, redis=None, client=bench.StubBouncer()), CREATION, "deliverable")
+        create_batches(cycle)
+        seconds = time.perf_counter() - started
+    database.close()
+    assert sum(n for _, _, n in cycle.report.created) == bench.SLOTS * bench.BATCH, cycle.report.summary()
+    return {group: (timed.calls[group], timed.spent[group]) for group in timed.spent}, seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--database-url", action="append", default=None)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    urls = args.database_url or ["sqlite:///%s" % os.path.join(tempfile.mkdtemp(), "statements.db")]
+    seeded = {url: workloads.side_url(url, "seeded") for url in urls}
+    found = {url: [] for url in urls}
+    try:
+        for url in urls:
+            seed(url)
+            workloads.snapshot(url, seeded[url])
+        for rep in range(args.reps):
+            for url in endtoend.in_turn(urls, rep):
+                workloads.restore(seeded[url], url)
+                workloads.settle(url)
+                found[url].append(endtoend.in_child(one_cycle, url))
+    finally:
+        for url in seeded.values():
+            workloads.drop_database(url)
+    print_table(found)
+
+
+def print_table(found):
+    names = [url.split(":")[0] for url in found]
+    print("| step (median of %d) | %s |" % (len(next(iter(found.values()))),
+                                          " | ".join("calls, ms on %s" % name for name in names)))
+    print("|---|%s" % ("---:|" * len(names)))
+    groups = [name for name, _ in GROUPS] + ["other statements"]
+    for group in groups:
+        cells = []
+        for runs in found.values():
+            calls = statistics.median(run[0].get(group, (0, 0))[0] for run in runs)
+            ms = statistics.median(run[0].get(group, (0, 0))[1] * 1000 for run in runs)
+            cells.append("%d, %.0f" % (calls, ms))
+        print("| %s | %s |" % (group, " | ".join(cells)))
+    cells, python = [], []
+    for runs in found.values():
+        sql = [sum(s for _, s in run[0].values()) for run in runs]
+        cells.append("%.0f" % (statistics.median(sql) * 1000))
+        python.append("%.0f" % (statistics.median(run[1] - s for run, s in zip(runs, sql)) * 1000))
+    print("| SQL in all | %s |" % " | ".join(cells))
+    print("| Python between statements | %s |" % " | ".join(python))
+    print("| the cycle in all | %s |" % " | ".join(
+        "%.0f" % (statistics.median(run[1] for run in runs) * 1000) for runs in found.values()))
+
+
+if __name__ == "__main__":
+    main()
