@@ -372,7 +372,7 @@ def test_each_slice_of_an_admission_reads_on_from_where_the_last_one_ended(host,
         return postgres_statistics("SELECT idx_blks_hit + idx_blks_read FROM pg_statio_user_indexes"
                                    " WHERE indexrelname = 'user_batch_emails_unadmitted'")[0]
 
-    slices = 8
+    slices = 12
     batch_id = host.write_batch("alice", "deliverable",
                                 [(p, "u%d@example.com" % p) for p in range(1, slices * SLICE + 1)])
     (pages,) = database.execute_sql("SELECT pg_relation_size('user_batch_emails_unadmitted') / 8192").fetchone()
@@ -391,5 +391,6 @@ def test_each_slice_of_an_admission_reads_on_from_where_the_last_one_ended(host,
     read -= pages_read() - before
     # A few passes over the index in all (each slice finds its rows, then updates them). Read
     # from the batch's first position each time, each slice would also step over the entries
-    # of every row admitted before it (kept until a vacuum): about slices / 2 passes more.
-    assert read <= 5 * pages, (read, pages)
+    # of every row admitted before it (kept until a vacuum): about slices / 2 passes more, 11
+    # in all. (Under a loaded server the count wanders by a pass or two: the bound leaves room.)
+    assert read <= 8 * pages, (read, pages)
