@@ -158,10 +158,11 @@ def stop_serving(signum, frame):
 
 
 def stop_server(server, thread, timeout=10):
-    """Stop a server whose loop runs in `thread`, from another thread. Its sockets are closed by
-    the loop itself, between two polls (closing them from here would pull them from under the
-    poll it is in: `OSError: Bad file descriptor` in its thread); the loop then ends, having
-    nothing left to watch, and the worker threads are shut down."""
+    """Stop a server whose loop runs in `thread`, from another thread. The worker threads stop
+    first, each once its request is answered (an answer wakes the loop through the trigger:
+    with the trigger closed, `OSError: Bad file descriptor` in that worker). Then the loop
+    closes its sockets itself, between two polls (closing them from here would pull them from
+    under the poll it is in), and ends, having nothing left to watch."""
+    server.task_dispatcher.shutdown(timeout=timeout)
     server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
     thread.join(timeout)
-    server.task_dispatcher.shutdown()
