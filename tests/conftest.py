@@ -337,7 +337,9 @@ def pytest_collection_modifyitems(config, items):
     """With parallel workers (pytest-xdist), the longest tests first, the soak runs (the longest
     timeouts) first of all: the first tests are handed out one by one in turn, so the long ones
     start at once on different workers rather than queue behind each other at the end."""
-    if config.getoption("numprocesses", default=None):
+    # The workers collect and run the tests (xdist clears their `numprocesses`); each sorts
+    # alike, as xdist wants one order from all.
+    if hasattr(config, "workerinput"):
         items.sort(key=lambda item: (item.get_closest_marker("slow") is None, -longest_allowed(item)))
 
 
