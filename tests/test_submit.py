@@ -440,6 +440,9 @@ def test_submit_20000_lines_in_a_bounded_number_of_statements(app, db, database_
     statements = count_statements(monkeypatch, db)
     answer = submitted_json(submit_file(database_url, path, "--json"))
     assert (answer["accepted"], answer["invalid"], answer["duplicates"]) == (20000, 1, 0)
+    # A write transaction on SQLite sets its wait for the write lock aside and back (three
+    # PRAGMAs, in-process calls): per transaction, not per row.
+    statements = [sql for sql in statements if not sql.startswith("PRAGMA busy_timeout")]
     assert 0 < len(statements) < 100, len(statements)
     monkeypatch.undo()
     assert UserBatchEmail.select().count() == 20001

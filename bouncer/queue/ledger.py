@@ -189,16 +189,19 @@ def note_calling(ledger_id, now=None):
 def confirm_sent(ledger_id, bouncer_id, now=None):
     """Store Bouncer's id: from here on the batch is followed to the end. False when the
     reservation was abandoned meanwhile (this cycle outlived RESERVATION_TIMEOUT)."""
-    updated = (BouncerBatch.update(status=BouncerBatchState.OUTSTANDING, bouncer_id=bouncer_id, sent_at=now or utcnow())
-               .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == BouncerBatchState.RESERVED))
-               .execute())
+    with write_transaction():    # on SQLite, a writer's turn is asked for as write transactions ask
+        updated = (BouncerBatch.update(status=BouncerBatchState.OUTSTANDING, bouncer_id=bouncer_id,
+                                       sent_at=now or utcnow())
+                   .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == BouncerBatchState.RESERVED))
+                   .execute())
     return updated == 1
 
 
 def note_unanswered(ledger_id, reason):
     """The create went unanswered; the reservation stays, waiting for Bouncer's callback."""
-    (BouncerBatch.update(failure_reason="create unanswered (%s); waiting for Bouncer's callback" % reason)
-     .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == BouncerBatchState.RESERVED)).execute())
+    with write_transaction():
+        (BouncerBatch.update(failure_reason="create unanswered (%s); waiting for Bouncer's callback" % reason)
+         .where((BouncerBatch.id == ledger_id) & (BouncerBatch.status == BouncerBatchState.RESERVED)).execute())
 
 
 def recognise_from_callback(ledger_id, bouncer_id, now=None):

@@ -69,8 +69,7 @@ def open_database(url):
 
 def database_for(url):
     if url.startswith("sqlite"):
-        # A writer waits this long for another process's transaction before giving up.
-        return db_url.connect(url, pragmas=SQLITE_PRAGMAS, timeout=30)
+        return db_url.connect(url, pragmas=SQLITE_PRAGMAS, timeout=dialects.BUSY_TIMEOUT)
     # libpq waits forever for a server that stops answering: give up after this many seconds
     # instead of hanging a worker or a command. A connect_timeout in DATABASE_URL wins.
     timeout = db_url.parse(url, True, True).get("connect_timeout", 10)

@@ -11,13 +11,18 @@ import hashlib
 import io
 import json
 import os
+import time
 from dataclasses import dataclass
 
-from peewee import SQL, fn
+from peewee import SQL, OperationalError, fn
 
 INT4 = 2 ** 31
 # Multi-row INSERTs of up to MAX_PARAMS values: under SQLite's 32,766 bound parameters.
 MAX_PARAMS = 30000
+# SQLite: a writer waits this long for another process's transaction before giving up.
+BUSY_TIMEOUT = 30
+# SQLite: how often a writer asks again for the write lock another process holds.
+WRITE_LOCK_POLL = 0.001
 
 
 def quote(identifier):
@@ -31,12 +36,47 @@ def sqlite_time(value):
     return value.isoformat(" ") if isinstance(value, datetime.datetime) else value
 
 
+def begin_when_free(db, transaction, patience=None):
+    """Enter `transaction` (BEGIN IMMEDIATE) as soon as no other connection holds SQLite's write
+    lock, asking every WRITE_LOCK_POLL seconds for up to `patience` seconds (by default the
+    connection's own busy timeout, which is kept)."""
+    (busy_ms,) = db.execute_sql("PRAGMA busy_timeout").fetchone()
+    deadline = time.monotonic() + (busy_ms / 1000 if patience is None else patience)
+    db.execute_sql("PRAGMA busy_timeout = 0")
+    try:
+        while True:
+            try:
+                return transaction.__enter__()
+            except OperationalError as busy:
+                if "locked" not in str(busy) or time.monotonic() > deadline:
+                    raise
+                time.sleep(WRITE_LOCK_POLL)
+    finally:
+        db.execute_sql("PRAGMA busy_timeout = %d" % busy_ms)
+
+
 class Sqlite:
     name = "sqlite"
+    @contextlib.contextmanager
     def write_transaction(self, db):
         """A transaction that writes, taking the write lock at BEGIN, so that what it reads
-        cannot change before it writes (two writers otherwise both read, then one fails)."""
-        return db.atomic("IMMEDIATE")
+        cannot change before it writes (two writers otherwise both read, then one fails). A
+        BEGIN that finds the lock taken asks again every millisecond: SQLite's own busy
+        handler sleeps in steps that grow to 100 ms, and a writer that commits and begins
+        again within a few milliseconds (a loader's slices) would keep such a sleeper waiting
+        for seconds. Nested, it is a savepoint of the transaction around it."""
+        transaction = db.atomic("IMMEDIATE")
+        if db.transaction_depth() > 0:
+            with transaction as savepoint:
+                yield savepoint
+            return
+        begun = begin_when_free(db, transaction)
+        try:
+            yield begun
+        except BaseException as failure:
+            transaction.__exit__(type(failure), failure, failure.__traceback__)
+            raise
+        transaction.__exit__(None, None, None)
 
     def serialize_on(self, db, name, shared=False):
         """Nothing to do: an IMMEDIATE transaction already serializes every writer."""
