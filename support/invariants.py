@@ -98,14 +98,9 @@ def sent_out_of_fifo_order(before_ledger_id, check_type):
     no queued email is older than an address this cycle sent, unless that email's own attempt
     failed in this very cycle, or it was waiting (its re-check not yet due, its address greylisted
     or on a batch being finished) when the cycle began."""
-    cycle = list(BouncerBatch.select().where((BouncerBatch.id > before_ledger_id)
-                                             & (BouncerBatch.check_type == check_type)))
-    # abandoned in a cycle: its create call timed out
-    failed_calls = (BouncerBatchState.REJECTED, BouncerBatchState.ABANDONED)
-    sent = [b.id for b in cycle if b.status not in failed_calls]
+    cycle, sent, rejected_now = attempts_of_cycle(before_ledger_id, check_type)
     if not sent:
         return []
-    rejected_now = [b.id for b in cycle if b.status in failed_calls]
     Row = UserBatchEmail
     # The oldest row of each sent address is what put the address in the batch; later rows of
     # the same address only ride along.
@@ -122,6 +117,17 @@ def sent_out_of_fifo_order(before_ledger_id, check_type):
     return ["queued email %s (%s) is older than sent %s" % (r.id, fifo_key(r), newest_sent)
             for r in waiting if fifo_key(r) < newest_sent and r.bouncer_batch_id not in rejected_now
             and r.id not in excused]
+
+
+def attempts_of_cycle(before_ledger_id, check_type):
+    """The Bouncer batches of `check_type` one creation cycle made (ids after `before_ledger_id`):
+    all of them, the ids of those sent, and the ids of those whose create call failed in it
+    (rejected, or abandoned: the call timed out)."""
+    cycle = list(BouncerBatch.select().where((BouncerBatch.id > before_ledger_id)
+                                             & (BouncerBatch.check_type == check_type)))
+    failed_calls = (BouncerBatchState.REJECTED, BouncerBatchState.ABANDONED)
+    return (cycle, [b.id for b in cycle if b.status not in failed_calls],
+            [b.id for b in cycle if b.status in failed_calls])
 
 
 def waited_on_purpose(check_type, moment):
@@ -144,13 +150,9 @@ def sent_out_of_user_order(before_ledger_id, check_type):
     """Invariant 5 within each user (what QUEUE_POLICY=fair keeps of it), for what one creation
     cycle did: no queued email of a user is older than an address this cycle sent for that user,
     unless that email's own attempt failed in this very cycle."""
-    cycle = BouncerBatch.select().where((BouncerBatch.id > before_ledger_id)
-                                        & (BouncerBatch.check_type == check_type))
-    failed_calls = (BouncerBatchState.REJECTED, BouncerBatchState.ABANDONED)
-    sent = [b.id for b in cycle if b.status not in failed_calls]
+    _, sent, rejected_now = attempts_of_cycle(before_ledger_id, check_type)
     if not sent:
         return []
-    rejected_now = [b.id for b in cycle if b.status in failed_calls]
     Row = UserBatchEmail
     newest = {}
     for user_id, place, position in (Row.select(UserBatch.user_id, Row.fifo_order, Row.position).join(UserBatch)

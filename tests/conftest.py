@@ -252,6 +252,15 @@ def with_settings(app, **overrides):
     return App(Settings(**values).validate(), redis=app.redis, client=app.client)
 
 
+def current_app_with(app, **overrides):
+    """The same App with some settings changed, made the process's current App (the one the
+    CLI and the jobs take) until the generator ends; then `app` again. For a fixture."""
+    changed = with_settings(app, **overrides)
+    set_current_app(changed)
+    yield changed
+    set_current_app(app)
+
+
 # -- small helpers for tests --
 
 def assert_clean_failure(result, *fragments):

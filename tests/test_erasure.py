@@ -8,9 +8,8 @@ import os
 
 import pytest
 from clirun import invoke
-from conftest import assert_clean_failure, on_postgres, statuses, submit, with_settings
+from conftest import assert_clean_failure, current_app_with, on_postgres, statuses, submit, with_settings
 
-from bouncer.app import set_current_app
 from bouncer.cycles.runner import run_cycle
 from bouncer.doors.loading import create_user_batch
 from bouncer.names import CREATION, STATUS
@@ -36,10 +35,7 @@ TOKEN = "tok-host-app-3f9a2c71"
 @pytest.fixture
 def keyed(app):
     """The test's App with ERASURE_AUDIT_KEY set (the CLI's App too)."""
-    keyed = with_settings(app, erasure_audit_key=KEY)
-    set_current_app(keyed)
-    yield keyed
-    set_current_app(app)
+    yield from current_app_with(app, erasure_audit_key=KEY)
 
 
 def dump():

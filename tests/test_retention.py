@@ -7,10 +7,9 @@ import json
 
 import pytest
 from clirun import invoke
-from conftest import assert_clean_failure, statuses, submit, with_settings
+from conftest import assert_clean_failure, current_app_with, statuses, submit, with_settings
 from rq import Queue, SimpleWorker
 
-from bouncer.app import set_current_app
 from bouncer.cycles.runner import run_cycle
 from bouncer.names import CREATION, CYCLE_QUEUE, NOW_SUFFIX, PRUNER, STATUS
 from bouncer.queue import retention
@@ -33,10 +32,7 @@ TOKEN = "tok-host-app-3f9a2c71"
 @pytest.fixture
 def kept(app):
     """The test's App with RETENTION_DAYS set (the CLI's and the jobs' App too)."""
-    kept = with_settings(app, retention_days=DAYS)
-    set_current_app(kept)
-    yield kept
-    set_current_app(app)
+    yield from current_app_with(app, retention_days=DAYS)
 
 
 def ago(days):
