@@ -1,9 +1,11 @@
-"""Where a creation cycle's time goes, statement by statement: 200k addresses queued (written as
-a host writes them, then admitted), then one creation cycle filling 15 x 10k against a stub
-Bouncer that answers at once, in a process of its own, every statement timed (its fetches and
-COPY included) and every commit; the rest of the cycle's time is Python's, between statements.
+"""Where a cycle's time goes, statement by statement: 200k addresses queued (written as a host
+writes them, then admitted), then one creation cycle filling 15 x 10k against a stub Bouncer
+that answers at once, in a process of its own, every statement timed (its fetches and COPY
+included) and every commit; the rest of the cycle's time is Python's, between statements. With
+`--cycle status`, the creation cycle runs untimed and the ingest of its 15 batches (150k
+results, the download bodies made and parsed beforehand) is what is timed.
 
-    python -m scripts.statements [--database-url URL]... [--reps N]
+    python -m scripts.statements [--cycle creation|status] [--database-url URL]... [--reps N]
 
 Give --database-url twice (SQLite and PostgreSQL) for both side by side; the queue is seeded once
 per database and each repetition starts from a copy of it, the databases in turn. Prints one
@@ -11,6 +13,7 @@ table of medians: statements grouped by what they do, calls, milliseconds on eac
 """
 import argparse
 import collections
+import json
 import os
 import re
 import statistics
@@ -20,7 +23,7 @@ import time
 from scripts import bench, endtoend, workloads
 
 QUEUED, FILES = 200000, 40
-GROUPS = (
+CREATION_GROUPS = (
     ("read the line, a page at a time", r'FROM "queued_emails" AS "t1" WHERE'),
     ("take the rows out of the line (DELETE ... RETURNING)", r'^DELETE FROM "queued_emails"'),
     ("write the batch's addresses in flight", r'"bouncer_batch_emails" \("bouncer_batch_id"'),
@@ -31,10 +34,25 @@ GROUPS = (
     ("commits", r"^COMMIT$"),
     ("advisory locks", r"pg_advisory"),
 )
+STATUS_GROUPS = (   # the first pattern a statement matches names its group
+    ("claim the batch, and mark it completed (ledger)", r'^(SELECT .* FROM|UPDATE) "bouncer_batches"'),
+    ("the batch's addresses out of flight", r'^DELETE FROM "bouncer_batch_emails"'),
+    ("the batch's addresses sent, and their spellings", r'FROM "bouncer_batch_emails"'),
+    ("any verdict stored already?", r'^SELECT EXISTS\(SELECT 1 FROM "email_(deliverable|catchall)_results"'),
+    ("verdicts written (COPY or INSERT)", r'(COPY|INSERT INTO) "?email_(deliverable|catchall)_results'),
+    ("rows completed (UPDATE to done)", r'^UPDATE "user_batch_emails" SET "status" = \S+ "bouncer_batch_id"'),
+    ("user batches ended", r'^UPDATE "user_batches"'),
+    ("counts of the ended user batches (status objects)", r'^SELECT "t1"."batch_id", "t1"."status", "t2"."status"'),
+    ("user batches riding, and rows no longer riding", r'"riding_rows"'),
+    ("webhook deliveries written", r'"webhook_deliveries"'),
+    ("commits", r"^COMMIT$"),
+)
+GROUPS = {"creation": CREATION_GROUPS, "status": STATUS_GROUPS}
+CYCLE = "creation"            # the cycle being timed (main sets it, in this process and its children)
 
 
 def group_of(sql):
-    for name, pattern in GROUPS:
+    for name, pattern in GROUPS[CYCLE]:
         if re.search(pattern, sql.strip()):
             return name
     return "other statements"
@@ -144,11 +162,40 @@ def one_cycle(url):
     return {group: (timed.calls[group], timed.spent[group]) for group in timed.spent}, seconds
 
 
+def one_ingest(url):
+    """One creation cycle (untimed), then the ingest of its 15 batches, every statement timed:
+    ({group: (calls, seconds)}, seconds in all)."""
+    global CYCLE
+    CYCLE = "status"
+    from bouncer.client import parse_records
+    from bouncer.cycles.ingest import ingest_download, read_download
+    from bouncer.queue.ledger import batches_to_check
+    from bouncer.store.database import database, open_database
+    one_cycle(url)
+    db = open_database(url)
+    database.connect()
+    downloads = [(ledger.id, read_download(parse_records(json.dumps(bench.download_for(ledger.id)).encode())))
+                 for ledger in batches_to_check("deliverable")]
+    verified = 0
+    with Timed(db) as timed:
+        started = time.perf_counter()
+        for ledger_id, download in downloads:
+            verified += ingest_download(ledger_id, download).verified
+        seconds = time.perf_counter() - started
+    database.close()
+    assert verified == bench.SLOTS * bench.BATCH, verified
+    return {group: (timed.calls[group], timed.spent[group]) for group in timed.spent}, seconds
+
+
 def main():
+    global CYCLE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cycle", choices=sorted(GROUPS), default="creation")
     parser.add_argument("--database-url", action="append", default=None)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
+    CYCLE = args.cycle
+    measure = one_ingest if args.cycle == "status" else one_cycle
     urls = args.database_url or ["sqlite:///%s" % os.path.join(tempfile.mkdtemp(), "statements.db")]
     seeded = {url: workloads.side_url(url, "seeded") for url in urls}
     found = {url: [] for url in urls}
@@ -160,7 +207,7 @@ def main():
             for url in endtoend.in_turn(urls, rep):
                 workloads.restore(seeded[url], url)
                 workloads.settle(url)
-                found[url].append(endtoend.in_child(one_cycle, url))
+                found[url].append(endtoend.in_child(measure, url))
     finally:
         for url in seeded.values():
             workloads.drop_database(url)
@@ -172,7 +219,7 @@ def print_table(found):
     print("| step (median of %d) | %s |" % (len(next(iter(found.values()))),
                                           " | ".join("calls, ms on %s" % name for name in names)))
     print("|---|%s" % ("---:|" * len(names)))
-    groups = [name for name, _ in GROUPS] + ["other statements"]
+    groups = [name for name, _ in GROUPS[CYCLE]] + ["other statements"]
     for group in groups:
         cells = []
         for runs in found.values():
