@@ -20,9 +20,10 @@ Parts (all by default; `bash scripts/bench` gives a SQLite file and a PostgreSQL
 - in-process: the creation cycle that fills 15 x 10k (time, SQL statements) with each backlog
   size, under QUEUE_POLICY=fifo and, for the largest, under fair too, with what switching to fair
   costs there (numbering the whole line anew) and what a status object's place in line costs
-  behind it; ingesting 15 completed batches (150k results) against the floor of one raw bulk
-  insert of the same rows; with --naive, the naive per-row designs beside them; with --erasure, a
-  prune and a `forget --user` of 150k rows, with the longest transaction each held (what a cycle
+  behind it; ingesting the 15 batches that fair cycle made (150k results, each batch a row of
+  every user batch in line) against the floor of one raw bulk insert of the same rows; with
+  --naive, the naive per-row designs beside them; with --erasure, a prune and a `forget --user`
+  of 150k rows, with the longest transaction each held (what a cycle
   may wait on them). Bouncer is replaced by an in-process stub, so only our own work is timed.
 Every process's peak RSS is read beside its time. Each database's measurements go to
 <out>/<database>.json after every part (a part that fails is recorded and the run goes on), and
@@ -650,7 +651,8 @@ def run_in_process(url, backlogs, naive, submit_lines, backend, erasure=False):
     rows.append(("a status object's place in line, %s rows ahead" % format(largest, ","), placing, None, None, ""))
     ingest_seconds, ingest_statements, ingest_rss = measure_ingest(url)
     floor = measure_raw_insert_floor(SLOTS * BATCH)
-    rows.append(("ingest 15 batches (150k results)", ingest_seconds, ingest_statements, ingest_rss,
+    rows.append(("ingest of the 15 batches of the cycle under fair (150k results, each batch a row of "
+                 "%s user batches)" % format(largest // 100, ","), ingest_seconds, ingest_statements, ingest_rss,
                  "%.2fx the floor" % (ingest_seconds / floor)))
     rows.append(("floor: raw bulk insert of 150k rows", floor, 75, None, ""))
     sizes = sorted(creation)
