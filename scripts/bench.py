@@ -23,8 +23,8 @@ Parts (all by default; `bash scripts/bench` gives a SQLite file and a PostgreSQL
   behind it; ingesting the 15 batches that fair cycle made (150k results, each batch a row of
   every user batch in line) against the floor of one raw bulk insert of the same rows; with
   --naive, the naive per-row designs beside them; with --erasure, a prune and a `forget --user`
-  of 150k rows, with the longest transaction each held (what a cycle
-  may wait on them). Bouncer is replaced by an in-process stub, so only our own work is timed.
+  of 150k rows, with the longest transaction each held (what a cycle may wait on them). Bouncer
+  is replaced by an in-process stub, so only our own work is timed.
 Every process's peak RSS is read beside its time. Each database's measurements go to
 <out>/<database>.json after every part (a part that fails is recorded and the run goes on), and
 scripts/targets.py prints the targets table from them.

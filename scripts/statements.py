@@ -48,7 +48,7 @@ STATUS_GROUPS = (   # the first pattern a statement matches names its group
     ("commits", r"^COMMIT$"),
 )
 GROUPS = {"creation": CREATION_GROUPS, "status": STATUS_GROUPS}
-CYCLE = "creation"            # the cycle being timed (main sets it, in this process and its children)
+CYCLE = "creation"            # the cycle being timed: main sets it, one_ingest again in its child
 
 
 def group_of(sql):
