@@ -20,6 +20,16 @@ import statistics
 import tempfile
 import time
 
+from bouncer.app import App
+from bouncer.client import parse_records
+from bouncer.config import Settings
+from bouncer.cycles.creation import create_batches
+from bouncer.cycles.ingest import ingest_download, read_download
+from bouncer.cycles.runner import Cycle
+from bouncer.names import CREATION
+from bouncer.queue.ledger import batches_to_check
+from bouncer.store.database import database, open_database
+from bouncer.store.migrations import create_schema
 from scripts import bench, endtoend, workloads
 
 QUEUED, FILES = 200000, 40
@@ -47,22 +57,22 @@ STATUS_GROUPS = (   # the first pattern a statement matches names its group
     ("webhook deliveries written", r'"webhook_deliveries"'),
     ("commits", r"^COMMIT$"),
 )
-GROUPS = {"creation": CREATION_GROUPS, "status": STATUS_GROUPS}
-CYCLE = "creation"            # the cycle being timed: main sets it, one_ingest again in its child
 
 
-def group_of(sql):
-    for name, pattern in GROUPS[CYCLE]:
+def group_of(sql, groups):
+    for name, pattern in groups:
         if re.search(pattern, sql.strip()):
             return name
     return "other statements"
 
 
 class Timed:
-    """Every statement of the open database timed, fetches included; COPY and commits too."""
+    """Every statement of the open database timed, fetches included; COPY and commits too, each
+    in the first of `groups` (name, pattern) whose pattern its SQL matches."""
 
-    def __init__(self, db):
-        self.db, self.spent, self.calls = db, collections.Counter(), collections.Counter()
+    def __init__(self, db, groups):
+        self.db, self.groups = db, groups
+        self.spent, self.calls = collections.Counter(), collections.Counter()
 
     def __enter__(self):
         timed = self
@@ -95,10 +105,10 @@ class Timed:
                 return getattr(self.cursor, name)
 
             def copy_expert(self, sql, *args, **kwargs):
-                return timed.add(group_of(sql), lambda: self.cursor.copy_expert(sql, *args, **kwargs))
+                return timed.add(group_of(sql, timed.groups), lambda: self.cursor.copy_expert(sql, *args, **kwargs))
 
         def execute_sql(sql, params=None, *args, **kwargs):
-            group = group_of(sql)
+            group = group_of(sql, self.groups)
             return Cursor(self.add(group, lambda: real_execute(sql, params, *args, **kwargs)), group)
 
         self.db.execute_sql = execute_sql
@@ -132,52 +142,48 @@ def seed(url):
 
 
 def init_db(url):
-    from bouncer.store.database import database, open_database
-    from bouncer.store.migrations import create_schema
     open_database(url)
     database.connect()
     create_schema()
     database.close()
 
 
-def one_cycle(url):
-    """One creation cycle, every statement timed: ({group: (calls, seconds)}, seconds in all)."""
-    from bouncer.app import App
-    from bouncer.config import Settings
-    from bouncer.cycles.creation import create_batches
-    from bouncer.cycles.runner import Cycle
-    from bouncer.names import CREATION
-    from bouncer.store.database import database, open_database
+def run_creation_cycle(url):
+    """One creation cycle filling 15 x 10k against the stub, the database connected already."""
     settings = Settings(database_url=url, api_key="sk-bench-stub", batch_size=bench.BATCH,
                         max_outstanding=bench.SLOTS, rate_limit_buffer=180)
+    cycle = Cycle(App(settings, redis=None, client=bench.StubBouncer()), CREATION, "deliverable")
+    create_batches(cycle)
+    return cycle.report
+
+
+def check_filled(report):
+    assert sum(n for _, _, n in report.created) == bench.SLOTS * bench.BATCH, report.summary()
+
+
+def one_cycle(url):
+    """One creation cycle, every statement timed: ({group: (calls, seconds)}, seconds in all)."""
     db = open_database(url)
-    with Timed(db) as timed:
+    with Timed(db, CREATION_GROUPS) as timed:
         started = time.perf_counter()
         database.connect()
-        cycle = Cycle(App(settings, redis=None, client=bench.StubBouncer()), CREATION, "deliverable")
-        create_batches(cycle)
+        report = run_creation_cycle(url)
         seconds = time.perf_counter() - started
     database.close()
-    assert sum(n for _, _, n in cycle.report.created) == bench.SLOTS * bench.BATCH, cycle.report.summary()
+    check_filled(report)
     return {group: (timed.calls[group], timed.spent[group]) for group in timed.spent}, seconds
 
 
 def one_ingest(url):
     """One creation cycle (untimed), then the ingest of its 15 batches, every statement timed:
     ({group: (calls, seconds)}, seconds in all)."""
-    global CYCLE
-    CYCLE = "status"
-    from bouncer.client import parse_records
-    from bouncer.cycles.ingest import ingest_download, read_download
-    from bouncer.queue.ledger import batches_to_check
-    from bouncer.store.database import database, open_database
-    one_cycle(url)
     db = open_database(url)
     database.connect()
+    check_filled(run_creation_cycle(url))
     downloads = [(ledger.id, read_download(parse_records(json.dumps(bench.download_for(ledger.id)).encode())))
                  for ledger in batches_to_check("deliverable")]
     verified = 0
-    with Timed(db) as timed:
+    with Timed(db, STATUS_GROUPS) as timed:
         started = time.perf_counter()
         for ledger_id, download in downloads:
             verified += ingest_download(ledger_id, download).verified
@@ -187,15 +193,16 @@ def one_ingest(url):
     return {group: (timed.calls[group], timed.spent[group]) for group in timed.spent}, seconds
 
 
+CYCLES = {"creation": (one_cycle, CREATION_GROUPS), "status": (one_ingest, STATUS_GROUPS)}
+
+
 def main():
-    global CYCLE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cycle", choices=sorted(GROUPS), default="creation")
+    parser.add_argument("--cycle", choices=sorted(CYCLES), default="creation")
     parser.add_argument("--database-url", action="append", default=None)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
-    CYCLE = args.cycle
-    measure = one_ingest if args.cycle == "status" else one_cycle
+    measure, groups = CYCLES[args.cycle]
     urls = args.database_url or ["sqlite:///%s" % os.path.join(tempfile.mkdtemp(), "statements.db")]
     seeded = {url: workloads.side_url(url, "seeded") for url in urls}
     found = {url: [] for url in urls}
@@ -211,16 +218,15 @@ def main():
     finally:
         for url in seeded.values():
             workloads.drop_database(url)
-    print_table(found)
+    print_table(found, groups)
 
 
-def print_table(found):
+def print_table(found, groups):
     names = [url.split(":")[0] for url in found]
     print("| step (median of %d) | %s |" % (len(next(iter(found.values()))),
                                           " | ".join("calls, ms on %s" % name for name in names)))
     print("|---|%s" % ("---:|" * len(names)))
-    groups = [name for name, _ in GROUPS[CYCLE]] + ["other statements"]
-    for group in groups:
+    for group in [name for name, _ in groups] + ["other statements"]:
         cells = []
         for runs in found.values():
             calls = statistics.median(run[0].get(group, (0, 0))[0] for run in runs)
