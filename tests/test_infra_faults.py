@@ -16,6 +16,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -23,14 +24,16 @@ from pathlib import Path
 
 import pytest
 import redis as redis_lib
+from rq.job import Job, JobStatus
 from conftest import API_KEY, REDIS_URL, addresses, make_settings, statuses, submit
 from peewee import OperationalError
 from rq_scheduler import Scheduler
 
 from bouncer.app import App, set_current_app
+from bouncer.cycles.triggers import run_now
 from bouncer.cycles.runner import run_cycle
 from bouncer.doors.admission import DEAD_LOADER_AFTER, remove_dead_loads
-from bouncer.names import CREATION, STATUS
+from bouncer.names import CREATION, NOW_SUFFIX, STATUS, job_id
 from bouncer.queue import progress
 from bouncer.sandbox import Sandbox
 from bouncer.states import SENT, BouncerBatchState
@@ -277,6 +280,45 @@ def test_sigterm_never_cuts_a_bouncer_call_in_flight(tmp_path):
         service.start("worker", "worker")
         service.wait_until_completed(batch["batch_id"], "after the worker came back")
         assert sandbox.stats()["batches_created"] == before + 3   # 30 addresses in batches of 10
+
+
+# A worker whose horses stay in its process group for `seconds` after each fork: rq's horse
+# leaves the group as its first step, here held back so that a stop lands while it has not.
+SLOW_TO_LEAVE_THE_GROUP = (
+    "import os, runpy, sys, time\n"
+    "leave = os.setpgrp\n"
+    "os.setpgrp = lambda: (time.sleep(%s), leave())[1]\n"
+    "sys.argv = ['bouncer', 'worker']\n"
+    "runpy.run_module('bouncer', run_name='__main__')\n")
+
+
+def children(pid):
+    with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+        return [int(child) for child in f.read().split()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_stop_just_after_a_fork_reaches_the_new_horse_alone(database_url, redis_conn, db, tmp_path):
+    """A worker told to stop signals its horse's process group. A horse forked a moment before
+    may still share the worker's group: the stop must reach the horse alone (the worker, sent
+    SIGRTMIN too, died of it), and the horse must take it once its own handlers are in place
+    (SIGRTMIN's default would kill it, the worker's own handler would run in it): its cycle ends
+    at its first step and the worker exits 0."""
+    processes = Supervisor(tmp_path, service_env(database_url, REDIS_URL, "http://127.0.0.1:9", API_KEY))
+    worker = processes.launch("worker", [sys.executable, "-c", SLOW_TO_LEAVE_THE_GROUP % 2])
+    try:
+        with processes.logs_on_failure():
+            wait_until(lambda: "listening on" in worker.log(), "the worker listening", 30)
+            assert run_now(redis_conn, CREATION, "deliverable")
+            horses = wait_until(lambda: children(worker.pid), "a horse forked", 10)
+            assert os.getpgid(horses[0]) == os.getpgid(worker.pid)     # still in the worker's group
+            os.kill(worker.pid, signal.SIGTERM)
+            assert worker.wait(timeout=30) == 0
+            job = Job.fetch(job_id(CREATION, "deliverable") + NOW_SUFFIX, connection=redis_conn)
+            assert job.get_status() == JobStatus.FINISHED
+    finally:
+        processes.stop_all()
 
 
 # == 2. PostgreSQL restarted mid-cycle, or stopped under the CLI ==============================

@@ -6,6 +6,7 @@ every horse starts with it loaded: otherwise each job paid those imports again (
 triggered cycle. Nothing opened is shared: the client holds no connection until a horse calls
 Bouncer, and the database stays closed (`close_database`)."""
 
+import contextlib
 import logging
 import os
 import signal
@@ -35,6 +36,10 @@ MAINTENANCE_INTERVAL = 60
 SHUTDOWN_GRACE = MAX_BOUNCER_TIMEOUT + 3
 # Seconds between attempts to reach Redis again after losing it in the middle of a job.
 REDIS_RETRY_INTERVAL = 2
+# The signals that stop a worker or its horse. A horse inherits the worker's handlers and
+# process group until its first steps replace them (rq's horse leaves the group, then sets its
+# own handlers): these are held back from it until then.
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGRTMIN})
 
 
 class BouncerWorker(HerokuWorker):
@@ -78,7 +83,34 @@ class BouncerWorker(HerokuWorker):
 
     def fork_work_horse(self, job, queue):
         close_database()
-        super().fork_work_horse(job, queue)
+        # Held back across the fork: a stop arriving then waits in the horse until its own
+        # handlers are in place (setup_work_horse_signals), instead of killing it (SIGRTMIN's
+        # default) or running the worker's handler in it. The worker takes its own at once.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            super().fork_work_horse(job, queue)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+    def setup_work_horse_signals(self):
+        super().setup_work_horse_signals()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+    def kill_horse(self, sig=signal.SIGKILL):
+        # rq signals the horse's process group. A horse forked a moment ago may not have left
+        # the worker's group yet: that group's signal would reach the worker too (which dies of
+        # SIGRTMIN), and whatever else shares it. The horse alone is signalled then.
+        if not self.horse_pid:
+            return      # no horse (pid 0 would name this process's own group)
+        try:
+            shares_our_group = os.getpgid(self.horse_pid) == os.getpgrp()
+        except ProcessLookupError:
+            return      # it ended already
+        if not shares_our_group:
+            super().kill_horse(sig)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.horse_pid, sig)
 
 
 def close_database():
