@@ -16,6 +16,7 @@ from bouncer.doors.admission import (
 )
 from bouncer.doors.loading import create_user_batch
 from bouncer.names import CREATION, STATUS
+from bouncer.queue import progress
 from bouncer.reading.batches import batch_status, iter_results
 from bouncer.store.database import utcnow
 from bouncer.store.models import UserBatch
@@ -347,6 +348,48 @@ def test_admission_reads_only_its_own_rows_whatever_the_statistics_say(host, db,
     # 6,000). Joined to its values by id, planned from these statistics, the update read the
     # whole table (17,001); on a larger one it looped over every value for each row.
     assert max(map(rows_examined, plans)) <= 4 * 2000, [rows_examined(p) for p in plans]
+
+
+def test_whether_a_batch_has_a_row_pending_is_a_probe_whatever_waits_and_the_statistics_say(host, db, monkeypatch):
+    """Every ingest and the end of every admission ask whether a user batch has a row pending:
+    a few index probes, however many rows of another batch wait to be admitted, whether the
+    statistics predate them (a host's large write) or count them all."""
+    from conftest import on_postgres
+
+    from bouncer.store.database import database, write_transaction
+    if not on_postgres():
+        pytest.skip("the plan of a PostgreSQL statement")
+    alice = host.write_batch("alice", "deliverable", [(p, "a%d@example.com" % p) for p in range(1, 4)])
+    admit("deliverable")
+    host.run("DELETE FROM queued_emails WHERE batch_id = ?", (alice,))    # nothing of alice's is pending
+    host.run("ANALYZE user_batch_emails")      # statistics of a table where no row waits
+    bob = host.write_batch("bob", "deliverable", [], status="loading")
+    host.run("INSERT INTO user_batch_emails (batch_id, position, email)"
+             " SELECT ?, n, 'b' || n || '@example.com' FROM generate_series(1, 30000) AS n", (bob,))
+    plans = []
+    real = database.obj.execute_sql
+
+    def explained(sql, params=None, *args, **kwargs):
+        if sql.startswith('UPDATE "user_batches" SET "status" = CASE'):
+            real("SAVEPOINT plan_of_the_end")
+            (plan,) = real("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchone()
+            real("ROLLBACK TO SAVEPOINT plan_of_the_end")
+            plans.append(plan[0]["Plan"])
+        return real(sql, params, *args, **kwargs)
+
+    monkeypatch.setattr(database.obj, "execute_sql", explained)
+    examined = []
+    for statistics in ("predating the waiting rows", "counting them"):
+        if statistics == "counting them":
+            host.run("ANALYZE user_batch_emails")
+        with write_transaction():
+            progress.complete_finished_batches([alice], utcnow())
+            database.rollback()
+        examined.append((statistics, rows_examined(plans.pop())))
+    # Hashing the batch of every row waiting, or scanning the table for one of alice's, reads
+    # the 30,000 rows of bob's.
+    assert all(rows <= 10 for _, rows in examined), examined
+    assert host.batch(alice)["status"] == "queued"
 
 
 @pytest.fixture
