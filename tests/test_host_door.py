@@ -320,28 +320,36 @@ def rows_examined(node):
     return own + sum(rows_examined(child) for child in node.get("Plans", []))
 
 
+def plans_of(monkeypatch, prefixes):
+    """The plans of the statements the service sends that start with one of `prefixes`, each
+    taken by EXPLAIN ANALYZE in a savepoint rolled back before the statement itself runs: a list
+    that fills as they run."""
+    from bouncer.store.database import database
+    plans = []
+    real = database.obj.execute_sql
+
+    def explained(sql, params=None, *args, **kwargs):
+        if sql.startswith(prefixes):
+            real("SAVEPOINT plan_of_statement")
+            (plan,) = real("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchone()
+            real("ROLLBACK TO SAVEPOINT plan_of_statement")
+            plans.append(plan[0]["Plan"])
+        return real(sql, params, *args, **kwargs)
+
+    monkeypatch.setattr(database.obj, "execute_sql", explained)
+    return plans
+
+
 def test_admission_reads_only_its_own_rows_whatever_the_statistics_say(host, db, monkeypatch):
     from conftest import on_postgres
 
-    from bouncer.store.database import database
     if not on_postgres():
         pytest.skip("the plan of a PostgreSQL statement")
     host.write_batch("alice", "deliverable", [(p, "a%d@example.com" % p) for p in range(1, 3001)])
     admit("deliverable")
     host.run("ANALYZE user_batch_emails")      # statistics of a table where no row is new
     batch_id = host.write_batch("bob", "deliverable", [(p, "b%d@example.com" % p) for p in range(1, 2001)])
-    plans = []
-    real = database.obj.execute_sql
-
-    def explained(sql, params=None, *args, **kwargs):
-        if sql.startswith(("UPDATE user_batch_emails", "WITH admitted")):
-            real("SAVEPOINT plan_of_admission")
-            (plan,) = real("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchone()
-            real("ROLLBACK TO SAVEPOINT plan_of_admission")
-            plans.append(plan[0]["Plan"])
-        return real(sql, params, *args, **kwargs)
-
-    monkeypatch.setattr(database.obj, "execute_sql", explained)
+    plans = plans_of(monkeypatch, ("UPDATE user_batch_emails", "WITH admitted"))
     assert admit("deliverable").admitted == 2000
     assert plans and host.batch(batch_id)["total"] == 2000
     # A slice's statements look at its own rows a few times over (found, updated, put in line:
@@ -366,18 +374,7 @@ def test_whether_a_batch_has_a_row_pending_is_a_probe_whatever_waits_and_the_sta
     bob = host.write_batch("bob", "deliverable", [], status="loading")
     host.run("INSERT INTO user_batch_emails (batch_id, position, email)"
              " SELECT ?, n, 'b' || n || '@example.com' FROM generate_series(1, 30000) AS n", (bob,))
-    plans = []
-    real = database.obj.execute_sql
-
-    def explained(sql, params=None, *args, **kwargs):
-        if sql.startswith('UPDATE "user_batches" SET "status" = CASE'):
-            real("SAVEPOINT plan_of_the_end")
-            (plan,) = real("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchone()
-            real("ROLLBACK TO SAVEPOINT plan_of_the_end")
-            plans.append(plan[0]["Plan"])
-        return real(sql, params, *args, **kwargs)
-
-    monkeypatch.setattr(database.obj, "execute_sql", explained)
+    plans = plans_of(monkeypatch, ('UPDATE "user_batches" SET "status" = CASE',))
     examined = []
     for statistics in ("predating the waiting rows", "counting them"):
         if statistics == "counting them":
