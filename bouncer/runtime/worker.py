@@ -14,7 +14,7 @@ import time
 
 from redis.exceptions import RedisError
 from rq import Queue
-from rq.worker import HerokuWorker
+from rq.worker import SHUTDOWN_SIGNAL, HerokuWorker
 
 from bouncer.config import MAX_BOUNCER_TIMEOUT, NO_KEY
 from bouncer.cycles.runner import SHUTDOWN
@@ -96,7 +96,7 @@ class BouncerWorker(HerokuWorker):
         super().setup_work_horse_signals()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
-    def kill_horse(self, sig=signal.SIGKILL):
+    def kill_horse(self, sig=SHUTDOWN_SIGNAL):
         # rq signals the horse's process group. A horse forked a moment ago may not have left
         # the worker's group yet: that group's signal would reach the worker too (which dies of
         # SIGRTMIN), and whatever else shares it. The horse alone is signalled then.
@@ -111,6 +111,8 @@ class BouncerWorker(HerokuWorker):
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.horse_pid, sig)
+            log.debug("Worker %s: %s sent to horse %d alone (it had not left the worker's process group yet)",
+                      self.name, signal.Signals(sig).name, self.horse_pid)
 
 
 def close_database():
