@@ -158,20 +158,9 @@ def seed(url):
         workloads.host_write_batch(url, "user%d" % n, (workloads.queued_address(i)
                                                        for i in range(n * per_file, (n + 1) * per_file)))
     endtoend.in_child(endtoend.admit_everything, url)
-    vacuum(url)
-
-
-def vacuum(url):
-    """PostgreSQL: what autovacuum does within a minute of the seed's writes (the old versions
-    of the 200k rows admission rewrote, and their index entries, gone; the statistics
-    gathered). Without it, the first statement to read the index of rows not yet admitted steps
-    over every entry the seed's admission left there (200k), once."""
-    if not workloads.is_postgres_url(url):
-        return
-    connection = workloads.connect(url)
-    connection.autocommit = True
-    connection.cursor().execute("VACUUM ANALYZE")
-    connection.close()
+    # As autovacuum leaves it: otherwise the first statement to read the index of rows not yet
+    # admitted steps over every entry the seed's admission left there (200k), once.
+    workloads.analyze(url, vacuum=True)
 
 
 def init_db(url):

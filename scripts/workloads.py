@@ -89,14 +89,16 @@ def fresh_database(url):
     connection.close()
 
 
-def analyze(url):
+def analyze(url, vacuum=False):
     """PostgreSQL: the statistics autovacuum would have gathered within a minute of a large
-    write, gathered now, so that no measure depends on whether it came by yet. SQLite keeps
-    none unless told to, and the service never tells it: nothing to do."""
+    write, gathered now, so that no measure depends on whether it came by yet; with `vacuum`,
+    what else it would have done by then too (the old versions of rewritten rows, and their
+    index entries, gone). SQLite keeps none unless told to, and the service never tells it:
+    nothing to do."""
     if is_postgres_url(url):
         connection = connect(url)
         connection.autocommit = True
-        connection.cursor().execute("ANALYZE")
+        connection.cursor().execute("VACUUM ANALYZE" if vacuum else "ANALYZE")
         connection.close()
 
 

@@ -7,7 +7,7 @@ import sqlite3
 
 import psycopg2
 import pytest
-from conftest import postgres_statistics
+from conftest import on_postgres, postgres_statistics
 
 from bouncer.cycles.runner import run_cycle
 from bouncer.doors.admission import (
@@ -18,7 +18,7 @@ from bouncer.doors.loading import create_user_batch
 from bouncer.names import CREATION, STATUS
 from bouncer.queue import progress
 from bouncer.reading.batches import batch_status, iter_results
-from bouncer.store.database import utcnow
+from bouncer.store.database import database, utcnow, write_transaction
 from bouncer.store.models import UserBatch
 
 RESULT_VIEW_COLUMNS = ["batch_id", "position", "email", "status", "reason", "score", "accept_all",
@@ -324,7 +324,6 @@ def plans_of(monkeypatch, prefixes):
     """The plans of the statements the service sends that start with one of `prefixes`, each
     taken by EXPLAIN ANALYZE in a savepoint rolled back before the statement itself runs: a list
     that fills as they run."""
-    from bouncer.store.database import database
     plans = []
     real = database.obj.execute_sql
 
@@ -341,8 +340,6 @@ def plans_of(monkeypatch, prefixes):
 
 
 def test_admission_reads_only_its_own_rows_whatever_the_statistics_say(host, db, monkeypatch):
-    from conftest import on_postgres
-
     if not on_postgres():
         pytest.skip("the plan of a PostgreSQL statement")
     host.write_batch("alice", "deliverable", [(p, "a%d@example.com" % p) for p in range(1, 3001)])
@@ -362,9 +359,6 @@ def test_whether_a_batch_has_a_row_pending_is_a_probe_whatever_waits_and_the_sta
     """Every ingest and the end of every admission ask whether a user batch has a row pending:
     a few index probes, however many rows of another batch wait to be admitted, whether the
     statistics predate them (a host's large write) or count them all."""
-    from conftest import on_postgres
-
-    from bouncer.store.database import database, write_transaction
     if not on_postgres():
         pytest.skip("the plan of a PostgreSQL statement")
     alice = host.write_batch("alice", "deliverable", [(p, "a%d@example.com" % p) for p in range(1, 4)])
@@ -402,9 +396,6 @@ def no_autovacuum(host):
 
 @pytest.mark.parametrize("admitter", ["cycle", "loader"])
 def test_each_slice_of_an_admission_reads_on_from_where_the_last_one_ended(host, db, admitter, no_autovacuum):
-    from conftest import on_postgres
-
-    from bouncer.store.database import database
     if not on_postgres():
         pytest.skip("entries of admitted rows stay in PostgreSQL's index until a vacuum")
 

@@ -40,7 +40,7 @@ from bouncer.states import SENT, BouncerBatchState
 from bouncer.store.database import connection, database, open_database, utcnow
 from bouncer.store.migrations import create_schema
 from bouncer.store.models import BouncerBatch, DeliverableResult, UserBatch
-from support.processes import Supervisor, run_bouncer, service_env
+from support.processes import Supervisor, descendants, run_bouncer, service_env
 from support.servers import PostgresCluster, RedisServer, Unavailable
 from support.waiting import wait_until
 
@@ -292,11 +292,6 @@ SLOW_TO_LEAVE_THE_GROUP = (
     "runpy.run_module('bouncer', run_name='__main__')\n")
 
 
-def children(pid):
-    with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
-        return [int(child) for child in f.read().split()]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_stop_just_after_a_fork_reaches_the_new_horse_alone(database_url, redis_conn, db, tmp_path):
@@ -311,7 +306,7 @@ def test_a_stop_just_after_a_fork_reaches_the_new_horse_alone(database_url, redi
         with processes.logs_on_failure():
             wait_until(lambda: "listening on" in worker.log(), "the worker listening", 30)
             assert run_now(redis_conn, CREATION, "deliverable")
-            horses = wait_until(lambda: children(worker.pid), "a horse forked", 10)
+            horses = wait_until(lambda: descendants(worker.pid), "a horse forked", 10)
             assert os.getpgid(horses[0]) == os.getpgid(worker.pid)     # still in the worker's group
             os.kill(worker.pid, signal.SIGTERM)
             assert worker.wait(timeout=30) == 0
