@@ -32,6 +32,7 @@ def create_schema():
         if version == VERSION:
             database.create_tables(INTERNAL_MODELS, safe=True)   # any the version gained since
             drop_retired_indexes()
+            keep_rows_fillfactor()
             return "schema up to date (version %d)" % VERSION
         if version is None:
             create_all()
@@ -40,6 +41,7 @@ def create_schema():
             raise RuntimeError("the database's schema is version %d, newer than this release's %d"
                                % (version, VERSION))
         upgrade_from(version)
+        keep_rows_fillfactor()
         return "schema upgraded from version %d to %d" % (version, VERSION)
 
 
@@ -138,6 +140,17 @@ RETIRED_INDEXES = ("email_deliverable_results_bouncer_batch_id", "email_catchall
 def drop_retired_indexes():
     for name in RETIRED_INDEXES:
         database.execute_sql('DROP INDEX IF EXISTS "%s"' % name)
+
+
+def keep_rows_fillfactor():
+    """On PostgreSQL, the room `user_batch_emails` keeps on each page is this release's (an
+    earlier one kept half): pages written from now on get it, pages already written keep theirs."""
+    if dialect().name != "postgres":
+        return
+    options = database.execute_sql("SELECT reloptions FROM pg_class WHERE oid = 'user_batch_emails'::regclass"
+                                   ).fetchone()[0]
+    if "fillfactor=%d" % ROWS_FILLFACTOR not in (options or ()):
+        database.execute_sql("ALTER TABLE user_batch_emails SET (fillfactor = %d)" % ROWS_FILLFACTOR)
 
 
 V1_INDEXES = ("user_batches_status_id", "user_batch_emails_batch_id_position",
