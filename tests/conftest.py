@@ -326,6 +326,22 @@ def rode_on():
     return found
 
 
+@pytest.fixture
+def no_autovacuum(db):
+    """On PostgreSQL, no autovacuum or autoanalyze of any table while the test runs (taking the
+    setting waits for one under way): a test that counts pages, or rewrites in place, would see
+    theirs. A vacuum reads an index's pages too, and an ANALYZE holds a snapshot, which keeps the
+    old versions of every table's rows from being pruned from their pages meanwhile."""
+    tables = []
+    if on_postgres():
+        tables = [t for (t,) in db.execute_sql("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+    for table in tables:
+        db.execute_sql('ALTER TABLE "%s" SET (autovacuum_enabled = false)' % table)
+    yield
+    for table in tables:
+        db.execute_sql('ALTER TABLE "%s" RESET (autovacuum_enabled)' % table)
+
+
 def on_postgres():
     """Whether the test's database is PostgreSQL."""
     from bouncer.store.database import dialect
