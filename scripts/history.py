@@ -302,8 +302,8 @@ def write_rows(sql, cursor, sizes):
     if not sql.pg:
         cursor.execute("CREATE TEMP TABLE bench_positions (p INTEGER PRIMARY KEY)")
         cursor.execute("INSERT INTO bench_positions SELECT i FROM %s" % sql.numbers(max(sizes)))
-    written = ended_row(sql, "n.p")
-    ended = ended_row(sql, "user_batch_emails.position")
+    written = row_values(sql, "n.p")
+    ended = row_values(sql, "user_batch_emails.position")
     admitted = dict(ended, status="CASE WHEN %s = 'invalid' THEN 'invalid' ELSE 'queued' END" % ended["status"])
     first_batch = first_row = 1
     for last_batch, rows in parts_of(sizes, ROWS_AT_ONCE):
@@ -348,8 +348,9 @@ ADMITTED_COLUMNS = ("status", "email_global_id", "check_type", "fifo_order")
 ENDED_COLUMNS = ("status", "bouncer_batch_id", "failure_reason", "completed_at")
 
 
-def ended_row(sql, position):
-    """{column: SQL} of a history row at `position` (an SQL expression) of user batch `b`."""
+def row_values(sql, position):
+    """{column: SQL} of the values of a history row at `position` (an SQL expression) of user
+    batch `b`: its address as written, and what its admission and its end wrote."""
     status = ROW_STATUS.format(p=position)
     x = "(CAST(b.id AS BIGINT) * 7919 + CAST(%s AS BIGINT) * 104729)" % position
     fifth = max(1, sql.size.ledger // 5)

@@ -30,8 +30,8 @@ from peewee import OperationalError
 from rq_scheduler import Scheduler
 
 from bouncer.app import App, set_current_app
-from bouncer.cycles.triggers import run_now
 from bouncer.cycles.runner import run_cycle
+from bouncer.cycles.triggers import run_now
 from bouncer.doors.admission import DEAD_LOADER_AFTER, remove_dead_loads
 from bouncer.names import CREATION, NOW_SUFFIX, STATUS, job_id
 from bouncer.queue import progress
