@@ -360,7 +360,7 @@ def postgres_statistics(query):
 
 def pytest_collection_modifyitems(config, items):
     """With parallel workers (pytest-xdist), the longest tests first, the soak runs (the longest
-    timeouts) first of all: the first tests are handed out one by one in turn, so the long ones
+    timeout) first of all: the first tests are handed out one by one in turn, so the long ones
     start at once on different workers rather than queue behind each other at the end."""
     # The workers collect and run the tests (xdist clears their `numprocesses`); each sorts
     # alike, as xdist wants one order from all.

@@ -1,8 +1,8 @@
 """The soak run (scripts/soak.py, support/soak/) and the whole-run checks it relies on.
 
-The fast tests show each check catches what it is for, on both backends; the slow ones run
-`python -m scripts.soak --duration 60` once per backend as CI does, and want every invariant
-held.
+The fast tests show each check catches what it is for, on both backends; the slow one runs
+`python -m scripts.soak --duration 60` on each backend, both at once, as CI does, and wants
+every invariant held.
 
 Each soak gets its own throwaway redis-server on a free loopback port, so it can flush its
 database without touching any test session's. On PostgreSQL, the soak creates a fresh
@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
@@ -127,56 +128,71 @@ def test_request_budget_counts_every_rolling_window():
 
 @pytest.fixture
 def private_redis(tmp_path):
-    """A redis-server of the soak's own (scripts/test installs redis-server when needed)."""
+    """Starts redis-servers of the soak's own (scripts/test installs redis-server when needed),
+    one per call with a name, and returns each one's URL; all stop with the test."""
+    servers = []
+
+    def start(name):
+        try:
+            server = RedisServer(tmp_path / ("redis-%s" % name))
+        except Unavailable as exc:
+            pytest.fail(str(exc))
+        servers.append(server)
+        return server.start().url
+
     try:
-        server = RedisServer(tmp_path / "redis")
-    except Unavailable as exc:
-        pytest.fail(str(exc))
-    try:
-        yield server.start().url
+        yield start
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
 
 
-def run_soak(tmp_path, *options):
-    """The soak as a subprocess, from the repository root; on timeout it gets SIGTERM first, so
-    its finally block stops the processes it started. Each run draws its own seed (printed
+class SoakRun:
+    """The soak as a subprocess, from the repository root. Each run draws its own seed (printed
     first), so CI covers more histories over time and a failure can be replayed with --seed."""
-    # Workers are stopped every 15 s, by turns with SIGTERM (a deploy) and SIGKILL.
-    command = [sys.executable, "-m", "scripts.soak", "--duration", str(SOAK_SECONDS), "--kill-every", "15",
-               "--run-dir", str(tmp_path / "run"), *options]
-    soak = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    try:
-        output, _ = soak.communicate(timeout=SOAK_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        soak.send_signal(signal.SIGTERM)
-        output, _ = soak.communicate(timeout=60)
-        pytest.fail("the soak did not finish in %d s:\n%s" % (SOAK_TIMEOUT, output[-6000:]))
-    return soak.returncode, output
+
+    def __init__(self, run_dir, *options):
+        # Workers are stopped every 15 s, by turns with SIGTERM (a deploy) and SIGKILL.
+        command = [sys.executable, "-m", "scripts.soak", "--duration", str(SOAK_SECONDS), "--kill-every", "15",
+                   "--run-dir", str(run_dir), *options]
+        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True)
+
+    def finish(self, deadline):
+        """(exit code, output), waiting until the monotonic `deadline`; past it the soak gets
+        SIGTERM first, so its finally block stops the processes it started, and the test fails."""
+        try:
+            output, _ = self.process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.process.send_signal(signal.SIGTERM)
+            output, _ = self.process.communicate(timeout=60)
+            pytest.fail("the soak did not finish in %d s:\n%s" % (SOAK_TIMEOUT, output[-6000:]))
+        return self.process.returncode, output
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.communicate(timeout=60)
 
 
-def assert_soak_passed(code, output):
+def assert_soak_passed(name, code, output):
     verdicts = dict(INVARIANT_LINE.findall(output))
-    assert sorted(verdicts) == ["1", "2", "3", "4", "5"], output[-6000:]
-    assert set(verdicts.values()) == {"held"}, output[-6000:]
-    assert re.search(r"^secrets in logs and /health\s+none$", output, re.M), output[-6000:]
-    assert re.search(r"^workers stopped and restarted\s+.*SIGTERM", output, re.M), output[-6000:]
+    said = "the soak on %s:\n%s" % (name, output[-6000:])
+    assert sorted(verdicts) == ["1", "2", "3", "4", "5"], said
+    assert set(verdicts.values()) == {"held"}, said
+    assert re.search(r"^secrets in logs and /health\s+none$", output, re.M), said
+    assert re.search(r"^workers stopped and restarted\s+.*SIGTERM", output, re.M), said
     assert re.search(r"^orphans \(created at the sandbox, not followed\)\s+\d+ of \d+ batches; "
-                     r"\d+ extra credits", output, re.M), output[-6000:]
-    assert code == 0, output[-6000:]
+                     r"\d+ extra credits", output, re.M), said
+    assert code == 0, said
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(SOAK_TIMEOUT + 90)
-def test_soak_on_sqlite(tmp_path, private_redis):
-    code, output = run_soak(tmp_path, "--redis-url", private_redis)
-    assert_soak_passed(code, output)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(SOAK_TIMEOUT + 90)
-def test_soak_on_postgres(tmp_path, private_redis):
+def test_soak_on_sqlite_and_on_postgres_side_by_side(tmp_path, private_redis):
+    # The two soaks run at once, each on its own redis-server and database: a soak mostly waits
+    # (on its budget of requests, then the drain), so one test worker holds both while the
+    # others run the rest of the suite.
     base = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5433/bouncer_test")
     prefix = "bouncer_soak_%d" % os.getpid()
     url = urlunsplit(urlsplit(base)._replace(path="/" + prefix))
@@ -185,10 +201,18 @@ def test_soak_on_postgres(tmp_path, private_redis):
     except psycopg2.OperationalError as exc:
         pytest.fail("PostgreSQL is not reachable at %s (run the tests with `bash scripts/test`): %s"
                     % (url, exc))
+    deadline = time.monotonic() + SOAK_TIMEOUT
+    soaks = {"SQLite": SoakRun(tmp_path / "sqlite", "--redis-url", private_redis("sqlite"))}
+    try:
+        soaks["PostgreSQL"] = SoakRun(tmp_path / "postgres", "--redis-url", private_redis("postgres"),
+                                      "--database-url", url)
+        finished = {name: soak.finish(deadline) for name, soak in soaks.items()}
+    finally:
+        for soak in soaks.values():
+            soak.stop()
 
-    code, output = run_soak(tmp_path, "--redis-url", private_redis, "--database-url", url)
-
-    assert_soak_passed(code, output)
+    for name, (code, output) in finished.items():
+        assert_soak_passed(name, code, output)
     assert soak_databases(url, prefix) == [], "the soak left its database behind"
 
 
