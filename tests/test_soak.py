@@ -32,7 +32,8 @@ from support.processes import ROOT
 from support.servers import RedisServer, Unavailable, postgres_admin
 
 SOAK_SECONDS = 60
-# 60 s of run, at most 180 s of drain, starting and stopping the processes: well inside.
+# 60 s of run, at most 180 s of drain, starting and stopping the processes: well inside. Past
+# it, each soak gets a minute to stop (the test's own timeout leaves room for both).
 SOAK_TIMEOUT = 400
 INVARIANT_LINE = re.compile(r"^invariant (\d) \(.*\)\s+(held|VIOLATED \(\d+\))$", re.M)
 
@@ -151,7 +152,8 @@ class SoakRun:
     """The soak as a subprocess, from the repository root. Each run draws its own seed (printed
     first), so CI covers more histories over time and a failure can be replayed with --seed."""
 
-    def __init__(self, run_dir, *options):
+    def __init__(self, name, run_dir, *options):
+        self.name = name
         # Workers are stopped every 15 s, by turns with SIGTERM (a deploy) and SIGKILL.
         command = [sys.executable, "-m", "scripts.soak", "--duration", str(SOAK_SECONDS), "--kill-every", "15",
                    "--run-dir", str(run_dir), *options]
@@ -159,25 +161,32 @@ class SoakRun:
                                         text=True)
 
     def finish(self, deadline):
-        """(exit code, output), waiting until the monotonic `deadline`; past it the soak gets
-        SIGTERM first, so its finally block stops the processes it started, and the test fails."""
+        """(exit code, output), waiting until the monotonic `deadline`; past it the soak is
+        stopped and the test fails."""
         try:
             output, _ = self.process.communicate(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            self.process.send_signal(signal.SIGTERM)
-            output, _ = self.process.communicate(timeout=60)
-            pytest.fail("the soak did not finish in %d s:\n%s" % (SOAK_TIMEOUT, output[-6000:]))
+            output = self.stop()
+            pytest.fail("the soak on %s did not finish in %d s:\n%s" % (self.name, SOAK_TIMEOUT, output[-6000:]))
         return self.process.returncode, output
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.communicate(timeout=60)
+        """SIGTERM first, so its finally block stops the processes it started (SIGKILL after a
+        minute); returns what it printed. Nothing to do once it ended."""
+        if self.process.returncode is not None:
+            return ""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            output, _ = self.process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            output, _ = self.process.communicate()
+        return output
 
 
-def assert_soak_passed(name, code, output):
+def assert_soak_passed(soak, code, output):
     verdicts = dict(INVARIANT_LINE.findall(output))
-    said = "the soak on %s:\n%s" % (name, output[-6000:])
+    said = "the soak on %s:\n%s" % (soak.name, output[-6000:])
     assert sorted(verdicts) == ["1", "2", "3", "4", "5"], said
     assert set(verdicts.values()) == {"held"}, said
     assert re.search(r"^secrets in logs and /health\s+none$", output, re.M), said
@@ -188,7 +197,7 @@ def assert_soak_passed(name, code, output):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(SOAK_TIMEOUT + 90)
+@pytest.mark.timeout(SOAK_TIMEOUT + 150)
 def test_soak_on_sqlite_and_on_postgres_side_by_side(tmp_path, private_redis):
     # The two soaks run at once, each on its own redis-server and database: a soak mostly waits
     # (on its budget of requests, then the drain), so one test worker holds both while the
@@ -202,17 +211,17 @@ def test_soak_on_sqlite_and_on_postgres_side_by_side(tmp_path, private_redis):
         pytest.fail("PostgreSQL is not reachable at %s (run the tests with `bash scripts/test`): %s"
                     % (url, exc))
     deadline = time.monotonic() + SOAK_TIMEOUT
-    soaks = {"SQLite": SoakRun(tmp_path / "sqlite", "--redis-url", private_redis("sqlite"))}
+    soaks = [SoakRun("SQLite", tmp_path / "sqlite", "--redis-url", private_redis("sqlite"))]
     try:
-        soaks["PostgreSQL"] = SoakRun(tmp_path / "postgres", "--redis-url", private_redis("postgres"),
-                                      "--database-url", url)
-        finished = {name: soak.finish(deadline) for name, soak in soaks.items()}
+        soaks.append(SoakRun("PostgreSQL", tmp_path / "postgres", "--redis-url", private_redis("postgres"),
+                             "--database-url", url))
+        finished = [(soak, *soak.finish(deadline)) for soak in soaks]
     finally:
-        for soak in soaks.values():
+        for soak in soaks:
             soak.stop()
 
-    for name, (code, output) in finished.items():
-        assert_soak_passed(name, code, output)
+    for soak, code, output in finished:
+        assert_soak_passed(soak, code, output)
     assert soak_databases(url, prefix) == [], "the soak left its database behind"
 
 
