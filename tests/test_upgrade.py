@@ -353,6 +353,18 @@ def test_init_db_brings_a_version_4_database_to_this_release_keeping_every_row(v
     assert batch_status(2)["status"] == "cancelled"
 
 
+def test_init_db_gives_a_database_of_this_version_made_with_half_of_each_page_free_this_releases_room(v4_database):
+    # A database already at version 5 from a release that kept half of each page of
+    # user_batch_emails free goes through init-db's "up to date" path, and gets the room too.
+    with database.connection_context():
+        create_schema()
+        if on_postgres():
+            database.execute_sql("ALTER TABLE user_batch_emails SET (fillfactor = 50)")
+        assert create_schema() == "schema up to date (version %d)" % VERSION
+        if on_postgres():
+            assert rows_fillfactor() == ROWS_FILLFACTOR
+
+
 def test_a_version_4_database_gains_what_erasure_and_retention_need(v4_database, redis_conn, bouncer):
     """Version 5: a pruned batch keeps its counts on it, and the rows naming an address are
     found by their index; then forget and prune work on release 4's rows."""
