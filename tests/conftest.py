@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import shutil
 import socket
+import time
 from urllib.parse import urlsplit
 
 import psycopg2
@@ -356,6 +357,21 @@ def postgres_statistics(query):
     database.execute_sql("SELECT 1")
     database.execute_sql("SELECT pg_stat_clear_snapshot()")
     return database.execute_sql(query).fetchone()
+
+
+def wait_for_older_transactions(timeout=60):
+    """On PostgreSQL, until every other transaction of the server that began before now has
+    ended (up to `timeout` seconds), including those of other tests' databases: a transaction
+    open anywhere keeps every database's row versions that were alive when it began from being
+    pruned from their pages (a parallel test holding a host's transaction open, say)."""
+    from bouncer.store.database import database
+    now = database.execute_sql("SELECT clock_timestamp()").fetchone()[0]
+    deadline = time.monotonic() + timeout
+    while database.execute_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND xact_start < %s"
+            " AND backend_type <> 'autovacuum worker'", (now,)).fetchone()[0]:
+        assert time.monotonic() < deadline, "a transaction of another test stayed open %d s" % timeout
+        time.sleep(0.05)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,7 +6,9 @@ import time
 
 import pytest
 import requests
-from conftest import addresses, on_postgres, postgres_statistics, statuses, submit, with_settings
+from conftest import (
+    addresses, on_postgres, postgres_statistics, statuses, submit, wait_for_older_transactions, with_settings,
+)
 
 from bouncer.cycles.runner import run_cycle
 from bouncer.cycles.triggers import note_called_back
@@ -608,10 +610,14 @@ def test_rows_ended_by_an_ingest_stay_on_their_page_and_leave_it_no_room_for_a_n
     for user, name, count in (("alice", "a%d", 4000), ("bob", "firstlast.%dh", 4000), ("carol", "name+%d", 3000)):
         send_all(app, user, ["%s@example-%d.com" % (name % i, i % 50) for i in range(count)])
         bouncer.complete_now()
+        # The admission's versions of the rows can be pruned only once no transaction that
+        # began before it is open.
+        wait_for_older_transactions()
         before = updates()
         assert run_cycle(app, STATUS, "deliverable").ingested[0].verified == count
         updated, in_place = (after - was for after, was in zip(updates(), before))
         assert updated == in_place == count, (user, updated, in_place)
+    wait_for_older_transactions()
     database.execute_sql("VACUUM user_batch_emails")
     new_row = database.execute_sql("SELECT pg_column_size(ROW(1, 1, 1, 'a0@example-0.com'::text, 'new'::text,"
                                    " NULL::int, NULL::text, NULL::int, NULL::int, NULL::text,"
