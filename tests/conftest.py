@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import shutil
 import socket
+import threading
 import time
 from urllib.parse import urlsplit
 
@@ -23,7 +24,7 @@ from bouncer.doors.loading import create_user_batch
 from bouncer.news import targets
 from bouncer.sandbox import Sandbox
 from bouncer.states import SENT, RowState
-from bouncer.store.database import database, open_database
+from bouncer.store.database import connection, database, open_database
 from bouncer.store.migrations import create_schema
 from bouncer.store.models import QueuedEmail, RidingRows, UserBatchEmail
 from bouncer.store.schema import empty_tables
@@ -283,6 +284,25 @@ def submit(user, emails, check_type="deliverable"):
 
 def addresses(prefix, n, domain="example.com"):
     return ["%s%d@%s" % (prefix, i, domain) for i in range(n)]
+
+
+def in_another_thread(work):
+    """Start `work` on a connection of its own in another thread, and give it half a second: it
+    should wait for this thread's transaction. Returns (the thread, whether it was still waiting,
+    a list that gets what `work` returned, or the exception it raised)."""
+    outcome = []
+
+    def run():
+        try:
+            with connection():
+                outcome.append(work())
+        except Exception as exc:       # the test reads it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(0.5)
+    return thread, thread.is_alive(), outcome
 
 
 def row_states(batch_id=None):

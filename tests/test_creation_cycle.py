@@ -5,7 +5,7 @@ import time
 
 import pytest
 import requests
-from conftest import addresses, rode_on, row_states, statuses, submit, with_settings
+from conftest import addresses, in_another_thread, rode_on, row_states, statuses, submit, with_settings
 
 from bouncer.cycles.runner import run_cycle
 from bouncer.names import CREATION, STATUS
@@ -14,8 +14,8 @@ from bouncer.reading.health import service_state
 from bouncer.states import SENT, BouncerBatchState, RowState
 from bouncer.store.database import database, utcnow
 from bouncer.store.models import (
-    BouncerBatch, BouncerBatchEmail, DeliverableResult, EmailGlobal, QueuedEmail, RidingRows, UserBatch,
-    UserBatchEmail,
+    BouncerBatch, BouncerBatchEmail, DeliverableResult, EmailGlobal, QueuedEmail, RidingRows, SentShare,
+    UserBatch, UserBatchEmail,
 )
 
 
@@ -380,7 +380,10 @@ def test_create_with_nothing_to_tidy_writes_first_its_reservation(app, bouncer, 
     assert len(report.created) == 1
     statements = [" ".join(str(r.msg[0] if isinstance(r.msg, tuple) else r.msg).split())
                   for r in caplog.records if r.name == "peewee"]
-    first = next(i for i, sql in enumerate(statements) if sql.startswith('INSERT INTO "bouncer_batches"'))
+    ledger_row = next(i for i, sql in enumerate(statements) if sql.startswith('INSERT INTO "bouncer_batches"'))
+    # The reservation's first write: its rows taken out of the line, just before its ledger row.
+    first = ledger_row - 1
+    assert statements[first].startswith('DELETE FROM "queued_emails"')
     writes = ("BEGIN", "INSERT", "UPDATE", "DELETE")
     # PostgreSQL: none; SQLite: the reservation's own BEGIN IMMEDIATE.
     assert [sql for sql in statements[:first] if sql.startswith(writes)] in ([], ["BEGIN IMMEDIATE"])
@@ -420,3 +423,91 @@ def test_create_database_refuses_an_address_in_two_in_flight_batches(app, bounce
     with pytest.raises(IntegrityError), database.atomic():
         BouncerBatchEmail.create(bouncer_batch=ledger, email_global=gid, check_type="deliverable",
                                  email_sent="one@example.com")
+
+
+# -- a claim and a cancel racing for the same rows --------------------------------------------
+
+def test_a_cancel_during_a_claim_waits_for_it_and_cancels_only_the_rows_left_in_line(app, bouncer, monkeypatch):
+    """The claim has taken two of alice's four rows out of the line, not yet committed, when her
+    batch is cancelled: the cancel waits for it (PostgreSQL: the rows' locks; SQLite: the write
+    lock), then finds only the two rows still in line. The two riding rows end with their
+    verdicts, never cancelled, and the batch ends cancelled after them."""
+    from bouncer.queue import fairness
+    from bouncer.services.batches import cancel_user_batch
+    app = with_settings(app, batch_size=2, max_outstanding=1)
+    alice = submit("alice", addresses("a", 4))
+    record_shares, seen = fairness.record_shares, {}
+
+    def cancel_meanwhile(*args, **kwargs):
+        record_shares(*args, **kwargs)
+        seen["thread"], seen["waited"], seen["cancelled"] = in_another_thread(lambda: cancel_user_batch(app, alice))
+
+    monkeypatch.setattr(fairness, "record_shares", cancel_meanwhile)
+    report = run_cycle(app, CREATION, "deliverable")
+    seen["thread"].join(30)
+    assert seen["waited"] and seen["cancelled"] == [2]
+    assert [quantity for _, _, quantity in report.created] == [2]
+    assert bouncer.sent_addresses() == addresses("a", 2)
+    assert statuses(alice) == {SENT: 2, RowState.CANCELLED: 2}
+    bouncer.complete_now()
+    run_cycle(app, STATUS, "deliverable")
+    assert statuses(alice) == {RowState.DONE: 2, RowState.CANCELLED: 2}
+    assert UserBatch.get_by_id(alice).status == "cancelled"
+
+
+def test_a_claim_during_a_cancel_waits_for_it_and_sends_no_address_of_the_cancelled_rows(app, bouncer, monkeypatch):
+    """Alice's batch is being cancelled, its rows taken out of the line but not yet committed,
+    when a creation cycle packs the line (on PostgreSQL it still reads them there): the claim
+    waits for the cancel, then takes only bob's rows, and Bouncer is sent bob's addresses alone,
+    no credit spent on a cancelled row."""
+    from bouncer.queue import progress
+    from bouncer.services.batches import cancel_user_batch
+    alice = submit("alice", addresses("a", 2))
+    bob = submit("bob", addresses("b", 2))
+    complete, seen = progress.complete_finished_batches, {}
+
+    def create_meanwhile(*args, **kwargs):
+        complete(*args, **kwargs)
+        if "thread" not in seen:
+            seen["thread"], seen["waited"], seen["report"] = in_another_thread(
+                lambda: run_cycle(app, CREATION, "deliverable"))
+
+    monkeypatch.setattr(progress, "complete_finished_batches", create_meanwhile)
+    assert cancel_user_batch(app, alice) == 2
+    seen["thread"].join(30)
+    [report] = seen["report"]
+    assert seen["waited"] and [quantity for _, _, quantity in report.created] == [2]
+    assert bouncer.sent_addresses() == addresses("b", 2)
+    assert statuses(alice) == {RowState.CANCELLED: 2} and statuses(bob) == {SENT: 2}
+    assert BouncerBatchEmail.select().count() == 2
+    assert [(share.user_id, share.addresses) for share in SentShare.select()] == [("bob", 2)]
+    bouncer.complete_now()
+    run_cycle(app, STATUS, "deliverable")
+    assert statuses(bob) == {RowState.DONE: 2} and UserBatch.get_by_id(alice).status == "cancelled"
+
+
+def test_a_cancel_during_an_admission_waits_for_it_and_cancels_the_rows_it_admitted(app, bouncer, monkeypatch):
+    """A host's batch is being admitted, its rows queued but its counts not yet written, when it
+    is cancelled: the cancel waits for the admission (which took the batch first, as every
+    writer does), then cancels the rows it admitted. Neither waits for the other both ways (on
+    PostgreSQL that would be a deadlock, one of them failed)."""
+    from operating import host_batch
+
+    from bouncer.doors import admission
+    from bouncer.services.batches import cancel_user_batch
+    from support import invariants
+    batch = host_batch("alice", addresses("a", 3))
+    count, seen = admission.count_admitted, {}
+
+    def cancel_meanwhile(*args, **kwargs):
+        seen["thread"], seen["waited"], seen["cancelled"] = in_another_thread(lambda: cancel_user_batch(app, batch))
+        count(*args, **kwargs)
+
+    monkeypatch.setattr(admission, "count_admitted", cancel_meanwhile)
+    assert admission.admit("deliverable").admitted == 3
+    seen["thread"].join(30)
+    assert seen["waited"] and seen["cancelled"] == [3]
+    assert statuses(batch) == {RowState.CANCELLED: 3} and UserBatch.get_by_id(batch).status == "cancelled"
+    assert invariants.queue_matches_rows() == []
+    assert run_cycle(app, CREATION, "deliverable").created == [] and bouncer.sent_addresses() == []
+

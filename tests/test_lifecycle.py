@@ -10,7 +10,7 @@ import signal
 import time
 
 import pytest
-from conftest import addresses, make_settings, statuses, submit, with_settings
+from conftest import addresses, in_another_thread, make_settings, statuses, submit, with_settings
 from operating import basic, figure, operator_app, status_json
 
 from bouncer.app import App
@@ -18,7 +18,7 @@ from bouncer.client import BouncerClient
 from bouncer.cycles import ingest
 from bouncer.cycles.runner import run_cycle
 from bouncer.names import CREATION, STATUS
-from bouncer.queue import ledger
+from bouncer.queue import ledger, line
 from bouncer.reading.batches import batch_status, iter_results
 from bouncer.sandbox.simulator import iso_utc, verdict_for
 from bouncer.services.batches import cancel_user_batch
@@ -183,6 +183,33 @@ def test_a_greylisted_row_of_a_cancelled_user_batch_is_not_sent_again(app, bounc
     assert statuses(bob) == {RowState.QUEUED: 1} and batch_status(bob)["rechecking"] == 1
 
 
+def test_a_cancel_during_an_ingest_waits_for_it_and_cancels_the_rows_it_put_back_for_a_recheck(
+        app, bouncer, monkeypatch):
+    """Alice's batch is cancelled while the ingest of her greylisted verdicts holds their rows
+    back in line for a re-check, not yet committed: the cancel waits for the ingest (which took
+    the user batch first, as every writer does), then cancels those rows. None is sent again
+    (on PostgreSQL the cancel would otherwise miss the rows not yet committed, and they would
+    go out after their `retryAfter`)."""
+    greylist_everything(bouncer)
+    alice = submit("alice", addresses("a", 2))
+    create(app)
+    requeue, seen = line.requeue_for_recheck, {}
+
+    def cancel_meanwhile(*args, **kwargs):
+        back = requeue(*args, **kwargs)
+        seen["thread"], seen["waited"], seen["cancelled"] = in_another_thread(lambda: cancel_user_batch(app, alice))
+        return back
+
+    monkeypatch.setattr(line, "requeue_for_recheck", cancel_meanwhile)
+    bouncer.complete_now()
+    assert check(app).ingested[0].rechecking == 2
+    seen["thread"].join(30)
+    assert seen["waited"] and seen["cancelled"] == [2]
+    assert statuses(alice) == {RowState.CANCELLED: 2} and batch_status(alice)["status"] == "cancelled"
+    wait_past(utcnow() + datetime.timedelta(seconds=GREYLIST_SECONDS))
+    assert create(app).created == [] and bouncer.sent_addresses() == addresses("a", 2)
+
+
 def test_the_packer_walks_past_a_row_whose_recheck_is_not_yet_due_and_keeps_its_place(app, bouncer):
     """Its place kept in line, and the not-before time alone holding it back: no verdict of its
     address is stored to hold it (a verdict pruned, say)."""
@@ -330,7 +357,8 @@ def test_no_row_joins_a_batch_marked_to_be_finished_nor_is_a_batch_with_a_live_r
     row = UserBatchEmail.get(UserBatchEmail.batch == bob)
     # A live row riding keeps it; without one, it is marked; once marked, nothing joins it.
     assert ledger.want_finish(marked.id, "test") is True
-    assert ledger.attach_to_in_flight({marked.id: [(row.id, bob)]}, None) == 0
+    joining = {marked.id: [(row.id, bob)]}
+    assert ledger.lock_joinable(joining) == set() and ledger.attach_to_in_flight(joining, set(), None) == 0
     assert statuses(bob) == {RowState.QUEUED: 1}
     other = submit("carol", addresses("c", 3))
     create(app)

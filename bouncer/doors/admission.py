@@ -32,7 +32,7 @@ from bouncer.queue import line, progress
 from bouncer.queue.line import take_places
 from bouncer.states import BatchState
 from bouncer.store.bulk import among
-from bouncer.store.database import database, dialect, serialize_on, utcnow, write_transaction
+from bouncer.store.database import database, dialect, lock_rows_for_change, serialize_on, utcnow, write_transaction
 from bouncer.store.models import EmailGlobal, UserBatch, UserBatchEmail
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,8 @@ def admit_slice(batch_id, now, limit=SLICE, heartbeat=None, checked=None, after=
         # Before any row is written: an erasure removing an address waits for this slice, or
         # this slice for it, so no row ever names an address removed meanwhile.
         serialize_on(ADDRESSES_LOCK, shared=True)
-        batch = UserBatch.get_or_none(UserBatch.id == batch_id)
+        # The batch before its rows, as every writer takes them (progress.lock_batches).
+        batch = lock_rows_for_change(UserBatch.select().where(UserBatch.id == batch_id)).first()
         if batch is None:   # erased since its rows were read: nothing left to admit
             return report
         if batch.status == BatchState.CANCELLED:

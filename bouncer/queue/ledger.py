@@ -124,7 +124,12 @@ def reserve_next_batch(check_type, batch_size, cache_days, max_outstanding, now=
         plan = packing.plan_next_batch(check_type, batch_size, cutoff, now, hold_within)
         if plan.is_empty:
             return None
-        attached = attach_to_in_flight(plan.attach, plan.span)
+        # Locks in the order every writer takes them, so none waits for another that waits for
+        # it: the Bouncer batches (as an ingest), then the user batches (as a cancel, an
+        # admission), then their rows.
+        live = lock_joinable(plan.attach)
+        progress.lock_batches(plan.user_batches)
+        attached = attach_to_in_flight(plan.attach, live, plan.span)
         progress.complete_rows_from_cache(plan.cached, now, plan.span)
         ledger_id = write_reservation(check_type, plan, now) if plan.send else None
         progress.mark_batches_processing(plan.touched_batches, ledger_id)
@@ -132,29 +137,42 @@ def reserve_next_batch(check_type, batch_size, cache_days, max_outstanding, now=
     return Reservation(ledger_id, list(plan.send.values()), len(plan.cached), attached)
 
 
-def attach_to_in_flight(attach, span):
-    """Join rows to the in-flight batch that already holds their address. The ledger rows are
-    locked first (FOR SHARE), so a concurrent ingest either finished before (the batch is no
-    longer in flight: the rows stay in line) or waits until these rows are attached; and so does
-    a concurrent `want_finish`: a batch marked to be finished takes no row."""
+def lock_joinable(attach):
+    """Of the in-flight batches rows are to join (`attach`: {ledger id: rows}), those that may
+    take them, their ledger rows locked (FOR SHARE): a concurrent ingest either finished before
+    (the batch is no longer in flight: the rows stay in line) or waits until these rows are
+    attached; and so does a concurrent `want_finish`: a batch marked to be finished takes no row."""
     if not attach:
-        return 0
-    live = {batch_id for (batch_id,) in lock_rows_for_share(
+        return set()
+    return {batch_id for (batch_id,) in lock_rows_for_share(
         BouncerBatch.select(BouncerBatch.id).where(
             BouncerBatch.id.in_(list(attach)) & BouncerBatch.status.in_(IN_FLIGHT_STATES)
             & BouncerBatch.finish_reason.is_null())).tuples()}
+
+
+def attach_to_in_flight(attach, live, span):
+    """Join rows to the in-flight batch that already holds their address, if it is `live` (see
+    lock_joinable). Returns how many joined."""
     return sum(line.send_rows(rows, ledger_id, span)
                for ledger_id, rows in attach.items() if ledger_id in live)
 
 
 def write_reservation(check_type, plan, now):
-    """Ledger row, its addresses (the unique index refuses an address already in flight), and
-    the rows of those addresses that the plan walked past, attached to it."""
+    """The rows of the plan leave the line; the ledger row, its addresses (the unique index
+    refuses an address already in flight), and those rows riding on it. Only what is still in
+    line goes: PostgreSQL reads the line without waiting for a cancel under way, so rows a cancel
+    took since are left out, and an address none of the rest needs is not sent (no credit for a
+    cancelled row). Returns the ledger id, or None when nothing was left to send."""
+    taken = line.leave_line([row_id for row_id, _ in plan.send_rows], plan.span)
+    if len(taken) < len(plan.send_rows):
+        plan.send_only(line.addresses_and_users(taken))
+        if not plan.send:
+            return None
     ledger = BouncerBatch.create(check_type=check_type, status=BouncerBatchState.RESERVED, quantity=len(plan.send),
                                  reserved_at=now, rechecks=len(plan.rechecked))
     insert_tuples(BouncerBatchEmail, ("bouncer_batch", "email_global", "check_type", "email_sent"),
                   [(ledger.id, global_id, check_type, email) for global_id, email in plan.send.items()])
-    line.send_rows(plan.send_rows, ledger.id, plan.span)
+    line.ride(ledger.id, plan.send_rows)
     fairness.record_shares(ledger.id, check_type, plan.shares, now)
     return ledger.id
 

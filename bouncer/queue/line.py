@@ -127,13 +127,29 @@ def take_out_of_line(where):
 def send_rows(rows, ledger_id, span=None):
     """Rows `(row id, user batch)` still in line (within `span`, see `leave_line`) leave it and
     ride on Bouncer batch `ledger_id`. Returns how many."""
-    batch_of = dict(rows)
+    taken = set(leave_line([row_id for row_id, _ in rows], span))
+    return ride(ledger_id, [row for row in rows if row[0] in taken])
+
+
+def addresses_and_users(row_ids):
+    """{row id: (email_global id, user id)} of these rows."""
+    found = {}
+    for part in chunked(row_ids):
+        query = (Row.select(Row.id, Row.email_global, UserBatch.user_id).join(UserBatch)
+                 .where(among(Row.id, part)).tuples())
+        found.update((row_id, (global_id, user_id)) for row_id, global_id, user_id in query)
+    return found
+
+
+def ride(ledger_id, rows):
+    """Rows `(row id, user batch)`, out of the line already, ride on Bouncer batch `ledger_id`.
+    Returns how many."""
     by_batch = {}
-    for row_id in leave_line(list(batch_of), span):
-        by_batch.setdefault(batch_of[row_id], []).append(row_id)
+    for row_id, batch in rows:
+        by_batch.setdefault(batch, []).append(row_id)
     insert_tuples(Riding, ("bouncer_batch", "batch_id", "row_ids", "rows"),
                   [(ledger_id, batch, "[%s]" % ",".join(map(str, ids)), len(ids)) for batch, ids in by_batch.items()])
-    return sum(map(len, by_batch.values()))
+    return len(rows)
 
 
 def riding_rows(ledger_id):

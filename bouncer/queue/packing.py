@@ -45,6 +45,26 @@ class Plan:
     def is_empty(self):
         return not (self.send or self.attach or self.cached)
 
+    @property
+    def user_batches(self):
+        """Every user batch with a row in the plan."""
+        return self.touched_batches | {batch for _, batch in self.send_rows}
+
+    def send_only(self, riders):
+        """Keep only `riders` of `send_rows`, {row id: (email_global id, user id)} (the others
+        left the line since it was read: a cancel took them), and only the addresses they need,
+        each a share of the user of its oldest row left."""
+        self.send_rows = [(row_id, batch) for row_id, batch in self.send_rows if row_id in riders]
+        needed, shares = set(), Counter()
+        for row_id, _ in self.send_rows:      # in the line's order
+            global_id, user_id = riders[row_id]
+            if global_id not in needed:
+                needed.add(global_id)
+                shares[user_id] += 1
+        self.send = {global_id: email for global_id, email in self.send.items() if global_id in needed}
+        self.shares = shares
+        self.rechecked &= needed
+
 
 # A row in line as packing reads it; its key (turn, place in line, position) is the line's order.
 ROW_ID, USER_BATCH, EMAIL, GLOBAL_ID, USER_ID, RECHECKS = range(6)

@@ -104,6 +104,12 @@ def lock_rows_for_update(query):
     return dialect().for_update(query)
 
 
+def lock_rows_for_change(query):
+    """Lock the rows `query` selects as an UPDATE of them would, until the transaction ends;
+    rows referring to them may still be written (PostgreSQL; nothing on SQLite, as above)."""
+    return dialect().for_change(query)
+
+
 def scrub_erased_pages():
     """After an erasure: no copy of what it deleted is left in the database's files that the
     database can remove (SQLite: the write-ahead log's old pages). Returns what is left, in words,

@@ -87,6 +87,9 @@ class Sqlite:
     def for_update(self, query):
         return query
 
+    def for_change(self, query):
+        return query
+
     def among(self, field, values):
         """`field IN values` as one bound parameter: a JSON array unpacked by json_each. The
         query builder would otherwise write 10,000 placeholders one by one (measured: 2 of the
@@ -204,6 +207,11 @@ class Postgres:
 
     def for_update(self, query):
         return query.for_update()
+
+    def for_change(self, query):
+        """The lock an UPDATE of columns no foreign key refers to takes: a row referring to
+        these may still be written meanwhile."""
+        return query.for_update("FOR NO KEY UPDATE")
 
     def among(self, field, values):
         """`field = ANY(array)`, the array one literal parameter (see `array`). As a filter (rows
