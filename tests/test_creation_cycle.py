@@ -511,3 +511,16 @@ def test_a_cancel_during_an_admission_waits_for_it_and_cancels_the_rows_it_admit
     assert invariants.queue_matches_rows() == []
     assert run_cycle(app, CREATION, "deliverable").created == [] and bouncer.sent_addresses() == []
 
+
+@pytest.mark.parametrize("called", [True, False])
+def test_rows_of_a_cancelled_batch_on_a_dead_cycles_reservation_end_cancelled_not_sent_again(app, bouncer, called):
+    """A cancel leaves rows riding to finish with their verdicts; rows riding on a reservation
+    whose cycle died never get one there. Released back to the line, they end cancelled at once,
+    and nothing is sent for them."""
+    from bouncer.services.batches import cancel_user_batch
+    alice = submit("alice", addresses("a", 5))
+    dead_cycles_reservation(app, 5, called)
+    assert cancel_user_batch(app, alice) == 0 and statuses(alice) == {SENT: 5}
+    report = run_cycle(app, CREATION, "deliverable")
+    assert report.created == [] and bouncer.sent_addresses() == []
+    assert statuses(alice) == {RowState.CANCELLED: 5} and UserBatch.get_by_id(alice).status == "cancelled"

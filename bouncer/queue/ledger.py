@@ -187,7 +187,7 @@ def cancel_reservation(ledger_id):
     the cycle, or its cycle died before calling): its emails are queued again where they were,
     and the ledger keeps no trace of it."""
     with write_transaction():
-        line.unsend_rows(ledger_id)
+        progress.cancel_unwanted_rows(line.unsend_rows(ledger_id)[1], utcnow())
         end_flight(ledger_id)
         fairness.forget_shares_of(ledger_id)
         BouncerBatch.delete().where((BouncerBatch.id == ledger_id)
@@ -269,7 +269,9 @@ def requeue_failed_attempts(check_type):
     if not line.any_riding_on(dead):
         return 0
     with write_transaction():
-        return line.requeue_rows_of(dead)
+        back, unwanted = line.requeue_rows_of(dead)
+        progress.cancel_unwanted_rows(unwanted, utcnow())
+        return back
 
 
 def release_stale_reservations(check_type, older_than):

@@ -174,24 +174,30 @@ def stop_riding(ledger_id):
 
 def unsend_rows(ledger_id):
     """Rows of a reservation that was never sent go back in line where they were (the ledger
-    keeps no trace of it, so the rows do not name it)."""
+    keeps no trace of it, so the rows do not name it). Returns what `requeue_rows_of` does."""
     return requeue_rows_of([ledger_id], name_attempt=False)
 
 
 def requeue_rows_of(ledger_ids, name_attempt=True):
     """Rows riding on failed attempts (`ledger_ids`: ids or a subquery) go back in line where
-    they were; `bouncer_batch` names the last attempt that carried them. Returns how many."""
-    back = []
+    they were; `bouncer_batch` names the last attempt that carried them. A row whose user
+    batch's cancel was asked for does not: no verdict came for it, and none is wanted now.
+    Returns (how many went back, the ids of the rows left out of the line, still queued)."""
+    back, unwanted = [], []
     for ledger_id, row_ids in riding_rows_of(ledger_ids).items():
         for part in chunked(row_ids):
-            rows = (Row.select(*[row for _, row in LINE_COPIES], UserBatch.user_id).join(UserBatch)
-                    .where(among(Row.id, part) & (Row.status == RowState.QUEUED)).tuples())
-            back += [tuple(row) for row in database.execute_sql(*rows.sql()).fetchall()]
+            rows = (Row.select(*[row for _, row in LINE_COPIES], UserBatch.user_id, UserBatch.cancelled_at)
+                    .join(UserBatch).where(among(Row.id, part) & (Row.status == RowState.QUEUED)).tuples())
+            for *row, cancelled_at in database.execute_sql(*rows.sql()).fetchall():
+                if cancelled_at is None:
+                    back.append(tuple(row))
+                else:
+                    unwanted.append(row[0])
             if name_attempt:
                 Row.update(bouncer_batch=ledger_id).where(among(Row.id, part)).execute()
     return_to_line(back)
     Riding.delete().where(is_one_of(Riding.bouncer_batch, ledger_ids)).execute()
-    return len(back)
+    return len(back), unwanted
 
 
 def ledgers_ridden_by(batch_ids):
