@@ -238,10 +238,10 @@ def ingest_download(ledger_id, download, now=None, rechecks=Rechecks()):
         batch = ledger.claim_outstanding(ledger_id)
         if batch is None:
             return None
-        # The user batches before their rows (progress.lock_batches): a cancel under way ends
+        # The user batches before their rows (line.lock_batches): a cancel under way ends
         # first, so no row goes back in line for a re-check after its batch's cancel.
         user_batches = line.batches_riding_on(ledger_id)
-        progress.lock_batches(user_batches)
+        line.lock_batches(user_batches)
         report = IngestReport(ledger_id)
         verdicts, sent, respelled = match_records(ledger_id, download, report)
         upsert_results(batch.check_type, download, verdicts, now, ledger_id)

@@ -262,7 +262,7 @@ def admit_slice(batch_id, now, limit=SLICE, heartbeat=None, checked=None, after=
         # Before any row is written: an erasure removing an address waits for this slice, or
         # this slice for it, so no row ever names an address removed meanwhile.
         serialize_on(ADDRESSES_LOCK, shared=True)
-        # The batch before its rows, as every writer takes them (progress.lock_batches).
+        # The batch before its rows, as every writer takes them (line.lock_batches).
         batch = lock_rows_for_change(UserBatch.select().where(UserBatch.id == batch_id)).first()
         if batch is None:   # erased since its rows were read: nothing left to admit
             return report

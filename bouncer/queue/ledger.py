@@ -128,7 +128,7 @@ def reserve_next_batch(check_type, batch_size, cache_days, max_outstanding, now=
         # it: the Bouncer batches (as an ingest), then the user batches (as a cancel, an
         # admission), then their rows.
         live = lock_joinable(plan.attach)
-        progress.lock_batches(plan.user_batches)
+        line.lock_batches(plan.user_batches)
         attached = attach_to_in_flight(plan.attach, live, plan.span)
         progress.complete_rows_from_cache(plan.cached, now, plan.span)
         ledger_id = write_reservation(check_type, plan, now) if plan.send else None

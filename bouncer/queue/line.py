@@ -19,7 +19,7 @@ from peewee import SQL, Query, Tuple
 from bouncer.queue import fairness
 from bouncer.states import RowState
 from bouncer.store.bulk import among, chunked, insert_tuples, looked_up
-from bouncer.store.database import database, dialect, lock_rows_for_update
+from bouncer.store.database import database, dialect, lock_rows_for_change, lock_rows_for_update
 from bouncer.store.dialect import LineJoin
 from bouncer.store.models import FifoCounter, QueuedEmail, RidingRows, UserBatch, UserBatchEmail
 
@@ -56,6 +56,16 @@ NOT_ADMITTED_SQL = "check_type IS NULL AND status = 'new'"
 
 def not_admitted():
     return Row.check_type.is_null() & (Row.status == RowState.NEW)
+
+
+def lock_batches(batch_ids):
+    """Lock these user batches' rows, in order of id, before any of their rows changes. Every
+    writer that changes a batch's rows and then the batch (a claim, an admission, an ingest, the
+    requeue of a failed attempt, a cancel, an erasure) takes the batch first, so none can hold
+    rows another waits for while it waits for that one's batch (docs/architecture.md, "Locks")."""
+    if batch_ids:
+        list(lock_rows_for_change(UserBatch.select(UserBatch.id).where(among(UserBatch.id, sorted(batch_ids)))
+                                  .order_by(UserBatch.id)).tuples())
 
 
 def joining_line(batch, first_position):
@@ -183,7 +193,7 @@ def requeue_rows_of(ledger_ids, name_attempt=True):
     they were; `bouncer_batch` names the last attempt that carried them. A row whose user
     batch's cancel was asked for does not: no verdict came for it, and none is wanted now.
     Returns (how many went back, the ids of the rows left out of the line, still queued)."""
-    back, unwanted = [], []
+    back, unwanted, ending = [], [], set()
     for ledger_id, row_ids in riding_rows_of(ledger_ids).items():
         for part in chunked(row_ids):
             rows = (Row.select(*[row for _, row in LINE_COPIES], UserBatch.user_id, UserBatch.cancelled_at)
@@ -193,8 +203,10 @@ def requeue_rows_of(ledger_ids, name_attempt=True):
                     back.append(tuple(row))
                 else:
                     unwanted.append(row[0])
+                    ending.add(row[AT["batch_id"]])
             if name_attempt:
                 Row.update(bouncer_batch=ledger_id).where(among(Row.id, part)).execute()
+    lock_batches(ending)        # the batches the unwanted rows end, before the line's lock
     return_to_line(back)
     Riding.delete().where(is_one_of(Riding.bouncer_batch, ledger_ids)).execute()
     return len(back), unwanted

@@ -17,7 +17,7 @@ from bouncer.queue.line import (
 )
 from bouncer.states import ENDED_BATCH_STATES, BatchState, RowState
 from bouncer.store.bulk import among, chunked
-from bouncer.store.database import lock_rows_for_change, utcnow, write_transaction
+from bouncer.store.database import utcnow, write_transaction
 from bouncer.store.models import QueuedEmail, RidingRows, UserBatch, UserBatchEmail
 
 Row = UserBatchEmail
@@ -58,16 +58,6 @@ def fail_sent_rows(ledger_id, reason, now, only_addresses=None):
                  .where(riding & of_cancelled).execute())
     return cancelled + (Row.update(status=RowState.FAILED, failure_reason=reason, completed_at=now,
                                    bouncer_batch=ledger_id).where(riding).execute())
-
-
-def lock_batches(batch_ids):
-    """Lock these user batches' rows, in order of id, before any of their rows changes. Every
-    writer that changes a batch's rows and then the batch (a claim, an admission, an ingest, a
-    cancel, an erasure) takes the batch first, so none can hold rows another waits for while it
-    waits for that one's batch (docs/architecture.md, "Locks")."""
-    if batch_ids:
-        list(lock_rows_for_change(UserBatch.select(UserBatch.id).where(among(UserBatch.id, sorted(batch_ids)))
-                                  .order_by(UserBatch.id)).tuples())
 
 
 def mark_batches_processing(batch_ids=(), ledger_id=None):
