@@ -40,6 +40,7 @@ from bouncer.store.migrations import create_schema
 from scripts import bench, endtoend, workloads
 
 QUEUED, FILES = 200000, 40
+USER_BATCHES_LOCKED = r'^SELECT "t1"."id" FROM "user_batches" AS "t1" WHERE .*ORDER BY "t1"."id"'
 CREATION_GROUPS = (
     ("read the line, a page at a time", r'FROM "queued_emails" AS "t1" WHERE'),
     ("take the rows out of the line (DELETE ... RETURNING)", r'^DELETE FROM "queued_emails"'),
@@ -48,6 +49,7 @@ CREATION_GROUPS = (
     ("fresh verdicts of the page", r'FROM "email_(deliverable|catchall)_results"'),
     ("rows riding on the batch", r'"riding_rows" \("bouncer_batch_id"'),
     ("ledger row", r'^INSERT INTO "bouncer_batches"'),
+    ("the user batches locked (in order of id)", USER_BATCHES_LOCKED),
     ("commits", r"^COMMIT$"),
     ("advisory locks", r"pg_advisory"),
 )
@@ -58,6 +60,7 @@ STATUS_GROUPS = (   # the first pattern a statement matches names its group
     ("any verdict stored already?", r'^SELECT EXISTS\(SELECT 1 FROM "email_(deliverable|catchall)_results"'),
     ("verdicts written (COPY or INSERT)", r'(COPY|INSERT INTO) "?email_(deliverable|catchall)_results'),
     ("rows completed (UPDATE to done)", r'^UPDATE "user_batch_emails" SET "status" = \S+ "bouncer_batch_id"'),
+    ("the user batches locked (in order of id)", USER_BATCHES_LOCKED),
     ("user batches ended", r'^UPDATE "user_batches"'),
     ("counts of the ended user batches (status objects)", r'^SELECT "t1"."batch_id", "t1"."status", "t2"."status"'),
     ("user batches riding, and rows no longer riding", r'"riding_rows"'),

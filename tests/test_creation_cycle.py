@@ -429,9 +429,9 @@ def test_create_database_refuses_an_address_in_two_in_flight_batches(app, bounce
 
 def test_a_cancel_during_a_claim_waits_for_it_and_cancels_only_the_rows_left_in_line(app, bouncer, monkeypatch):
     """The claim has taken two of alice's four rows out of the line, not yet committed, when her
-    batch is cancelled: the cancel waits for it (PostgreSQL: the rows' locks; SQLite: the write
-    lock), then finds only the two rows still in line. The two riding rows end with their
-    verdicts, never cancelled, and the batch ends cancelled after them."""
+    batch is cancelled: the cancel waits for it (PostgreSQL: the user batch's lock, which the
+    claim took first; SQLite: the write lock), then finds only the two rows still in line. The two
+    riding rows end with their verdicts, never cancelled, and the batch ends cancelled after them."""
     from bouncer.queue import fairness
     from bouncer.services.batches import cancel_user_batch
     app = with_settings(app, batch_size=2, max_outstanding=1)
