@@ -427,15 +427,20 @@ def test_create_database_refuses_an_address_in_two_in_flight_batches(app, bounce
 
 # -- a claim and a cancel racing for the same rows --------------------------------------------
 
-def test_a_cancel_during_a_claim_waits_for_it_and_cancels_only_the_rows_left_in_line(app, bouncer, monkeypatch):
-    """The claim has taken two of alice's four rows out of the line, not yet committed, when her
-    batch is cancelled: the cancel waits for it (PostgreSQL: the user batch's lock, which the
-    claim took first; SQLite: the write lock), then finds only the two rows still in line. The two
-    riding rows end with their verdicts, never cancelled, and the batch ends cancelled after them."""
+@pytest.mark.parametrize("sent_before", [False, True])
+def test_a_cancel_during_a_claim_waits_for_it_and_cancels_only_the_rows_left_in_line(
+        app, bouncer, monkeypatch, sent_before):
+    """The claim has taken two of alice's rows out of the line, not yet committed, when her batch
+    is cancelled: the cancel waits for it (PostgreSQL: the user batch's lock, which a claim takes
+    first when it makes the batch `processing`, else the rows' locks; SQLite: the write lock),
+    then finds only the two rows still in line. The riding rows end with their verdicts, never
+    cancelled, and the batch ends cancelled after them."""
     from bouncer.queue import fairness
     from bouncer.services.batches import cancel_user_batch
-    app = with_settings(app, batch_size=2, max_outstanding=1)
-    alice = submit("alice", addresses("a", 4))
+    alice = submit("alice", addresses("a", 6 if sent_before else 4))
+    if sent_before:      # the batch is `processing` already: this claim only sends its rows
+        run_cycle(with_settings(app, batch_size=2, max_outstanding=1), CREATION, "deliverable")
+    app = with_settings(app, batch_size=2, max_outstanding=2 if sent_before else 1)
     record_shares, seen = fairness.record_shares, {}
 
     def cancel_meanwhile(*args, **kwargs):
@@ -445,13 +450,14 @@ def test_a_cancel_during_a_claim_waits_for_it_and_cancels_only_the_rows_left_in_
     monkeypatch.setattr(fairness, "record_shares", cancel_meanwhile)
     report = run_cycle(app, CREATION, "deliverable")
     seen["thread"].join(30)
+    sent = 4 if sent_before else 2
     assert seen["waited"] and seen["cancelled"] == [2]
     assert [quantity for _, _, quantity in report.created] == [2]
-    assert bouncer.sent_addresses() == addresses("a", 2)
-    assert statuses(alice) == {SENT: 2, RowState.CANCELLED: 2}
+    assert bouncer.sent_addresses() == addresses("a", sent)
+    assert statuses(alice) == {SENT: sent, RowState.CANCELLED: 2}
     bouncer.complete_now()
     run_cycle(app, STATUS, "deliverable")
-    assert statuses(alice) == {RowState.DONE: 2, RowState.CANCELLED: 2}
+    assert statuses(alice) == {RowState.DONE: sent, RowState.CANCELLED: 2}
     assert UserBatch.get_by_id(alice).status == "cancelled"
 
 

@@ -238,10 +238,6 @@ def ingest_download(ledger_id, download, now=None, rechecks=Rechecks()):
         batch = ledger.claim_outstanding(ledger_id)
         if batch is None:
             return None
-        # The user batches before their rows (line.lock_batches): a cancel under way ends
-        # first, so no row goes back in line for a re-check after its batch's cancel.
-        user_batches = line.batches_riding_on(ledger_id)
-        line.lock_batches(user_batches)
         report = IngestReport(ledger_id)
         verdicts, sent, respelled = match_records(ledger_id, download, report)
         upsert_results(batch.check_type, download, verdicts, now, ledger_id)
@@ -253,6 +249,7 @@ def ingest_download(ledger_id, download, now=None, rechecks=Rechecks()):
         report.rechecking = len(back)
         report.verified = progress.complete_sent_rows(ledger_id, now, except_rows=back)
         report.refunded = refunded_by_finish(batch, len(missing))
+        user_batches = line.batches_riding_on(ledger_id)
         ledger.mark_completed(ledger_id, now, refunded=report.refunded)
         progress.complete_finished_batches(user_batches, now)
     log.info("Bouncer batch %s (%s) ingested: %s emails verified, %s back in line for a re-check, %s missing, "

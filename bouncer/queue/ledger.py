@@ -36,8 +36,8 @@ from peewee import SQL, fn
 from bouncer.logs import ids
 from bouncer.names import RESERVATION_LOCK
 from bouncer.queue import fairness, line, packing, progress
-from bouncer.states import IN_FLIGHT_STATES, BouncerBatchState
-from bouncer.store.bulk import insert_tuples
+from bouncer.states import IN_FLIGHT_STATES, BatchState, BouncerBatchState
+from bouncer.store.bulk import among, insert_tuples
 from bouncer.store.database import lock_rows_for_share, lock_rows_for_update, serialize_on, utcnow, write_transaction
 from bouncer.store.models import BouncerBatch, BouncerBatchEmail, RidingRows, UserBatch
 
@@ -128,13 +128,24 @@ def reserve_next_batch(check_type, batch_size, cache_days, max_outstanding, now=
         # it: the Bouncer batches (as an ingest), then the user batches (as a cancel, an
         # admission), then their rows.
         live = lock_joinable(plan.attach)
-        line.lock_batches(plan.user_batches)
+        lock_batches_to_change(plan)
         attached = attach_to_in_flight(plan.attach, live, plan.span)
         progress.complete_rows_from_cache(plan.cached, now, plan.span)
         ledger_id = write_reservation(check_type, plan, now) if plan.send else None
         progress.mark_batches_processing(plan.touched_batches, ledger_id)
         progress.complete_finished_batches(plan.touched_batches, now)
     return Reservation(ledger_id, list(plan.send.values()), len(plan.cached), attached)
+
+
+def lock_batches_to_change(plan):
+    """Lock the user batches the reservation may change, before any of their rows: those of the
+    rows it completes or attaches (they may end), and those of the rows it sends that are still
+    `queued` (they become `processing`). A batch already processing, whose rows it only sends,
+    is not changed, so not locked: a loader or an admitter goes on admitting it meanwhile."""
+    changing = UserBatch.status == BatchState.QUEUED
+    if plan.touched_batches:
+        changing |= among(UserBatch.id, sorted(plan.touched_batches))
+    line.lock_batches(plan.user_batches, where=changing)
 
 
 def lock_joinable(attach):

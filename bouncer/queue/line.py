@@ -58,14 +58,17 @@ def not_admitted():
     return Row.check_type.is_null() & (Row.status == RowState.NEW)
 
 
-def lock_batches(batch_ids):
-    """Lock these user batches' rows, in order of id, before any of their rows changes. Every
-    writer that changes a batch's rows and then the batch (a claim, an admission, an ingest, the
-    requeue of a failed attempt, a cancel, an erasure) takes the batch first, so none can hold
-    rows another waits for while it waits for that one's batch (docs/architecture.md, "Locks")."""
+def lock_batches(batch_ids, where=None):
+    """Lock these user batches' rows (those of them `where` holds for), in order of id, before
+    any of their rows changes. Every writer that changes a batch's rows and then the batch (a
+    claim, an admission, an ingest putting rows back for a re-check, the requeue of a failed
+    attempt, a cancel, an erasure) takes the batch first, so none can hold rows another waits for
+    while it waits for that one's batch (docs/architecture.md, "Locks")."""
     if batch_ids:
-        list(lock_rows_for_change(UserBatch.select(UserBatch.id).where(among(UserBatch.id, sorted(batch_ids)))
-                                  .order_by(UserBatch.id)).tuples())
+        query = UserBatch.select(UserBatch.id).where(among(UserBatch.id, sorted(batch_ids)))
+        if where is not None:
+            query = query.where(where)
+        list(lock_rows_for_change(query.order_by(UserBatch.id)).tuples())
 
 
 def joining_line(batch, first_position):
@@ -252,12 +255,15 @@ def requeue_for_recheck(ledger_id, due, max_rechecks):
     asked for). Returns their ids."""
     if not due or not max_rechecks:
         return []
+    due_rows = (Row.id.in_(riding_rows(ledger_id)) & (Row.status == RowState.QUEUED)
+                & among(Row.email_global, list(due)) & (Row.rechecks < max_rechecks))
+    # Their user batches first (lock_batches): a cancel under way ends before they are read, so
+    # none goes back in line after its batch's cancel.
+    lock_batches([b for (b,) in Row.select(Row.batch).distinct().where(due_rows).tuples()])
     # A row whose user batch's cancel was asked for is not sent again: it ends with the unknown.
     back = (Row.select(*[row for _, row in LINE_COPIES], UserBatch.user_id)
             .join(UserBatch, on=(UserBatch.id == Row.batch))
-            .where(Row.id.in_(riding_rows(ledger_id)) & (Row.status == RowState.QUEUED)
-                   & among(Row.email_global, list(due)) & (Row.rechecks < max_rechecks)
-                   & UserBatch.cancelled_at.is_null()).tuples())
+            .where(due_rows & UserBatch.cancelled_at.is_null()).tuples())
     rechecks = AT["rechecks"]
     back = [row[:rechecks] + (row[rechecks] + 1,) + tuple(row[rechecks + 1:])
             for row in database.execute_sql(*back.sql()).fetchall()]
