@@ -530,3 +530,38 @@ def test_rows_of_a_cancelled_batch_on_a_dead_cycles_reservation_end_cancelled_no
     report = run_cycle(app, CREATION, "deliverable")
     assert report.created == [] and bouncer.sent_addresses() == []
     assert statuses(alice) == {RowState.CANCELLED: 5} and UserBatch.get_by_id(alice).status == "cancelled"
+
+
+def test_a_cancel_during_a_claim_that_ends_a_processing_batch_from_fresh_verdicts_waits_for_it(
+        app, bouncer, monkeypatch):
+    """Alice's batch, open again with two rows a host added after it completed (so
+    `processing`), has them completed by the claim from verdicts stored for bob, which ends the
+    batch, when she cancels it: the cancel waits for the claim (which took her batch first, as it
+    may end it), then finds it completed. Neither waits for the other both ways."""
+    from operating import host_batch
+
+    from bouncer.errors import Conflict
+    from bouncer.queue import progress
+    from bouncer.services.batches import cancel_user_batch
+    submit("bob", addresses("a", 2))
+    alice = host_batch("alice", ["first@example.com"])
+    run_cycle(app, CREATION, "deliverable")
+    bouncer.complete_now()
+    run_cycle(app, STATUS, "deliverable")
+    assert UserBatch.get_by_id(alice).status == "completed"
+    UserBatchEmail.insert_many([{"batch": alice, "position": 2 + i, "email": e}
+                                for i, e in enumerate(addresses("a", 2))]).execute()
+    complete, seen = progress.complete_rows_from_cache, {}
+
+    def cancel_meanwhile(*args, **kwargs):
+        complete(*args, **kwargs)
+        assert UserBatch.get_by_id(alice).status == "processing"
+        seen["thread"], seen["waited"], seen["cancelled"] = in_another_thread(lambda: cancel_user_batch(app, alice))
+
+    monkeypatch.setattr(progress, "complete_rows_from_cache", cancel_meanwhile)
+    report = run_cycle(app, CREATION, "deliverable")
+    seen["thread"].join(30)
+    [answer] = seen["cancelled"]
+    assert seen["waited"] and isinstance(answer, Conflict), answer
+    assert report.cached == 2 and report.created == []
+    assert statuses(alice) == {RowState.DONE: 3} and UserBatch.get_by_id(alice).status == "completed"

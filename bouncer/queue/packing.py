@@ -36,6 +36,7 @@ class Plan:
     send_rows: list = field(default_factory=list)     # (row id, user batch) riding on those addresses
     attach: dict = field(default_factory=lambda: defaultdict(list))  # in-flight ledger id -> (row id, user batch)
     cached: list = field(default_factory=list)        # row ids a fresh verdict completes
+    cached_batches: set = field(default_factory=set)  # their user batches (they may end)
     touched_batches: set = field(default_factory=set)  # user batches of attached/cached rows
     rechecked: set = field(default_factory=set)       # addresses of `send` a re-check put there
     shares: Counter = field(default_factory=Counter)  # user id -> new addresses its rows put in
@@ -89,6 +90,7 @@ def plan_batch(check_type, pages, in_flight_of, verdicts_of, batch_size):
             row_id, user_batch, email, global_id, user_id, rechecks = row[:KEY.start]
             if global_id in cached:
                 plan.cached.append(row_id)
+                plan.cached_batches.add(user_batch)
             elif global_id in flying:
                 if flying[global_id] is None:
                     continue   # its address's batch is being finished: the row waits for it
