@@ -384,7 +384,6 @@ def wait_for_older_transactions(timeout=60):
     ended (up to `timeout` seconds), including those of other tests' databases: a transaction
     open anywhere keeps every database's row versions that were alive when it began from being
     pruned from their pages (a parallel test holding a host's transaction open, say)."""
-    from bouncer.store.database import database
     now = database.execute_sql("SELECT clock_timestamp()").fetchone()[0]
     deadline = time.monotonic() + timeout
     while database.execute_sql(

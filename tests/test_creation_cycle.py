@@ -6,17 +6,23 @@ import time
 import pytest
 import requests
 from conftest import addresses, in_another_thread, rode_on, row_states, statuses, submit, with_settings
+from operating import host_batch
 
 from bouncer.cycles.runner import run_cycle
+from bouncer.doors import admission
+from bouncer.errors import Conflict
 from bouncer.names import CREATION, STATUS
+from bouncer.queue import fairness, progress
 from bouncer.queue.ledger import count_possible_orphans, reserve_next_batch
 from bouncer.reading.health import service_state
+from bouncer.services.batches import cancel_user_batch
 from bouncer.states import SENT, BouncerBatchState, RowState
 from bouncer.store.database import database, utcnow
 from bouncer.store.models import (
     BouncerBatch, BouncerBatchEmail, DeliverableResult, EmailGlobal, QueuedEmail, RidingRows, SentShare,
     UserBatch, UserBatchEmail,
 )
+from support import invariants
 
 
 def users_per_bouncer_batch():
@@ -435,8 +441,6 @@ def test_a_cancel_during_a_claim_waits_for_it_and_cancels_only_the_rows_left_in_
     first when it makes the batch `processing`, else the rows' locks; SQLite: the write lock),
     then finds only the two rows still in line. The riding rows end with their verdicts, never
     cancelled, and the batch ends cancelled after them."""
-    from bouncer.queue import fairness
-    from bouncer.services.batches import cancel_user_batch
     alice = submit("alice", addresses("a", 6 if sent_before else 4))
     if sent_before:      # the batch is `processing` already: this claim only sends its rows
         run_cycle(with_settings(app, batch_size=2, max_outstanding=1), CREATION, "deliverable")
@@ -466,8 +470,6 @@ def test_a_claim_during_a_cancel_waits_for_it_and_sends_no_address_of_the_cancel
     when a creation cycle packs the line (on PostgreSQL it still reads them there): the claim
     waits for the cancel, then takes only bob's rows, and Bouncer is sent bob's addresses alone,
     no credit spent on a cancelled row."""
-    from bouncer.queue import progress
-    from bouncer.services.batches import cancel_user_batch
     alice = submit("alice", addresses("a", 2))
     bob = submit("bob", addresses("b", 2))
     complete, seen = progress.complete_finished_batches, {}
@@ -497,11 +499,6 @@ def test_a_cancel_during_an_admission_waits_for_it_and_cancels_the_rows_it_admit
     is cancelled: the cancel waits for the admission (which took the batch first, as every
     writer does), then cancels the rows it admitted. Neither waits for the other both ways (on
     PostgreSQL that would be a deadlock, one of them failed)."""
-    from operating import host_batch
-
-    from bouncer.doors import admission
-    from bouncer.services.batches import cancel_user_batch
-    from support import invariants
     batch = host_batch("alice", addresses("a", 3))
     count, seen = admission.count_admitted, {}
 
@@ -523,7 +520,6 @@ def test_rows_of_a_cancelled_batch_on_a_dead_cycles_reservation_end_cancelled_no
     """A cancel leaves rows riding to finish with their verdicts; rows riding on a reservation
     whose cycle died never get one there. Released back to the line, they end cancelled at once,
     and nothing is sent for them."""
-    from bouncer.services.batches import cancel_user_batch
     alice = submit("alice", addresses("a", 5))
     dead_cycles_reservation(app, 5, called)
     assert cancel_user_batch(app, alice) == 0 and statuses(alice) == {SENT: 5}
@@ -538,11 +534,6 @@ def test_a_cancel_during_a_claim_that_ends_a_processing_batch_from_fresh_verdict
     `processing`), has them completed by the claim from verdicts stored for bob, which ends the
     batch, when she cancels it: the cancel waits for the claim (which took her batch first, as it
     may end it), then finds it completed. Neither waits for the other both ways."""
-    from operating import host_batch
-
-    from bouncer.errors import Conflict
-    from bouncer.queue import progress
-    from bouncer.services.batches import cancel_user_batch
     submit("bob", addresses("a", 2))
     alice = host_batch("alice", ["first@example.com"])
     run_cycle(app, CREATION, "deliverable")

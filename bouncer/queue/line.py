@@ -195,8 +195,9 @@ def requeue_rows_of(ledger_ids, name_attempt=True):
     """Rows riding on failed attempts (`ledger_ids`: ids or a subquery) go back in line where
     they were; `bouncer_batch` names the last attempt that carried them. A row whose user
     batch's cancel was asked for does not: no verdict came for it, and none is wanted now.
-    Returns (how many went back, the ids of the rows left out of the line, still queued)."""
-    back, unwanted, ending = [], [], set()
+    Returns (how many went back, {user batch: ids of its rows left out of the line, still
+    queued})."""
+    back, unwanted = [], {}
     for ledger_id, row_ids in riding_rows_of(ledger_ids).items():
         for part in chunked(row_ids):
             rows = (Row.select(*[row for _, row in LINE_COPIES], UserBatch.user_id, UserBatch.cancelled_at)
@@ -205,11 +206,10 @@ def requeue_rows_of(ledger_ids, name_attempt=True):
                 if cancelled_at is None:
                     back.append(tuple(row))
                 else:
-                    unwanted.append(row[0])
-                    ending.add(row[AT["batch_id"]])
+                    unwanted.setdefault(row[AT["batch_id"]], []).append(row[0])
             if name_attempt:
                 Row.update(bouncer_batch=ledger_id).where(among(Row.id, part)).execute()
-    lock_batches(ending)        # the batches the unwanted rows end, before the line's lock
+    lock_batches(unwanted)      # the batches the unwanted rows end, before the line's lock
     return_to_line(back)
     Riding.delete().where(is_one_of(Riding.bouncer_batch, ledger_ids)).execute()
     return len(back), unwanted

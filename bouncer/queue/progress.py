@@ -171,18 +171,15 @@ def cancel_live_rows(batch, now, row_ids=None, end_batch=True):
     return cancelled
 
 
-def cancel_unwanted_rows(row_ids, now):
+def cancel_unwanted_rows(unwanted, now):
     """Rows back from an attempt that brought them no verdict (a failed call, a reservation
-    undone), whose user batch's cancel was asked for, end cancelled rather than wait in line
-    again; their batches end if nothing else of them is pending. Returns how many."""
-    if not row_ids:
+    undone), whose user batch's cancel was asked for (`unwanted`: {user batch: row ids}), end
+    cancelled rather than wait in line again; their batches end if nothing else of them is
+    pending. Returns how many."""
+    if not unwanted:
         return 0
-    batches = set()
-    cancelled = 0
-    for part in chunked(row_ids):
-        batches.update(b for (b,) in Row.select(Row.batch).where(among(Row.id, part)).distinct().tuples())
-        cancelled += end_cancelled(part, now)
-    complete_finished_batches(sorted(batches), now)
+    cancelled = sum(end_cancelled(part, now) for part in chunked([r for rows in unwanted.values() for r in rows]))
+    complete_finished_batches(sorted(unwanted), now)
     return cancelled
 
 
