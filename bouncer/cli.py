@@ -6,6 +6,7 @@ starts without the libraries of the others. Expected failures are one line on st
 and exit code 1 (with `--json`, `{"error": ...}` on stdout too); a command line that does not parse
 gets click's usage error and exit code 2.
 """
+import gc
 import json
 import os
 import sys
@@ -79,7 +80,18 @@ def app_from_env():
     from bouncer.logs import setup_logging
     app = current_app()
     setup_logging(app.settings)
+    set_aside_what_was_loaded()
     return app
+
+
+def set_aside_what_was_loaded():
+    """What the command has loaded by now (modules, classes, functions: 20,000 to 40,000 objects)
+    lives as long as the process, so the garbage collector is told to leave it alone: its full
+    passes during the work walk only what the work made. Measured as whole processes, paired
+    with and without it: on PostgreSQL a creation cycle of 15 x 10k took 0.96x its time (CPU
+    0.93x) and a status cycle of 150k verdicts 0.97x (CPU 0.91x); on SQLite both were the same
+    within the noise."""
+    gc.freeze()
 
 
 # Help as wide as the terminal up to 120 columns (click's default stops at 80), so that each

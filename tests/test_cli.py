@@ -390,6 +390,32 @@ def test_a_command_loads_only_what_it_uses(tmp_path, args, loaded, not_loaded):
 
 
 
+# Run as `python -m bouncer ARGS` is, writing to the file named first how many objects the
+# garbage collector had been told to leave alone when the command ended.
+FROZEN_PROBE = """
+import atexit, gc, runpy, sys
+out, sys.argv[1:] = sys.argv[1], sys.argv[2:]
+atexit.register(lambda: open(out, "w").write(str(gc.get_freeze_count())))
+runpy.run_module("bouncer", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_command_sets_what_it_loaded_aside_from_the_garbage_collector(tmp_path):
+    """The modules a command loaded are left out of the collector's passes over its work."""
+    addresses_file = tmp_path / "one.txt"
+    addresses_file.write_text("a@example.com\n")
+    env = dict(os.environ, PYTHONPATH=ROOT, DATABASE_URL="sqlite:///%s" % (tmp_path / "x.db"))
+    init = subprocess.run([sys.executable, "-m", "bouncer", "init-db"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert init.returncode == 0, init.stderr
+    out = tmp_path / "frozen.txt"
+    completed = subprocess.run([sys.executable, "-c", FROZEN_PROBE, str(out), "submit", str(addresses_file),
+                                "--user", "u", "--check-type", "deliverable"],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    assert int(out.read_text()) > 10000   # the command's modules, classes and functions
+
+
 # -- weight --
 
 def test_weight_shows_the_default_sets_and_shows_a_users_weight_audited(db, database_url):
