@@ -240,10 +240,7 @@ def admit_slice(batch_id, now, limit=SLICE, heartbeat=None, checked=None, after=
     is checked again for its reason). `heartbeat`: the column of the admitter's heartbeat or
     claim, renewed with the slice."""
     report = AdmissionReport()
-    rows = (Row.select(Row.id, Row.position, Row.email)
-            .where((Row.batch == batch_id) & (Row.position > after) & line.not_admitted())
-            .order_by(Row.position).limit(limit).tuples())
-    rows = database.execute_sql(*rows.sql()).fetchall()
+    rows = rows_to_admit(batch_id, after, limit)
     if not rows:
         if after:     # the slice before was full and took the last rows: the batch is admitted
             finish_admission(batch_id, report, now)
@@ -278,6 +275,36 @@ def admit_slice(batch_id, now, limit=SLICE, heartbeat=None, checked=None, after=
     if len(rows) < limit:
         finish_admission(batch_id, report, now)
     return report
+
+
+def rows_to_admit(batch_id, after, limit):
+    """Up to `limit` rows `(id, position, email)` of the batch not yet admitted, after position
+    `after`, in order of position. They are read a window of `limit` positions at a time (the
+    next window starting at the next row not yet admitted, when the batch has a gap), so a read
+    costs at most a window whatever plan the database picks. Without the window, PostgreSQL,
+    with statistics taken while a large batch was loading (no position beyond the first rows),
+    guessed a dozen rows past the last one it knew and read every row left in the batch at each
+    slice, then sorted them for the first 5,000: a 1M-line submit took 53 to 54 s instead of 29 to 32."""
+    rows, start = [], after
+    while True:
+        window = window_to_admit(batch_id, start, limit, limit - len(rows))
+        rows += database.execute_sql(*window.sql()).fetchall()
+        if len(rows) == limit:
+            return rows
+        following = (Row.select(fn.MIN(Row.position))
+                     .where((Row.batch == batch_id) & (Row.position > start + limit) & line.not_admitted())
+                     .scalar())
+        if following is None:
+            return rows
+        start = following - 1
+
+
+def window_to_admit(batch_id, after, width, limit):
+    """The first `limit` rows not yet admitted among the `width` positions after `after`."""
+    return (Row.select(Row.id, Row.position, Row.email)
+            .where((Row.batch == batch_id) & (Row.position > after) & (Row.position <= after + width)
+                   & line.not_admitted())
+            .order_by(Row.position).limit(limit).tuples())
 
 
 def register_addresses(addresses, now):
