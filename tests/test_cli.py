@@ -360,6 +360,17 @@ runpy.run_module("bouncer", run_name="__main__", alter_sys=True)
 """
 
 
+def initialised_database_and_a_file(tmp_path):
+    """The environment of a command on a SQLite database `init-db` made, and a one-line file."""
+    addresses_file = tmp_path / "one.txt"
+    addresses_file.write_text("a@example.com\n")
+    env = dict(os.environ, PYTHONPATH=ROOT, DATABASE_URL="sqlite:///%s" % (tmp_path / "x.db"))
+    init = subprocess.run([sys.executable, "-m", "bouncer", "init-db"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert init.returncode == 0, init.stderr
+    return env, addresses_file
+
+
 @pytest.mark.parametrize("args, loaded, not_loaded", [
     (["--help"], ["click"], ["peewee", "email_validator", "bouncer.store", "bouncer.sandbox.options"]),
     (["sandbox", "--help"], ["bouncer.sandbox.options"], ["peewee", "email_validator"]),
@@ -372,12 +383,7 @@ runpy.run_module("bouncer", run_name="__main__", alter_sys=True)
       "bouncer.queue.packing", "bouncer.sandbox.options"]),
 ])
 def test_a_command_loads_only_what_it_uses(tmp_path, args, loaded, not_loaded):
-    addresses_file = tmp_path / "one.txt"
-    addresses_file.write_text("a@example.com\n")
-    env = dict(os.environ, PYTHONPATH=ROOT, DATABASE_URL="sqlite:///%s" % (tmp_path / "x.db"))
-    init = subprocess.run([sys.executable, "-m", "bouncer", "init-db"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert init.returncode == 0, init.stderr
+    env, addresses_file = initialised_database_and_a_file(tmp_path)
     out = tmp_path / "modules.txt"
     command = [a.format(file=addresses_file) for a in args]
     completed = subprocess.run([sys.executable, "-c", MODULES_PROBE, str(out)] + command, cwd=ROOT,
@@ -402,12 +408,7 @@ runpy.run_module("bouncer", run_name="__main__", alter_sys=True)
 
 def test_a_command_sets_what_it_loaded_aside_from_the_garbage_collector(tmp_path):
     """The modules a command loaded are left out of the collector's passes over its work."""
-    addresses_file = tmp_path / "one.txt"
-    addresses_file.write_text("a@example.com\n")
-    env = dict(os.environ, PYTHONPATH=ROOT, DATABASE_URL="sqlite:///%s" % (tmp_path / "x.db"))
-    init = subprocess.run([sys.executable, "-m", "bouncer", "init-db"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert init.returncode == 0, init.stderr
+    env, addresses_file = initialised_database_and_a_file(tmp_path)
     out = tmp_path / "frozen.txt"
     completed = subprocess.run([sys.executable, "-c", FROZEN_PROBE, str(out), "submit", str(addresses_file),
                                 "--user", "u", "--check-type", "deliverable"],
